@@ -1,0 +1,105 @@
+"""Configuration of the PoLAR adapter (which layers, which rank, which scale).
+
+The config is persisted whole inside every saved adapter (``adapter_config.json``), so a saved adapter can
+always be re-injected into a fresh backbone with exactly the layers and shapes it was trained with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from polar_vbll.errors import ConfigError
+
+#: Version of the saved adapter format (``adapter_config.json`` + ``adapter_model.safetensors``).
+#: Bump it when the meaning of a saved key or tensor changes; loaders refuse versions they do not know.
+FORMAT_VERSION = 1
+
+#: PoLAR's reference targets (q, k, v, up, down projections of a Llama-style block).
+DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+
+
+class PolarConfig(BaseModel):
+    """Which linear layers get a PoLAR adapter ``W0 + (alpha / r) U Theta V^T`` and how it is initialised.
+
+    ``target_modules`` matches like PEFT's list form: a module is a target when its full name equals an
+    entry or ends with ``"." + entry`` (so a plain name such as ``"q_proj"`` matches the last component).
+    ``layers`` selects decoder blocks by index (negative indices count from the end); ``None`` adapts
+    every block, and modules outside the numbered blocks (e.g. ``lm_head``) are only adapted when
+    ``layers`` is ``None``, as in PEFT's ``layers_to_transform``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(default=8, gt=0, description="Rank of every adapter (columns of U and V).")
+    alpha: float = Field(default=32.0, gt=0, description="Scale numerator: update = (alpha / r) U Theta V^T.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Module names (or dotted suffixes) of the nn.Linear layers to adapt.",
+    )
+    layers: list[int] | None = Field(
+        default=None, description="Decoder-block indices to adapt (negative = from the end); None = all."
+    )
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input only.")
+    init_seed: int = Field(default=0, ge=0, description="Seed of the generator drawing the initial U, V.")
+
+    @field_validator("r", "init_seed", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        # pydantic accepts True as 1 in lax mode; a boolean rank is always a mistake in a YAML file.
+        if isinstance(v, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _finite_alpha(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v}")
+        return v
+
+    @field_validator("target_modules")
+    @classmethod
+    def _clean_targets(cls, v: list[str]) -> list[str]:
+        bad = [t for t in v if not t or t != t.strip() or t.startswith(".") or t.endswith(".")]
+        if bad:
+            raise ValueError(f"module names must be non-empty dotted names without spaces, got {bad!r}")
+        dupes = sorted({t for t in v if v.count(t) > 1})
+        if dupes:
+            raise ValueError(f"duplicate entries {dupes!r}")
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _clean_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list would adapt nothing; use null (None) for all blocks")
+        dupes = sorted({i for i in v if v.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate block indices {dupes!r}")
+        return v
+
+    @property
+    def scaling(self) -> float:
+        """``s = alpha / r``, the factor in front of ``U Theta V^T``."""
+        return self.alpha / self.r
+
+
+def polar_config_from_dict(data: Mapping[str, Any] | PolarConfig, where: str) -> PolarConfig:
+    """Validate ``data`` as a :class:`PolarConfig`, turning pydantic's error into a :class:`ConfigError`
+    that names ``where`` (a file or config section), so the CLI can print it without a traceback."""
+    if isinstance(data, PolarConfig):
+        return data
+    try:
+        return PolarConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError(f"invalid PoLAR adapter config in {where}:\n" + "\n".join(lines)) from None

@@ -1,0 +1,166 @@
+"""Checkpoints that resume exactly and cannot be silently corrupted.
+
+A checkpoint is a directory holding ``state.safetensors`` (every tensor: adapter, head, optimizer moments,
+RNG states) and ``meta.json`` (everything else: step, config, the non-tensor skeleton of optimizer state
+dicts, and the sha256 of the safetensors file). Nothing is pickled, so loading a checkpoint cannot run
+code. Writing goes to a temporary directory that is renamed into place, so an interrupted run leaves its
+last complete checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from polar_vbll.errors import CheckpointError
+
+FORMAT_VERSION = 1
+STATE_FILE = "state.safetensors"
+META_FILE = "meta.json"
+_TENSOR_TAG = "__tensor__"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference, collecting tensors by name, so that an
+    optimizer ``state_dict`` becomes JSON plus a flat safetensors dict."""
+    if isinstance(obj, torch.Tensor):
+        name = prefix.rstrip("/")
+        tensors[name] = obj.detach().cpu().contiguous()
+        return {_TENSOR_TAG: name}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_key(k), split_tensors(v, f"{prefix}{k}/", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [split_tensors(v, f"{prefix}{i}/", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot checkpoint a value of type {type(obj).__name__} at {prefix}")
+
+
+def _key(k: Any) -> Any:
+    if isinstance(k, (int, str)):
+        return k
+    raise TypeError(f"cannot checkpoint a dict key of type {type(k).__name__}")
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(obj, dict):
+        if _TENSOR_TAG in obj:
+            return tensors[obj[_TENSOR_TAG]]
+        if "__dict__" in obj:
+            return {k: join_tensors(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(join_tensors(v, tensors) for v in obj["__tuple__"])
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states (torch's as a tensor)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (nested dicts/lists of tensors and JSON values) atomically to ``directory``."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = split_tensors(state, "", tensors)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        save_file(tensors, str(tmp / STATE_FILE))
+        meta = {"format_version": FORMAT_VERSION, "sha256": sha256_file(tmp / STATE_FILE), "state": skeleton}
+        (tmp / META_FILE).write_text(json.dumps(meta))
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Read a checkpoint, verifying its content hash first; any damage raises CheckpointError."""
+    d = Path(directory)
+    meta_path, state_path = d / META_FILE, d / STATE_FILE
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint {d} does not exist")
+    for p in (meta_path, state_path):
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {d} is incomplete: {p.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint file {meta_path} is damaged: {exc}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {d} has format version {meta.get('format_version')}, this code reads {FORMAT_VERSION}"
+        )
+    digest = sha256_file(state_path)
+    if digest != meta.get("sha256"):
+        raise CheckpointError(
+            f"checkpoint file {state_path} is truncated or altered (sha256 {digest[:12]}... does not match "
+            f"the recorded {str(meta.get('sha256'))[:12]}...)"
+        )
+    try:
+        tensors = load_file(str(state_path))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"checkpoint file {state_path} cannot be read: {exc}") from None
+    return join_tensors(meta["state"], tensors)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints ``checkpoint-<step>`` of a run, oldest first."""
+    run = Path(run_dir)
+    found = []
+    for p in run.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if p.is_dir() and suffix.isdigit() and (p / META_FILE).is_file():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    for p in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)

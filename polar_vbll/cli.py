@@ -1,0 +1,109 @@
+"""The ``polar-vbll`` command.
+
+Bad input of any kind (config, data, model path, checkpoint) ends with one readable line naming the file,
+row or field, and exit status 2: never a traceback from deep inside.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polar_vbll.errors import UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML config file, or a packaged one: main, full, tiny"),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config value, e.g. --set train.steps=50 (repeatable)"),
+]
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped inside the package (``polar_vbll/configs/<name>.yaml``)."""
+    return Path(str(resources.files("polar_vbll") / "configs" / f"{name}.yaml"))
+
+
+def _resolve_config(config: str | None) -> Path | None:
+    if config is None:
+        return None
+    p = Path(config)
+    if not p.exists() and "/" not in config and not config.endswith((".yaml", ".yml")):
+        packaged = packaged_config(config)
+        if packaged.is_file():
+            return packaged
+    return p
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Zero-shot evaluation, PoLAR fine-tuning, evaluation again; writes the run folder."""
+    from polar_vbll.config import load_config
+    from polar_vbll.run import run_training
+    from polar_vbll.train import TrainingDiverged
+
+    try:
+        cfg = load_config(_resolve_config(config), set_ or [])
+        run_training(cfg, resume=resume, progress=progress)
+    except (UserInputError, TrainingDiverged) as exc:
+        _fail(exc)
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train`")],
+    task: Annotated[str | None, typer.Option(help="evaluate on this task instead of the run's")] = None,
+    split: Annotated[
+        str | None, typer.Option(help="split to evaluate (default: the run's eval split)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="first N examples only")] = None,
+    progress: bool = True,
+) -> None:
+    """Evaluate a trained run's adapter (and the zero-shot model beside it) on a task split."""
+    from polar_vbll.evaluate_run import evaluate_run
+
+    try:
+        results = evaluate_run(run, task=task, split=split, limit=limit, progress=progress)
+    except UserInputError as exc:
+        _fail(exc)
+    print(json.dumps(results["metrics"], indent=2))
+
+
+@app.command()
+def tasks(seed: Annotated[int, typer.Option(help="split seed")] = 0) -> None:
+    """List the built-in tasks with their split sizes."""
+    from polar_vbll.tasks import available_tasks, split_sizes
+
+    for name in available_tasks():
+        try:
+            sizes = split_sizes(name, seed)
+        except UserInputError as exc:
+            _fail(exc)
+        print(f"{name:20s} " + "  ".join(f"{k}={v}" for k, v in sizes.items()))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

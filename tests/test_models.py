@@ -1,0 +1,146 @@
+"""Backbone loading and feature extraction: last-token features under either padding, the cached-prefix
+path against the full model, and clear errors for bad model paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from polar_vbll.config import ModelConfig
+from polar_vbll.errors import ModelLoadError, UserInputError
+from polar_vbll.models import (
+    SplitDecoder,
+    answer_token_ids,
+    last_token_features,
+    last_token_index,
+    load_backbone,
+    pad_batch,
+    tokenize_prompts,
+)
+
+SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
+
+
+def _unpadded_reference(model) -> torch.Tensor:
+    """Each prompt alone, no padding, through the *whole* CausalLM; the last position's hidden state."""
+    rows = []
+    for s in SEQS:
+        ids = torch.tensor([s])
+        out = model(input_ids=ids, output_hidden_states=True)
+        rows.append(out.hidden_states[-1][0, -1])
+    return torch.stack(rows)
+
+
+def test_last_token_index_left_and_right():
+    _, left = pad_batch(SEQS, 0, "left")
+    _, right = pad_batch(SEQS, 0, "right")
+    assert last_token_index(left).tolist() == [5, 5, 5]
+    assert last_token_index(right).tolist() == [5, 2, 3]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_features_are_padding_invariant(tiny_llama, side):
+    ref = _unpadded_reference(tiny_llama)
+    ids, mask = pad_batch(SEQS, 0, side)
+    with torch.no_grad():
+        phi = last_token_features(tiny_llama, ids, mask)
+    torch.testing.assert_close(phi, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_position_minus_one_is_wrong(tiny_llama):
+    """Guards the trap named in method.md: index -1 of a right-padded batch is a pad token."""
+    ref = _unpadded_reference(tiny_llama)
+    ids, mask = pad_batch(SEQS, 0, "right")
+    with torch.no_grad():
+        hidden = tiny_llama(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    assert not torch.allclose(hidden[1, -1], ref[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("split", [0, 1, 2])
+def test_cached_prefix_equals_full_model(tiny_llama, split):
+    ref = _unpadded_reference(tiny_llama)
+    ids, mask = pad_batch(SEQS, 0, "left")
+    sd = SplitDecoder(tiny_llama, split)
+    states = sd.prefix_states(ids, mask)
+    # the cache stores real positions only: pad positions arrive as zeros
+    states = states.masked_fill(~mask.bool().unsqueeze(-1), 0.0).requires_grad_(True)
+    phi = sd.features(states, mask)
+    torch.testing.assert_close(phi, ref, atol=1e-5, rtol=1e-5)
+    phi.square().sum().backward()
+    assert torch.isfinite(states.grad).all()
+
+
+def test_split_views_share_modules(tiny_llama):
+    sd = SplitDecoder(tiny_llama, 1)
+    assert sd.suffix.layers[0] is tiny_llama.model.layers[1]
+    assert len(tiny_llama.model.layers) == 2  # the original decoder is untouched
+
+
+def test_missing_model_path_is_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_backbone(ModelConfig(source="path", path=str(tmp_path / "nope")))
+
+
+def test_empty_model_dir_is_clear(tmp_path):
+    with pytest.raises(ModelLoadError, match="config.json is missing"):
+        load_backbone(ModelConfig(source="path", path=str(tmp_path)))
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_backbone(ModelConfig(source="path", path=str(tmp_path)))
+
+
+def test_local_hf_dir_round_trip(tmp_path, tiny_llama):
+    """A saved HF directory loads through source=path and gives the same features."""
+    from polar_vbll.models import bundled_tokenizer_dir, load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    tiny_llama.save_pretrained(str(tmp_path), safe_serialization=True)
+    tok.save_pretrained(str(tmp_path))
+    model, tok2 = load_backbone(ModelConfig(source="path", path=str(tmp_path)))
+    ids, mask = pad_batch(SEQS, 0, "left")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            last_token_features(model, ids, mask), last_token_features(tiny_llama, ids, mask)
+        )
+    assert tok2.padding_side == "left"
+    assert bundled_tokenizer_dir().is_dir()
+
+
+def test_tokenize_bos_and_truncation():
+    from polar_vbll.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    plain = tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=300, add_bos=False).ids[0]
+    with_bos = tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=300, add_bos=True).ids[0]
+    assert with_bos == [tok.bos_token_id, *plain]
+    assert plain[0] != tok.bos_token_id
+    cut = tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=4, add_bos=True).ids[0]
+    assert cut == [tok.bos_token_id, *plain[-3:]]  # the end ("Answer:") is kept
+
+
+def test_long_context_is_cut_not_the_question():
+    from polar_vbll.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    prefix, context, suffix = "Read this.\nPassage: ", "word " * 400, "\nQuestion: why?\nAnswer:"
+    ids = tokenize_prompts(tok, [(prefix, context, suffix)], max_length=60, add_bos=False).ids[0]
+    text = tok.decode(ids)
+    assert len(ids) <= 60
+    assert text.startswith("Read this.") and text.endswith("Question: why?\nAnswer:")
+    short = tokenize_prompts(tok, [(prefix, "word", suffix)], max_length=60, add_bos=False).ids[0]
+    assert tok.decode(short) == prefix + "word" + suffix
+
+
+def test_answer_tokens_are_single_tokens():
+    from polar_vbll.models import load_tokenizer
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    ids = answer_token_ids(tok, [" A", " B", " C", " D", " E"])
+    assert len(set(ids)) == 5
+    assert [tok.decode([i]) for i in ids] == [" A", " B", " C", " D", " E"]
+    with pytest.raises(UserInputError, match="exactly 1"):
+        answer_token_ids(tok, [" Antidisestablishmentarianism"])
