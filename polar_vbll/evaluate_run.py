@@ -52,6 +52,8 @@ def evaluate_run(
     if not (run / "adapter").is_dir():
         raise UserInputError(f"{run} holds no trained adapter ({run / 'adapter'} is missing)")
     cfg = load_config(run / "config.yaml")
+    if limit is None and task is None and split is None:
+        limit = cfg.data.eval_limit  # the run's own evaluation set, exactly as `train` evaluated it
     task = task or cfg.data.task
     split = split or cfg.data.eval_split
     examples = load_task(task, split, seed=cfg.data.split_seed, limit=limit)

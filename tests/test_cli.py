@@ -1,0 +1,139 @@
+"""The ``polar-vbll`` command as a user runs it: a tiny end-to-end run, and bad input ending in one readable
+line (exit status 2), never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from polar_vbll.cli import app
+
+runner = CliRunner()
+
+
+def _train(tmp_path, *extra: str):
+    return runner.invoke(
+        app,
+        ["train", "--config", "tiny", "--no-progress", "--set", f"output_dir={tmp_path}", *extra],
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = _train(out)
+    assert result.exit_code == 0, result.output
+    return out / "tiny", result
+
+
+def test_tiny_run_writes_the_run_folder(tiny_run):
+    run, result = tiny_run
+    assert "| zero-shot |" in result.output and "| PoLAR (MLE head) |" in result.output
+    for name in ("config.yaml", "params.json", "results.json", "results.md", "reliability.png"):
+        assert (run / name).is_file(), name
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter_peft" / "adapter_config.json").is_file()
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 6 and results["orthogonality_error"] < 1e-5
+    assert results["split_sizes"]["eval"] == 32
+    params = json.loads((run / "params.json").read_text())
+    assert params["optim.method"] == "riemannian" and params["train.cache_frozen_prefix"] is True
+
+
+def test_eval_reproduces_training_metrics(tiny_run):
+    run, _ = tiny_run
+    result = runner.invoke(app, ["eval", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads((run / "results.json").read_text())["metrics"]
+    evaluated = json.loads(result.output[result.output.index("{") :])
+    for method in ("zero-shot", "PoLAR (MLE head)"):
+        for key in ("acc", "ece", "nll", "brier"):
+            assert evaluated[method][key] == pytest.approx(trained[method][key], abs=1e-5), (method, key)
+
+
+def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
+    run, _ = tiny_run
+    result = _train(run.parent)
+    assert result.exit_code == 0, result.output
+    assert "resumed from step 6" in result.output
+
+
+def test_user_jsonl_data_trains(tmp_path):
+    rows = [
+        {"question": f"What is {i} + 1?", "choices": [str(i + 1), str(i + 2), str(i)], "answer": 0}
+        for i in range(20)
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = _train(
+        tmp_path,
+        "--set",
+        f"data.task=jsonl:{data}",
+        "--set",
+        "data.train_limit=null",
+        "--set",
+        "data.eval_limit=null",
+        "--set",
+        "data.val_limit=null",
+    )
+    assert result.exit_code == 0, result.output
+    sizes = json.loads((tmp_path / "tiny" / "results.json").read_text())["split_sizes"]
+    assert sizes["train"] + sizes["validation"] + sizes["eval"] == 20
+
+
+def _assert_clean_error(result, *fragments: str):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in result.output, (f, result.output)
+
+
+def test_bad_jsonl_row_names_file_line_and_field(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(
+        '{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "q", "choices": ["a"]}\n'
+    )
+    result = _train(tmp_path, "--set", f"data.task=jsonl:{data}")
+    _assert_clean_error(result, "bad.jsonl", "2")
+
+
+def test_unknown_config_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  steps: 2\n  lr: 3\n")
+    result = runner.invoke(app, ["train", "--config", str(cfg)])
+    _assert_clean_error(result, "c.yaml", "train.lr", "unknown key")
+
+
+def test_missing_model_path(tmp_path):
+    result = _train(tmp_path, "--set", "model.source=path", "--set", f"model.path={tmp_path}/none")
+    _assert_clean_error(result, "does not exist")
+
+
+def test_target_module_matching_nothing(tmp_path):
+    result = _train(tmp_path, "--set", "adapter.target_modules=[qq_proj]")
+    _assert_clean_error(result, "qq_proj")
+
+
+def test_rank_larger_than_layer(tmp_path):
+    result = _train(tmp_path, "--set", "adapter.r=4096")
+    _assert_clean_error(result, "4096")
+
+
+def test_unknown_task(tmp_path):
+    result = _train(tmp_path, "--set", "data.task=arc_medium")
+    _assert_clean_error(result, "arc_medium", "arc_easy")
+
+
+def test_altered_checkpoint_on_resume(tmp_path):
+    assert _train(tmp_path, "--set", "train.steps=3", "--set", "train.checkpoint_every=1").exit_code == 0
+    ckpt = tmp_path / "tiny" / "checkpoint-3" / "state.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    result = _train(tmp_path, "--set", "train.steps=5")
+    _assert_clean_error(result, "checkpoint-3", "truncated or altered")
+
+
+def test_eval_of_a_folder_that_is_no_run(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path)])
+    _assert_clean_error(result, "not a run folder")
