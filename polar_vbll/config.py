@@ -99,12 +99,38 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="validation every N steps (0: only at the end)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0)
+    alternation: Literal["per_round", "per_step"] = Field(
+        "per_round",
+        description="[choice] per_round: T adapter steps, then the head refitted on the whole training set's "
+        "cached features; per_step: one adapter step, one head step per minibatch",
+    )
+    round_steps: int = Field(20, gt=0, description="T, adapter steps per round (per_round)")
+    final_head_refit: bool = Field(True, description="refit the head once more on the final features")
+
+
+class HeadFitConfig(_Strict):
+    """The eta-phase: Adam on the head's loss with the features fixed (never weight decay: the ELBO
+    already holds the prior)."""
+
+    lr: float = Field(1e-2, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    steps: int = Field(100, gt=0, description="Adam steps per refit (per_round schedule)")
+    batch_size: int | None = Field(None, gt=0, description="minibatch per refit step (None: full batch)")
+    seed: int = 0
+
+    @field_validator("lr")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be finite")
+        return v
 
 
 class HeadConfig(_Strict):
     """The last layer. ``deterministic``: the LM-head rows of the answer tokens (the MLE baseline)."""
 
     kind: Literal["deterministic"] = "deterministic"
+    fit: HeadFitConfig = Field(default_factory=HeadFitConfig)
 
 
 class RunConfig(_Strict):

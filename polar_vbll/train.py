@@ -27,6 +27,7 @@ from polar_vbll.checkpoint import (
     set_rng_state,
 )
 from polar_vbll.config import OptimConfig, RunConfig, TrainConfig
+from polar_vbll.coordinator import HeadCoordinator
 from polar_vbll.errors import CheckpointError
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.optim import StiefelOptimizer
@@ -62,17 +63,22 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
-def build_optimizers(polar, cfg: OptimConfig) -> tuple[StiefelOptimizer, torch.optim.AdamW]:
-    stiefel = StiefelOptimizer(
-        list(polar.stiefel_parameters()),
-        lr=cfg.lr_stiefel,
-        method=cfg.method,
-        retraction=cfg.retraction,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        landing_lambda=cfg.landing_lambda,
-        second_moment=cfg.second_moment,
-    )
+def build_optimizers(polar, cfg: OptimConfig) -> tuple[StiefelOptimizer | None, torch.optim.AdamW]:
+    """A Stiefel optimizer for U, V (None for adapters without Stiefel factors, e.g. LoRA) and AdamW for
+    the Euclidean adapter parameters (Theta, or LoRA's A and B)."""
+    factors = list(polar.stiefel_parameters())
+    stiefel = None
+    if factors:
+        stiefel = StiefelOptimizer(
+            factors,
+            lr=cfg.lr_stiefel,
+            method=cfg.method,
+            retraction=cfg.retraction,
+            betas=cfg.betas,
+            eps=cfg.eps,
+            landing_lambda=cfg.landing_lambda,
+            second_moment=cfg.second_moment,
+        )
     theta = torch.optim.AdamW(
         list(polar.theta_parameters()),
         lr=cfg.lr_theta,
@@ -90,7 +96,14 @@ class TrainState:
 
 
 class Trainer:
-    """Trains the adapters of ``polar`` (a ``PolarModel``) through ``head`` on ``train``.
+    """Trains the adapters of ``polar`` (a ``PolarModel``, or any adapter with the same interface) and,
+    when the head is trainable, the head, by alternating optimization.
+
+    - theta-phase: one optimizer step of the adapters on a minibatch, the head fixed;
+    - eta-phase: the head refitted by the :class:`HeadCoordinator` with the adapters fixed, either on the
+      same minibatch's features after every theta step (``train.alternation: per_step``), or on the whole
+      training set's features, computed once without gradients, at the start of every round of
+      ``train.round_steps`` theta steps (``per_round``).
 
     ``on_log`` receives ``(step, metrics)`` for every logged step; it is where a tracker attaches.
     """
@@ -105,6 +118,7 @@ class Trainer:
         run_dir: str | Path,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
+        coordinator: HeadCoordinator | None = None,
     ):
         self.cfg = cfg
         self.tcfg: TrainConfig = cfg.train
@@ -116,6 +130,7 @@ class Trainer:
         self.on_log = on_log
         self.progress = progress
         self.stiefel_opt, self.theta_opt = build_optimizers(polar, cfg.optim)
+        self.coordinator = coordinator or HeadCoordinator(head, cfg.head.fit)
         self.state = TrainState()
 
     # ---------------------------------------------------------------- checkpoints
@@ -124,8 +139,8 @@ class Trainer:
             "step": self.state.step,
             "history": self.state.history,
             "adapter": self.polar.adapter_state_dict(),
-            "head": self.head.state_dict(),
-            "stiefel_opt": self.stiefel_opt.state_dict(),
+            "coordinator": self.coordinator.state_dict(),
+            "stiefel_opt": self.stiefel_opt.state_dict() if self.stiefel_opt is not None else None,
             "theta_opt": self.theta_opt.state_dict(),
             "rng": rng_state(),
             "config": self.cfg.model_dump(mode="json"),
@@ -133,15 +148,17 @@ class Trainer:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         saved_cfg = sd.get("config", {})
+        current = self.cfg.model_dump(mode="json")
         for section in ("model", "adapter", "head", "data"):
-            if saved_cfg.get(section) != self.cfg.model_dump(mode="json")[section]:
+            if saved_cfg.get(section) != current[section]:
                 raise CheckpointError(
                     f"the checkpoint was written with a different `{section}` config; resume with the same "
                     "config or start a new run (different name or output_dir)"
                 )
         self.polar.load_adapter_state_dict(sd["adapter"])
-        self.head.load_state_dict(sd["head"])
-        self.stiefel_opt.load_state_dict(sd["stiefel_opt"])
+        self.coordinator.load_state_dict(sd["coordinator"])
+        if self.stiefel_opt is not None:
+            self.stiefel_opt.load_state_dict(sd["stiefel_opt"])
         self.theta_opt.load_state_dict(sd["theta_opt"])
         set_rng_state(sd["rng"])
         self.state = TrainState(step=int(sd["step"]), history=list(sd["history"]))
@@ -160,46 +177,83 @@ class Trainer:
         return True
 
     # ---------------------------------------------------------------- one step
+    def _adapter_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.stiefel_opt, self.theta_opt) if o is not None]
+
     def _set_lr(self, step: int) -> float:
         f = lr_factor(step, self.tcfg.steps, self.cfg.optim.warmup_ratio, self.cfg.optim.schedule)
-        for g in self.stiefel_opt.param_groups:
-            g["lr"] = self.cfg.optim.lr_stiefel * f
+        if self.stiefel_opt is not None:
+            for g in self.stiefel_opt.param_groups:
+                g["lr"] = self.cfg.optim.lr_stiefel * f
         for g in self.theta_opt.param_groups:
             g["lr"] = self.cfg.optim.lr_theta * f
         return f
 
     def _check_finite(self, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss):
-            bad = [
-                name
-                for name, params in (
-                    ("stiefel factors (U, V)", self.polar.stiefel_parameters()),
-                    ("theta", self.polar.theta_parameters()),
-                    ("head", self.head.parameters()),
-                )
-                if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params)
-                or any(not torch.isfinite(p).all() for p in params)
-            ]
-            where = ", ".join(bad) if bad else "the features or loss (no parameter group is non-finite)"
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at step {self.state.step}; non-finite: {where}. The last good "
-                f"checkpoint in {self.run_dir} is intact."
-            )
+        if torch.isfinite(loss):
+            return
+        groups = (
+            ("stiefel factors (U, V)", list(self.polar.stiefel_parameters())),
+            ("adapter core (theta)", list(self.polar.theta_parameters())),
+            ("head", list(self.head.parameters())),
+        )
+        bad = [name for name, params in groups if any(not torch.isfinite(p).all() for p in params)]
+        where = ", ".join(bad) if bad else "the features or the loss (every parameter group is finite)"
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {self.state.step}; non-finite: {where}. The last good "
+            f"checkpoint in {self.run_dir} is intact."
+        )
+
+    @torch.no_grad()
+    def training_features(self) -> torch.Tensor:
+        """Features of the whole training split with the adapters as they are (for the eta-phase)."""
+        n, bs = len(self.train_split), self.tcfg.eval_batch_size
+        return torch.cat(
+            [self.source.features(self.train_split, list(range(i, min(n, i + bs)))) for i in range(0, n, bs)]
+        )
+
+    def head_refit_due(self, step: int) -> bool:
+        return (
+            self.coordinator.trainable
+            and self.tcfg.alternation == "per_round"
+            and step % self.tcfg.round_steps == 0
+            and self.coordinator.refits <= step // self.tcfg.round_steps
+        )
+
+    def _final_refit_due(self, rounds: int) -> bool:
+        return (
+            self.tcfg.final_head_refit
+            and self.coordinator.trainable
+            and self.tcfg.alternation == "per_round"
+            and self.coordinator.refits == rounds
+        )
+
+    def refit_head(self) -> None:
+        """The eta-phase of the per-round schedule, on the whole training set."""
+        split = self.train_split
+        self.coordinator.refit(self.training_features(), split.labels, split.n_choices)
 
     def train_step(self) -> dict[str, float]:
         step = self.state.step
+        if self.head_refit_due(step):
+            self.refit_head()
         lr_f = self._set_lr(step)
         idx = batch_indices(step, len(self.train_split), self.tcfg.batch_size, self.tcfg.seed)
+        labels, n_choices = self.train_split.labels[idx], self.train_split.n_choices[idx]
         phi = self.source.features(self.train_split, idx)
-        loss = self.head.loss(phi, self.train_split.labels[idx], self.train_split.n_choices[idx])
-        self.stiefel_opt.zero_grad(set_to_none=True)
-        self.theta_opt.zero_grad(set_to_none=True)
+        loss = self.head.loss(phi, labels, n_choices)
+        for opt in self._adapter_optimizers():
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         self._check_finite(loss)
         if self.cfg.optim.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(self.polar.theta_parameters()), self.cfg.optim.max_grad_norm)
-        self.stiefel_opt.step()
-        self.theta_opt.step()
+        for opt in self._adapter_optimizers():
+            opt.step()
+        for p in self.head.parameters():  # the theta-phase never moves the head
+            p.grad = None
+        if self.coordinator.trainable and self.tcfg.alternation == "per_step":
+            self.coordinator.refit(phi.detach(), labels, n_choices, steps=1)
         self.state.step += 1
         return {"loss": float(loss.detach()), "lr_factor": lr_f}
 
@@ -228,5 +282,8 @@ class Trainer:
             if self.tcfg.checkpoint_every and step % self.tcfg.checkpoint_every == 0 and step < total:
                 self.save()
         bar.close()
+        rounds = math.ceil(total / self.tcfg.round_steps)  # refits at steps 0, T, 2T, ... below total
+        if self._final_refit_due(rounds):
+            self.refit_head()  # the head matches the final adapters
         self.save()
         return self.state

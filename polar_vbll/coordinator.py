@@ -1,0 +1,82 @@
+"""The head coordinator: the eta-phase of the alternating optimization, behind one small interface.
+
+It receives features and labels (computed by whoever holds the backbone), fits the head's parameters on
+them with the adapters fixed, and returns the new head parameters. In one process it is a plain object;
+the distributed driver runs the very same class as a Ray actor, so the eta-phase math exists once. Its
+state (the head and its optimizer moments) is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from polar_vbll.config import HeadFitConfig
+
+
+class HeadCoordinator:
+    """Owns the head (in one process the trainer's own object; in the distributed driver an actor's copy)
+    and the head optimizer; :meth:`refit` runs the eta-phase.
+
+    ``refit(features, labels, n_choices, steps)`` takes full-batch Adam steps on the head's loss (for the
+    VBLL head, the negative ELBO with its KL weighted 1/N) with the features fixed: in the per-round
+    schedule the features are the whole training set's, in the per-step schedule one minibatch's.
+    """
+
+    def __init__(self, head: nn.Module, cfg: HeadFitConfig):
+        self.head = head
+        self.cfg = cfg
+        params = [p for p in head.parameters() if p.requires_grad]
+        # no weight decay: it would fight the head's prior, which the ELBO already contains
+        self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas)) if params else None
+        self.refits = 0
+
+    @property
+    def trainable(self) -> bool:
+        return self.optimizer is not None
+
+    def refit(
+        self, features: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, steps: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Fit the head on fixed features; returns the new head parameters (a state dict)."""
+        if self.optimizer is None:
+            return self.head_state()
+        features = features.detach().to(torch.float32)
+        steps = self.cfg.steps if steps is None else steps
+        batch = self.cfg.batch_size
+        g = torch.Generator().manual_seed(self.cfg.seed + self.refits)
+        for _ in range(steps):
+            if batch and batch < len(features):
+                idx = torch.randperm(len(features), generator=g)[:batch]
+                f, y, c = features[idx], labels[idx], n_choices[idx]
+            else:
+                f, y, c = features, labels, n_choices
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.head.loss(f, y, c)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"head loss became {loss.item()} during refit {self.refits}")
+            loss.backward()
+            self.optimizer.step()
+        self.refits += 1
+        check = getattr(self.head, "check_positive_definite", None)
+        if check is not None:
+            check(self.refits)
+        return self.head_state()
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "head": self.head_state(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "refits": self.refits,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.head.load_state_dict(sd["head"])
+        if self.optimizer is not None and sd.get("optimizer") is not None:
+            self.optimizer.load_state_dict(sd["optimizer"])
+        self.refits = int(sd["refits"])
