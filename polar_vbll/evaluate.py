@@ -36,10 +36,13 @@ def predict(
 ) -> Predictions:
     """One backbone pass per example (on the cheap path, only the adapted blocks), the head's predictive
     probabilities for every example of ``enc``."""
+    from polar_vbll.baselines.lora import set_adapter_dropout
+
+    set_adapter_dropout(source.model, False)  # deterministic features: adapter dropout off
     source.prepare(enc, batch_size, progress=progress)
     probs = torch.zeros((len(enc), head.num_classes), dtype=torch.float32)
     batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
     for idx in tqdm(batches, desc=f"evaluating {enc.name}", disable=not progress):
         phi = source.features(enc, idx)
-        probs[idx] = head.predict_proba(phi, enc.n_choices[idx]).to(torch.float32)
+        probs[idx] = head.predict_proba(phi, enc.n_choices[idx].to(phi.device)).to(torch.float32).cpu()
     return Predictions(enc.name, probs, enc.labels.clone())

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from polar_vbll.baselines.lora import adapter_dropout
 from polar_vbll.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -231,7 +232,7 @@ class Trainer:
     def refit_head(self) -> None:
         """The eta-phase of the per-round schedule, on the whole training set."""
         split = self.train_split
-        self.coordinator.refit(self.training_features(), split.labels, split.n_choices)
+        self.coordinator.refit(self.training_features(), split.labels, split.n_choices)  # dropout off
 
     def train_step(self) -> dict[str, float]:
         step = self.state.step
@@ -240,8 +241,9 @@ class Trainer:
         lr_f = self._set_lr(step)
         idx = batch_indices(step, len(self.train_split), self.tcfg.batch_size, self.tcfg.seed)
         labels, n_choices = self.train_split.labels[idx], self.train_split.n_choices[idx]
-        phi = self.source.features(self.train_split, idx)
-        loss = self.head.loss(phi, labels, n_choices)
+        with adapter_dropout(self.source.model, True):  # adapter dropout (if configured) while training
+            phi = self.source.features(self.train_split, idx)
+        loss = self.head.loss(phi, labels.to(phi.device), n_choices.to(phi.device))
         for opt in self._adapter_optimizers():
             opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -235,6 +235,7 @@ class PolarModel(nn.Module):
             layer = PolarLinear(
                 base, bank, t.u_slot, t.v_slot, r=config.r, alpha=config.alpha, dropout=config.dropout
             )
+            layer.train(base.training)  # a new module starts in train mode; follow the backbone's mode
             setattr(parent, child, layer)
 
         self.base_model = model

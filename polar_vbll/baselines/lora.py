@@ -1,0 +1,458 @@
+"""The LoRA baseline (LoRA-MLE / LoRA-MAP) on **peft**, behind the same interface as ``PolarModel``.
+
+``LoraAdapter(model, LoraBaselineConfig(...))`` injects standard PEFT LoRA layers
+(``W = W0 + (alpha / r) B A``, A Kaiming-uniform, B = 0, so the model starts exactly at ``W0``) and
+exposes what the trainer, the feature code and the run code call on a ``PolarModel``:
+
+- ``base_model``: the Hugging Face model, modified in place (the decoder blocks hold the LoRA layers, so
+  ``polar_vbll.models.decoder_of`` and the cached-prefix path of ``polar_vbll.features`` work unchanged);
+- ``stiefel_parameters()`` -> ``[]``: LoRA has no manifold factors (the trainer must skip its Stiefel
+  optimizer when this is empty);
+- ``theta_parameters()`` -> every ``lora_A`` / ``lora_B`` weight (Euclidean, AdamW). **LoRA-MAP** is the
+  same adapter trained with AdamW weight decay on these (a Gaussian prior on A, B); that is the trainer's
+  ``theta_weight_decay``, nothing here changes;
+- ``adapter_state_dict()`` / ``load_adapter_state_dict()`` (strict), ``save_adapter(dir)`` (peft's
+  ``save_pretrained``, safetensors), ``export_peft_lora(dir)`` (the same files: it *is* a PEFT adapter);
+- ``orthogonality_error()`` -> ``0.0`` and ``stable_ranks()`` (of ``B A`` per layer: LoRA's is the one that
+  collapses toward 1, the comparison PoLAR is about).
+
+Layer selection is PoLAR's (:func:`polar_vbll.adapters.model.select_targets`): the same
+``target_modules`` / ``layers`` give exactly the same modules. The selected modules are handed to peft as
+full module paths (which is also what ``PolarModel.export_peft_lora`` writes), so a saved adapter
+re-applies to exactly those layers in any PEFT stack, independent of how peft matches
+``layers_to_transform`` for a given architecture.
+
+Also here: :func:`set_adapter_dropout` / :func:`adapter_dropout` (switch only the adapters' dropout on at
+test time, for MC dropout; PEFT LoRA and ``PolarLinear`` alike) and :func:`seeded_rng`.
+
+peft is imported lazily (it is a ``dev`` extra of this project), so importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from polar_vbll.adapters.config import DEFAULT_TARGET_MODULES, PolarConfig
+from polar_vbll.adapters.layer import PolarLinear, stable_rank
+from polar_vbll.adapters.model import TargetLayer, select_targets
+from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
+
+#: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
+#: ``adapter_model.safetensors``; this one records the :class:`LoraBaselineConfig` that selected the layers).
+LORA_BASELINE_CONFIG_NAME = "lora_baseline_config.json"
+LORA_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_FORMAT_VERSION = 1
+#: The peft adapter name used throughout (one adapter per model).
+ADAPTER_NAME = "default"
+
+
+# ------------------------------------------------------------------------------------------------- config
+class LoraBaselineConfig(BaseModel):
+    """Which linear layers get a LoRA update ``(alpha / r) B A`` (same selection semantics as
+    :class:`~polar_vbll.adapters.config.PolarConfig`: ``target_modules`` matches a full module name or a
+    dotted suffix; ``layers`` are decoder-block indices, negative from the end, ``None`` = every block,
+    and modules outside the numbered blocks are adapted only when ``layers`` is ``None``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    r: int = Field(default=8, gt=0, description="LoRA rank (rows of A, columns of B).")
+    alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="Module names (or dotted suffixes) of the nn.Linear layers to adapt.",
+    )
+    layers: list[int] | None = Field(
+        default=None, description="Decoder-block indices to adapt (negative = from the end); None = all."
+    )
+    dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="peft's lora_dropout (on the adapter input only)."
+    )
+    init_seed: int = Field(default=0, ge=0, description="Seed of the RNG drawing the initial A (B = 0).")
+
+    @field_validator("r", "init_seed", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be an integer, not a boolean")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _finite_alpha(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be finite, got {v}")
+        return v
+
+    @field_validator("target_modules", "layers")
+    @classmethod
+    def _like_polar(cls, v: Any, info: Any) -> Any:
+        # Reuse PolarConfig's checks (non-empty dotted names, no duplicates, no empty layer list) so the two
+        # adapters accept exactly the same selections.
+        try:
+            PolarConfig.model_validate({info.field_name: v})
+        except ValidationError as exc:
+            raise ValueError(
+                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            ) from None
+        return v
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, the factor in front of ``B A`` (peft's ``scaling`` without rsLoRA)."""
+        return self.alpha / self.r
+
+
+def lora_config_from_dict(data: Mapping[str, Any] | LoraBaselineConfig, where: str) -> LoraBaselineConfig:
+    """Validate ``data`` as a :class:`LoraBaselineConfig`; errors become a :class:`ConfigError` naming
+    ``where``, so the CLI prints them without a traceback."""
+    if isinstance(data, LoraBaselineConfig):
+        return data
+    try:
+        return LoraBaselineConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError(f"invalid LoRA baseline config in {where}:\n" + "\n".join(lines)) from None
+
+
+# -------------------------------------------------------------------------------------------------- RNG
+@contextlib.contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Run a block with the global CPU and CUDA RNGs seeded with ``seed``, restoring them afterwards.
+
+    Dropout and peft's initialisers draw from the global generators (they take no ``generator``), so this
+    is the only way to make them reproducible without disturbing the caller's random stream.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------- dropout
+def _adapter_dropouts(model: nn.Module) -> list[nn.Module]:
+    """The dropout modules sitting on adapter inputs: ``PolarLinear.polar_dropout`` and every entry of a
+    peft LoRA layer's ``lora_dropout`` (duck-typed, so peft need not be importable)."""
+    found: list[nn.Module] = []
+    for m in model.modules():
+        if isinstance(m, PolarLinear):
+            found.append(m.polar_dropout)
+        elif isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict):
+            found.extend(m.lora_dropout.values())
+    return found
+
+
+def _is_active_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+
+
+def set_adapter_dropout(model: nn.Module, enabled: bool) -> int:
+    """Switch the adapters' dropout modules (only those) to train (``enabled``) or eval mode.
+
+    For MC dropout the backbone stays in eval mode (its own attention/hidden dropout off, as at test time)
+    while the adapter dropout samples a mask per pass. Works on a :class:`LoraAdapter`, a ``PolarModel``
+    or a bare model holding either kind of layer. Note that a later ``model.eval()`` switches them off
+    again. Returns how many of the switched modules actually drop something (``p > 0``); 0 means MC
+    dropout would repeat one deterministic pass.
+    """
+    mods = _adapter_dropouts(model)
+    for m in mods:
+        m.train(enabled)
+    return sum(_is_active_dropout(m) for m in mods)
+
+
+@contextlib.contextmanager
+def adapter_dropout(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Context manager form of :func:`set_adapter_dropout` that restores each module's previous mode.
+    Yields the number of active (``p > 0``) adapter dropout modules."""
+    mods = _adapter_dropouts(model)
+    before = [m.training for m in mods]
+    try:
+        for m in mods:
+            m.train(enabled)
+        yield sum(_is_active_dropout(m) for m in mods)
+    finally:
+        for m, t in zip(mods, before, strict=True):
+            m.train(t)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _require_peft():
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - depends on the environment
+        raise UserInputError(
+            "the LoRA baseline needs the `peft` package (pip install 'peft>=0.13', or the project's `dev` "
+            "extra)"
+        ) from None
+    return peft
+
+
+def _select_targets(model: nn.Module, config: LoraBaselineConfig) -> list[TargetLayer]:
+    """The layers PoLAR would adapt under the same selection (sorted by path), with LoRA's own rank check."""
+    # r=1 for the selection: PoLAR's rank check speaks of Stiefel factors; LoRA's is done below.
+    as_polar = PolarConfig(r=1, alpha=1.0, target_modules=config.target_modules, layers=config.layers)
+    try:
+        targets = select_targets(model, as_polar)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("PolarConfig", "LoraBaselineConfig")) from None
+    small = [t for t in targets if config.r > min(t.in_features, t.out_features)]
+    if small:
+        t = small[0]
+        raise ConfigError(
+            f"LoraBaselineConfig.r={config.r} exceeds min(in, out) = {min(t.in_features, t.out_features)} "
+            f"of layer {t.name!r}: a rank-r update of that layer cannot have rank r"
+        )
+    return targets
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(isinstance(getattr(m, "lora_A", None), nn.ModuleDict) for m in model.modules())
+
+
+def _names_preview(names: list[str], k: int = 8) -> str:
+    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+# ----------------------------------------------------------------------------------------------- model
+class LoraAdapter(nn.Module):
+    """A Hugging Face causal LM with peft LoRA layers, exposing the ``PolarModel`` interface (see the module
+    docstring). ``peft_model`` is the ``PeftModel``; ``base_model`` is the original HF model object (peft
+    replaces the targeted linears in place), which is what ``FeatureSource`` and ``decoder_of`` need.
+
+    Every base parameter is frozen; only ``lora_A`` / ``lora_B`` require grad. The initial A is drawn under
+    :func:`seeded_rng` (``init_seed``), so the same model and config give the same initial adapter without
+    touching the caller's RNG.
+    """
+
+    def __init__(self, model: nn.Module, config: LoraBaselineConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        config = lora_config_from_dict(config, "LoraAdapter(config=...)")
+        peft = _require_peft()
+        if _has_lora(model) or any(isinstance(m, PolarLinear) for m in model.modules()):
+            raise UserInputError("the model already holds adapters; inject LoRA into a fresh base model")
+        names = [t.name for t in _select_targets(model, config)]
+        peft_config = peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            target_modules=names,
+            lora_dropout=config.dropout,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model.requires_grad_(False)
+        was_training = model.training
+        with seeded_rng(config.init_seed), warnings.catch_warnings():
+            # transformers 5 deprecates an attribute peft still reads; not ours to fix, and not actionable.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            peft_model = peft.get_peft_model(model, peft_config, adapter_name=ADAPTER_NAME)
+        self.peft_model = peft_model
+        self.lora_config = config
+        # peft's new layers are created in train mode, so in an eval-mode backbone their dropout would be
+        # live at evaluation time: give every module the mode the model had (use set_adapter_dropout / train()
+        # to turn adapter dropout on for training or MC dropout).
+        self.train(was_training)
+
+        adapted = [n for n, _ in self.lora_layers()]
+        if adapted != names:  # peft matched differently from our selection: never train the wrong layers
+            raise RuntimeError(f"peft adapted {_names_preview(adapted)}, expected {_names_preview(names)}")
+        wrong = [n for n, p in self.base_model.named_parameters() if p.requires_grad and "lora_" not in n]
+        if wrong:
+            raise RuntimeError(f"non-LoRA parameters require grad after injection: {_names_preview(wrong)}")
+
+    # ---------------------------------------------------------------------------------------- plumbing
+    @property
+    def base_model(self) -> nn.Module:
+        """The HF model holding the LoRA layers (the object passed in, modified in place)."""
+        return self.peft_model.get_base_model()
+
+    def __getattr__(self, name: str) -> Any:
+        """Fall through to ``base_model`` (``.config``, ``.device``...), as ``PolarModel`` does."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("peft_model", "base_model", "lora_config"):
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_config.scaling
+
+    def lora_layers(self) -> list[tuple[str, nn.Module]]:
+        """``(module path in base_model, peft LoRA layer)`` for every adapted layer, sorted by path."""
+        found = [
+            (n, m)
+            for n, m in self.base_model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and ADAPTER_NAME in m.lora_A
+        ]
+        return sorted(found, key=lambda item: item[0])
+
+    def lora_factors(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """``(path, A (r, in), B (out, r))`` per adapted layer, sorted by path."""
+        return [
+            (n, m.lora_A[ADAPTER_NAME].weight, m.lora_B[ADAPTER_NAME].weight) for n, m in self.lora_layers()
+        ]
+
+    # -------------------------------------------------------------------------------------- parameters
+    def stiefel_parameters(self) -> list[nn.Parameter]:
+        """None: LoRA has no factors on a manifold. The trainer must skip its Stiefel optimizer for an
+        empty list (``torch.optim`` optimizers refuse an empty parameter list)."""
+        return []
+
+    def theta_parameters(self) -> list[nn.Parameter]:
+        """Every ``lora_A`` then ``lora_B`` weight, per layer in sorted path order (Euclidean; AdamW, with
+        weight decay for LoRA-MAP)."""
+        out: list[nn.Parameter] = []
+        for _, a, b in self.lora_factors():
+            out += [a, b]
+        return out
+
+    def merge(self) -> None:
+        """Fold ``(alpha / r) B A`` into the base weights (peft's ``merge_adapter``)."""
+        self.peft_model.merge_adapter()
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (peft's ``unmerge_adapter``)."""
+        self.peft_model.unmerge_adapter()
+
+    # -------------------------------------------------------------------------------------- diagnostics
+    def orthogonality_error(self) -> float:
+        """Always 0.0: LoRA has no Stiefel factors, so there is no constraint to violate. Returned (rather
+        than raising) so the trainer's logging code runs unchanged for both adapters."""
+        return 0.0
+
+    def stable_ranks(self) -> dict[str, float]:
+        """Module path -> stable rank ``||B A||_F^2 / ||B A||_2^2`` (0.0 while B = 0), from the r x r core
+        of the factors (``stable_rank(B, I, A^T)``), never forming the out x in update."""
+        out: dict[str, float] = {}
+        for n, a, b in self.lora_factors():
+            eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
+            out[n] = stable_rank(b, eye, a.T)
+        return out
+
+    # -------------------------------------------------------------------------------------- state dicts
+    def _adapter_params(self) -> dict[str, nn.Parameter]:
+        # PEFT's saved key form (adapter name stripped), the same as PolarModel.peft_lora_state_dict.
+        out: dict[str, nn.Parameter] = {}
+        for n, a, b in self.lora_factors():
+            out[f"base_model.model.{n}.lora_A.weight"] = a
+            out[f"base_model.model.{n}.lora_B.weight"] = b
+        return out
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Key -> detached clone of every LoRA tensor, keys in PEFT's saved form
+        (``base_model.model.<module path>.lora_{A,B}.weight``, what ``save_pretrained`` writes)."""
+        return {k: p.detach().clone() for k, p in self._adapter_params().items()}
+
+    @torch.no_grad()
+    def load_adapter_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], where: str = "state dict"
+    ) -> None:
+        """Copy LoRA tensors in, strictly: every key present, no extra key, shapes equal, values finite.
+        Raises :class:`CheckpointError` naming ``where``; nothing is copied unless everything checks out."""
+        params = self._adapter_params()
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_names_preview(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_names_preview(unexpected)}")
+        for k in sorted(set(params) & set(state_dict)):
+            t = state_dict[k]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                problems.append(f"{k}: not a floating-point tensor")
+            elif tuple(t.shape) != tuple(params[k].shape):
+                problems.append(f"{k}: shape {tuple(t.shape)} in file, {tuple(params[k].shape)} in model")
+            elif not torch.isfinite(t).all():
+                problems.append(f"{k}: contains NaN or inf")
+        if problems:
+            raise CheckpointError(f"LoRA weights in {where} do not fit this model: " + "; ".join(problems))
+        for k, p in params.items():
+            p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+
+    # ------------------------------------------------------------------------------------- save / load
+    def save_adapter(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the adapter with peft's ``save_pretrained`` (``adapter_config.json`` +
+        ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``) plus
+        ``lora_baseline_config.json`` (our config, for :meth:`load_adapter`). Returns the directory."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.peft_model.save_pretrained(str(d), safe_serialization=True)
+        meta = {
+            "format_version": LORA_FORMAT_VERSION,
+            "adapter_type": "lora_baseline",
+            "lora_config": self.lora_config.model_dump(mode="json"),
+            "adapted_modules": [n for n, _ in self.lora_layers()],
+        }
+        (d / LORA_BASELINE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return d
+
+    def export_peft_lora(self, directory: str | os.PathLike[str]) -> Path:
+        """A standard PEFT LoRA adapter directory: the very files :meth:`save_adapter` writes (named like
+        ``PolarModel.export_peft_lora`` so run code treats both adapters alike)."""
+        return self.save_adapter(directory)
+
+    @classmethod
+    def load_adapter(cls, model: nn.Module, directory: str | os.PathLike[str]) -> LoraAdapter:
+        """Inject the adapter saved by :meth:`save_adapter` in ``directory`` into ``model`` (a fresh base
+        model) and load its weights strictly. Reads safetensors only (no pickle)."""
+        d = Path(directory)
+        cfg_path, weights = d / LORA_BASELINE_CONFIG_NAME, d / LORA_WEIGHTS_NAME
+        if not cfg_path.is_file():
+            raise CheckpointError(f"{cfg_path} does not exist: {d} is not a LoRA baseline adapter directory")
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{cfg_path} is not readable JSON: {exc}") from None
+        if not isinstance(raw, dict) or raw.get("format_version") != LORA_FORMAT_VERSION:
+            raise CheckpointError(f"{cfg_path}: unsupported or missing format_version")
+        config = lora_config_from_dict(raw.get("lora_config") or {}, f"{cfg_path} (field 'lora_config')")
+        if not weights.is_file():
+            raise CheckpointError(f"LoRA weights {weights} do not exist")
+        try:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weights))
+        except Exception as exc:  # safetensors raises its own error types; all mean "unreadable file"
+            raise CheckpointError(
+                f"LoRA weights {weights} are not a readable safetensors file: {exc}"
+            ) from None
+        # Dry run before touching the model: the file must hold exactly A (r, in) and B (out, r) of every
+        # layer this config selects (a file for another architecture or config fails here, readably).
+        expected: dict[str, tuple[int, ...]] = {}
+        for t in _select_targets(model, config):
+            expected[f"base_model.model.{t.name}.lora_A.weight"] = (config.r, t.in_features)
+            expected[f"base_model.model.{t.name}.lora_B.weight"] = (t.out_features, config.r)
+        found = {k: tuple(v.shape) for k, v in tensors.items()}
+        if found != expected:
+            raise CheckpointError(
+                f"LoRA weights {weights} do not match {cfg_path} for {type(model).__name__}: tensor names or "
+                f"shapes differ (missing {_names_preview(sorted(set(expected) - set(found)))}, unexpected "
+                f"{_names_preview(sorted(set(found) - set(expected)))}, or shapes differ)"
+            )
+        adapter = cls(model, config)
+        adapter.load_adapter_state_dict(tensors, where=str(weights))
+        return adapter
+
+
+def inject_lora(model: nn.Module, config: LoraBaselineConfig | Mapping[str, Any]) -> LoraAdapter:
+    """Inject LoRA into ``model`` in place and return the wrapping :class:`LoraAdapter`."""
+    return LoraAdapter(model, config)
