@@ -28,12 +28,15 @@ def standard_normal_samples(
     n_samples: int, num_classes: int, seed: int | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """``(S, K)`` standard normal draws. With a seed they come from a private CPU generator, so they are the
-    same on every device and do not disturb (or depend on) the global RNG; then moved to ``device``."""
+    same on every device and do not disturb (or depend on) the global RNG; then moved to ``device``.
+    Drawn class by class (one ``randn(S)`` call each), so the draws of class k do not depend on K: a
+    3-choice question gets the same probabilities from a head padded to K=5 as from a 3-class head."""
     if seed is None:
-        return torch.randn(n_samples, num_classes, dtype=dtype, device=device)
+        return torch.randn(num_classes, n_samples, dtype=dtype, device=device).T
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
-    return torch.randn(n_samples, num_classes, generator=gen, dtype=dtype).to(device)
+    draws = [torch.randn(n_samples, generator=gen, dtype=dtype) for _ in range(num_classes)]
+    return torch.stack(draws, dim=1).to(device)
 
 
 def mc_softmax(mean: torch.Tensor, var: torch.Tensor, n_samples: int, seed: int | None = 0) -> torch.Tensor:
