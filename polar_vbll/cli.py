@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help="YAML config file, or a packaged one: main, full, tiny"),
+    typer.Option("--config", "-c", help="YAML config file, or a packaged one: cpu, full, tiny"),
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -28,19 +28,27 @@ SetOpt = Annotated[
 ]
 
 
-def packaged_config(name: str) -> Path:
-    """Path of a config shipped inside the package (``polar_vbll/configs/<name>.yaml``)."""
-    return Path(str(resources.files("polar_vbll") / "configs" / f"{name}.yaml"))
+def packaged_config(kind: str, name: str) -> Path:
+    """Path of a config shipped inside the package (``polar_vbll/configs/<kind>/<name>.yaml``)."""
+    return Path(str(resources.files("polar_vbll") / "configs" / kind / f"{name}.yaml"))
 
 
-def _resolve_config(config: str | None) -> Path | None:
+def packaged_names(kind: str) -> list[str]:
+    return sorted(p.stem for p in Path(str(resources.files("polar_vbll") / "configs" / kind)).glob("*.yaml"))
+
+
+def _resolve_config(config: str | None, kind: str = "run") -> Path | None:
+    """A path, or the name of a packaged config of this kind (``run`` or ``compare``)."""
     if config is None:
         return None
     p = Path(config)
     if not p.exists() and "/" not in config and not config.endswith((".yaml", ".yml")):
-        packaged = packaged_config(config)
+        packaged = packaged_config(kind, config)
         if packaged.is_file():
             return packaged
+        raise UserInputError(
+            f"config {config!r} is neither a file nor a packaged {kind} config ({', '.join(packaged_names(kind))})"
+        )
     return p
 
 
@@ -62,8 +70,30 @@ def train(
     from polar_vbll.train import TrainingDiverged
 
     try:
-        cfg = load_config(_resolve_config(config), set_ or [])
+        cfg = load_config(_resolve_config(config, "run"), set_ or [])
         run_training(cfg, resume=resume, progress=progress)
+    except (UserInputError, TrainingDiverged) as exc:
+        _fail(exc)
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="compare YAML, or a packaged one: main, quick, full")
+    ],
+    set_: SetOpt = None,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """Train and evaluate methods x tasks x seeds; writes a Markdown table, a CSV and reliability diagrams.
+
+    Resumable: finished runs are kept in the output folder's records.jsonl and skipped on a rerun."""
+    from polar_vbll.compare.config import load_compare_config
+    from polar_vbll.compare.runner import run_compare
+    from polar_vbll.train import TrainingDiverged
+
+    try:
+        ccfg = load_compare_config(_resolve_config(config, "compare"), set_ or [])
+        run_compare(ccfg, progress=progress)
     except (UserInputError, TrainingDiverged) as exc:
         _fail(exc)
 

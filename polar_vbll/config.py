@@ -14,7 +14,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polar_vbll.adapters.config import PolarConfig
+from polar_vbll.baselines.lora import LoraBaselineConfig
 from polar_vbll.errors import ConfigError
+from polar_vbll.heads.config import VBLLConfig
 
 
 class _Strict(BaseModel):
@@ -127,10 +129,31 @@ class HeadFitConfig(_Strict):
 
 
 class HeadConfig(_Strict):
-    """The last layer. ``deterministic``: the LM-head rows of the answer tokens (the MLE baseline)."""
+    """The last layer, started from the LM-head rows of the answer tokens in every case.
 
-    kind: Literal["deterministic"] = "deterministic"
+    ``deterministic``: those rows, frozen (PoLAR-MLE / LoRA-MLE: only the adapters train);
+    ``vbll``: a variational Bayesian last layer (Gaussian posterior over the rows), trained by the
+    alternating eta-phase. ``laplace``: post-hoc last-layer Laplace on the final (deterministic) head.
+    """
+
+    kind: Literal["deterministic", "vbll"] = "deterministic"
+    vbll: VBLLConfig = Field(default_factory=VBLLConfig)
     fit: HeadFitConfig = Field(default_factory=HeadFitConfig)
+    laplace: Literal["none", "full", "kron"] = Field(
+        "none",
+        description="post-hoc last-layer Laplace on the final head's mean (prior by marginal likelihood)",
+    )
+    laplace_predictive: Literal["probit", "mc"] = "probit"
+
+
+class EvalConfig(_Strict):
+    """How test-time predictions are made."""
+
+    predictive: Literal["standard", "mc_dropout"] = Field(
+        "standard", description="standard: one backbone pass; mc_dropout: average over adapter-dropout passes"
+    )
+    mc_dropout_samples: int = Field(10, gt=0)
+    ensemble_members: int = Field(1, gt=0, description="deep ensemble: independently seeded adapters")
 
 
 class RunConfig(_Strict):
@@ -140,10 +163,13 @@ class RunConfig(_Strict):
     output_dir: str = "runs"
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    adapter_kind: Literal["polar", "lora"] = Field("polar", description="lora: the peft LoRA baseline")
     adapter: PolarConfig = Field(default_factory=PolarConfig)
+    lora: LoraBaselineConfig = Field(default_factory=LoraBaselineConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

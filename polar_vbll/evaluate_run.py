@@ -7,31 +7,60 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from polar_vbll.adapters import PolarModel
-from polar_vbll.config import load_config
-from polar_vbll.errors import UserInputError
+from polar_vbll.config import RunConfig, load_config
+from polar_vbll.errors import CheckpointError, UserInputError
 from polar_vbll.evaluate import predict
 from polar_vbll.features import FeatureSource, encode_examples
 from polar_vbll.heads import DeterministicHead
 from polar_vbll.metrics import format_table
 from polar_vbll.models import answer_head_weight, answer_token_ids, load_backbone
+from polar_vbll.run import build_head, method_label, predict_with
 from polar_vbll.tasks import answer_token_strings, load_task, num_classes, task_num_classes
 
 
+def load_adapter(cfg: RunConfig, model, directory: Path):
+    """Load a saved adapter of the run's kind into ``model`` (content hash verified)."""
+    if cfg.adapter_kind == "lora":
+        from polar_vbll.baselines.lora import LoraAdapter
+
+        return LoraAdapter.load_adapter(model, directory)
+    return PolarModel.load_adapter(model, directory)
+
+
+def _load_head(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run did not finish saving its head")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types; all mean "unreadable"
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
 @contextlib.contextmanager
-def adapters_off(polar: PolarModel):
-    """Temporarily set every Theta to zero: ``W0 + s U 0 V^T = W0`` is exactly the base model."""
-    saved = [p.detach().clone() for p in polar.theta_parameters()]
+def adapters_off(adapter):
+    """Temporarily zero the update: PoLAR's Theta (``W0 + s U 0 V^T = W0``) or LoRA's B, so the adapted
+    model computes exactly the base model."""
+    params = [p for n, p in _update_params(adapter)]
+    saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            for p in polar.theta_parameters():
+            for p in params:
                 p.zero_()
-        yield polar
+        yield adapter
     finally:
         with torch.no_grad():
-            for p, v in zip(polar.theta_parameters(), saved, strict=True):
+            for p, v in zip(params, saved, strict=True):
                 p.copy_(v)
+
+
+def _update_params(adapter):
+    """The parameters whose zeroing removes the update: Theta for PoLAR, B for LoRA."""
+    if isinstance(adapter, PolarModel):
+        return [("theta", p) for p in adapter.theta_parameters()]
+    return [(n, p) for n, p in adapter.base_model.named_parameters() if "lora_B" in n]
 
 
 def evaluate_run(
@@ -61,16 +90,24 @@ def evaluate_run(
     model, tokenizer = load_backbone(cfg.model)
     k = max(task_num_classes(cfg.data.task), num_classes(examples))
     answer_ids = answer_token_ids(tokenizer, answer_token_strings(k))
-    head = DeterministicHead(*answer_head_weight(model, answer_ids))
+    zero_shot_head = DeterministicHead(*answer_head_weight(model, answer_ids))
+    head = build_head(cfg, model, answer_ids, n_train=1)  # N only weights the training loss
+    head.load_state_dict(_load_head(run / "head.safetensors"))
     enc = encode_examples(f"{task}:{split}", examples, tokenizer, cfg.model.max_length, cfg.model.add_bos)
 
-    polar = PolarModel.load_adapter(model, run / "adapter")
+    adapter = load_adapter(cfg, model, run / "adapter")
     source = FeatureSource(
-        polar.base_model, tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix
+        adapter.base_model, tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix
     )
-    tuned = predict(source, head, enc, cfg.train.eval_batch_size, progress)
-    with adapters_off(polar):  # the same cached frozen blocks serve the zero-shot model
-        zero_shot = predict(source, head, enc, cfg.train.eval_batch_size, progress)
-    rows = {"zero-shot": zero_shot.metrics(), "PoLAR (MLE head)": tuned.metrics()}
+    train = None
+    if cfg.head.laplace != "none":
+        train_examples = load_task(
+            cfg.data.task, cfg.data.train_split, seed=cfg.data.split_seed, limit=cfg.data.train_limit
+        )
+        train = encode_examples("train", train_examples, tokenizer, cfg.model.max_length, cfg.model.add_bos)
+    tuned, _ = predict_with(cfg, source, head, enc, train, progress)
+    with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model
+        zero_shot = predict(source, zero_shot_head, enc, cfg.train.eval_batch_size, progress)
+    rows = {"zero-shot": zero_shot.metrics(), method_label(cfg): tuned.metrics()}
     print(f"## {task} {split} ({len(enc)} questions)\n\n{format_table(rows)}")
     return {"task": task, "split": split, "metrics": rows}

@@ -26,6 +26,7 @@ class EncodedSplit:
     labels: torch.Tensor
     n_choices: torch.Tensor
     states: list[torch.Tensor] | None = field(default=None, repr=False)
+    states_block: int | None = None  # the block the cached states enter (they are valid for that split only)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -86,7 +87,7 @@ class FeatureSource:
 
     def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = True) -> None:
         """Run the frozen prefix over a split once (no-op on the full path or if already done)."""
-        if self.split is None or enc.states is not None:
+        if self.split is None or (enc.states is not None and enc.states_block == self.split.split):
             return
         states: list[torch.Tensor | None] = [None] * len(enc)
         batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
@@ -99,6 +100,7 @@ class FeatureSource:
                 n = len(enc.ids[i])
                 states[i] = hidden[row, hidden.shape[1] - n :].clone()
         enc.states = states  # type: ignore[assignment]
+        enc.states_block = self.split.split
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         """``phi`` for the examples ``idx`` of ``enc`` (gradients flow into adapters when enabled)."""
@@ -106,7 +108,7 @@ class FeatureSource:
         ids, mask = pad_batch(seqs, self.pad_id, side="left")
         if self.split is None:
             return last_token_features(self.model, ids, mask).to(torch.float32)
-        if enc.states is None:  # normally done up front, with a progress bar, by the caller
+        if enc.states is None or enc.states_block != self.split.split:  # normally done up front by the caller
             self.prepare(enc, batch_size=32, progress=False)
         width = ids.shape[1]
         first = enc.states[idx[0]]

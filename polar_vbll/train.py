@@ -150,7 +150,7 @@ class Trainer:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         saved_cfg = sd.get("config", {})
         current = self.cfg.model_dump(mode="json")
-        for section in ("model", "adapter", "head", "data"):
+        for section in ("model", "adapter_kind", "adapter", "lora", "head", "data"):
             if saved_cfg.get(section) != current[section]:
                 raise CheckpointError(
                     f"the checkpoint was written with a different `{section}` config; resume with the same "

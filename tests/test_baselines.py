@@ -9,19 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from polar_vbll.adapters import PolarConfig, inject_polar
-from polar_vbll.baselines import (
-    LastLayerLaplace,
-    LoraAdapter,
-    LoraBaselineConfig,
-    ensemble_predictions,
-    full_ggn,
-    kron_factors,
-    mc_dropout_predict,
-    predict_ensemble,
-    predict_mc_dropout,
-    set_adapter_dropout,
-    split_features,
-)
+from polar_vbll.baselines.ensemble import ensemble_predictions, predict_ensemble
+from polar_vbll.baselines.laplace import LastLayerLaplace, full_ggn, kron_factors, split_features
+from polar_vbll.baselines.lora import LoraAdapter, LoraBaselineConfig, set_adapter_dropout
+from polar_vbll.baselines.mc_dropout import mc_dropout_predict, predict_mc_dropout
 from polar_vbll.errors import CheckpointError, ConfigError
 from polar_vbll.evaluate import Predictions, predict
 from polar_vbll.features import EncodedSplit, FeatureSource

@@ -30,7 +30,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_the_run_folder(tiny_run):
     run, result = tiny_run
-    assert "| zero-shot |" in result.output and "| PoLAR (MLE head) |" in result.output
+    assert "| zero-shot |" in result.output and "| PoLAR-MLE |" in result.output
     for name in ("config.yaml", "params.json", "results.json", "results.md", "reliability.png"):
         assert (run / name).is_file(), name
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
@@ -48,7 +48,7 @@ def test_eval_reproduces_training_metrics(tiny_run):
     assert result.exit_code == 0, result.output
     trained = json.loads((run / "results.json").read_text())["metrics"]
     evaluated = json.loads(result.output[result.output.index("{") :])
-    for method in ("zero-shot", "PoLAR (MLE head)"):
+    for method in ("zero-shot", "PoLAR-MLE"):
         for key in ("acc", "ece", "nll", "brier"):
             assert evaluated[method][key] == pytest.approx(trained[method][key], abs=1e-5), (method, key)
 

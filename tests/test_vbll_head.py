@@ -28,6 +28,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 import polar_vbll.heads.vbll as vbll_mod
 from polar_vbll.errors import ConfigError
@@ -551,7 +552,7 @@ def test_large_dense_refused_before_allocating(monkeypatch):
     ],
 )
 def test_bad_config_refused_naming_field(field, value):
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(ValidationError, match=field):
         VBLLConfig(**{field: value})
     with pytest.raises(ConfigError, match=rf"head\.vbll[\s\S]*{field}"):
         vbll_config_from_dict({field: value}, where="head.vbll")
@@ -563,3 +564,22 @@ def test_bad_config_refused_naming_field(field, value):
 def test_bad_dataset_size_refused(n):
     with pytest.raises(ConfigError, match="dataset_size"):
         VBLLHead(4, 2, n)
+
+
+def test_prior_mean_init_centres_the_kl_on_the_starting_rows():
+    """prior_mean=init: KL = 1/2 sum_k [||m_k - w_k||^2/s_p + tr S_k/s_p - log|S_k| + d log s_p - d]; it is
+    the zero-mean KL minus the mean term, plus the shifted one (float64 check by hand)."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    zero = VBLLHead.from_weight(w, dataset_size=10, config={"prior_scale": 2.0}, dtype=torch.float64)
+    init = VBLLHead.from_weight(
+        w, dataset_size=10, config={"prior_scale": 2.0, "prior_mean": "init"}, dtype=torch.float64
+    )
+    s_p = 2.0 * 2 / 5
+    # at the start the means sit on the prior mean: the whole mean term vanishes
+    torch.testing.assert_close(zero.kl() - init.kl(), 0.5 * w.square().sum() / s_p)
+    with torch.no_grad():
+        init.vbll_mean.add_(1.0)
+        zero.vbll_mean.add_(1.0)
+    torch.testing.assert_close(zero.kl() - init.kl(), 0.5 * ((w + 1).square().sum() - 15.0) / s_p)
+    assert "vbll_prior_mean" in init.state_dict()

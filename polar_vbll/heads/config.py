@@ -33,8 +33,6 @@ from polar_vbll.errors import ConfigError
 #: (21M); K=5 at d=4096 (84M, 336 MB) does not.
 DENSE_MAX_PARAMS: int = 2**25
 
-_DIRECT = "VBLLConfig(...)"
-
 
 def _format_errors(exc: ValidationError, where: str) -> str:
     lines = []
@@ -57,6 +55,11 @@ class VBLLConfig(BaseModel):
     cov_rank: int = Field(4, gt=0, description="rank of P_k in the lowrank form (ignored otherwise)")
     prior_scale: float = Field(
         1.0, gt=0, allow_inf_nan=False, description="prior variance s_p = prior_scale * 2 / d"
+    )
+    prior_mean: Literal["zero", "init"] = Field(
+        "zero",
+        description="[choice] prior mean of each row: zero (method.md), or the rows the head starts from "
+        "(the LM head's answer rows), so the prior pulls toward the zero-shot model rather than toward 0",
     )
     noise_init: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="initial noise standard deviation sigma_k"
@@ -84,14 +87,6 @@ class VBLLConfig(BaseModel):
         False, description=f"build a dense covariance above {DENSE_MAX_PARAMS} parameters"
     )
 
-    def __init__(self, **data: Any) -> None:
-        # Direct construction (``VBLLConfig(prior_scale=0)``) is how the head and tests build configs: turn
-        # pydantic's error into the project's ConfigError, which the CLI prints without a traceback.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, _DIRECT)) from None
-
     @field_validator("cov_rank", "mc_samples", "mc_seed", "init_seed", mode="before")
     @classmethod
     def _no_bool(cls, v: Any) -> Any:
@@ -112,6 +107,5 @@ def vbll_config_from_dict(
         return data
     try:
         return VBLLConfig(**dict(data))
-    except ConfigError as exc:
-        # __init__ names the constructor; say which file or config section the values came from instead.
-        raise ConfigError(str(exc).replace(_DIRECT, where, 1)) from None
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, where)) from None

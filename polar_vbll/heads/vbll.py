@@ -158,6 +158,8 @@ class VBLLHead(nn.Module):
         elif cfg.cov == "dense":
             self.vbll_offdiag = nn.Parameter(torch.zeros(k, d, d, dtype=dtype))
         self.vbll_noise_logstd = nn.Parameter(torch.full((k,), math.log(cfg.noise_init), dtype=dtype))
+        #: prior mean of the rows: zero (method.md), or the initial rows (``prior_mean: init``, set by from_weight)
+        self.register_buffer("vbll_prior_mean", torch.zeros(k, d, dtype=dtype))
 
     @classmethod
     def from_weight(
@@ -179,6 +181,8 @@ class VBLLHead(nn.Module):
         head = cls(d, k, dataset_size, config, dtype=dtype)
         with torch.no_grad():
             head.vbll_mean.copy_(weight.detach().to(dtype))
+            if head.config.prior_mean == "init":
+                head.vbll_prior_mean.copy_(weight.detach().to(dtype))
         return head
 
     # ----- basic properties
@@ -336,14 +340,15 @@ class VBLLHead(nn.Module):
         return mean, var
 
     def kl(self) -> torch.Tensor:
-        """``KL(q(W) || p(W))`` summed over all K rows, with the ``-d`` constant (the vbll package drops it)."""
+        """``KL(q(W) || p(W))`` summed over all K rows, with the ``-d`` constant (the vbll package drops it).
+        The prior mean is zero unless ``prior_mean: init`` centred it on the initial (LM-head) rows."""
         dtype = self._dtype()
         with _no_autocast(self.vbll_mean.device.type):
             return self._kl(dtype)
 
     def _kl(self, dtype: torch.dtype) -> torch.Tensor:
         s_p, d = self.prior_var, self.in_features
-        mean_sq = self._param("vbll_mean", dtype).square().sum(-1)
+        mean_sq = (self._param("vbll_mean", dtype) - self.vbll_prior_mean.to(dtype)).square().sum(-1)
         per_class = (mean_sq + self._trace_cov(dtype)) / s_p - self._logdet_cov(dtype) + d * math.log(s_p) - d
         return 0.5 * per_class.sum()
 

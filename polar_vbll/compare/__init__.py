@@ -1,0 +1,1 @@
+"""Side-by-side comparison of PoLAR-VBLL with the baselines (``polar-vbll compare``)."""
