@@ -8,6 +8,7 @@ state (the head and its optimizer moments) is part of every checkpoint.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -71,7 +72,9 @@ class HeadCoordinator:
     def state_dict(self) -> dict[str, Any]:
         return {
             "head": self.head_state(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            # a copy: torch's state_dict aliases the live moment tensors, and an in-memory hand-over (to a
+            # resumed coordinator, an actor) must not let two optimizers step the same tensors
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None,
             "refits": self.refits,
         }
 
