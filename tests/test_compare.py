@@ -53,7 +53,8 @@ def test_table_csv_and_diagrams(compared):
     out, _, result = compared
     assert "| openbookqa | PoLAR-VBLL |" in result.output
     assert "AUROC arc_challenge (%)" in result.output
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 5 * 2
     assert {r["method"] for r in rows} == set(TINY["methods"])
     assert (out / "reliability_openbookqa.png").stat().st_size > 0
