@@ -117,3 +117,21 @@ class FeatureSource:
             s = enc.states[i]
             states[row, width - s.shape[0] :] = s
         return self.split.features(states, mask).to(torch.float32)
+
+
+@torch.no_grad()
+def split_features(
+    source: FeatureSource, enc: EncodedSplit, batch_size: int, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(phi (N, d) float32 on the CPU, labels, n_choices)`` for a whole split in its original order, one
+    pass per example (length-sorted batches, adapted blocks only on the cached-prefix path): what
+    the eta-phase and the Laplace baseline fit on. Run it with the adapters in the state you mean."""
+    source.prepare(enc, batch_size, progress=progress)
+    rows: list[torch.Tensor | None] = [None] * len(enc)
+    for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
+        phi = source.features(enc, idx).to("cpu", torch.float32)
+        for row, i in enumerate(idx):
+            rows[i] = phi[row]
+    if not rows:
+        raise ValueError(f"split {enc.name!r} is empty")
+    return torch.stack(rows), enc.labels.clone(), enc.n_choices.clone()  # type: ignore[arg-type]

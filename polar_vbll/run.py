@@ -24,7 +24,7 @@ from torch import nn
 
 from polar_vbll.config import RunConfig, dump_config
 from polar_vbll.evaluate import Predictions, predict
-from polar_vbll.features import EncodedSplit, FeatureSource, encode_examples
+from polar_vbll.features import EncodedSplit, FeatureSource, encode_examples, split_features
 from polar_vbll.heads import DeterministicHead, VBLLHead
 from polar_vbll.metrics import format_table
 from polar_vbll.models import answer_head_weight, answer_token_ids, load_backbone
@@ -108,7 +108,7 @@ def predict_with(
 
 def fit_laplace_head(cfg: RunConfig, source: FeatureSource, head: nn.Module, train: EncodedSplit | None):
     """Post-hoc last-layer Laplace around the trained head's mean (the VBLL mean or the answer rows)."""
-    from polar_vbll.baselines.laplace import LastLayerLaplace, split_features
+    from polar_vbll.baselines.laplace import LastLayerLaplace
 
     if train is None:
         raise ValueError("a Laplace head needs the training split")

@@ -30,7 +30,7 @@ from polar_vbll.checkpoint import (
 from polar_vbll.config import OptimConfig, RunConfig, TrainConfig
 from polar_vbll.coordinator import HeadCoordinator
 from polar_vbll.errors import CheckpointError
-from polar_vbll.features import EncodedSplit, FeatureSource
+from polar_vbll.features import EncodedSplit, FeatureSource, split_features
 from polar_vbll.optim import StiefelOptimizer
 
 
@@ -205,13 +205,9 @@ class Trainer:
             f"checkpoint in {self.run_dir} is intact."
         )
 
-    @torch.no_grad()
     def training_features(self) -> torch.Tensor:
         """Features of the whole training split with the adapters as they are (for the eta-phase)."""
-        n, bs = len(self.train_split), self.tcfg.eval_batch_size
-        return torch.cat(
-            [self.source.features(self.train_split, list(range(i, min(n, i + bs)))) for i in range(0, n, bs)]
-        )
+        return split_features(self.source, self.train_split, self.tcfg.eval_batch_size)[0]
 
     def head_refit_due(self, step: int) -> bool:
         return (

@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from polar_vbll.errors import ConfigError
-from polar_vbll.features import EncodedSplit, FeatureSource, length_sorted_batches
 from polar_vbll.heads.deterministic import masked_logits
 
 Structure = Literal["full", "kron"]
@@ -384,21 +383,3 @@ def fit_laplace(
 ) -> LastLayerLaplace:
     """``LastLayerLaplace.from_head(head, **kwargs).fit(phi_train, labels, n_choices)``."""
     return LastLayerLaplace.from_head(head, **kwargs).fit(phi_train, labels, n_choices)
-
-
-@torch.no_grad()
-def split_features(
-    source: FeatureSource, enc: EncodedSplit, batch_size: int, progress: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(phi (N, d) float32 on the CPU, labels, n_choices)`` for a whole split in its original order, one
-    pass per example (length-sorted batches, adapted blocks only on the cached-prefix path): what
-    :meth:`LastLayerLaplace.fit` takes. Run it with the adapters in their final (trained) state."""
-    source.prepare(enc, batch_size, progress=progress)
-    rows: list[torch.Tensor | None] = [None] * len(enc)
-    for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
-        phi = source.features(enc, idx).to("cpu", torch.float32)
-        for row, i in enumerate(idx):
-            rows[i] = phi[row]
-    if not rows:
-        raise ValueError(f"split {enc.name!r} is empty")
-    return torch.stack(rows), enc.labels.clone(), enc.n_choices.clone()  # type: ignore[arg-type]

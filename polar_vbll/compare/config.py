@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.compare.methods import METHODS, method_config
+from polar_vbll.compare.methods import METHODS, deep_merge, method_config
 from polar_vbll.config import _apply_override, _format_validation_error, parse_config
 from polar_vbll.errors import ConfigError
 
@@ -42,6 +42,9 @@ class CompareConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["zero_shot", "polar_mle", "polar_vbll"], min_length=1)
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    task_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-task overrides of the base, e.g. a data limit for BoolQ"
+    )
     ood: OODConfig | None = None
 
     @field_validator("methods")
@@ -61,6 +64,10 @@ class CompareConfig(BaseModel):
                 f"compare base + method {m}",
             )
         return self
+
+    def base_for(self, task: str) -> dict[str, Any]:
+        """The base config of one task: ``base`` with that task's overrides applied."""
+        return deep_merge(self.base, self.task_overrides.get(task, {}))
 
 
 def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:

@@ -86,7 +86,7 @@ class CompareRunner:
     # ----------------------------------------------------------------- configs
     def run_config(self, method: str, task: str, seed: int) -> RunConfig:
         c = self.ccfg
-        mapping = method_config(c.base, method, c.method_overrides.get(method), task, seed)
+        mapping = method_config(c.base_for(task), method, c.method_overrides.get(method), task, seed)
         mapping["name"] = f"{c.name}/{task}/{method}/seed{seed}"
         mapping["output_dir"] = c.output_dir
         if c.ood is not None and task == c.ood.train_task:
