@@ -82,6 +82,11 @@ class FeatureSource:
                 self.split = SplitDecoder(model, lowest)
 
     @property
+    def device(self) -> torch.device:
+        """Where the backbone lives (inputs and cached states move there per batch)."""
+        return next(self.model.parameters()).device
+
+    @property
     def split_block(self) -> int | None:
         return None if self.split is None else self.split.split
 
@@ -95,10 +100,10 @@ class FeatureSource:
             batches, desc=f"frozen blocks 0-{self.split.split - 1} on {enc.name}", disable=not progress
         ):
             ids, mask = pad_batch([enc.ids[i] for i in idx], self.pad_id, side="left")
-            hidden = self.split.prefix_states(ids, mask)
+            hidden = self.split.prefix_states(ids.to(self.device), mask.to(self.device))
             for row, i in enumerate(idx):
                 n = len(enc.ids[i])
-                states[i] = hidden[row, hidden.shape[1] - n :].clone()
+                states[i] = hidden[row, hidden.shape[1] - n :].to("cpu", copy=True)  # the cache lives in RAM
         enc.states = states  # type: ignore[assignment]
         enc.states_block = self.split.split
 
@@ -106,13 +111,14 @@ class FeatureSource:
         """``phi`` for the examples ``idx`` of ``enc`` (gradients flow into adapters when enabled)."""
         seqs = [enc.ids[i] for i in idx]
         ids, mask = pad_batch(seqs, self.pad_id, side="left")
+        ids, mask = ids.to(self.device), mask.to(self.device)
         if self.split is None:
             return last_token_features(self.model, ids, mask).to(torch.float32)
         if enc.states is None or enc.states_block != self.split.split:  # normally done up front by the caller
             self.prepare(enc, batch_size=32, progress=False)
         width = ids.shape[1]
         first = enc.states[idx[0]]
-        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=first.dtype)
+        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=first.dtype, device=self.device)
         for row, i in enumerate(idx):
             s = enc.states[i]
             states[row, width - s.shape[0] :] = s

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from polar_vbll.adapters import PolarConfig, inject_polar
 from polar_vbll.baselines.ensemble import ensemble_predictions, predict_ensemble
-from polar_vbll.baselines.laplace import LastLayerLaplace, full_ggn, kron_factors, split_features
+from polar_vbll.baselines.laplace import LastLayerLaplace, full_ggn, kron_factors
 from polar_vbll.baselines.lora import LoraAdapter, LoraBaselineConfig, set_adapter_dropout
 from polar_vbll.baselines.mc_dropout import mc_dropout_predict, predict_mc_dropout
 from polar_vbll.errors import CheckpointError, ConfigError
 from polar_vbll.evaluate import Predictions, predict
-from polar_vbll.features import EncodedSplit, FeatureSource
+from polar_vbll.features import EncodedSplit, FeatureSource, split_features
 from polar_vbll.heads import DeterministicHead, masked_logits
 
 from .conftest import make_tiny_llama

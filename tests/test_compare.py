@@ -73,7 +73,10 @@ def test_passes_per_example_and_shared_training(compared):
     # its mean prediction is the same model's, its probabilities are not
     assert by[("laplace", 0)]["metrics"]["nll"] != by[("lora_mle", 0)]["metrics"]["nll"]
     # seeds differ
-    assert by[("lora_mle", 0)]["params"]["lora.init_seed"] == 0 and by[("lora_mle", 1)]["params"]["lora.init_seed"] == 1
+    assert (
+        by[("lora_mle", 0)]["params"]["lora.init_seed"] == 0
+        and by[("lora_mle", 1)]["params"]["lora.init_seed"] == 1
+    )
     assert "ood_auroc_arc_challenge" in by[("polar_vbll", 1)]["metrics"]
 
 
