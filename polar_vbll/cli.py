@@ -63,15 +63,40 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = True,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="train on N Ray Train workers with DeepSpeed (needs the `dist` extra); local Ray "
+            "unless --address or RAY_ADDRESS names a cluster"
+        ),
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (with --workers)")] = None,
+    zero_stage: Annotated[
+        int, typer.Option(help="DeepSpeed ZeRO stage of the backbone (with --workers)")
+    ] = 3,
 ) -> None:
-    """Zero-shot evaluation, PoLAR fine-tuning, evaluation again; writes the run folder."""
+    """Zero-shot evaluation, fine-tuning, evaluation again; writes the run folder."""
     from polar_vbll.config import load_config
     from polar_vbll.run import run_training
     from polar_vbll.train import TrainingDiverged
 
     try:
         cfg = load_config(_resolve_config(config, "run"), set_ or [])
-        run_training(cfg, resume=resume, progress=progress)
+        if workers is None and address is None:
+            run_training(cfg, resume=resume, progress=progress)
+            return
+        try:  # the distributed layer sits above polar_vbll: imported only when asked for
+            from distributed.config import DistConfig
+            from distributed.launch import DistributedRunError, train_distributed
+        except ImportError as exc:
+            raise UserInputError(
+                f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}"
+            ) from None
+        try:
+            dist = DistConfig(workers=workers or 2, zero_stage=zero_stage)
+            train_distributed(cfg, workers=workers, address=address, dist=dist, resume=resume)
+        except DistributedRunError as exc:
+            _fail(exc)
     except (UserInputError, TrainingDiverged) as exc:
         _fail(exc)
 

@@ -1,0 +1,73 @@
+"""How a run is spread over workers: the settings that are not part of the method.
+
+Kept apart from :class:`polar_vbll.config.RunConfig` on purpose: the same ``RunConfig`` must give the same
+model with 1 worker, 2 workers or one process, so nothing here may change the math (only how it is
+computed and checkpointed). It is still recorded in every distributed checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from polar_vbll.config import RunConfig
+from polar_vbll.errors import ConfigError
+
+
+class DistConfig(BaseModel):
+    """Workers, DeepSpeed ZeRO stage, replica checks, fault tolerance."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    workers: int = Field(2, gt=0, description="Ray Train workers (data-parallel ranks)")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        3, description="DeepSpeed ZeRO stage for the backbone; only 3 saves memory on a frozen backbone"
+    )
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step on each worker")
+    sync_check_every: int = Field(
+        10, ge=0, description="compare adapter checksums across ranks every N steps (0: only at the end)"
+    )
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts Ray Train may do (-1: forever)")
+    param_persistence_threshold: int | None = Field(
+        None,
+        ge=0,
+        description="ZeRO-3: parameters with fewer elements stay unpartitioned (None: DeepSpeed's 1e5)",
+    )
+    use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    health_check_interval_s: float | None = Field(
+        None, gt=0, description="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (each report blocks about this long)"
+    )
+
+
+def check_batch_layout(cfg: RunConfig, dist: DistConfig, workers: int | None = None) -> int:
+    """The per-worker micro-batch size; refuses a global batch that does not split evenly.
+
+    Every rank must see an equal slice of every global batch (``polar_vbll.train.batch_indices``), so that
+    averaging the ranks' gradients gives exactly the one-process gradient of the same global batch.
+    """
+    w = workers if workers is not None else dist.workers
+    parts = w * dist.grad_accum
+    if cfg.train.batch_size % parts:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not split into {w} workers x {dist.grad_accum} "
+            f"micro-batches; choose a multiple of {parts}"
+        )
+    return cfg.train.batch_size // parts
+
+
+def dist_config_from(data: dict[str, Any] | None, overrides: list[str] | None = None) -> DistConfig:
+    """Validate a mapping plus ``key=value`` overrides (YAML values) as a :class:`DistConfig`."""
+    merged = dict(data or {})
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"distributed override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        merged[key.strip()] = yaml.safe_load(raw)
+    try:
+        return DistConfig.model_validate(merged)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid distributed config:\n" + "\n".join(lines)) from None

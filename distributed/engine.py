@@ -1,0 +1,238 @@
+"""DeepSpeed around the frozen backbone; the Stiefel factors stay outside it.
+
+What DeepSpeed gets (docs/design.md, "Distributed training"): a :class:`FeatureModel` whose only child is
+the backbone with its ``PolarLinear`` layers, and the Euclidean trainables, the Thetas, with the AdamW that
+``polar_vbll.train.build_optimizers`` configures. The ``StiefelBank`` holding every U and V is *not* a
+child of that module, so DeepSpeed never partitions, flattens, casts or clears it; the worker all-reduces
+its gradients and steps it with ``polar_vbll``'s :class:`~polar_vbll.optim.StiefelOptimizer`.
+
+Checkpoints are consolidated, not per rank: Theta is gathered (ZeRO-3 partitions it) and its AdamW
+moments are reassembled into exactly the ``state_dict`` of a one-process ``torch.optim.AdamW`` over
+``polar.theta_parameters()``. A distributed checkpoint is therefore independent of the stage and of the
+number of workers, and the single-process :class:`polar_vbll.train.Trainer` can resume it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from distributed.config import DistConfig
+from polar_vbll.config import RunConfig
+from polar_vbll.features import EncodedSplit, FeatureSource
+
+
+def import_deepspeed():
+    """Import DeepSpeed for this machine: the CPU accelerator when there is no GPU, no JIT build of the
+    shared-memory communication op (30 s of g++ on first use; gloo does the work without it)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per collective
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`")
+    return deepspeed
+
+
+def deepspeed_config(cfg: RunConfig, dist: DistConfig, micro_batch: int) -> dict[str, Any]:
+    """The DeepSpeed config for a run: ZeRO stage, micro-batch and accumulation, Theta clipping."""
+    zero: dict[str, Any] = {"stage": dist.zero_stage}
+    if dist.zero_stage == 3 and dist.param_persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = dist.param_persistence_threshold
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": dist.grad_accum,
+        "zero_optimization": zero,
+        # the client optimizer is torch's AdamW (the one the single-process trainer uses), fine under ZeRO
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": float(cfg.optim.max_grad_norm or 0.0),
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class FeatureModel(nn.Module):
+    """The module handed to DeepSpeed: the backbone is its one child, ``forward`` computes ``phi``.
+
+    Every pass goes through the engine's forward (never around it), so DeepSpeed's start/end-of-forward
+    hooks run; under ZeRO-3 they drive parameter gathering. ``forward(enc, idx)`` returns
+    ``FeatureSource.features(enc, idx)``; ``forward(enc, None, prepare_batch_size=b)`` runs the frozen
+    prefix over the split once (the cheap path) and returns an empty tensor.
+
+    The :class:`FeatureSource` is attached *after* ``deepspeed.initialize``: on the cheap path it holds
+    shallow copies of the decoder (``SplitDecoder`` views), which must copy the ZeRO-3 attributes that
+    DeepSpeed sets on the decoder, not predate them.
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._source: FeatureSource | None = None
+
+    def attach(self, source: FeatureSource) -> None:
+        if source.model is not self.backbone:
+            raise ValueError("the feature source must read the backbone this module wraps")
+        object.__setattr__(self, "_source", source)  # not a module; keeps the bank out of the engine too
+
+    @property
+    def source(self) -> FeatureSource:
+        if self._source is None:
+            raise RuntimeError("FeatureModel: attach a FeatureSource after deepspeed.initialize")
+        return self._source
+
+    def forward(
+        self, enc: EncodedSplit, idx: Sequence[int] | None, prepare_batch_size: int | None = None
+    ) -> torch.Tensor:
+        if prepare_batch_size is not None:
+            self.source.prepare(enc, prepare_batch_size, progress=False)
+            return torch.zeros(0)
+        assert idx is not None
+        return self.source.features(enc, list(idx))
+
+
+def build_engine(
+    backbone: nn.Module,
+    theta_optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    pad_id: int,
+    cache_prefix: bool,
+):
+    """``deepspeed.initialize`` over :class:`FeatureModel` with the Theta optimizer (a collective), then
+    the feature source; returns ``(engine, source)``."""
+    deepspeed = import_deepspeed()
+    params = [p for g in theta_optimizer.param_groups for p in g["params"]]
+    module = FeatureModel(backbone)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=theta_optimizer, model_parameters=params, config=config
+    )
+    source = FeatureSource(backbone, pad_id, cache_prefix=cache_prefix)
+    module.attach(source)
+    return engine, source
+
+
+def zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+@contextlib.contextmanager
+def gathered(engine, params: Sequence[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full values of ``params`` on every rank inside the block (ZeRO-3 partitions them; other stages
+    hold them whole). A collective: every rank must enter. With ``modifier_rank`` set, that rank's values
+    are scattered back on exit."""
+    if zero_stage(engine) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=modifier_rank):
+            yield
+    else:
+        yield
+
+
+def set_theta_lr(engine, lr: float) -> None:
+    """The learning rate of the engine-owned AdamW (the worker applies the schedule itself)."""
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW that does the arithmetic: the client optimizer itself at stage 0, the one DeepSpeed
+    re-pointed at its flat fp32 partitions at stages 1-3."""
+    return engine.optimizer if zero_stage(engine) == 0 else engine.optimizer.optimizer
+
+
+def _flat_masters(engine) -> list[torch.Tensor]:
+    """The flat fp32 partitions the inner AdamW keys its state by (stages 1-3). Stage 3 empties the
+    inner optimizer's ``params`` lists between steps, so they are read from the ZeRO optimizer."""
+    zero = engine.optimizer
+    flats = getattr(zero, "fp32_partitioned_groups_flat", None)  # stage 3
+    if flats is None:
+        flats = zero.single_partition_of_fp32_groups  # stages 1-2
+    return list(flats)
+
+
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in group.items() if k != "params"}
+
+
+def theta_optimizer_state(engine, params: Sequence[nn.Parameter]) -> dict[str, Any]:
+    """The Theta AdamW state as ``torch.optim.AdamW(params).state_dict()`` holds it in one process.
+
+    A collective at stages 1-3 (moments are gathered from their partitions): every rank must call it."""
+    inner = _inner_optimizer(engine)
+    if zero_stage(engine) == 0:
+        # a deep copy: torch's state_dict aliases the live moments, which later steps update in place
+        return copy.deepcopy(inner.state_dict())
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    flat_states = [s for s in inner.state.values() if s]
+    group = {**_hyper(inner.param_groups[0]), "params": list(range(len(params)))}
+    if not flat_states:
+        return {"state": {}, "param_groups": [group]}
+    step = flat_states[0]["step"]
+    state = {}
+    for i, p in enumerate(params):
+        shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+        state[i] = {
+            "step": torch.as_tensor(step, dtype=torch.float32).clone().cpu(),
+            **{
+                key: safe_get_full_optimizer_state(p, key).detach().reshape(shape).cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq")
+            },
+        }
+    return {"state": state, "param_groups": [group]}
+
+
+def load_theta_optimizer_state(engine, params: Sequence[nn.Parameter], sd: dict[str, Any]) -> None:
+    """Inverse of :func:`theta_optimizer_state` on a freshly initialised engine (every rank calls it with
+    the same ``sd``). Creates the AdamW state entries DeepSpeed would only create at its first step."""
+    inner = _inner_optimizer(engine)
+    if zero_stage(engine) == 0:
+        inner.load_state_dict(copy.deepcopy(sd))  # torch keeps (and steps) the given tensors
+        return
+    for g, saved in zip(inner.param_groups, sd["param_groups"], strict=False):
+        g.update({k: v for k, v in saved.items() if k not in ("params", "lr")})
+    state = {int(k): v for k, v in sd["state"].items()}
+    if not state:
+        return
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    step = float(state[0]["step"])
+    for flat in _flat_masters(engine):
+        inner.state[flat] = {
+            "step": torch.tensor(step, dtype=torch.float32),
+            "exp_avg": torch.zeros_like(flat),
+            "exp_avg_sq": torch.zeros_like(flat),
+        }
+    relink = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if relink is not None:  # stages 1-2 map each parameter onto the (now existing) flat state tensors
+        relink()
+    for i, p in enumerate(params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_full_optimizer_state(p, state[i][key].reshape(-1).to(torch.float32), key)
+
+
+def local_parameter_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes of parameter storage this rank holds for ``module``: under ZeRO-3 its partitions
+    (``ds_tensor``) plus whatever is materialised (persistent small parameters), otherwise the full
+    tensors; ``full`` is what one unpartitioned copy would take."""
+    local = full = 0
+    for p in module.parameters():
+        size = p.element_size()
+        full += (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * size
+        local += p.data.numel() * size
+        ds_tensor = getattr(p, "ds_tensor", None)
+        if ds_tensor is not None and p.data.numel() == 0:
+            local += ds_tensor.numel() * ds_tensor.element_size()
+    return {"local": local, "full": full}

@@ -1,0 +1,67 @@
+"""Step hooks, and a fault injector for checking that a cluster really recovers.
+
+A hook is any picklable callable ``hook(trainer, step) -> None`` (``trainer`` is the rank's
+``distributed.worker.DistributedTrainer``) that the worker calls after every completed optimizer step, after
+that step's checkpoint if one was due. Two fault injectors ship, for checking that a cluster really
+recovers and that the replica check really fires:
+
+- :class:`KillOnce` SIGKILLs one worker process, once per marker file: the run must resume from its last
+  checkpoint and end exactly where an uninterrupted run ends;
+- :class:`CorruptOnce` nudges one Stiefel factor on one rank: the next replica check must stop the run
+  with an error naming that parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _first_time(marker: str, note: str) -> bool:
+    """Create ``marker`` atomically; False when it already exists (the fault already happened)."""
+    try:
+        fd = os.open(Path(marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    os.write(fd, note.encode())
+    os.close(fd)
+    return True
+
+
+@dataclass(frozen=True)
+class KillOnce:
+    """SIGKILL the process of rank ``rank`` right after step ``step``, the first time only: the marker
+    file records that it happened (a restarted worker passes the same step again and must survive)."""
+
+    rank: int
+    step: int
+    marker: str
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        if trainer.rank != self.rank or step != self.step:
+            return
+        if _first_time(self.marker, f"killed rank {self.rank} after step {step}, pid {os.getpid()}\n"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class CorruptOnce:
+    """Add ``delta`` to one entry of the first Stiefel factor group on rank ``rank`` after step ``step``
+    (once per marker file): a replica that silently drifted."""
+
+    rank: int
+    step: int
+    marker: str
+    delta: float = 1e-6
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        if trainer.rank != self.rank or step != self.step:
+            return
+        if _first_time(self.marker, f"corrupted rank {self.rank} after step {step}\n"):
+            with torch.no_grad():
+                trainer.polar.stiefel_parameters()[0].view(-1)[0] += self.delta

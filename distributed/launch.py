@@ -1,0 +1,227 @@
+"""The driver: start (or join) Ray, run the workers, collect the run folder.
+
+``train_distributed(cfg, workers=2)`` is what ``polar-vbll train --workers N`` calls. Without an address
+(and without ``RAY_ADDRESS``) it starts a private local Ray instance sized to the run, dashboard bound to
+127.0.0.1, and shuts it down afterwards; with ``address="auto"`` / ``"ray://host:10001"`` / ``RAY_ADDRESS``
+it joins that cluster (this is also what a ``ray job submit`` entrypoint does, see docs/distributed.md).
+
+``python -m distributed.launch --config tiny --workers 2`` is the same as a command (the ``ray job
+submit`` entrypoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from distributed.config import DistConfig, check_batch_layout, dist_config_from
+from distributed.worker import StepHook, train_loop_per_worker
+from polar_vbll.config import RunConfig, load_config
+from polar_vbll.errors import UserInputError
+from polar_vbll.run import write_run_params
+
+#: What a run folder receives from the final checkpoint (the artifacts rank 0 wrote).
+ARTIFACTS = ("adapter", "adapter_peft", "head.safetensors", "predictions.safetensors", "results.json")
+
+
+class DistributedRunError(RuntimeError):
+    """The distributed run failed for good (after Ray Train's retries, or at once for errors no retry can
+    fix, e.g. diverged replicas); the message says why."""
+
+
+@contextlib.contextmanager
+def ray_session(
+    address: str | None, num_cpus: int, object_store_mb: int = 256, env: dict[str, str] | None = None
+) -> Iterator[bool]:
+    """Join ``address`` / ``RAY_ADDRESS`` / an already initialised Ray, or start a local instance and
+    shut it down on exit. Yields True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        # Inside a submitted job the job's runtime_env is already in os.environ, and Ray refuses a driver
+        # runtime_env that repeats any of its keys: pass only what the job did not set.
+        extra = {k: v for k, v in (env or {}).items() if k not in os.environ}
+        ray.init(address=target, runtime_env={"env_vars": extra} if extra else None)
+        try:
+            yield False
+        finally:
+            ray.shutdown()
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 1024 * 1024,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+    )
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def worker_env(dist: DistConfig) -> dict[str, str]:
+    """Environment the workers need: the model cache, DeepSpeed's accelerator, Ray Train's report
+    latency; passed through ``runtime_env`` so that it also reaches workers on other nodes."""
+    env = {
+        k: os.environ[k]
+        for k in ("POLAR_VBLL_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE")
+        if k in os.environ
+    }
+    if not dist.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    if dist.health_check_interval_s is not None:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(dist.health_check_interval_s)
+    return env
+
+
+def _has_ray_state(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+
+
+def train_distributed(
+    cfg: RunConfig,
+    workers: int | None = None,
+    address: str | None = None,
+    dist: DistConfig | None = None,
+    resume: bool = True,
+    hooks: Sequence[StepHook] = (),
+    object_store_mb: int = 256,
+) -> dict[str, Any]:
+    """Train ``cfg`` on ``workers`` Ray Train workers; returns the final results (also written to
+    ``<output_dir>/<name>/results.json`` beside the adapter, the head and the predictions).
+
+    The run name and ``output_dir`` are Ray Train's run name and storage path: rerunning the same config
+    resumes from its latest checkpoint (``resume=False`` refuses to touch a folder that has one). On a
+    multi-node cluster ``output_dir`` must be storage every node reaches (NFS, or a URI such as s3://...).
+    """
+    dist = dist or DistConfig()
+    if workers is not None:
+        dist = dist_config_from({**dist.model_dump(), "workers": workers})
+    check_batch_layout(cfg, dist)
+    storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
+    cfg = cfg.model_copy(update={"output_dir": storage})
+    run_dir = Path(storage) / cfg.name if "://" not in storage else None
+    if run_dir is not None:
+        if not resume and _has_ray_state(run_dir):
+            raise UserInputError(f"{run_dir} already holds checkpoints; use another name or resume")
+        write_run_params(cfg, run_dir)
+        (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))
+
+    env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
+    num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
+    with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
+        result = _fit(cfg, dist, hooks, storage)
+    results = dict(result.metrics or {})
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            artifacts = Path(d) / "artifacts"
+            if (artifacts / "results.json").is_file():
+                results = json.loads((artifacts / "results.json").read_text())
+            if run_dir is not None:
+                _copy_artifacts(artifacts, run_dir)
+    return results
+
+
+def _fit(cfg: RunConfig, dist: DistConfig, hooks: Sequence[StepHook], storage: str):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from distributed.head_actor import head_coordinator_actor
+
+    coordinator = head_coordinator_actor().remote()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "dist": dist.model_dump(mode="json"),
+            "coordinator": coordinator,
+            "hooks": list(hooks),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=dist.workers,
+            use_gpu=dist.use_gpu,
+            resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints)),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        fatal = ray.get(coordinator.fatal.remote())
+        raise DistributedRunError(fatal or f"the distributed run failed: {exc}") from exc
+    finally:
+        ray.kill(coordinator)
+
+
+def _copy_artifacts(src: Path, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ARTIFACTS:
+        s, d = src / name, run_dir / name
+        if s.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            shutil.copytree(s, d)
+        elif s.is_file():
+            shutil.copy2(s, d)
+
+
+# ---------------------------------------------------------------------------------------------- command
+def _resolve(config: str | None) -> Path | None:
+    """A YAML path, or the name of a config packaged with polar_vbll (``tiny``, ``cpu``, ``full``)."""
+    from polar_vbll.cli import packaged_config
+
+    if config is None or Path(config).exists() or config.endswith((".yaml", ".yml")):
+        return None if config is None else Path(config)
+    return packaged_config("run", config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m distributed.launch``: the ``ray job submit`` entrypoint (see docs/distributed.md)."""
+    p = argparse.ArgumentParser(prog="python -m distributed.launch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", "-c", help="run YAML, or a packaged config name (tiny, cpu, full)")
+    p.add_argument("--set", "-s", action="append", default=[], help="run config override key=value")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
+    p.add_argument("--dist-set", action="append", default=[], help="DistConfig override key=value")
+    p.add_argument(
+        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
+    )
+    p.add_argument("--no-resume", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(_resolve(args.config), args.set)
+        overrides = list(args.dist_set)
+        if args.zero_stage is not None:
+            overrides.append(f"zero_stage={args.zero_stage}")
+        dist = dist_config_from({}, overrides)
+        results = train_distributed(cfg, args.workers, args.address, dist, resume=not args.no_resume)
+    except (UserInputError, DistributedRunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: results[k] for k in ("step", "method", "metrics", "orthogonality_error") if k in results}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

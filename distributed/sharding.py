@@ -1,0 +1,74 @@
+"""Which examples each rank works on. Pure functions of (step, rank, world): no communication.
+
+Two rules keep the distributed run equal to the one-process run and free of deadlocks:
+
+- A training step's global batch is ``polar_vbll.train.batch_indices(step, ...)``, the very batch the
+  single-process trainer uses; rank ``r`` takes the ``r``-th equal contiguous slice, so concatenating the
+  slices in rank order gives the global batch back.
+- Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the same number
+  of forward passes. Passes over a split (features for the head, evaluation) are therefore padded: a rank
+  with fewer examples repeats one of its own (or example 0) and drops the extra rows afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from polar_vbll.train import batch_indices
+
+T = TypeVar("T")
+
+
+def rank_slice(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """The ``rank``-th of ``world`` equal contiguous slices of ``items`` (``len(items) % world == 0``)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    if len(items) % world:
+        raise ValueError(f"{len(items)} items do not split evenly over {world} ranks")
+    size = len(items) // world
+    return list(items[rank * size : (rank + 1) * size])
+
+
+def step_micro_batches(
+    step: int, n: int, batch_size: int, seed: int, rank: int, world: int, grad_accum: int
+) -> list[list[int]]:
+    """This rank's micro-batches of optimizer step ``step``: its slice of the global batch, cut into
+    ``grad_accum`` equal parts."""
+    mine = rank_slice(batch_indices(step, n, batch_size, seed), rank, world)
+    return [rank_slice(mine, i, grad_accum) for i in range(grad_accum)]
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of this rank's contiguous shard of ``range(n)``; the first ``n % world`` ranks get
+    one more example. Shards in rank order cover ``range(n)`` in order."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Indices to run through the model; only the first ``n_real`` rows are this rank's examples."""
+
+    idx: list[int]
+    n_real: int
+
+
+def lockstep_batches(n: int, rank: int, world: int, batch_size: int) -> list[PaddedBatch]:
+    """This rank's shard of ``range(n)`` in batches, padded so that every rank gets the same number of
+    batches of the same sizes (see the module docstring). Padding rows repeat an index already used."""
+    start, stop = shard_bounds(n, rank, world)
+    longest = math.ceil(n / world)
+    n_batches = math.ceil(longest / batch_size) if longest else 0
+    out = []
+    for b in range(n_batches):
+        lo = start + b * batch_size
+        hi = min(stop, lo + batch_size)
+        real = list(range(lo, hi)) if lo < stop else []
+        want = min(batch_size, longest - b * batch_size)
+        filler = real[0] if real else (start if start < n else 0)
+        out.append(PaddedBatch(real + [filler] * (want - len(real)), len(real)))
+    return out

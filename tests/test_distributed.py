@@ -1,0 +1,311 @@
+"""Distributed training end to end: Ray Train workers, DeepSpeed ZeRO-0/3, the head-coordinator actor,
+checkpoints, a killed worker, the saved adapter. Each run is a real ``train_distributed`` call on 2 CPU
+workers (gloo) with the tiny Llama and real ARC-Easy questions; it starts and stops its own local Ray.
+
+Runs are shared between tests (module-scoped, computed on first use); timings on 2 cores are in
+docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from distributed.config import DistConfig  # noqa: E402
+from distributed.faults import CorruptOnce, KillOnce  # noqa: E402
+from distributed.launch import DistributedRunError, train_distributed  # noqa: E402
+from polar_vbll.cli import packaged_config  # noqa: E402
+from polar_vbll.config import RunConfig, load_config  # noqa: E402
+
+VBLL = ["head.kind=vbll", "head.vbll.predictive=probit", "train.checkpoint_every=2"]
+PER_ROUND = ["train.alternation=per_round", "train.round_steps=2"]
+PER_STEP = ["train.alternation=per_step"]
+
+
+def _cfg(root: Path, name: str, *extra: str) -> RunConfig:
+    return load_config(packaged_config("run", "tiny"), [f"output_dir={root}", f"name={name}", *VBLL, *extra])
+
+
+def _dist(stage: int, **kw: Any) -> DistConfig:
+    """Fast reports (0.1 s health checks), replica checks every 2 steps, every ZeRO-3 parameter partitioned
+    (the tiny model's are all below DeepSpeed's default persistence threshold)."""
+    base = {"health_check_interval_s": 0.1, "sync_check_every": 2, "param_persistence_threshold": 0}
+    return DistConfig(zero_stage=stage, **{**base, **kw})
+
+
+def _reference(cfg: RunConfig) -> dict[str, Any]:
+    """The single-process reference: ``polar_vbll.train.Trainer`` on the same config, then the same
+    evaluation (``polar_vbll.evaluate.predict``) and the same adapter file."""
+    from polar_vbll.evaluate import predict
+    from polar_vbll.features import FeatureSource
+    from polar_vbll.models import load_backbone
+    from polar_vbll.run import build_adapter, build_head, load_splits
+    from polar_vbll.train import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model, tok = load_backbone(cfg.model)
+    polar = build_adapter(cfg, model)
+    splits, answer_ids = load_splits(cfg, tok)
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
+    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    Trainer(cfg, polar, head, source, splits["train"], cfg.run_dir(), progress=False).fit()
+    polar.save_adapter(cfg.run_dir() / "adapter")
+    bs = cfg.train.eval_batch_size
+    return {
+        "metrics": {s: predict(source, head, splits[s], bs, False).metrics() for s in ("eval", "validation")}
+    }
+
+
+class Runs:
+    """Each run once per module, on first use; ``get(key) -> (results, run folder, seconds)``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.done: dict[str, tuple[dict[str, Any], Path, float]] = {}
+        self.specs: dict[str, Callable[[], tuple[dict[str, Any], RunConfig]]] = {
+            "z3w2": lambda: self._dist("z3w2", PER_ROUND, 2, _dist(3)),
+            "z3w2_killed": lambda: self._dist(
+                "z3w2_killed", PER_ROUND, 2, _dist(3), [KillOnce(rank=1, step=3, marker=str(root / "killed"))]
+            ),
+            "ref_round": lambda: self._ref("ref_round", PER_ROUND),
+            "z0w2": lambda: self._dist("z0w2", PER_STEP, 2, _dist(0)),
+            "z0w1": lambda: self._dist("z0w1", PER_STEP, 1, _dist(0, grad_accum=2)),
+            "ref_step": lambda: self._ref("ref_step", PER_STEP),
+        }
+
+    def _dist(self, name, extra, workers, dist, hooks=()):
+        cfg = _cfg(self.root, name, *extra)
+        return train_distributed(cfg, workers=workers, dist=dist, hooks=hooks), cfg
+
+    def _ref(self, name, extra):
+        cfg = _cfg(self.root, name, *extra)
+        return _reference(cfg), cfg
+
+    def get(self, key: str) -> tuple[dict[str, Any], Path, float]:
+        if key not in self.done:
+            t = time.perf_counter()
+            res, cfg = self.specs[key]()
+            self.done[key] = (res, cfg.run_dir(), time.perf_counter() - t)
+        return self.done[key]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("dist"))
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_model(a: dict, b: dict, run_a: Path, run_b: Path, atol: float) -> None:
+    for split in ("eval", "validation"):
+        for key in ("acc", "ece", "nll", "brier"):
+            assert a["metrics"][split][key] == pytest.approx(b["metrics"][split][key], abs=atol), (split, key)
+    ta, tb = _adapter(run_a), _adapter(run_b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=atol, rtol=0, msg=k)
+
+
+# ------------------------------------------------------------------------------------------- ZeRO-3
+
+
+def test_zero3_two_workers_train_and_stay_bitwise_identical(runs):
+    res, run_dir, _ = runs.get("z3w2")
+    assert (res["zero_stage"], res["world_size"], res["step"]) == (3, 2, 6)
+    assert res["replica_digests"][0] == res["replica_digests"][1]
+    assert res["orthogonality_error"] <= 1e-5
+    assert all(h["orthogonality_error"] <= 1e-5 for h in res["history"])
+    assert res["refits"] == 4  # head refitted before steps 0, 2, 4 and on the final adapters
+    assert res["resumed_from_step"] is None
+    for m in res["memory"]:  # ZeRO-3 holds half of the backbone on each of the two ranks
+        assert m["local"] * 2 == pytest.approx(m["full"], rel=0.01)
+    thetas = {k: v for k, v in _adapter(run_dir).items() if k.endswith("polar_theta")}
+    assert thetas and all(v.shape == (4, 4) and v.abs().max() > 0 for v in thetas.values())
+
+
+def test_zero3_saved_adapter_reproduces_the_workers_predictions(runs):
+    """Saved under ZeRO-3 (Theta gathered collectively, written by rank 0): loaded into a fresh backbone in
+    one process, with the saved head, it predicts what the workers predicted."""
+    from polar_vbll.adapters import PolarModel
+    from polar_vbll.evaluate import predict
+    from polar_vbll.features import FeatureSource
+    from polar_vbll.models import load_backbone
+    from polar_vbll.run import build_head, load_splits
+
+    res, run_dir, _ = runs.get("z3w2")
+    cfg = _cfg(run_dir.parent, "z3w2", *PER_ROUND)
+    model, tok = load_backbone(cfg.model)
+    polar = PolarModel.load_adapter(model, run_dir / "adapter")
+    splits, answer_ids = load_splits(cfg, tok)
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
+    head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
+    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    mine = predict(source, head, splits["eval"], cfg.train.eval_batch_size, progress=False)
+    workers = load_file(str(run_dir / "predictions.safetensors"))["eval_probs"]
+    torch.testing.assert_close(mine.probs, workers, atol=1e-6, rtol=0)
+    assert mine.metrics()["nll"] == pytest.approx(res["metrics"]["eval"]["nll"], abs=1e-6)
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 6
+
+
+def test_distributed_checkpoint_resumes_in_the_single_process_trainer(runs):
+    """A consolidated checkpoint (Theta gathered, its AdamW moments reassembled) is a valid checkpoint of
+    polar_vbll.train.Trainer too: the format does not depend on the stage or the number of workers."""
+    from polar_vbll.checkpoint import load_checkpoint
+    from polar_vbll.features import FeatureSource
+    from polar_vbll.models import load_backbone
+    from polar_vbll.run import build_adapter, build_head, load_splits
+    from polar_vbll.train import Trainer
+
+    _, run_dir, _ = runs.get("z3w2")
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]  # Ray names them by time
+    state = load_checkpoint(latest / "state")
+    assert state["step"] == 6 and state["distributed"]["world_size"] == 2
+    cfg = _cfg(run_dir.parent, "z3w2", *PER_ROUND)
+    model, tok = load_backbone(cfg.model)
+    polar = build_adapter(cfg, model)
+    splits, answer_ids = load_splits(cfg, tok)
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
+    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    trainer = Trainer(cfg, polar, head, source, splits["train"], run_dir / "single", progress=False)
+    trainer.load_state_dict(state)
+    assert trainer.state.step == 6 and trainer.coordinator.refits == 4
+    saved = _adapter(run_dir)
+    for k, v in polar.adapter_state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_zero3_matches_the_single_process_trainer(runs):
+    res, run_dir, _ = runs.get("z3w2")
+    ref, ref_dir, _ = runs.get("ref_round")
+    _assert_same_model(res, ref, run_dir, ref_dir, atol=2e-5)
+
+
+# ------------------------------------------------------------------------- ZeRO-0, 1 vs 2 workers
+
+
+def test_one_and_two_workers_give_the_same_result(runs):
+    """Same config, same global batches: 2 workers x 1 micro-batch, 1 worker x 2 accumulated
+    micro-batches and the single-process trainer agree (per-step alternation: the coordinator refits on
+    every step's features)."""
+    two, dir2, _ = runs.get("z0w2")
+    one, dir1, _ = runs.get("z0w1")
+    ref, dir_ref, _ = runs.get("ref_step")
+    assert (two["world_size"], one["world_size"], two["zero_stage"]) == (2, 1, 0)
+    assert two["refits"] == one["refits"] == 6
+    assert two["replica_digests"][0] == two["replica_digests"][1]
+    assert two["orthogonality_error"] <= 1e-5 and one["orthogonality_error"] <= 1e-5
+    for m in two["memory"]:
+        assert m["local"] == m["full"]  # ZeRO-0 replicates the backbone
+    _assert_same_model(one, two, dir1, dir2, atol=2e-5)
+    _assert_same_model(two, ref, dir2, dir_ref, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------- faults
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes_identically(runs):
+    straight, _, _ = runs.get("z3w2")
+    killed, run_dir, _ = runs.get("z3w2_killed")
+    assert (run_dir.parent / "killed").is_file()  # rank 1 really was SIGKILLed after step 3
+    assert killed["resumed_from_step"] == 2  # ... and Ray Train restarted the group from step 2
+    assert killed["metrics"] == straight["metrics"]
+    assert killed["replica_digests"] == straight["replica_digests"]  # bitwise the same final state
+    assert [h["loss"] for h in killed["history"]] == [h["loss"] for h in straight["history"]]
+
+
+@pytest.mark.slow
+def test_diverged_replica_stops_the_run_naming_the_parameter(tmp_path):
+    cfg = _cfg(tmp_path, "corrupt", *PER_ROUND)
+    dist = _dist(0, sync_check_every=1, max_failures=1)
+    hook = CorruptOnce(rank=1, step=1, marker=str(tmp_path / "corrupted"))  # checkpoints every 2 steps
+    with pytest.raises(DistributedRunError) as err:
+        train_distributed(cfg, workers=2, dist=dist, hooks=[hook])
+    msg = str(err.value)  # corrupted after step 1's check, caught by step 2's, before any checkpoint
+    assert msg.startswith("ReplicaDivergence: replicas diverged after step 2: rank 1 differs from rank 0 in")
+    named = msg[msg.index("[") :]
+    assert "polar_bank.polar_groups.n128_r4" in named  # the nudged factor group ...
+    assert "n32_r4" not in named and "n64_r4" not in named and "polar_theta" not in named  # ... alone
+    assert not list((tmp_path / "corrupt").glob("checkpoint_*"))  # nothing diverged was saved
+
+
+def test_no_ray_instance_is_left_running(runs):
+    import ray
+
+    runs.get("z3w2")
+    assert not ray.is_initialized()
+
+
+# ------------------------------------------------------------------------------------ ray job submit
+
+
+@pytest.mark.slow
+def test_ray_job_submit_entrypoint():
+    """The documented `ray job submit` path, with docker/runtime_env.yaml, against a separately started
+    head node (token auth on, as Ray 2.60 sets it up by default)."""
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    tmp = Path(tempfile.mkdtemp(prefix="rj"))  # short: Ray's socket paths live under --temp-dir
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--temp-dir={tmp}", "--object-store-memory=200000000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    try:
+        cmd = [
+            ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
+            "--runtime-env=docker/runtime_env.yaml", "--",  # uploads this checkout as working_dir
+            sys.executable, "-m", "distributed.launch", "--config", "tiny", "--workers", "2",
+            "--zero-stage", "3", "--set", f"output_dir={tmp / 'runs'}", "--set", "name=job",
+        ]  # fmt: skip
+        repo = Path(__file__).resolve().parents[1]
+
+        def submit() -> subprocess.CompletedProcess:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=repo)
+
+        out = _retry(submit, 20)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert '"step": 6' in out.stdout
+        assert (tmp / "runs" / "job" / "adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started
+        head.wait(timeout=60)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _retry(fn, tries: int):
+    """``ray job submit`` fails until the head's job agent is up; retry that, not a failed job."""
+    for _ in range(tries):
+        out = fn()
+        if out.returncode == 0 or "Job '" in out.stdout:
+            return out
+        time.sleep(3)
+    return out
