@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import tempfile
 import time
@@ -46,31 +45,27 @@ from distributed.sharding import lockstep_batches, shard_bounds, step_micro_batc
 from polar_vbll.baselines.lora import adapter_dropout, set_adapter_dropout
 from polar_vbll.checkpoint import rng_state, save_checkpoint, set_rng_state
 from polar_vbll.config import RunConfig
-from polar_vbll.errors import CheckpointError, ConfigError
+from polar_vbll.errors import ConfigError
 from polar_vbll.evaluate import Predictions
 from polar_vbll.features import EncodedSplit, length_sorted_batches
 from polar_vbll.models import load_backbone
 from polar_vbll.run import build_adapter, build_head, load_splits, method_label, save_trained
-from polar_vbll.train import TrainingDiverged, build_optimizers, lr_factor
+from polar_vbll.train import (
+    TrainingDiverged,
+    build_optimizers,
+    check_resumable,
+    final_refit_due,
+    head_refit_due,
+    lr_factor,
+)
 
 #: Config sections that must match for a checkpoint to be resumed (as in ``Trainer.load_state_dict``).
-RESUME_SECTIONS = ("model", "adapter_kind", "adapter", "lora", "head", "data")
 
 #: ``report(metrics, checkpoint_dir)``: called on every rank at the same points; ``checkpoint_dir`` is a
 #: directory (rank 0, when a checkpoint is due) or None.
 ReportFn = Callable[[dict[str, Any], Path | None], None]
 #: ``hook(trainer, step)``: called on every rank after each completed step (see ``distributed.faults``).
 StepHook = Callable[["DistributedTrainer", int], None]
-
-
-def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
-    current = cfg.model_dump(mode="json")
-    for section in RESUME_SECTIONS:
-        if saved.get(section) != current[section]:
-            raise CheckpointError(
-                f"the checkpoint was written with a different `{section}` config; resume with the same "
-                "config or start a new run (different name or output_dir)"
-            )
 
 
 def _memory_status() -> dict[str, int]:
@@ -186,23 +181,11 @@ class DistributedTrainer:
             *self.coordinator.refit(self.refits, phi, enc.labels[start:stop], enc.n_choices[start:stop])
         )
 
-    def _refit_due(self, step: int) -> bool:  # the conditions of Trainer.head_refit_due
-        t = self.cfg.train
-        return (
-            self.trainable_head
-            and t.alternation == "per_round"
-            and step % t.round_steps == 0
-            and self.refits <= step // t.round_steps
-        )
+    def _refit_due(self, step: int) -> bool:
+        return head_refit_due(step, self.refits, self.trainable_head, self.cfg.train)
 
-    def _final_refit_due(self) -> bool:  # the conditions of Trainer._final_refit_due
-        t = self.cfg.train
-        return (
-            t.final_head_refit
-            and self.trainable_head
-            and t.alternation == "per_round"
-            and self.refits == math.ceil(t.steps / t.round_steps)
-        )
+    def _final_refit_due(self) -> bool:
+        return final_refit_due(self.refits, self.trainable_head, self.cfg.train)
 
     # ------------------------------------------------------------------------------------- theta-phase
     def _set_lr(self, step: int) -> float:

@@ -64,6 +64,42 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     return out
 
 
+#: config sections that must match for a checkpoint to be resumed (the rest, e.g. steps, may change)
+RESUME_SECTIONS = ("model", "adapter_kind", "adapter", "lora", "head", "data")
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint written with a different model, adapter, head or data config."""
+    current = cfg.model_dump(mode="json")
+    for section in RESUME_SECTIONS:
+        if saved.get(section) != current[section]:
+            raise CheckpointError(
+                f"the checkpoint was written with a different `{section}` config; resume with the same "
+                "config or start a new run (different name or output_dir)"
+            )
+
+
+def head_refit_due(step: int, refits: int, trainable: bool, tcfg: TrainConfig) -> bool:
+    """Per-round schedule: refit the head at steps 0, T, 2T, ... unless this round's refit is done
+    (``refits`` counts refits so far, so a resumed run neither skips nor repeats one)."""
+    return (
+        trainable
+        and tcfg.alternation == "per_round"
+        and step % tcfg.round_steps == 0
+        and refits <= step // tcfg.round_steps
+    )
+
+
+def final_refit_due(refits: int, trainable: bool, tcfg: TrainConfig) -> bool:
+    """One last refit on the final adapters, after the round refits at 0, T, 2T, ... below ``steps``."""
+    return (
+        tcfg.final_head_refit
+        and trainable
+        and tcfg.alternation == "per_round"
+        and refits == math.ceil(tcfg.steps / tcfg.round_steps)
+    )
+
+
 def build_optimizers(polar, cfg: OptimConfig) -> tuple[StiefelOptimizer | None, torch.optim.AdamW]:
     """A Stiefel optimizer for U, V (None for adapters without Stiefel factors, e.g. LoRA) and AdamW for
     the Euclidean adapter parameters (Theta, or LoRA's A and B)."""
@@ -148,14 +184,7 @@ class Trainer:
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        saved_cfg = sd.get("config", {})
-        current = self.cfg.model_dump(mode="json")
-        for section in ("model", "adapter_kind", "adapter", "lora", "head", "data"):
-            if saved_cfg.get(section) != current[section]:
-                raise CheckpointError(
-                    f"the checkpoint was written with a different `{section}` config; resume with the same "
-                    "config or start a new run (different name or output_dir)"
-                )
+        check_resumable(sd.get("config", {}), self.cfg)
         self.polar.load_adapter_state_dict(sd["adapter"])
         self.coordinator.load_state_dict(sd["coordinator"])
         if self.stiefel_opt is not None:
@@ -209,22 +238,6 @@ class Trainer:
         """Features of the whole training split with the adapters as they are (for the eta-phase)."""
         return split_features(self.source, self.train_split, self.tcfg.eval_batch_size)[0]
 
-    def head_refit_due(self, step: int) -> bool:
-        return (
-            self.coordinator.trainable
-            and self.tcfg.alternation == "per_round"
-            and step % self.tcfg.round_steps == 0
-            and self.coordinator.refits <= step // self.tcfg.round_steps
-        )
-
-    def _final_refit_due(self, rounds: int) -> bool:
-        return (
-            self.tcfg.final_head_refit
-            and self.coordinator.trainable
-            and self.tcfg.alternation == "per_round"
-            and self.coordinator.refits == rounds
-        )
-
     def refit_head(self) -> None:
         """The eta-phase of the per-round schedule, on the whole training set."""
         split = self.train_split
@@ -232,7 +245,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         step = self.state.step
-        if self.head_refit_due(step):
+        if head_refit_due(step, self.coordinator.refits, self.coordinator.trainable, self.tcfg):
             self.refit_head()
         lr_f = self._set_lr(step)
         idx = batch_indices(step, len(self.train_split), self.tcfg.batch_size, self.tcfg.seed)
@@ -280,8 +293,7 @@ class Trainer:
             if self.tcfg.checkpoint_every and step % self.tcfg.checkpoint_every == 0 and step < total:
                 self.save()
         bar.close()
-        rounds = math.ceil(total / self.tcfg.round_steps)  # refits at steps 0, T, 2T, ... below total
-        if self._final_refit_due(rounds):
+        if final_refit_due(self.coordinator.refits, self.coordinator.trainable, self.tcfg):
             self.refit_head()  # the head matches the final adapters
         self.save()
         return self.state
