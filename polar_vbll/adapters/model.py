@@ -33,6 +33,8 @@ from torch import nn
 from polar_vbll.adapters.bank import SlotRequest, StiefelBank, _refuse_dtype_change, plan_slots
 from polar_vbll.adapters.config import FORMAT_VERSION, PolarConfig, polar_config_from_dict
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
+from polar_vbll.adapters.state import names_preview as _names_preview
+from polar_vbll.adapters.state import strict_copy_
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -202,10 +204,6 @@ def _model_name_or_path(model: nn.Module) -> str | None:
     return None
 
 
-def _names_preview(names: list[str], k: int = 8) -> str:
-    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
-
-
 # ------------------------------------------------------------------------------------------- the model
 class PolarModel(nn.Module):
     """A Hugging Face model with PoLAR adapters injected in place.
@@ -325,26 +323,7 @@ class PolarModel(nn.Module):
         """
         if any(m.merged for _, m in self.polar_layers()):
             raise RuntimeError("load_adapter_state_dict: the adapters are merged; call unmerge() first")
-        params = self._adapter_params()
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_names_preview(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_names_preview(unexpected)}")
-        for k in sorted(set(params) & set(state_dict)):
-            t = state_dict[k]
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                problems.append(f"{k}: not a floating-point tensor")
-            elif tuple(t.shape) != tuple(params[k].shape):
-                problems.append(f"{k}: shape {tuple(t.shape)} in file, {tuple(params[k].shape)} in model")
-            elif not torch.isfinite(t).all():
-                problems.append(f"{k}: contains NaN or inf")
-        if problems:
-            raise CheckpointError(f"adapter weights in {where} do not fit this model: " + "; ".join(problems))
-        for k, p in params.items():
-            p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+        strict_copy_(self._adapter_params(), state_dict, f"adapter weights in {where}")
 
     # ------------------------------------------------------------------------------------- save / load
     def save_adapter(self, directory: str | os.PathLike[str]) -> Path:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -40,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 from torch import nn
 
-from polar_vbll.adapters.config import DEFAULT_TARGET_MODULES, PolarConfig
+from polar_vbll.adapters.config import PolarConfig
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
 from polar_vbll.adapters.model import TargetLayer, select_targets
+from polar_vbll.adapters.state import names_preview as _names_preview
+from polar_vbll.adapters.state import strict_copy_
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 #: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
@@ -58,60 +59,13 @@ ADAPTER_NAME = "default"
 
 
 # ------------------------------------------------------------------------------------------------- config
-class LoraBaselineConfig(BaseModel):
-    """Which linear layers get a LoRA update ``(alpha / r) B A`` (same selection semantics as
-    :class:`~polar_vbll.adapters.config.PolarConfig`: ``target_modules`` matches a full module name or a
-    dotted suffix; ``layers`` are decoder-block indices, negative from the end, ``None`` = every block,
-    and modules outside the numbered blocks are adapted only when ``layers`` is ``None``)."""
+class LoraBaselineConfig(PolarConfig):
+    """Which linear layers get a LoRA update ``(alpha / r) B A``: the same fields, checks and selection
+    semantics as :class:`~polar_vbll.adapters.config.PolarConfig` (so the two adapters accept exactly the
+    same selections), with LoRA's customary ``alpha`` = 2r by default; ``init_seed`` seeds A (B = 0) and
+    ``dropout`` is peft's ``lora_dropout``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    r: int = Field(default=8, gt=0, description="LoRA rank (rows of A, columns of B).")
     alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        min_length=1,
-        description="Module names (or dotted suffixes) of the nn.Linear layers to adapt.",
-    )
-    layers: list[int] | None = Field(
-        default=None, description="Decoder-block indices to adapt (negative = from the end); None = all."
-    )
-    dropout: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="peft's lora_dropout (on the adapter input only)."
-    )
-    init_seed: int = Field(default=0, ge=0, description="Seed of the RNG drawing the initial A (B = 0).")
-
-    @field_validator("r", "init_seed", mode="before")
-    @classmethod
-    def _no_bool(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError("must be an integer, not a boolean")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _finite_alpha(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError(f"must be finite, got {v}")
-        return v
-
-    @field_validator("target_modules", "layers")
-    @classmethod
-    def _like_polar(cls, v: Any, info: Any) -> Any:
-        # Reuse PolarConfig's checks (non-empty dotted names, no duplicates, no empty layer list) so the two
-        # adapters accept exactly the same selections.
-        try:
-            PolarConfig.model_validate({info.field_name: v})
-        except ValidationError as exc:
-            raise ValueError(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-            ) from None
-        return v
-
-    @property
-    def scaling(self) -> float:
-        """``alpha / r``, the factor in front of ``B A`` (peft's ``scaling`` without rsLoRA)."""
-        return self.alpha / self.r
 
 
 def lora_config_from_dict(data: Mapping[str, Any] | LoraBaselineConfig, where: str) -> LoraBaselineConfig:
@@ -221,10 +175,6 @@ def _select_targets(model: nn.Module, config: LoraBaselineConfig) -> list[Target
 
 def _has_lora(model: nn.Module) -> bool:
     return any(isinstance(getattr(m, "lora_A", None), nn.ModuleDict) for m in model.modules())
-
-
-def _names_preview(names: list[str], k: int = 8) -> str:
-    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -367,26 +317,7 @@ class LoraAdapter(nn.Module):
     ) -> None:
         """Copy LoRA tensors in, strictly: every key present, no extra key, shapes equal, values finite.
         Raises :class:`CheckpointError` naming ``where``; nothing is copied unless everything checks out."""
-        params = self._adapter_params()
-        missing = sorted(set(params) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(params))
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_names_preview(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_names_preview(unexpected)}")
-        for k in sorted(set(params) & set(state_dict)):
-            t = state_dict[k]
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                problems.append(f"{k}: not a floating-point tensor")
-            elif tuple(t.shape) != tuple(params[k].shape):
-                problems.append(f"{k}: shape {tuple(t.shape)} in file, {tuple(params[k].shape)} in model")
-            elif not torch.isfinite(t).all():
-                problems.append(f"{k}: contains NaN or inf")
-        if problems:
-            raise CheckpointError(f"LoRA weights in {where} do not fit this model: " + "; ".join(problems))
-        for k, p in params.items():
-            p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+        strict_copy_(self._adapter_params(), state_dict, f"LoRA weights in {where}")
 
     # ------------------------------------------------------------------------------------- save / load
     def save_adapter(self, directory: str | os.PathLike[str]) -> Path:

@@ -1,0 +1,44 @@
+"""Strict loading of adapter tensors, shared by the PoLAR adapter and the LoRA baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from polar_vbll.errors import CheckpointError
+
+
+def names_preview(names: list[str], k: int = 8) -> str:
+    """The first ``k`` names and how many more: error messages stay readable for big models."""
+    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+@torch.no_grad()
+def strict_copy_(
+    params: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Copy ``state_dict`` into ``params``: every key present, no extra key, shapes equal, values finite.
+
+    Everything is checked before anything is copied, so a bad file leaves the model as it was; the
+    :class:`CheckpointError` lists every problem and names ``what`` (e.g. "adapter weights in <file>").
+    """
+    missing = sorted(set(params) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(params))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {names_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {names_preview(unexpected)}")
+    for k in sorted(set(params) & set(state_dict)):
+        t = state_dict[k]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            problems.append(f"{k}: not a floating-point tensor")
+        elif tuple(t.shape) != tuple(params[k].shape):
+            problems.append(f"{k}: shape {tuple(t.shape)} in file, {tuple(params[k].shape)} in model")
+        elif not torch.isfinite(t).all():
+            problems.append(f"{k}: contains NaN or inf")
+    if problems:
+        raise CheckpointError(f"{what} do not fit this model: " + "; ".join(problems))
+    for k, p in params.items():
+        p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
