@@ -227,22 +227,19 @@ def make_head(model: nn.Module, kind: str, predictive: str = "mc", mc_samples: i
 def make_optimizers(
     adapter: nn.Module, opt: OptimSpec
 ) -> tuple[torch.optim.Optimizer | None, torch.optim.AdamW]:
-    """As ``polar_vbll.train.build_optimizers``: StiefelOptimizer on the bank groups (PoLAR only) and a
-    default AdamW on the Euclidean adapter parameters (Theta, or LoRA's A and B)."""
-    from polar_vbll.optim import StiefelOptimizer
+    """The library's own ``polar_vbll.train.build_optimizers`` (StiefelOptimizer on the bank groups for
+    PoLAR, AdamW on Theta or LoRA's A and B), with one learning rate for both."""
+    from polar_vbll.config import OptimConfig
+    from polar_vbll.train import build_optimizers
 
-    factors = list(adapter.stiefel_parameters())
-    stiefel = None
-    if factors:
-        stiefel = StiefelOptimizer(
-            factors,
-            lr=opt.lr,
-            method=opt.method,
-            retraction=opt.retraction,
-            second_moment=opt.second_moment,
-        )
-    adamw = torch.optim.AdamW(list(adapter.theta_parameters()), lr=opt.lr, weight_decay=0.0)
-    return stiefel, adamw
+    cfg = OptimConfig(
+        method=opt.method,
+        retraction=opt.retraction,
+        second_moment=opt.second_moment,
+        lr_stiefel=opt.lr,
+        lr_theta=opt.lr,
+    )
+    return build_optimizers(adapter, cfg)
 
 
 def no_sync() -> None:
