@@ -106,6 +106,17 @@ def predict_with(
     return predict(source, head, enc, bs, progress), 1
 
 
+def with_posthoc_head(
+    cfg: RunConfig, source: FeatureSource, head: nn.Module, train: EncodedSplit
+) -> tuple[RunConfig, nn.Module]:
+    """Fit a post-hoc head (last-layer Laplace) once, for every split to be predicted with it: returns the
+    config with the post-hoc step marked done and the head to predict with."""
+    if cfg.head.laplace == "none":
+        return cfg, head
+    lap = fit_laplace_head(cfg, source, head, train)
+    return cfg.model_copy(update={"head": cfg.head.model_copy(update={"laplace": "none"})}), lap
+
+
 def fit_laplace_head(cfg: RunConfig, source: FeatureSource, head: nn.Module, train: EncodedSplit | None):
     """Post-hoc last-layer Laplace around the trained head's mean (the VBLL mean or the answer rows)."""
     from polar_vbll.baselines.laplace import LastLayerLaplace
@@ -183,11 +194,12 @@ def run_training(cfg: RunConfig, resume: bool = True, progress: bool = True) -> 
     timings["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    after, passes = predict_with(cfg, source, head, splits["eval"], splits["train"], progress)
+    eval_cfg, eval_head = with_posthoc_head(cfg, source, head, splits["train"])
+    after, passes = predict_with(eval_cfg, source, eval_head, splits["eval"], progress=progress)
     timings["final_eval_s"] = time.perf_counter() - t
-    val_after, _ = predict_with(cfg, source, head, splits["validation"], splits["train"], progress)
+    val_after, _ = predict_with(eval_cfg, source, eval_head, splits["validation"], progress=progress)
     ood = {
-        name: predict_with(cfg, source, head, enc, splits["train"], progress)[0]
+        name: predict_with(eval_cfg, source, eval_head, enc, progress=progress)[0]
         for name, enc in splits.items()
         if name.startswith("ood:")
     }

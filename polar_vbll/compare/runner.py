@@ -28,7 +28,14 @@ from polar_vbll.heads import DeterministicHead
 from polar_vbll.metrics import CalibrationAccumulator, ood_auroc, ood_scores
 from polar_vbll.models import answer_head_weight, load_backbone
 from polar_vbll.plots import reliability_diagrams
-from polar_vbll.run import build_adapter, build_head, load_splits, predict_with, write_run_params
+from polar_vbll.run import (
+    build_adapter,
+    build_head,
+    load_splits,
+    predict_with,
+    with_posthoc_head,
+    write_run_params,
+)
 from polar_vbll.train import Trainer
 
 _EVAL_ONLY = ("eval", "name", "output_dir")
@@ -132,13 +139,13 @@ class CompareRunner:
     def _predict_all(
         self, cfg: RunConfig, ctx: TaskContext, source, head
     ) -> tuple[dict[str, Predictions], int]:
+        """Predictions on the eval, validation and OOD splits; ``_eval_s`` is the eval split's time."""
         names = ["eval", "validation"] + [n for n in ctx.splits if n.startswith("ood:")]
         preds, passes = {}, 1
+        cfg, head = with_posthoc_head(cfg, source, head, ctx.splits["train"])  # fitted once for all splits
         for name in names:
             t = time.perf_counter()
-            preds[name], passes = predict_with(
-                cfg, source, head, ctx.splits[name], ctx.splits["train"], self.progress
-            )
+            preds[name], passes = predict_with(cfg, source, head, ctx.splits[name], progress=self.progress)
             if name == "eval":
                 preds["_eval_s"] = time.perf_counter() - t  # type: ignore[assignment]
         return preds, passes
