@@ -33,8 +33,7 @@ from torch import nn
 from polar_vbll.adapters.bank import SlotRequest, StiefelBank, _refuse_dtype_change, plan_slots
 from polar_vbll.adapters.config import FORMAT_VERSION, PolarConfig, polar_config_from_dict
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
-from polar_vbll.adapters.state import names_preview as _names_preview
-from polar_vbll.adapters.state import strict_copy_
+from polar_vbll.adapters.state import require_shapes, strict_copy_
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -411,13 +410,7 @@ class PolarModel(nn.Module):
         # Check tensor names and shapes before touching the model (a dry run of the strict load).
         shapes = {f"polar_bank.polar_groups.{k}": v for k, v in expected_shapes.items()}
         shapes.update({f"base_model.{t.name}.polar_theta": (config.r, config.r) for t in targets})
-        file_shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        if file_shapes != shapes:
-            raise CheckpointError(
-                f"adapter weights {weights} do not match {cfg_path}: tensor names or shapes differ "
-                f"(missing {_names_preview(sorted(set(shapes) - set(file_shapes)))}, unexpected "
-                f"{_names_preview(sorted(set(file_shapes) - set(shapes)))})"
-            )
+        require_shapes(shapes, tensors, f"adapter weights {weights} do not match {cfg_path}")
         polar = cls(model, config)
         polar.load_adapter_state_dict(tensors, where=str(weights))
         return polar

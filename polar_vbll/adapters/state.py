@@ -14,6 +14,19 @@ def names_preview(names: list[str], k: int = 8) -> str:
     return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
+def require_shapes(
+    expected: Mapping[str, tuple[int, ...]], tensors: Mapping[str, torch.Tensor], what: str
+) -> None:
+    """Check a file's tensor names and shapes against what the model needs, before anything is built, so
+    a file for another architecture or config fails readably (``what`` names the file)."""
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if found != dict(expected):
+        raise CheckpointError(
+            f"{what}: tensor names or shapes differ (missing {names_preview(sorted(set(expected) - set(found)))}, "
+            f"unexpected {names_preview(sorted(set(found) - set(expected)))}, or shapes differ)"
+        )
+
+
 @torch.no_grad()
 def strict_copy_(
     params: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str

@@ -46,7 +46,7 @@ from polar_vbll.adapters.config import PolarConfig
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
 from polar_vbll.adapters.model import TargetLayer, select_targets
 from polar_vbll.adapters.state import names_preview as _names_preview
-from polar_vbll.adapters.state import strict_copy_
+from polar_vbll.adapters.state import require_shapes, strict_copy_
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 #: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
@@ -372,13 +372,9 @@ class LoraAdapter(nn.Module):
         for t in _select_targets(model, config):
             expected[f"base_model.model.{t.name}.lora_A.weight"] = (config.r, t.in_features)
             expected[f"base_model.model.{t.name}.lora_B.weight"] = (t.out_features, config.r)
-        found = {k: tuple(v.shape) for k, v in tensors.items()}
-        if found != expected:
-            raise CheckpointError(
-                f"LoRA weights {weights} do not match {cfg_path} for {type(model).__name__}: tensor names or "
-                f"shapes differ (missing {_names_preview(sorted(set(expected) - set(found)))}, unexpected "
-                f"{_names_preview(sorted(set(found) - set(expected)))}, or shapes differ)"
-            )
+        require_shapes(
+            expected, tensors, f"LoRA weights {weights} do not match {cfg_path} for {type(model).__name__}"
+        )
         adapter = cls(model, config)
         adapter.load_adapter_state_dict(tensors, where=str(weights))
         return adapter
