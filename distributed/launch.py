@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed.config import DistConfig, check_batch_layout, dist_config_from
+from distributed.tracking import TrackingTarget
 from distributed.worker import StepHook, train_loop_per_worker
 from polar_vbll.config import RunConfig, load_config
 from polar_vbll.errors import UserInputError
@@ -111,6 +113,23 @@ def train_distributed(
     if workers is not None:
         dist = dist_config_from({**dist.model_dump(), "workers": workers})
     check_batch_layout(cfg, dist)
+    env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
+    num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
+    with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
+        return run_in_session(cfg, dist, resume=resume, hooks=hooks)
+
+
+def run_in_session(
+    cfg: RunConfig,
+    dist: DistConfig,
+    resume: bool = True,
+    hooks: Sequence[StepHook] = (),
+    callbacks: Sequence[Any] = (),
+    tracking: TrackingTarget | None = None,
+) -> dict[str, Any]:
+    """:func:`train_distributed` inside an existing Ray session (what a Tune trial runs): writes the run
+    folder's params, fits, copies the final artifacts into the run folder, returns the final results."""
+    check_batch_layout(cfg, dist)
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     cfg = cfg.model_copy(update={"output_dir": storage})
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
@@ -120,10 +139,7 @@ def train_distributed(
         write_run_params(cfg, run_dir)
         (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))
 
-    env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
-    num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
-    with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
-        result = _fit(cfg, dist, hooks, storage)
+    result = fit_run(cfg, dist, hooks, storage, callbacks, tracking)
     results = dict(result.metrics or {})
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
@@ -135,7 +151,19 @@ def train_distributed(
     return results
 
 
-def _fit(cfg: RunConfig, dist: DistConfig, hooks: Sequence[StepHook], storage: str):
+def fit_run(
+    cfg: RunConfig,
+    dist: DistConfig,
+    hooks: Sequence[StepHook],
+    storage: str,
+    callbacks: Sequence[Any] = (),
+    tracking: TrackingTarget | None = None,
+):
+    """One Ray Train run of ``cfg`` (name = run name, resumed from its latest checkpoint in ``storage``).
+
+    ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback`` so that the
+    workers' reports reach Tune's scheduler); ``tracking``: the MLflow run rank 0 writes to.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
@@ -151,6 +179,7 @@ def _fit(cfg: RunConfig, dist: DistConfig, hooks: Sequence[StepHook], storage: s
             "dist": dist.model_dump(mode="json"),
             "coordinator": coordinator,
             "hooks": list(hooks),
+            "tracking": dataclasses.asdict(tracking) if tracking is not None else None,
         },
         scaling_config=ScalingConfig(
             num_workers=dist.workers,
@@ -163,6 +192,7 @@ def _fit(cfg: RunConfig, dist: DistConfig, hooks: Sequence[StepHook], storage: s
             storage_path=storage,
             failure_config=FailureConfig(max_failures=dist.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(2, cfg.train.keep_checkpoints)),
+            callbacks=list(callbacks) or None,
         ),
     )
     try:

@@ -42,12 +42,14 @@ from distributed.engine import (
 )
 from distributed.head_actor import CoordinatorClient
 from distributed.sharding import lockstep_batches, shard_bounds, step_micro_batches
+from distributed.tracking import RunLogger, TrackingTarget, prefixed
 from polar_vbll.baselines.lora import adapter_dropout, set_adapter_dropout
 from polar_vbll.checkpoint import rng_state, save_checkpoint, set_rng_state
 from polar_vbll.config import RunConfig
 from polar_vbll.errors import ConfigError
 from polar_vbll.evaluate import Predictions
 from polar_vbll.features import EncodedSplit, length_sorted_batches
+from polar_vbll.metrics import ood_auroc, ood_scores
 from polar_vbll.models import load_backbone
 from polar_vbll.run import build_adapter, build_head, load_splits, method_label, save_trained
 from polar_vbll.train import (
@@ -92,6 +94,7 @@ class DistributedTrainer:
         report: ReportFn,
         state: dict[str, Any] | None = None,
         hooks: Sequence[StepHook] = (),
+        tracking: TrackingTarget | None = None,
     ) -> None:
         if cfg.adapter_kind != "polar":
             raise ConfigError(
@@ -100,6 +103,8 @@ class DistributedTrainer:
         self.cfg, self.dist_cfg = cfg, dist_cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.coordinator, self.report_fn, self.hooks = coordinator, report, list(hooks)
+        # MLflow from rank 0 only; the other ranks never open the store
+        self.logger = RunLogger(tracking) if tracking is not None and self.rank == 0 else None
         micro = check_batch_layout(cfg, dist_cfg, self.world)
         t0 = time.perf_counter()
 
@@ -304,20 +309,31 @@ class DistributedTrainer:
             step = self.step
             if step % log_every == 0 or step == total:
                 logs["orthogonality_error"] = float(self.polar.orthogonality_error())
+                logs["stable_rank_mean"] = self.stable_rank_mean()
                 logs["seconds"] = time.perf_counter() - t0
                 self.history.append({"step": step, **logs})
+                self._log_metrics(logs, step)
             every = self.dist_cfg.sync_check_every
             if every and step % every == 0 and step < total:
                 self.verify(f"after step {step}")
+            val = self.validate(step) if t.eval_every and step % t.eval_every == 0 and step < total else {}
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
-                self.save({"step": step, **logs})
+                self.save({"step": step, **logs, **val})
+            elif val:
+                self.report_fn({"step": step, **val}, None)
             for hook in self.hooks:
                 hook(self, step)
         if self._final_refit_due():
             self.refit_round()
         digest = self.verify("at the end of training")
         train_seconds = time.perf_counter() - t0
-        preds = {name: self.predict(self.splits[name]) for name in ("validation", "eval")}
+        names = ["validation", "eval"] + [n for n in self.splits if n.startswith("ood:")]
+        preds = {name: self.predict(self.splits[name]) for name in names}
+        metrics = {name: p.metrics() for name, p in preds.items()}
+        in_scores = ood_scores(preds["eval"].probs)
+        for name in names[2:]:
+            auroc = ood_auroc(in_scores["msp"], ood_scores(preds[name].probs)["msp"])
+            metrics[name] = {**metrics[name], "auroc_msp": auroc}
         memory: list[Any] = [None] * self.world
         dist.all_gather_object(memory, {"rank": self.rank, **self.memory})
         digests: list[Any] = [None] * self.world
@@ -328,7 +344,7 @@ class DistributedTrainer:
             "loss": self.history[-1]["loss"] if self.history else float("nan"),
             "orthogonality_error": float(self.polar.orthogonality_error()),
             "refits": self.refits,
-            "metrics": {name: p.metrics() for name, p in preds.items()},
+            "metrics": metrics,
             "replica_digests": digests,
             "resumed_from_step": self.resumed_from,
             "world_size": self.world,
@@ -337,6 +353,7 @@ class DistributedTrainer:
             "timings": {"setup_s": self.setup_seconds, "train_s": train_seconds},
             "history": self.history,
         }
+        final.update(flat_final_metrics(metrics))
 
         def write_artifacts(directory: Path) -> None:
             save_trained(self.polar, self.head, directory)
@@ -348,9 +365,73 @@ class DistributedTrainer:
             if self.rank == 0:
                 staged = Path(tempfile.mkdtemp(prefix="polar-vbll-artifacts-"))
                 write_artifacts(staged)
+            if self.logger is not None:
+                self._log_final(final, preds, staged)
+                final["timings"]["tracking_s"] = self.logger.seconds
+                (staged / "results.json").write_text(json.dumps(final, indent=2))
         summary = {k: v for k, v in final.items() if k != "history"}  # Ray logs every reported metric
         self.save(summary, (lambda d: _move_tree(staged, d)) if self.rank == 0 else None)
         return final
+
+    # ------------------------------------------------------------------------------------ monitoring
+    def stable_rank_mean(self) -> float:
+        """Mean stable rank of the adapters' updates (a collective: Theta is gathered at ZeRO-3)."""
+        with gathered(self.engine, self.theta):
+            ranks = list(self.polar.stable_ranks().values())
+        return float(sum(ranks) / len(ranks)) if ranks else float("nan")
+
+    def validate(self, step: int) -> dict[str, float]:
+        """Validation metrics in the middle of training (``train.eval_every``), as ``val_*`` keys: what
+        Tune's scheduler compares. RNG-neutral, so evaluating does not change what training does next."""
+        with torch.random.fork_rng(devices=[]):
+            metrics = self.predict(self.splits["validation"]).metrics()
+        val = prefixed(metrics, "val_", ("acc", "ece", "nll", "brier"))
+        self._log_metrics(val, step)
+        return val
+
+    def _log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step)
+
+    def _log_final(self, final: dict[str, Any], preds: dict[str, Predictions], artifacts: Path) -> None:
+        """Rank 0: final metrics, reliability diagrams, the adapter, the head and results.json."""
+        from polar_vbll.plots import reliability_diagram
+
+        logger = self.logger
+        assert logger is not None
+        logger.log_metrics({k: v for k, v in final.items() if k.startswith(FINAL_PREFIXES)}, self.step)
+        logger.log_metrics({"orthogonality_error": final["orthogonality_error"]}, self.step)
+        with tempfile.TemporaryDirectory(prefix="polar-vbll-plots-") as tmp:
+            for name in ("validation", "eval"):
+                label = "test" if name == "eval" else name
+                png = reliability_diagram(
+                    preds[name].accumulator(),
+                    Path(tmp) / f"reliability_{label}.png",
+                    title=f"{method_label(self.cfg)}: {self.cfg.data.task} {label}",
+                )
+                logger.log_artifact(png, "plots")
+        for name in ("adapter", "adapter_peft", "head.safetensors"):
+            logger.log_artifact(artifacts / name, "model")
+        logger.log_artifact(artifacts / "results.json")
+
+
+#: Flat keys of the final results that are logged as metrics and reported to Tune.
+FINAL_PREFIXES = ("val_", "test_", "ood_")
+
+
+def flat_final_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``val_nll``, ``test_ece``, ``ood_auroc_<task>``, ...: the final metrics as flat keys (Tune and
+    MLflow compare scalars); ``eval`` is the run's evaluation split, called ``test`` here."""
+    out: dict[str, float] = {}
+    for name, m in metrics.items():
+        if name.startswith("ood:"):
+            task = name.removeprefix("ood:").replace(":", "_")
+            out[f"ood_auroc_{task}"] = float(m["auroc_msp"])
+            out[f"ood_acc_{task}"] = float(m["acc"])
+        else:
+            prefix = {"validation": "val_", "eval": "test_"}[name]
+            out.update(prefixed(m, prefix, ("acc", "ece", "nll", "brier")))
+    return out
 
 
 def _load_backbone_node_by_node(cfg: RunConfig):
@@ -406,7 +487,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     try:
-        trainer = DistributedTrainer(cfg, dist_cfg, client, report, state, config.get("hooks") or ())
+        tracking = config.get("tracking")
+        target = TrackingTarget(**tracking) if tracking else None
+        trainer = DistributedTrainer(cfg, dist_cfg, client, report, state, config.get("hooks") or (), target)
         trainer.fit()
     except (ReplicaDivergence, TrainingDiverged, UserInputError) as exc:
         client.record_fatal(f"{type(exc).__name__}: {exc}")

@@ -123,6 +123,93 @@ def compare(
         _fail(exc)
 
 
+def _import_tune():
+    """The search layer sits above polar_vbll: imported only when asked for."""
+    try:
+        from tune_spaces import driver, runs
+    except ImportError as exc:
+        raise UserInputError(
+            f"searches need the dist and track extras (pip install -e '.[dist,track]'): {exc}"
+        ) from None
+    return driver, runs
+
+
+@app.command()
+def tune(
+    space: Annotated[str, typer.Option(help="search space: priors, ranks, optimization, default")],
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="base run YAML, or a packaged one (tune, tiny, cpu)")
+    ] = "tune",
+    set_: SetOpt = None,
+    name: Annotated[
+        str | None, typer.Option(help="search name = folder under output_dir (default: tune-SPACE)")
+    ] = None,
+    trials: Annotated[int, typer.Option(help="number of sampled configurations")] = 4,
+    concurrency: Annotated[
+        int | None, typer.Option(help="trials at once (default: what the CPUs hold)")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers per trial")] = 2,
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of the backbone")] = 3,
+    grace_steps: Annotated[
+        int | None, typer.Option(help="ASHA: steps before a trial may be stopped (default: train.eval_every)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random search")] = 0,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+) -> None:
+    """Ray Tune search (ASHA, objective: validation NLL) with MLflow tracking; resumable; writes the best
+    configuration as a ready-to-use YAML (best_config.yaml in the search folder)."""
+    from polar_vbll.config import load_config
+    from polar_vbll.train import TrainingDiverged
+
+    try:
+        driver, runs = _import_tune()
+        from distributed.config import DistConfig
+
+        overrides = list(set_ or [])
+        overrides.append(f"name={name or 'tune-' + space}")
+        cfg = load_config(_resolve_config(config, "run"), overrides)
+        settings = driver.SearchSettings(
+            space=space, trials=trials, concurrency=concurrency, grace_steps=grace_steps, seed=seed
+        )
+        dist = DistConfig(workers=workers, zero_stage=zero_stage, health_check_interval_s=0.5)
+        outcome = driver.run_search(cfg, settings, dist, address=address)
+    except (UserInputError, TrainingDiverged) as exc:
+        _fail(exc)
+    print(driver.format_trials(outcome.rows))
+    if outcome.errors:
+        print("\nfailed trials:\n" + "\n".join(f"  {t}: {e}" for t, e in outcome.errors.items()))
+    if outcome.best is not None:
+        print(f"\nbest trial {outcome.best['trial']}: val_nll {outcome.best['val_nll']:.4f}")
+        print(f"best config: {outcome.best_config_path}")
+    print(f"runs: polar-vbll runs {outcome.folder}")
+
+
+@app.command()
+def runs(
+    search: Annotated[
+        Path | None, typer.Argument(help="a search folder (runs/<name>); omit to list every search")
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="store to list searches from (default: MLFLOW_TRACKING_URI)")
+    ] = None,
+) -> None:
+    """List a search's runs with their key metrics, read from the MLflow tracking store."""
+    import os
+
+    try:
+        _, runs_mod = _import_tune()
+        if search is not None:
+            header, rows = runs_mod.list_trials(search)
+        else:
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise UserInputError("give a search folder, or --tracking-uri / MLFLOW_TRACKING_URI")
+            header, rows = runs_mod.list_searches(uri)
+    except UserInputError as exc:
+        _fail(exc)
+    print(runs_mod.render(header, rows))
+
+
 @app.command("eval")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train`")],

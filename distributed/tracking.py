@@ -1,0 +1,245 @@
+"""MLflow tracking: where the store is, masking secrets, and the one logger that writes a run.
+
+Embedded by default: a search writes a local SQLite store (``<search folder>/mlflow/mlflow.db``) with its
+artifacts beside it, so nothing has to run first; ``MLFLOW_TRACKING_URI`` points every process at a
+server instead. The store is checked before any training starts (an unreachable server fails at once,
+its URI shown with credentials masked).
+
+Who writes: the search driver (the parent run), each trial's driver (creates its child run, logs every
+config value as a param, closes it) and rank 0 of the trial's workers (metrics over steps, reliability
+diagrams, the adapter and head). Other ranks never log. :class:`RunLogger` keeps the time it spends, so a
+run can report what tracking cost it (``results.json`` -> ``timings.tracking_s``).
+
+MLflow is imported only here and only when tracking is used: ``polar_vbll`` never needs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from polar_vbll.errors import UserInputError
+
+#: Param keys whose values are never logged (matched anywhere in the dotted key, case-insensitive).
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
+#: ``scheme://user:password@host`` anywhere in a string.
+_URI_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)([^/\s:@]+)(:[^/\s@]*)?@")
+#: ``token=...`` style query parameters anywhere in a string.
+_SECRET_QUERY = re.compile(
+    r"((?:token|password|passwd|secret|api[_-]?key|sig|signature|access[_-]?key)=)[^&\s]+", re.IGNORECASE
+)
+MASK = "***"
+#: MLflow's limits (3.x): a param value of at most 6000 characters, 100 params / 1000 metrics per batch.
+PARAM_VALUE_MAX = 6000
+PARAM_BATCH, METRIC_BATCH = 100, 1000
+
+
+class TrackingError(UserInputError):
+    """The tracking store cannot be used (unreachable server, missing ``mlflow``); says which and why."""
+
+
+def mask_uri(uri: str) -> str:
+    """``uri`` with any password (and a user name that carries a token) and secret query values masked."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return mask_secrets(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        netloc = f"{user}:{MASK}@{host}" if ":" in creds else f"{MASK}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, MASK if SECRET_KEY.search(k) or k.lower() in ("sig", "signature") else v) for k, v in pairs],
+            safe="*",
+        )
+    if netloc == parts.netloc and query == parts.query:
+        return uri  # nothing secret (urlunsplit would also drop the empty authority of sqlite:////path)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def mask_secrets(text: str) -> str:
+    """Every credential-bearing URI and secret query value in free text (an error message) masked."""
+    text = _URI_CREDENTIALS.sub(
+        lambda m: f"{m.group(1)}{m.group(2) if m.group(3) else MASK}{':' + MASK if m.group(3) else ''}@", text
+    )
+    return _SECRET_QUERY.sub(lambda m: m.group(1) + MASK, text)
+
+
+def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Params as MLflow stores them (strings), secrets masked by key name and inside values."""
+    out = {}
+    for key, value in params.items():
+        text = MASK if SECRET_KEY.search(key) else mask_secrets(str(value))
+        out[key] = text if len(text) <= PARAM_VALUE_MAX else text[: PARAM_VALUE_MAX - 3] + "..."
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the store
+def local_store(folder: Path) -> tuple[str, str]:
+    """The embedded store of a search folder: ``(sqlite tracking URI, artifact root URI)``.
+
+    Absolute paths on purpose: MLflow resolves a relative ``sqlite:///`` path and its default ``./mlruns``
+    artifact root against whatever directory each process happens to run in.
+    """
+    root = Path(folder).expanduser().resolve() / "mlflow"
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "artifacts").as_uri()
+
+
+def resolve_store(folder: Path) -> tuple[str, str | None]:
+    """``MLFLOW_TRACKING_URI`` when set (a team server; its own artifact store), else the local store."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri, None
+    return local_store(folder)
+
+
+def _import_mlflow():
+    try:
+        import mlflow  # noqa: F401
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise TrackingError(
+            f"MLflow tracking needs the `track` extra (pip install -e '.[track]'): {exc}"
+        ) from None
+    return MlflowClient
+
+
+def client_for(uri: str):
+    """An ``MlflowClient`` on ``uri``."""
+    return _import_mlflow()(tracking_uri=uri)
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Fail now, not after an hour of training, when the store cannot be reached or opened.
+
+    Remote stores get one request with a short timeout and no retries (MLflow otherwise retries for
+    minutes); the message names the URI with its credentials masked.
+    """
+    remote = uri.startswith(("http://", "https://"))
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    if remote:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except TrackingError:
+        raise
+    except Exception as exc:  # any failure of the store is a reason not to start
+        first = mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise TrackingError(
+            f"the MLflow tracking URI {mask_uri(uri)} cannot be reached or opened: {first[:300]}"
+        ) from None
+    finally:
+        if remote:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def ensure_experiment(uri: str, name: str, artifact_location: str | None) -> str:
+    """The id of experiment ``name`` on ``uri``, created (with the local artifact root) if missing."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Which run to write to; small and picklable, so it travels to Ray workers in the loop config."""
+
+    uri: str
+    run_id: str
+
+
+class RunLogger:
+    """Writes one MLflow run; every call is timed (``seconds``) so its cost can be measured.
+
+    Logging failures are reported once and then skipped: losing a metric must never lose a training run.
+    """
+
+    def __init__(self, target: TrackingTarget) -> None:
+        self.target = target
+        self.client = client_for(target.uri)
+        self.seconds = 0.0
+        self._warned = False
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        t0 = time.perf_counter()
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # pragma: no cover - depends on the store failing mid-run
+            if not self._warned:
+                print(
+                    f"[tracking] MLflow logging failed, continuing without it: {mask_secrets(str(exc))[:300]}"
+                )
+                self._warned = True
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in safe_params(params).items()]
+        for i in range(0, len(items), PARAM_BATCH):
+            self._call(self.client.log_batch, self.target.run_id, params=items[i : i + PARAM_BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, int(step or 0))
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for i in range(0, len(items), METRIC_BATCH):
+            self._call(self.client.log_batch, self.target.run_id, metrics=items[i : i + METRIC_BATCH])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in safe_params(tags).items()]
+        self._call(self.client.log_batch, self.target.run_id, tags=items)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """A file or a whole directory (kept as a folder of that name under ``artifact_path``)."""
+        path = Path(path)
+        if path.is_dir():
+            dest = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            self._call(self.client.log_artifacts, self.target.run_id, str(path), dest)
+        elif path.is_file():
+            self._call(self.client.log_artifact, self.target.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._call(self.client.set_terminated, self.target.run_id, status)
+
+
+def prefixed(metrics: Mapping[str, Any], prefix: str, keys: Iterable[str] | None = None) -> dict[str, float]:
+    """``{prefix + key: value}`` for the numeric entries (optionally only ``keys``)."""
+    wanted = set(keys) if keys is not None else None
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in metrics.items()
+        if (wanted is None or k in wanted) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

@@ -1,0 +1,360 @@
+"""The search driver behind ``polar-vbll tune``: Ray Tune + ASHA over a search space, MLflow parent run.
+
+A search lives in one folder, ``<output_dir>/<name>/``: Ray Tune's experiment state, ``trials/<trial id>/``
+(each trial's distributed run folder: params, checkpoints, adapter, head, results), ``mlflow/`` (the
+embedded tracking store, unless ``MLFLOW_TRACKING_URI`` is set), ``search.json`` (the parent run's id),
+``trials.md`` / ``trials.csv`` (every trial's searched values and metrics) and ``best_config.yaml`` (the
+best trial's full run config, ready for ``polar-vbll train --config``).
+
+Rerunning the same command resumes: Tune restores its experiment (unfinished and errored trials run again,
+each resuming its own latest checkpoint) and the MLflow parent and child runs are reused.
+
+Objective: validation NLL (lower is better), with ECE and accuracy reported beside it; trials report the
+validation metrics every ``train.eval_every`` steps, which is what ASHA compares. The best trial is chosen
+among the trials that ran to the end (ASHA-stopped trials only when none did), by their final validation
+NLL: the test split is never looked at to choose.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from distributed.config import DistConfig, check_batch_layout
+from distributed.launch import ray_session, worker_env
+from distributed.tracking import (
+    RunLogger,
+    TrackingTarget,
+    check_reachable,
+    client_for,
+    ensure_experiment,
+    mask_secrets,
+    mask_uri,
+    resolve_store,
+)
+from polar_vbll.config import RunConfig
+from polar_vbll.errors import ConfigError, UserInputError
+from tune_spaces.spaces import ParamSpace, describe, get_space
+from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
+
+OBJECTIVE, MODE = "val_nll", "min"
+#: Metrics shown beside the searched values (``polar-vbll tune`` output, trials.md, ``polar-vbll runs``).
+TABLE_METRICS = ("step", "val_nll", "val_ece", "val_acc", "test_nll", "test_ece", "test_acc")
+
+
+class SearchFailed(UserInputError):
+    """Every trial of a search failed; the message lists each trial's first error."""
+
+
+class SearchSettings(BaseModel):
+    """How a search runs (not what a trial trains: that is the base ``RunConfig`` plus the space)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    space: str
+    trials: int = Field(4, gt=0, description="number of sampled configurations")
+    concurrency: int | None = Field(
+        None, gt=0, description="trials at once (default: as many as the CPUs hold, workers x cpus each)"
+    )
+    grace_steps: int | None = Field(None, gt=0, description="ASHA: steps before a trial may be stopped")
+    reduction_factor: int = Field(2, gt=1, description="ASHA: keep the best 1/factor at each rung")
+    seed: int = Field(0, ge=0, description="seed of the random search")
+
+
+@dataclass
+class SearchOutcome:
+    """What a finished search found."""
+
+    folder: Path
+    rows: list[dict[str, Any]]
+    best: dict[str, Any] | None
+    best_config_path: Path | None
+    tracking_uri: str
+    parent_run_id: str
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ checking
+def check_space(space: ParamSpace, base: dict[str, Any], name: str) -> None:
+    """Every key names a real config field and every sampled value is valid, before Ray starts."""
+    from ray.tune.search.sample import Domain
+
+    sample = {k: (v.sample() if isinstance(v, Domain) else v) for k, v in space.items()}
+    for key, value in space.items():
+        if isinstance(value, Domain) and hasattr(value, "categories"):
+            for choice in value.categories:  # every choice, not one draw
+                try:
+                    trial_config(base, {**sample, key: choice}, name, base["output_dir"])
+                except ConfigError as exc:
+                    raise ConfigError(
+                        f"search space value {key}={choice!r} is not a valid run config:\n{exc}"
+                    ) from None
+    try:
+        trial_config(base, sample, name, base["output_dir"])
+    except ConfigError as exc:
+        raise ConfigError(f"search space does not fit the run config:\n{exc}") from None
+
+
+def default_concurrency(dist: DistConfig, cpus: float | None = None) -> int:
+    per_trial = dist.workers * dist.cpus_per_worker
+    cpus = cpus if cpus is not None else float(os.cpu_count() or 1)
+    return max(1, int(cpus // per_trial))
+
+
+def _prepare_base(cfg: RunConfig) -> RunConfig:
+    """ASHA needs intermediate validation: default ``train.eval_every`` to a quarter of the steps."""
+    if cfg.train.eval_every == 0:
+        every = max(1, cfg.train.steps // 4)
+        print(
+            f"[tune] train.eval_every was 0; validating every {every} steps so that ASHA can compare trials"
+        )
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": every})})
+    return cfg
+
+
+# --------------------------------------------------------------------------------------- parent run
+def _open_parent(
+    folder: Path,
+    name: str,
+    settings: SearchSettings,
+    space: ParamSpace,
+    cfg: RunConfig,
+    dist: DistConfig,
+    concurrency: int,
+) -> dict[str, Any]:
+    uri, artifacts = resolve_store(folder)
+    check_reachable(uri)
+    experiment_id = ensure_experiment(uri, f"polar-vbll-{name}", artifacts)
+    record_path = folder / "search.json"
+    client = client_for(uri)
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("tracking_uri") == mask_uri(uri):
+            try:
+                client.get_run(record["parent_run_id"])
+                client.update_run(record["parent_run_id"], status="RUNNING")
+                return {**record, "uri": uri, "experiment_id": experiment_id}
+            except Exception:
+                pass  # the store was replaced: start a new parent run
+    run = client.create_run(
+        experiment_id,
+        run_name=name,
+        tags={TAG_SEARCH: name, TAG_ROLE: "search", "polar_vbll.space": settings.space},
+    )
+    logger = RunLogger(TrackingTarget(uri, run.info.run_id))
+    logger.log_params(
+        {
+            **{f"search.{k}": v for k, v in settings.model_dump().items()},
+            "search.concurrency_used": concurrency,
+            "search.objective": f"{MODE} {OBJECTIVE}",
+            **{f"space.{k}": v for k, v in describe(space).items()},
+            **{f"dist.{k}": v for k, v in dist.model_dump(mode="json").items()},
+            **{f"base.{k}": v for k, v in cfg.flat_params().items()},
+        }
+    )
+    record = {"parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": mask_uri(uri)}
+    folder.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+    return {**record, "uri": uri}
+
+
+# --------------------------------------------------------------------------------------------- search
+def run_search(
+    cfg: RunConfig,
+    settings: SearchSettings,
+    dist: DistConfig | None = None,
+    address: str | None = None,
+    object_store_mb: int = 256,
+) -> SearchOutcome:
+    """Run (or resume) the search ``cfg.name`` over ``settings.space``; see the module docstring."""
+    from ray.tune.search.sample import Domain
+
+    dist = dist or DistConfig()
+    space = get_space(settings.space)
+    cfg = _prepare_base(cfg)
+    check_batch_layout(cfg, dist)
+    folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
+    base = cfg.model_dump(mode="json")
+    check_space(space, base, cfg.name)
+    concurrency = settings.concurrency or default_concurrency(dist)
+    parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency)
+    tracking = {
+        "uri": parent["uri"],
+        "experiment_id": parent["experiment_id"],
+        "parent_run_id": parent["parent_run_id"],
+        "search": cfg.name,
+        "search_dir": str(folder),
+        "searched": sorted(k for k, v in space.items() if isinstance(v, Domain)),
+    }
+    # Tune checks that every report carries the objective; checkpoint-only reports do not.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # MLflow is the record; Tune's own CSV/JSON/TensorBoard loggers would only duplicate it (noisily).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    num_cpus = max(1, int(round(concurrency * dist.workers * dist.cpus_per_worker)))
+    status = "FAILED"
+    try:
+        with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=worker_env(dist)):
+            grid = _tune(cfg, settings, space, dist, base, tracking, folder, concurrency)
+        rows, errors = _rows(grid, space, cfg.train.steps)
+        _close_children(tracking, rows, errors)
+        outcome = _finish(cfg, folder, rows, errors, parent, base)
+        status = "FINISHED"
+        return outcome
+    finally:
+        client_for(parent["uri"]).set_terminated(parent["parent_run_id"], status)
+
+
+def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking),
+        {"cpu": 0, "memory": 64 * 1024 * 1024},  # the trial only drives; its Train workers hold the CPUs
+    )
+    if tune.Tuner.can_restore(str(folder)):
+        print(f"[tune] resuming the search in {folder}")
+        tuner = tune.Tuner.restore(
+            str(folder), trainable=trainable, param_space=space, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        scheduler = ASHAScheduler(
+            time_attr="step",
+            max_t=cfg.train.steps,
+            grace_period=settings.grace_steps or cfg.train.eval_every,
+            reduction_factor=settings.reduction_factor,
+            stop_last_trials=False,  # a trial that reaches the last step ends by itself, artifacts copied
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=OBJECTIVE,
+                mode=MODE,
+                scheduler=scheduler,
+                num_samples=settings.trials,
+                search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
+                trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=1),
+        )
+    return tuner.fit()
+
+
+def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    from ray.tune.search.sample import Domain
+
+    searched = [k for k, v in space.items() if isinstance(v, Domain)]
+    rows, errors = [], {}
+    for result in grid:
+        m = dict(result.metrics or {})
+        trial_id = m.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        row: dict[str, Any] = {"trial": trial_id}
+        row.update({k: result.config.get(k) for k in searched})
+        row.update({k: m.get(k) for k in TABLE_METRICS})
+        if result.error is not None:
+            text = str(result.error).strip()
+            errors[trial_id] = mask_secrets(_first_error_line(text))
+            row["status"] = "error"
+        else:
+            row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early (ASHA)"
+        rows.append(row)
+    return rows, errors
+
+
+def _first_error_line(text: str) -> str:
+    """The most telling line of a Ray error: the last ``SomeError: message`` line, else the first line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Diverged", "Divergence")) and " " not in head:
+            return ln[:500]
+    return (lines[0] if lines else "unknown error")[:500]
+
+
+def _close_children(tracking: dict[str, Any], rows: list[dict[str, Any]], errors: dict[str, str]) -> None:
+    """Trials that failed or that ASHA stopped (killed mid-step) leave their MLflow runs RUNNING: close
+    them from Tune's record (FAILED with the first error line, or KILLED), saying why in a tag."""
+    client = client_for(tracking["uri"])
+    status_of = {r["trial"]: r["status"] for r in rows}
+    for run in client.search_runs(
+        [tracking["experiment_id"]], filter_string=f"tags.`{TAG_PARENT}` = '{tracking['parent_run_id']}'"
+    ):
+        if run.info.status != "RUNNING":
+            continue
+        trial = run.data.tags.get("polar_vbll.trial_id", "")
+        why = status_of.get(trial, "interrupted")
+        client.set_tag(run.info.run_id, "polar_vbll.end", why)
+        if why == "error":
+            client.set_tag(run.info.run_id, "polar_vbll.error", errors.get(trial, "")[:5000])
+        status = {"completed": "FINISHED", "error": "FAILED"}.get(why, "KILLED")
+        client.set_terminated(run.info.run_id, status)
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def ok(r):
+        v = r.get(OBJECTIVE)
+        return r["status"] != "error" and isinstance(v, (int, float)) and math.isfinite(v)
+
+    finished = [r for r in rows if ok(r) and r["status"] == "completed"]
+    pool = finished or [r for r in rows if ok(r)]
+    return min(pool, key=lambda r: r[OBJECTIVE]) if pool else None
+
+
+def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base) -> SearchOutcome:
+    if rows and len(errors) == len(rows):
+        lines = "\n".join(f"  trial {t}: {e}" for t, e in sorted(errors.items()))
+        raise SearchFailed(f"all {len(rows)} trials of search {cfg.name!r} failed:\n{lines}")
+    rows.sort(key=lambda r: (r.get(OBJECTIVE) is None, r.get(OBJECTIVE) or 0.0))
+    table_md = folder / "trials.md"
+    table_md.write_text(format_trials(rows) + "\n")
+    with (folder / "trials.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial"])
+        writer.writeheader()
+        writer.writerows(rows)
+    best = _best(rows)
+    best_path = None
+    logger = RunLogger(TrackingTarget(parent["uri"], parent["parent_run_id"]))
+    if best is not None:
+        searched = {k: v for k, v in best.items() if k not in ("trial", "status", *TABLE_METRICS)}
+        best_cfg = trial_config(base, searched, f"{cfg.name}-best", cfg.output_dir)
+        best_path = folder / "best_config.yaml"
+        header = (
+            f"# Best trial {best['trial']} of search {cfg.name!r} ({OBJECTIVE} = {best[OBJECTIVE]:.4f}; "
+            f"chosen on validation).\n# Train it: polar-vbll train --config {best_path}\n"
+        )
+        best_path.write_text(header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False))
+        logger.log_metrics({f"best_{k}": v for k, v in best.items() if k in TABLE_METRICS and v is not None})
+        logger.set_tags({"polar_vbll.best_trial": best["trial"]})
+        logger.log_artifact(best_path)
+    for path in (table_md, folder / "trials.csv"):
+        logger.log_artifact(path)
+    return SearchOutcome(folder, rows, best, best_path, parent["uri"], parent["parent_run_id"], errors)
+
+
+def format_trials(rows: list[dict[str, Any]]) -> str:
+    """The trials as a Markdown table (searched values, status, metrics)."""
+    if not rows:
+        return "(no trials)"
+    return markdown_table(list(rows[0]), [[_fmt(r.get(c)) for c in rows[0]] for r in rows])
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,98 @@
+"""The search spaces: plain functions returning a Ray Tune ``param_space``.
+
+Keys are dotted paths into :class:`polar_vbll.config.RunConfig` (``head.vbll.prior_scale``), so a sampled
+trial config is applied exactly like ``--set`` overrides, shows up under the same names in MLflow, and a
+best trial turns back into a ready-to-use YAML config. A space only names what it searches; everything
+else comes from the base run config (``polar-vbll tune --config ...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ray import tune
+
+ParamSpace = dict[str, Any]
+
+
+def priors() -> ParamSpace:
+    """The head's priors: the weight prior's scale and the noise prior (inverse-Wishart scale, dof)."""
+    return {
+        "head.kind": "vbll",
+        "head.vbll.prior_scale": tune.loguniform(0.05, 20.0),
+        "head.vbll.wishart_scale": tune.loguniform(0.01, 10.0),
+        "head.vbll.dof": tune.loguniform(0.5, 10.0),
+    }
+
+
+def ranks() -> ParamSpace:
+    """The PoLAR rank and the rank of the head's low-rank-plus-diagonal covariance."""
+    return {
+        "head.kind": "vbll",
+        "head.vbll.cov": "lowrank",
+        "adapter.r": tune.choice([2, 4, 8, 16]),
+        "head.vbll.cov_rank": tune.choice([1, 2, 4, 8]),
+    }
+
+
+def optimization() -> ParamSpace:
+    """Learning rates of the Stiefel factors, of Theta and of the head's eta-phase, and the landing
+    field's lambda (searched together with the manifold strategy; lambda only acts under ``landing``)."""
+    return {
+        "optim.lr_stiefel": tune.loguniform(1e-3, 2e-2),
+        "optim.lr_theta": tune.loguniform(1e-3, 2e-2),
+        "head.fit.lr": tune.loguniform(1e-3, 5e-2),
+        "optim.method": tune.choice(["riemannian", "landing"]),
+        "optim.landing_lambda": tune.loguniform(1e-3, 5e-2),
+    }
+
+
+def default() -> ParamSpace:
+    """The combined search: the prior scale, both ranks and both adapter learning rates."""
+    return {
+        "head.kind": "vbll",
+        "head.vbll.cov": "lowrank",
+        "head.vbll.prior_scale": tune.loguniform(0.1, 10.0),
+        "head.vbll.cov_rank": tune.choice([1, 4]),
+        "adapter.r": tune.choice([4, 8, 16]),
+        "optim.lr_stiefel": tune.loguniform(1e-3, 1e-2),
+        "optim.lr_theta": tune.loguniform(1e-3, 1e-2),
+    }
+
+
+SPACES: dict[str, Callable[[], ParamSpace]] = {
+    "priors": priors,
+    "ranks": ranks,
+    "optimization": optimization,
+    "default": default,
+}
+
+
+def space_names() -> list[str]:
+    return sorted(SPACES)
+
+
+def get_space(name: str) -> ParamSpace:
+    """The param space called ``name``; an unknown name is refused with the list of valid ones."""
+    from polar_vbll.errors import UserInputError
+
+    if name not in SPACES:
+        raise UserInputError(f"unknown search space {name!r}; valid spaces: {', '.join(space_names())}")
+    return SPACES[name]()
+
+
+def describe(space: ParamSpace) -> dict[str, str]:
+    """Each key's domain in words (``loguniform(0.05, 20)``, ``choice([2, 4])``, or the fixed value)."""
+    out = {}
+    for key, dom in space.items():
+        if isinstance(dom, tune.search.sample.Categorical):
+            out[key] = f"choice({list(dom.categories)})"
+        elif isinstance(dom, tune.search.sample.Float):
+            kind = "loguniform" if isinstance(dom.get_sampler(), tune.search.sample.LogUniform) else "uniform"
+            out[key] = f"{kind}({dom.lower:g}, {dom.upper:g})"
+        elif isinstance(dom, tune.search.sample.Domain):
+            out[key] = type(dom).__name__
+        else:
+            out[key] = repr(dom)
+    return out

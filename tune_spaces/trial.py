@@ -1,0 +1,106 @@
+"""One trial of a search: its run config, its MLflow child run, and the distributed training it runs.
+
+The trial function is the current Ray pattern (a Tune function trainable that builds and fits a Ray
+Train run itself, with ``TuneReportCallback`` forwarding rank 0's reports to Tune), not the deprecated
+``Tuner(trainer)``. A trial that is restarted after an interruption reuses its MLflow child run (found by
+its trial-id tag) and resumes its Ray Train run from the latest checkpoint (same name, same storage).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from distributed.config import DistConfig
+from distributed.tracking import TrackingTarget, client_for, safe_params
+from polar_vbll.config import RunConfig, parse_config
+
+#: Tags that tie a child run to its search and trial (``polar-vbll runs`` reads them).
+TAG_SEARCH, TAG_TRIAL, TAG_PARENT = "polar_vbll.search", "polar_vbll.trial_id", "mlflow.parentRunId"
+TAG_ROLE = "polar_vbll.role"
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a ``RunConfig`` dump) with each dotted ``params`` key set, as ``--set`` would."""
+    data = copy.deepcopy(base)
+    for key, value in params.items():
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], name: str, output_dir: str) -> RunConfig:
+    data = apply_params(base, params)
+    data.update(name=name, output_dir=output_dir)
+    return parse_config(data, f"trial {name}")
+
+
+def open_child_run(
+    tracking: dict[str, Any], trial_id: str, trial_name: str, cfg: RunConfig, params: dict[str, Any]
+) -> TrackingTarget:
+    """The trial's MLflow child run (reused when the trial is resumed), with every config value as a
+    param and the searched values as a tag."""
+    client = client_for(tracking["uri"])
+    found = client.search_runs(
+        [tracking["experiment_id"]],
+        filter_string=f"tags.`{TAG_TRIAL}` = '{trial_id}' and tags.`{TAG_PARENT}` = '{tracking['parent_run_id']}'",
+        max_results=1,
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return TrackingTarget(tracking["uri"], run_id)
+    run = client.create_run(
+        tracking["experiment_id"],
+        run_name=trial_name,
+        tags={
+            TAG_PARENT: tracking["parent_run_id"],
+            TAG_SEARCH: tracking["search"],
+            TAG_TRIAL: trial_id,
+            TAG_ROLE: "trial",
+            "polar_vbll.searched": json.dumps(
+                {k: v for k, v in params.items() if k in tracking.get("searched", params)},
+                sort_keys=True,
+                default=str,
+            ),
+        },
+    )
+    target = TrackingTarget(tracking["uri"], run.info.run_id)
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in safe_params(cfg.flat_params()).items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(target.run_id, params=items[i : i + 100])
+    return target
+
+
+def run_trial(
+    config: dict[str, Any], *, base: dict[str, Any], dist: dict[str, Any], tracking: dict[str, Any]
+) -> None:
+    """The Tune trainable: ``config`` is the sampled point of the search space (dotted keys).
+
+    A trial that fails, or that ASHA stops (Tune kills it mid-run), never gets here to close its MLflow
+    run: the driver closes it afterwards from Tune's own record (FAILED with the error, or KILLED).
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distributed.launch import run_in_session
+
+    ctx = tune.get_context()
+    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    cfg = trial_config(base, config, name=trial_id, output_dir=str(Path(tracking["search_dir"]) / "trials"))
+    target = open_child_run(tracking, trial_id, trial_name, cfg, config)
+    run_in_session(
+        cfg,
+        DistConfig.model_validate(dist),
+        resume=True,
+        callbacks=[TuneReportCallback()],
+        tracking=target,
+    )
+    client_for(target.uri).set_terminated(target.run_id, "FINISHED")
