@@ -8,7 +8,7 @@ its URI shown with credentials masked).
 Who writes: the search driver (the parent run), each trial's driver (creates its child run, logs every
 config value as a param, closes it) and rank 0 of the trial's workers (metrics over steps, reliability
 diagrams, the adapter and head). Other ranks never log. :class:`RunLogger` keeps the time it spends, so a
-run can report what tracking cost it (``results.json`` -> ``timings.tracking_s``).
+run can report what tracking cost it (``results.json`` -> ``timings.tracking_train_s`` / ``tracking_final_s``).
 
 MLflow is imported only here and only when tracking is used: ``polar_vbll`` never needs it.
 """

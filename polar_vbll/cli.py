@@ -179,8 +179,12 @@ def tune(
     if outcome.errors:
         print("\nfailed trials:\n" + "\n".join(f"  {t}: {e}" for t, e in outcome.errors.items()))
     if outcome.best is not None:
-        print(f"\nbest trial {outcome.best['trial']}: val_nll {outcome.best['val_nll']:.4f}")
-        print(f"best config: {outcome.best_config_path}")
+        best = outcome.best
+        print(f"\nbest trial {best['trial']} (chosen on validation NLL):")
+        for key, value in best.items():
+            if key not in ("trial", "status"):
+                print(f"  {key}: {value}")
+        print(f"best config (ready to train): {outcome.best_config_path}")
     print(f"runs: polar-vbll runs {outcome.folder}")
 
 

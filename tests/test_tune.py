@@ -80,7 +80,10 @@ def test_a_space_value_the_config_refuses_is_reported_before_ray_starts(tmp_path
 
 # ---------------------------------------------------------------------------------------- secrets
 def test_mask_uri_hides_passwords_and_secret_query_values():
-    assert mask_uri("https://alice:s3cret@mlflow.example.com:5000/x") == "https://alice:***@mlflow.example.com:5000/x"
+    assert (
+        mask_uri("https://alice:s3cret@mlflow.example.com:5000/x")
+        == "https://alice:***@mlflow.example.com:5000/x"
+    )
     assert mask_uri("https://ghp_abcdef@host/") == "https://***@host/"
     masked = mask_uri("https://host/api?token=abc123&experiment=7")
     assert "abc123" not in masked and "experiment=7" in masked
@@ -125,7 +128,15 @@ def search(tmp_path_factory):
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     cfg = load_config(
         packaged_config("run", "tiny"),
-        [f"output_dir={root}", "name=s", "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2"],
+        [
+            f"output_dir={root}",
+            "name=s",
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "data.ood_tasks=[arc_challenge]",
+            "data.ood_limit=16",
+        ],
     )
     dist = DistConfig(workers=2, health_check_interval_s=0.1)
     settings = SearchSettings(space="priors", trials=2, concurrency=1, seed=3)
@@ -170,8 +181,18 @@ def test_search_writes_parent_and_child_runs_with_metrics_and_artifacts(search):
     assert finished, "ASHA keeps at least the first trial to the end"
     for child in finished:
         m = child.data.metrics
-        for key in ("val_nll", "val_ece", "val_acc", "val_brier", "test_nll", "test_acc", "orthogonality_error"):
+        for key in (
+            "val_nll",
+            "val_ece",
+            "val_acc",
+            "val_brier",
+            "test_nll",
+            "test_acc",
+            "orthogonality_error",
+            "ood_auroc_arc_challenge",
+        ):
             assert key in m, key
+        assert 0.0 <= m["ood_auroc_arc_challenge"] <= 1.0
         assert m["orthogonality_error"] < 1e-4
         names = _artifact_paths(client, child.info.run_id)
         assert "plots/reliability_validation.png" in names and "plots/reliability_test.png" in names

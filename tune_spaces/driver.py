@@ -196,7 +196,8 @@ def run_search(
     }
     # Tune checks that every report carries the objective; checkpoint-only reports do not.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # MLflow is the record; Tune's own CSV/JSON/TensorBoard loggers would only duplicate it (noisily).
+    # Tune's JSON/CSV result files are kept (its ResultGrid reads them); its TensorBoard logger is not:
+    # MLflow is the record, and TensorBoard warns on every non-scalar field of the final report.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     num_cpus = max(1, int(round(concurrency * dist.workers * dist.cpus_per_worker)))
     status = "FAILED"
@@ -214,6 +215,7 @@ def run_search(
 
 def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency: int):
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -245,7 +247,12 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
                 search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             ),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=1),
+            run_config=tune.RunConfig(
+                name=cfg.name,
+                storage_path=str(folder.parent),
+                verbose=1,
+                callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+            ),
         )
     return tuner.fit()
 
@@ -266,7 +273,7 @@ def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], di
             errors[trial_id] = mask_secrets(_first_error_line(text))
             row["status"] = "error"
         else:
-            row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early (ASHA)"
+            row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early by ASHA"
         rows.append(row)
     return rows, errors
 
