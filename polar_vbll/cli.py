@@ -191,7 +191,10 @@ def tune(
 @app.command()
 def runs(
     search: Annotated[
-        Path | None, typer.Argument(help="a search folder (runs/<name>); omit to list every search")
+        Path | None,
+        typer.Argument(
+            help="a search folder (runs/<name>), or a folder of them (runs/) to list the searches"
+        ),
     ] = None,
     tracking_uri: Annotated[
         str | None, typer.Option(help="store to list searches from (default: MLFLOW_TRACKING_URI)")
@@ -202,7 +205,9 @@ def runs(
 
     try:
         _, runs_mod = _import_tune()
-        if search is not None:
+        if search is not None and not (search / "search.json").is_file() and search.is_dir():
+            header, rows = runs_mod.list_searches_under(search)  # e.g. `polar-vbll runs runs/`
+        elif search is not None:
             header, rows = runs_mod.list_trials(search)
         else:
             uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

@@ -235,6 +235,11 @@ def test_runs_command_lists_the_trials_from_the_store(search):
     assert {"head.vbll.prior_scale", "head.vbll.wishart_scale", "head.vbll.dof"} <= set(header)
     assert "head.kind" not in header  # fixed by the space, not searched
     assert len(lines) == 2 + 2
+    searches = CliRunner().invoke(app, ["runs", str(outcome.folder.parent)])
+    assert searches.exit_code == 0, searches.output
+    row = searches.output.strip().splitlines()[2].split()
+    assert row[:3] == ["s", "FINISHED", "priors"]
+    assert float(row[3]) == pytest.approx(outcome.best["val_nll"], rel=1e-3)
     missing = CliRunner().invoke(app, ["runs", str(outcome.folder / "nope")])
     assert missing.exit_code == 2 and "not a search folder" in missing.output
 

@@ -85,6 +85,22 @@ def list_searches(uri: str) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def list_searches_under(folder: Path) -> tuple[list[str], list[list[str]]]:
+    """Every search folder directly below ``folder`` (e.g. ``runs/``), one row each, from its store."""
+    found = sorted(p.parent for p in Path(folder).glob("*/search.json"))
+    if not found:
+        raise UserInputError(
+            f"{folder} holds no search folders (no */search.json); run `polar-vbll tune` first"
+        )
+    header: list[str] = []
+    rows: list[list[str]] = []
+    for search in found:
+        uri, _ = store_of(search)
+        header, more = list_searches(uri)
+        rows += more
+    return header, rows
+
+
 def _status(run) -> str:
     end = run.data.tags.get("polar_vbll.end")
     return f"{run.info.status} ({end})" if end and end != "completed" else run.info.status
