@@ -101,9 +101,14 @@ def train_distributed(
     resume: bool = True,
     hooks: Sequence[StepHook] = (),
     object_store_mb: int = 256,
+    track: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` on ``workers`` Ray Train workers; returns the final results (also written to
     ``<output_dir>/<name>/results.json`` beside the adapter, the head and the predictions).
+
+    ``track``: record the run in MLflow (the run folder's embedded store ``<run>/mlflow/``, or the server of
+    ``MLFLOW_TRACKING_URI``; checked before Ray starts): params, metrics over steps, plots and artifacts
+    from rank 0, as in a search (docs/tuning.md).
 
     The run name and ``output_dir`` are Ray Train's run name and storage path: rerunning the same config
     resumes from its latest checkpoint (``resume=False`` refuses to touch a folder that has one). On a
@@ -115,8 +120,21 @@ def train_distributed(
     check_batch_layout(cfg, dist)
     env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
     num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
-    with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
-        return run_in_session(cfg, dist, resume=resume, hooks=hooks)
+    target = None
+    if track:
+        from distributed.tracking import client_for, open_run
+
+        folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
+        target = open_run(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), {"polar_vbll.role": "run"})
+    status = "FAILED"
+    try:
+        with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
+            results = run_in_session(cfg, dist, resume=resume, hooks=hooks, tracking=target)
+        status = "FINISHED"
+        return results
+    finally:
+        if target is not None:
+            client_for(target.uri).set_terminated(target.run_id, status)
 
 
 def run_in_session(
@@ -237,6 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
     )
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--track", action="store_true", help="record the run in MLflow (see docs/tuning.md)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(_resolve(args.config), args.set)
@@ -244,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.zero_stage is not None:
             overrides.append(f"zero_stage={args.zero_stage}")
         dist = dist_config_from({}, overrides)
-        results = train_distributed(cfg, args.workers, args.address, dist, resume=not args.no_resume)
+        results = train_distributed(
+            cfg, args.workers, args.address, dist, resume=not args.no_resume, track=args.track
+        )
     except (UserInputError, DistributedRunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

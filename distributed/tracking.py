@@ -243,3 +243,21 @@ def prefixed(metrics: Mapping[str, Any], prefix: str, keys: Iterable[str] | None
         for k, v in metrics.items()
         if (wanted is None or k in wanted) and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
+
+
+def open_run(
+    folder: Path,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+) -> TrackingTarget:
+    """A new MLflow run for a training run in ``folder`` (its embedded store, or the server of
+    ``MLFLOW_TRACKING_URI``), checked reachable first, with ``params`` logged (secrets masked)."""
+    uri, artifacts = resolve_store(folder)
+    check_reachable(uri)
+    experiment_id = ensure_experiment(uri, experiment, artifacts)
+    run = client_for(uri).create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    target = TrackingTarget(uri, run.info.run_id)
+    RunLogger(target).log_params(params)
+    return target

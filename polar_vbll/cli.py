@@ -6,6 +6,7 @@ row or field, and exit status 2: never a traceback from deep inside.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from importlib import resources
@@ -74,6 +75,13 @@ def train(
     zero_stage: Annotated[
         int, typer.Option(help="DeepSpeed ZeRO stage of the backbone (with --workers)")
     ] = 3,
+    track: Annotated[
+        bool,
+        typer.Option(
+            help="with --workers: record the run in MLflow (the run folder's local store, or "
+            "MLFLOW_TRACKING_URI); on by default when mlflow is installed"
+        ),
+    ] = True,
 ) -> None:
     """Zero-shot evaluation, fine-tuning, evaluation again; writes the run folder."""
     from polar_vbll.config import load_config
@@ -94,7 +102,10 @@ def train(
             ) from None
         try:
             dist = DistConfig(workers=workers or 2, zero_stage=zero_stage)
-            train_distributed(cfg, workers=workers, address=address, dist=dist, resume=resume)
+            if track and importlib.util.find_spec("mlflow") is None:
+                typer.echo("note: mlflow is not installed (the `track` extra); this run is not tracked")
+                track = False
+            train_distributed(cfg, workers=workers, address=address, dist=dist, resume=resume, track=track)
         except DistributedRunError as exc:
             _fail(exc)
     except (UserInputError, TrainingDiverged) as exc:

@@ -267,3 +267,27 @@ def test_a_search_whose_trials_all_fail_reports_each_first_error(tmp_path):
     text = str(err.value)
     assert "all 2 trials" in text and text.count("  trial ") == 2
     assert "no_such_proj" in text
+
+
+def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch):
+    """``polar-vbll train --workers 2`` (tracking on): one run in the run folder's own store, with the
+    final metrics equal to results.json and the model artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from distributed.launch import train_distributed
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(
+        packaged_config("run", "tiny"),
+        [f"output_dir={tmp_path}", "name=t", "head.kind=vbll", "train.steps=2", "train.checkpoint_every=0"],
+    )
+    results = train_distributed(cfg, dist=DistConfig(workers=2, health_check_interval_s=0.1), track=True)
+    client = MlflowClient(local_store(tmp_path / "t")[0])
+    (run,) = client.search_runs([client.get_experiment_by_name("polar-vbll-runs").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "t"
+    assert run.data.params["head.kind"] == "vbll" and run.data.params["train.steps"] == "2"
+    assert run.data.metrics["val_nll"] == pytest.approx(results["metrics"]["validation"]["nll"])
+    assert run.data.metrics["test_ece"] == pytest.approx(results["metrics"]["eval"]["ece"])
+    names = _artifact_paths(client, run.info.run_id)
+    assert {"model/head.safetensors", "plots/reliability_test.png", "results.json"} <= names
+    assert results["timings"]["tracking_train_s"] >= 0.0
