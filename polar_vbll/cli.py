@@ -187,6 +187,12 @@ def tune(
     except (UserInputError, TrainingDiverged) as exc:
         _fail(exc)
     print(driver.format_trials(outcome.rows))
+    if outcome.interrupted:
+        typer.secho(
+            "search interrupted; its state is saved: rerun the same command to resume it",
+            fg=typer.colors.YELLOW,
+        )
+        raise typer.Exit(130)
     if outcome.errors:
         print("\nfailed trials:\n" + "\n".join(f"  {t}: {e}" for t, e in outcome.errors.items()))
     if outcome.best is not None:

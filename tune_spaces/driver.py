@@ -80,6 +80,7 @@ class SearchOutcome:
     tracking_uri: str
     parent_run_id: str
     errors: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -205,6 +206,15 @@ def run_search(
         with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=worker_env(dist)):
             grid = _tune(cfg, settings, space, dist, base, tracking, folder, concurrency)
         rows, errors = _rows(grid, space, cfg.train.steps)
+        if grid.num_terminated + grid.num_errors < settings.trials:
+            # Ctrl-C / SIGTERM: Tune saved its state and returned. Leave the runs open for the resume.
+            status = "KILLED"
+            for row in rows:
+                if row["status"] == "stopped early by ASHA":
+                    row["status"] = "unfinished (interrupted, or stopped by ASHA)"
+            return SearchOutcome(
+                folder, rows, None, None, parent["uri"], parent["parent_run_id"], errors, interrupted=True
+            )
         _close_children(tracking, rows, errors)
         outcome = _finish(cfg, folder, rows, errors, parent, base)
         status = "FINISHED"
