@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed.config import DistConfig
-from distributed.tracking import TrackingTarget, client_for, safe_params
+from distributed.tracking import RunLogger, TrackingTarget, client_for
 from polar_vbll.config import RunConfig, parse_config
 
 #: Tags that tie a child run to its search and trial (``polar-vbll runs`` reads them).
@@ -71,11 +71,7 @@ def open_child_run(
         },
     )
     target = TrackingTarget(tracking["uri"], run.info.run_id)
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in safe_params(cfg.flat_params()).items()]
-    for i in range(0, len(items), 100):
-        client.log_batch(target.run_id, params=items[i : i + 100])
+    RunLogger(target).log_params(cfg.flat_params())
     return target
 
 
