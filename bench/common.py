@@ -4,7 +4,7 @@ Markdown tables. Each benchmark script imports this module (it sits next to them
 
 Nothing here changes the library; every measured step goes through the library's own classes
 (``LoraAdapter``, ``inject_polar``, ``StiefelOptimizer``, ``VBLLHead``, ``HeadCoordinator``) in the
-order ``polar_vbll.train.Trainer.train_step`` uses them.
+order ``polar_vbll.training.Trainer.train_step`` uses them.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def build_llama(
 
 def matmul_params(model: nn.Module) -> int:
     """Weights of the decoder blocks' linear layers (the matmul FLOPs of a forward are 2 x this x tokens)."""
-    from polar_vbll.models import decoder_of
+    from polar_vbll.backbone import decoder_of
 
     return sum(m.weight.numel() for m in decoder_of(model).layers.modules() if isinstance(m, nn.Linear))
 
@@ -192,9 +192,9 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
     """Inject the adapter in place; returns the wrapper (``LoraAdapter`` or ``PolarModel``)."""
     layers = list(spec.layers) if spec.layers is not None else None
     if spec.kind == "lora":
-        from polar_vbll.baselines.lora import LoraAdapter, LoraBaselineConfig
+        from polar_vbll.adapters import LoraAdapter, LoraConfig
 
-        cfg = LoraBaselineConfig(
+        cfg = LoraConfig(
             r=spec.r, alpha=spec.alpha, target_modules=list(spec.targets), layers=layers, dropout=spec.dropout
         )
         return LoraAdapter(model, cfg)
@@ -211,8 +211,8 @@ def attach_adapter(model: nn.Module, spec: AdapterSpec) -> nn.Module:
 def make_head(model: nn.Module, kind: str, predictive: str = "mc", mc_samples: int = 1000) -> nn.Module:
     """``det``: the frozen LM-head rows of the answer tokens; ``vbll``: a diagonal VBLL head started from
     them (its parameters trainable, fp32)."""
+    from polar_vbll.backbone import answer_head_weight
     from polar_vbll.heads import DeterministicHead, VBLLHead
-    from polar_vbll.models import answer_head_weight
 
     weight, bias = answer_head_weight(model, ANSWER_IDS)
     device = weight.device
@@ -227,10 +227,10 @@ def make_head(model: nn.Module, kind: str, predictive: str = "mc", mc_samples: i
 def make_optimizers(
     adapter: nn.Module, opt: OptimSpec
 ) -> tuple[torch.optim.Optimizer | None, torch.optim.AdamW]:
-    """The library's own ``polar_vbll.train.build_optimizers`` (StiefelOptimizer on the bank groups for
+    """The library's own ``polar_vbll.training.build_optimizers`` (StiefelOptimizer on the bank groups for
     PoLAR, AdamW on Theta or LoRA's A and B), with one learning rate for both."""
     from polar_vbll.config import OptimConfig
-    from polar_vbll.train import build_optimizers
+    from polar_vbll.training import build_optimizers
 
     cfg = OptimConfig(
         method=opt.method,
@@ -269,10 +269,10 @@ class TrainStep:
         opt: OptimSpec,
         feature_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
+        from polar_vbll.backbone import last_token_features
         from polar_vbll.config import HeadFitConfig
-        from polar_vbll.coordinator import HeadCoordinator
         from polar_vbll.heads import VBLLHead
-        from polar_vbll.models import last_token_features
+        from polar_vbll.training import HeadCoordinator
 
         self.adapter = adapter
         self.head = head
@@ -596,16 +596,15 @@ def build_uncertainty_suite(
     - ``polar_vbll_mc`` / ``polar_vbll_probit``: the same PoLAR model with a ``VBLLHead``
       (``predict_proba``, MC over ``mc_samples`` logit samples / probit);
     - ``polar_merged_det`` / ``polar_merged_vbll_mc``: PoLAR merged into the weights (serving form);
-    - ``mc_dropout_10``: ``polar_vbll.baselines.mc_dropout.mc_dropout_predict`` on the LoRA model, ``n_mc``
-      stochastic passes (adapter dropout on);
+    - ``mc_dropout_10``: the ``mc_dropout`` predictive (``polar_vbll.predictives``) on the LoRA model,
+      ``n_mc`` stochastic passes under a seeded RNG with adapter dropout on, probabilities averaged;
     - ``ensemble_3``: ``n_members`` LoRA adapter states swapped into one model with
       ``load_adapter_state_dict`` (as ``predict_ensemble`` does), one pass each, probabilities averaged.
 
     Adapter weights are set to small random values (Theta, B) so no path is trivially zero.
     """
-    from polar_vbll.baselines.lora import set_adapter_dropout
-    from polar_vbll.baselines.mc_dropout import mc_dropout_predict
-    from polar_vbll.models import last_token_features
+    from polar_vbll.adapters import adapter_dropout, seeded_rng, set_adapter_dropout
+    from polar_vbll.backbone import last_token_features
 
     def model_copy() -> nn.Module:
         return build_llama(shape, dtype=dtype, device=device)
@@ -647,18 +646,13 @@ def build_uncertainty_suite(
 
         return run
 
+    run_lora = predict(lora.base_model, det)
+
     @torch.no_grad()
     def mc_dropout() -> torch.Tensor:
-        out = []
-        for b in batches:
-
-            def feats(b: Batch = b) -> torch.Tensor:
-                return last_token_features(lora.base_model, b.ids, b.mask).float()
-
-            out.append(mc_dropout_predict(feats, det, b.n_choices, n_samples=n_mc, model=lora, seed=0))
-        return torch.cat(out)
-
-    run_lora = predict(lora.base_model, det)
+        with seeded_rng(0), adapter_dropout(lora, True):
+            total = sum(run_lora().double() for _ in range(n_mc))
+        return (total / n_mc).float()
 
     @torch.no_grad()
     def ensemble() -> torch.Tensor:

@@ -66,7 +66,7 @@ def unbind_views(polar: nn.Module) -> None:
     """Make ``polar``'s bank hand out views of ``group.unbind(0)``, computed once per forward of the decoder
     (a forward pre-hook) and dropped after it (a forward hook); outside a decoder forward the library's
     behaviour is unchanged."""
-    from polar_vbll.models import decoder_of
+    from polar_vbll.backbone import decoder_of
 
     bank = polar.polar_bank
     bank.factor = types.MethodType(_factor_from_views, bank)

@@ -114,7 +114,7 @@ def matmul_peak(device: str, n: int, iters: int) -> float:
 def floor_fn(model, batch, compiled: bool):
     """Frozen backbone: decoder forward from the input embeddings (which require grad) to the last-token
     features, then backward to the embeddings."""
-    from polar_vbll.models import decoder_of, gather_last, position_ids_from_mask
+    from polar_vbll.backbone import decoder_of, gather_last, position_ids_from_mask
 
     dec = decoder_of(model)
     pos = position_ids_from_mask(batch.mask)
@@ -134,7 +134,7 @@ def floor_fn(model, batch, compiled: bool):
 
 
 def compiled_features(model):
-    from polar_vbll.models import last_token_features
+    from polar_vbll.backbone import last_token_features
 
     return torch.compile(lambda ids, mask: last_token_features(model, ids, mask))
 
@@ -253,7 +253,7 @@ def main() -> None:
     f_floor = flops(shape, batch_size, seq)
     if "floor" in sections:
         model = build_llama(shape, dtype=dtype, device=device)
-        from polar_vbll.models import last_token_features
+        from polar_vbll.backbone import last_token_features
 
         fns = {"floor eager": floor_fn(model, batch, compiled=False)}
 

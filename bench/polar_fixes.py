@@ -58,7 +58,7 @@ def polar_copy(base, r: int, which: str, theta_seed: int = 0):
 
 
 def part0(base, batch, r: int) -> str:
-    from polar_vbll.models import last_token_features
+    from polar_vbll.backbone import last_token_features
 
     rows = []
     ref = None
@@ -84,7 +84,7 @@ def part0(base, batch, r: int) -> str:
 
 
 def part_a(rep: Report, base, batch, args) -> dict:
-    from polar_vbll.models import last_token_features
+    from polar_vbll.backbone import last_token_features
 
     steps = {}
     model = copy.deepcopy(base)

@@ -15,9 +15,17 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from polar_vbll.errors import ReplicaDivergence
 
-class ReplicaDivergence(RuntimeError):
-    """Ranks hold different values of a tensor that must be replicated; the message names it."""
+__all__ = [
+    "ReplicaDivergence",
+    "allreduce_mean_",
+    "bank_gradients",
+    "broadcast_object",
+    "gather_rows",
+    "tensor_digest",
+    "verify_replicas",
+]
 
 
 def allreduce_mean_(tensors: Sequence[torch.Tensor]) -> None:

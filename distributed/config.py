@@ -45,7 +45,7 @@ class DistConfig(BaseModel):
 def check_batch_layout(cfg: RunConfig, dist: DistConfig, workers: int | None = None) -> int:
     """The per-worker micro-batch size; refuses a global batch that does not split evenly.
 
-    Every rank must see an equal slice of every global batch (``polar_vbll.train.batch_indices``), so that
+    Every rank must see an equal slice of every global batch (``polar_vbll.training.batch_indices``), so that
     averaging the ranks' gradients gives exactly the one-process gradient of the same global batch.
     """
     w = workers if workers is not None else dist.workers

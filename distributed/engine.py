@@ -2,14 +2,14 @@
 
 What DeepSpeed gets (docs/design.md, "Distributed training"): a :class:`FeatureModel` whose only child is
 the backbone with its ``PolarLinear`` layers, and the Euclidean trainables, the Thetas, with the AdamW that
-``polar_vbll.train.build_optimizers`` configures. The ``StiefelBank`` holding every U and V is *not* a
+``polar_vbll.training.build_theta_optimizer`` configures. The ``StiefelBank`` holding every U and V is *not* a
 child of that module, so DeepSpeed never partitions, flattens, casts or clears it; the worker all-reduces
 its gradients and steps it with ``polar_vbll``'s :class:`~polar_vbll.optim.StiefelOptimizer`.
 
 Checkpoints are consolidated, not per rank: Theta is gathered (ZeRO-3 partitions it) and its AdamW
 moments are reassembled into exactly the ``state_dict`` of a one-process ``torch.optim.AdamW`` over
 ``polar.theta_parameters()``. A distributed checkpoint is therefore independent of the stage and of the
-number of workers, and the single-process :class:`polar_vbll.train.Trainer` can resume it.
+number of workers, and the single-process :class:`polar_vbll.training.Trainer` over its local backend can resume it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Step hooks, and a fault injector for checking that a cluster really recovers.
 
 A hook is any picklable callable ``hook(trainer, step) -> None`` (``trainer`` is the rank's
-``distributed.worker.DistributedTrainer``) that the worker calls after every completed optimizer step, after
+``polar_vbll.training.Trainer``) that the worker calls after every completed optimizer step, after
 that step's checkpoint if one was due. Two fault injectors ship, for checking that a cluster really
 recovers and that the replica check really fires:
 
@@ -43,7 +43,7 @@ class KillOnce:
     marker: str
 
     def __call__(self, trainer: Any, step: int) -> None:
-        if trainer.rank != self.rank or step != self.step:
+        if trainer.backend.rank != self.rank or step != self.step:
             return
         if _first_time(self.marker, f"killed rank {self.rank} after step {step}, pid {os.getpid()}\n"):
             os.kill(os.getpid(), signal.SIGKILL)
@@ -60,8 +60,8 @@ class CorruptOnce:
     delta: float = 1e-6
 
     def __call__(self, trainer: Any, step: int) -> None:
-        if trainer.rank != self.rank or step != self.step:
+        if trainer.backend.rank != self.rank or step != self.step:
             return
         if _first_time(self.marker, f"corrupted rank {self.rank} after step {step}\n"):
             with torch.no_grad():
-                trainer.polar.stiefel_parameters()[0].view(-1)[0] += self.delta
+                trainer.adapter.stiefel_parameters()[0].view(-1)[0] += self.delta

@@ -1,4 +1,4 @@
-"""The driver-side head coordinator: ``polar_vbll.coordinator.HeadCoordinator`` behind a Ray actor.
+"""The driver-side head coordinator: ``polar_vbll.training.coordinator.HeadCoordinator`` behind a Ray actor.
 
 After each theta-round every worker sends the features and labels of its shard; when all ranks of the
 round have arrived, the actor concatenates them in rank order (which is the global example order, see
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from polar_vbll.config import HeadFitConfig
-from polar_vbll.coordinator import HeadCoordinator
+from polar_vbll.training.coordinator import HeadCoordinator
 
 
 class StaleGeneration(RuntimeError):
@@ -119,13 +119,15 @@ def head_coordinator_actor():
 
 
 class CoordinatorClient:
-    """A worker's view of the coordinator actor: blocking calls tagged with this group's generation."""
+    """A worker's view of the coordinator actor (the :class:`~polar_vbll.protocols.Coordinator` of a
+    distributed run): blocking calls tagged with this group's generation."""
 
     def __init__(self, handle, rank: int, world: int) -> None:
         self.handle = handle
         self.rank = rank
         self.world = world
         self.generation: int | None = None
+        self.refits = 0
 
     def fatal(self) -> str | None:
         import ray
@@ -145,6 +147,7 @@ class CoordinatorClient:
 
         gen = ray.get(self.handle.start.remote(head, fit, state)) if self.rank == 0 else None
         self.generation = int(broadcast_object(gen))  # type: ignore[arg-type]
+        self.refits = int(state["refits"]) if state is not None else 0
 
     def refit(
         self,
@@ -167,8 +170,15 @@ class CoordinatorClient:
             n_choices.cpu(),
             steps,
         )
-        out = ray.get(ref)
-        return out["head"], int(out["refits"])
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the refit's own error (HeadFitDiverged), not Ray's wrapper
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        self.refits = int(out["refits"])
+        return out["head"], self.refits
 
     def state_dict(self) -> dict[str, Any]:
         import ray

@@ -1,41 +1,73 @@
 """The driver: start (or join) Ray, run the workers, collect the run folder.
 
-``train_distributed(cfg, workers=2)`` is what ``polar-vbll train --workers N`` calls. Without an address
-(and without ``RAY_ADDRESS``) it starts a private local Ray instance sized to the run, dashboard bound to
-127.0.0.1, and shuts it down afterwards; with ``address="auto"`` / ``"ray://host:10001"`` / ``RAY_ADDRESS``
-it joins that cluster (this is also what a ``ray job submit`` entrypoint does, see docs/distributed.md).
+``train_distributed(cfg, dist=DistConfig(workers=2))`` is what ``polar-vbll train --workers N`` calls.
+Without an address (and without ``RAY_ADDRESS``) it starts a private local Ray instance sized to the run,
+dashboard bound to 127.0.0.1, and shuts it down afterwards; with ``address="auto"`` /
+``"ray://host:10001"`` / ``RAY_ADDRESS`` it joins that cluster. ``ray job submit -- polar-vbll train
+--workers N ...`` runs the same command inside a job (Ray sets ``RAY_ADDRESS`` there; docs/distributed.md).
 
-``python -m distributed.launch --config tiny --workers 2`` is the same as a command (the ``ray job
-submit`` entrypoint).
+Before anything starts, :func:`prepare_run` refuses what the workers do not run (:data:`WORKERS`: one
+line, exit 2) and fixes the config the workers receive.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from distributed.config import DistConfig, check_batch_layout, dist_config_from
-from distributed.tracking import TrackingTarget
-from distributed.worker import StepHook, train_loop_per_worker
-from polar_vbll.config import RunConfig, load_config
-from polar_vbll.errors import UserInputError
-from polar_vbll.run import write_run_params
+from distributed.worker import train_loop_per_worker
+from polar_vbll.config import RunConfig
+from polar_vbll.errors import RunFailure, UserInputError
+from polar_vbll.methods import METHODS
+from polar_vbll.protocols import StepHook
+from polar_vbll.runner import write_run_params
+from polar_vbll.support import EntryPoint, Refused, check_supported
+from polar_vbll.tracking import TrackingTarget
 
 #: What a run folder receives from the final checkpoint (the artifacts rank 0 wrote).
-ARTIFACTS = ("adapter", "adapter_peft", "head.safetensors", "predictions.safetensors", "results.json")
+ARTIFACTS = (
+    "adapter", "adapter_peft", "head.safetensors", "predictions.safetensors", "results.json", "results.md",
+    "reliability.png",
+)  # fmt: skip
 
 
-class DistributedRunError(RuntimeError):
+class DistributedRunError(RunFailure):
     """The distributed run failed for good (after Ray Train's retries, or at once for errors no retry can
     fix, e.g. diverged replicas); the message says why."""
+
+
+def _runs_on_workers(method: str) -> bool:
+    m = METHODS[method]
+    return m.trains and m.predictive != "ensemble"
+
+
+#: What ``polar-vbll train --workers`` (and every search trial) refuses; every other field is run.
+WORKERS = EntryPoint(
+    "polar-vbll train --workers",
+    {
+        "method": Refused(
+            "zero_shot trains nothing to distribute and an ensemble trains its members one after another; "
+            "run these with `polar-vbll train` (one process) or `polar-vbll compare`",
+            allowed=_runs_on_workers,
+        )
+    },
+)
+
+
+def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS) -> RunConfig:
+    """Everything checked before Ray starts (the fields ``entry`` refuses, the batch layout), and the
+    config the workers receive: ``output_dir`` made absolute (it is Ray Train's storage path)."""
+    check_supported(cfg, entry)
+    check_batch_layout(cfg, dist)
+    storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
+    return cfg.model_copy(update={"output_dir": storage})
 
 
 @contextlib.contextmanager
@@ -103,38 +135,36 @@ def train_distributed(
     object_store_mb: int = 256,
     track: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on ``workers`` Ray Train workers; returns the final results (also written to
-    ``<output_dir>/<name>/results.json`` beside the adapter, the head and the predictions).
+    """Train ``cfg`` on Ray Train workers; returns ``results.json``'s content (also written to
+    ``<output_dir>/<name>/`` beside the adapter, the head and the predictions).
 
-    ``track``: record the run in MLflow (the run folder's embedded store ``<run>/mlflow/``, or the server of
-    ``MLFLOW_TRACKING_URI``; checked before Ray starts): params, metrics over steps, plots and artifacts
-    from rank 0, as in a search (docs/tuning.md).
+    ``track``: record the run in MLflow (the run folder's embedded store ``<run>/mlflow/``, or the server
+    of ``MLFLOW_TRACKING_URI``; checked before Ray starts): params, metrics over steps, plots and artifacts
+    from rank 0, the same layout as one-process runs and searches.
 
     The run name and ``output_dir`` are Ray Train's run name and storage path: rerunning the same config
     resumes from its latest checkpoint (``resume=False`` refuses to touch a folder that has one). On a
     multi-node cluster ``output_dir`` must be storage every node reaches (NFS, or a URI such as s3://...).
     """
+    from polar_vbll.tracking import tracked
+
     dist = dist or DistConfig()
     if workers is not None:
         dist = dist_config_from({**dist.model_dump(), "workers": workers})
-    check_batch_layout(cfg, dist)
+    cfg = prepare_run(cfg, dist)
     env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
     num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
-    target = None
-    if track:
-        from distributed.tracking import client_for, open_run
-
-        folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
-        target = open_run(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), {"polar_vbll.role": "run"})
-    status = "FAILED"
-    try:
-        with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env):
-            results = run_in_session(cfg, dist, resume=resume, hooks=hooks, tracking=target)
-        status = "FINISHED"
-        return results
-    finally:
-        if target is not None:
-            client_for(target.uri).set_terminated(target.run_id, status)
+    folder = Path(cfg.output_dir) / cfg.name if "://" not in cfg.output_dir else Path(cfg.name)
+    print(f"run folder: {folder}", flush=True)
+    tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
+    with (
+        tracked(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track) as logger,
+        ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env),
+    ):
+        target = logger.target if logger is not None else None
+        results = run_in_session(cfg, dist, resume=resume, hooks=hooks, tracking=target)
+    print(f"run folder: {folder}", flush=True)
+    return results
 
 
 def run_in_session(
@@ -144,12 +174,12 @@ def run_in_session(
     hooks: Sequence[StepHook] = (),
     callbacks: Sequence[Any] = (),
     tracking: TrackingTarget | None = None,
+    entry_point: str = "train --workers",
 ) -> dict[str, Any]:
-    """:func:`train_distributed` inside an existing Ray session (what a Tune trial runs): writes the run
+    """:func:`train_distributed` inside an existing Ray session (what a search trial runs): writes the run
     folder's params, fits, copies the final artifacts into the run folder, returns the final results."""
-    check_batch_layout(cfg, dist)
-    storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
-    cfg = cfg.model_copy(update={"output_dir": storage})
+    cfg = prepare_run(cfg, dist)
+    storage = cfg.output_dir
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     if run_dir is not None:
         if not resume and _has_ray_state(run_dir):
@@ -157,7 +187,7 @@ def run_in_session(
         write_run_params(cfg, run_dir)
         (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))
 
-    result = fit_run(cfg, dist, hooks, storage, callbacks, tracking)
+    result = fit_run(cfg, dist, hooks, storage, callbacks, tracking, entry_point)
     results = dict(result.metrics or {})
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
@@ -176,6 +206,7 @@ def fit_run(
     storage: str,
     callbacks: Sequence[Any] = (),
     tracking: TrackingTarget | None = None,
+    entry_point: str = "train --workers",
 ):
     """One Ray Train run of ``cfg`` (name = run name, resumed from its latest checkpoint in ``storage``).
 
@@ -198,6 +229,7 @@ def fit_run(
             "coordinator": coordinator,
             "hooks": list(hooks),
             "tracking": dataclasses.asdict(tracking) if tracking is not None else None,
+            "entry_point": entry_point,
         },
         scaling_config=ScalingConfig(
             num_workers=dist.workers,
@@ -214,12 +246,37 @@ def fit_run(
         ),
     )
     try:
-        return trainer.fit()
-    except Exception as exc:
-        fatal = ray.get(coordinator.fatal.remote())
-        raise DistributedRunError(fatal or f"the distributed run failed: {exc}") from exc
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            fatal = _recorded_failure(coordinator)
+            raise DistributedRunError(fatal or f"the distributed run failed: {first_error_line(str(exc))}") from exc
+        fatal = _recorded_failure(coordinator)  # the workers end a run they cannot finish without an error
+        if fatal:
+            raise DistributedRunError(fatal)
+        return result
     finally:
         ray.kill(coordinator)
+
+
+def _recorded_failure(coordinator) -> str | None:
+    """The failure the workers recorded with the coordinator actor, if it can still be asked."""
+    import ray
+
+    try:
+        return ray.get(coordinator.fatal.remote(), timeout=30)
+    except Exception:  # the actor itself died: nothing recorded can be read
+        return None
+
+
+def first_error_line(text: str) -> str:
+    """The most telling line of a Ray error: the last ``SomeError: message`` line, else the first line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Diverged", "Divergence", "Failure")) and " " not in head:
+            return ln[:500]
+    return (lines[0] if lines else "unknown error")[:500]
 
 
 def _copy_artifacts(src: Path, run_dir: Path) -> None:
@@ -231,48 +288,3 @@ def _copy_artifacts(src: Path, run_dir: Path) -> None:
             shutil.copytree(s, d)
         elif s.is_file():
             shutil.copy2(s, d)
-
-
-# ---------------------------------------------------------------------------------------------- command
-def _resolve(config: str | None) -> Path | None:
-    """A YAML path, or the name of a config packaged with polar_vbll (``tiny``, ``cpu``, ``full``)."""
-    from polar_vbll.cli import packaged_config
-
-    if config is None or Path(config).exists() or config.endswith((".yaml", ".yml")):
-        return None if config is None else Path(config)
-    return packaged_config("run", config)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m distributed.launch``: the ``ray job submit`` entrypoint (see docs/distributed.md)."""
-    p = argparse.ArgumentParser(prog="python -m distributed.launch", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", "-c", help="run YAML, or a packaged config name (tiny, cpu, full)")
-    p.add_argument("--set", "-s", action="append", default=[], help="run config override key=value")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=None)
-    p.add_argument("--dist-set", action="append", default=[], help="DistConfig override key=value")
-    p.add_argument(
-        "--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)"
-    )
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--track", action="store_true", help="record the run in MLflow (see docs/tuning.md)")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(_resolve(args.config), args.set)
-        overrides = list(args.dist_set)
-        if args.zero_stage is not None:
-            overrides.append(f"zero_stage={args.zero_stage}")
-        dist = dist_config_from({}, overrides)
-        results = train_distributed(
-            cfg, args.workers, args.address, dist, resume=not args.no_resume, track=args.track
-        )
-    except (UserInputError, DistributedRunError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    summary = {k: results[k] for k in ("step", "method", "metrics", "orthogonality_error") if k in results}
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

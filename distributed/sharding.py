@@ -2,7 +2,7 @@
 
 Two rules keep the distributed run equal to the one-process run and free of deadlocks:
 
-- A training step's global batch is ``polar_vbll.train.batch_indices(step, ...)``, the very batch the
+- A training step's global batch is ``polar_vbll.training.batch_indices(step, ...)``, the very batch the
   single-process trainer uses; rank ``r`` takes the ``r``-th equal contiguous slice, so concatenating the
   slices in rank order gives the global batch back.
 - Under ZeRO-3 every forward pass gathers parameters collectively, so all ranks must run the same number
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from polar_vbll.train import batch_indices
+from polar_vbll.training.schedule import batch_indices
 
 T = TypeVar("T")
 
@@ -32,13 +32,17 @@ def rank_slice(items: Sequence[T], rank: int, world: int) -> list[T]:
     return list(items[rank * size : (rank + 1) * size])
 
 
+def micro_batches(batch: Sequence[int], rank: int, world: int, grad_accum: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: its slice, cut into ``grad_accum`` equal parts."""
+    mine = rank_slice(list(batch), rank, world)
+    return [rank_slice(mine, i, grad_accum) for i in range(grad_accum)]
+
+
 def step_micro_batches(
     step: int, n: int, batch_size: int, seed: int, rank: int, world: int, grad_accum: int
 ) -> list[list[int]]:
-    """This rank's micro-batches of optimizer step ``step``: its slice of the global batch, cut into
-    ``grad_accum`` equal parts."""
-    mine = rank_slice(batch_indices(step, n, batch_size, seed), rank, world)
-    return [rank_slice(mine, i, grad_accum) for i in range(grad_accum)]
+    """This rank's micro-batches of optimizer step ``step`` (the global batch of ``batch_indices``)."""
+    return micro_batches(batch_indices(step, n, batch_size, seed), rank, world, grad_accum)
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:

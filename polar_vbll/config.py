@@ -2,21 +2,28 @@
 
 Every model rejects unknown keys (``extra="forbid"``) so a typo in a YAML file is an error naming the
 field, not a silently ignored setting. Options marked **[choice]** in ``docs/method.md`` are fields here.
+
+``method`` names one entry of ``polar_vbll.methods.METHODS`` (an adapter kind, a head kind and a
+predictive); the method's defaults are merged under the given values and its cross-field check runs when
+the config is parsed, so a config that validates is a config every entry point can run or refuse at once.
+Packaged configs (``polar_vbll/configs/<kind>/<name>.yaml``) are resolved here, in one place.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.adapters.config import PolarConfig
-from polar_vbll.baselines.lora import LoraBaselineConfig
-from polar_vbll.errors import ConfigError
+from polar_vbll.adapters.config import LoraConfig, PolarConfig
+from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.heads.config import VBLLConfig
+from polar_vbll.methods import METHODS
 
 
 class _Strict(BaseModel):
@@ -128,48 +135,76 @@ class HeadFitConfig(_Strict):
         return v
 
 
+class LaplaceConfig(_Strict):
+    """The ``laplace`` head kind: post-hoc last-layer Laplace around the trained deterministic head, its
+    prior precision chosen by the marginal likelihood (``polar_vbll.heads.laplace``)."""
+
+    structure: Literal["full", "kron"] = Field("full", description="full GGN, or Kronecker-factored (KFAC)")
+    predictive: Literal["probit", "mc"] = Field(
+        "probit", description="[choice] generalized probit, or Monte Carlo over the K Gaussian logits"
+    )
+    mc_samples: int = Field(1000, gt=0, description="logit samples per example for predictive='mc'")
+    mc_seed: int = Field(0, ge=0, description="seed of those samples")
+
+
 class HeadConfig(_Strict):
-    """The last layer, started from the LM-head rows of the answer tokens in every case.
+    """Settings of the head kinds (which kind a run uses is its ``method``'s). Every head starts from the
+    LM-head rows of the answer tokens, so training starts at the zero-shot model."""
 
-    ``deterministic``: those rows, frozen (PoLAR-MLE / LoRA-MLE: only the adapters train);
-    ``vbll``: a variational Bayesian last layer (Gaussian posterior over the rows), trained by the
-    alternating eta-phase. ``laplace``: post-hoc last-layer Laplace on the final (deterministic) head.
-    """
-
-    kind: Literal["deterministic", "vbll"] = "deterministic"
     vbll: VBLLConfig = Field(default_factory=VBLLConfig)
     fit: HeadFitConfig = Field(default_factory=HeadFitConfig)
-    laplace: Literal["none", "full", "kron"] = Field(
-        "none",
-        description="post-hoc last-layer Laplace on the final head's mean (prior by marginal likelihood)",
-    )
-    laplace_predictive: Literal["probit", "mc"] = "probit"
+    laplace: LaplaceConfig = Field(default_factory=LaplaceConfig)
 
 
 class EvalConfig(_Strict):
-    """How test-time predictions are made."""
+    """Settings of the predictives (which one a run uses is its ``method``'s)."""
 
-    predictive: Literal["standard", "mc_dropout"] = Field(
-        "standard", description="standard: one backbone pass; mc_dropout: average over adapter-dropout passes"
-    )
-    mc_dropout_samples: int = Field(10, gt=0)
-    ensemble_members: int = Field(1, gt=0, description="deep ensemble: independently seeded adapters")
+    mc_dropout_samples: int = Field(10, gt=0, description="mc_dropout: stochastic backbone passes per example")
+    ensemble_members: int = Field(3, gt=0, description="ensemble: independently seeded adapter/head pairs")
 
 
 class RunConfig(_Strict):
-    """One training run: everything needed to reproduce it."""
+    """One run: everything needed to reproduce it."""
 
     name: str = "run"
     output_dir: str = "runs"
+    method: str = Field(
+        "polar_mle",
+        description="a named method of polar_vbll.methods.METHODS (adapter kind, head kind, predictive)",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    adapter_kind: Literal["polar", "lora"] = Field("polar", description="lora: the peft LoRA baseline")
-    adapter: PolarConfig = Field(default_factory=PolarConfig)
-    lora: LoraBaselineConfig = Field(default_factory=LoraBaselineConfig)
+    polar: PolarConfig = Field(default_factory=PolarConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        """The method's defaults, under the values given (``lora_map`` sets a weight decay unless the
+        config sets one)."""
+        if isinstance(data, dict):
+            method = METHODS.get(data.get("method", cls.model_fields["method"].default))
+            if method is not None and method.defaults:
+                return deep_merge(dict(method.defaults), data)
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; valid methods: {', '.join(METHODS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_check(self) -> RunConfig:
+        check = METHODS[self.method].check
+        if check is not None:
+            check(self)
+        return self
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -177,6 +212,18 @@ class RunConfig(_Strict):
     def flat_params(self) -> dict[str, Any]:
         """Every value as ``section.key`` -> value, for run parameters (MLflow, results files)."""
         return _flatten(self.model_dump(mode="json"))
+
+
+def deep_merge(base: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated recursively by each override (dicts merge, anything else replaces)."""
+    out = copy.deepcopy(base)
+    for over in overrides:
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = deep_merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -190,14 +237,29 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+#: Keys of the configuration layout before methods became data, and what replaced them.
+_REPLACED = {
+    "adapter": "renamed `polar` (the PoLAR adapter's settings)",
+    "adapter_kind": "use `method` (e.g. lora_mle; `polar-vbll methods` lists them)",
+    "head.kind": "use `method` (e.g. polar_vbll for the VBLL head)",
+    "head.laplace_predictive": "now `head.laplace.predictive` (use method: laplace)",
+    "eval.predictive": "use `method` (e.g. mc_dropout)",
+}
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(
-            f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "missing" else f"  {loc}: {msg}"
-        )
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden" and loc in _REPLACED:
+            msg += f"; {_REPLACED[loc]}"
+        if not loc:  # a check across fields: its message names them; the whole mapping says nothing more
+            lines.append(f"  {msg}")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -249,3 +311,36 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------ packaged configs
+CONFIG_KINDS = ("run", "compare")
+
+
+def packaged_config(kind: str, name: str) -> Path:
+    """Path of a config shipped inside the package (``polar_vbll/configs/<kind>/<name>.yaml``)."""
+    return Path(str(resources.files("polar_vbll") / "configs" / kind / f"{name}.yaml"))
+
+
+def packaged_names(kind: str) -> list[str]:
+    """The names of the packaged configs of a kind (``run`` or ``compare``)."""
+    return sorted(p.stem for p in Path(str(resources.files("polar_vbll") / "configs" / kind)).glob("*.yaml"))
+
+
+def resolve_config(config: str | Path | None, kind: str = "run") -> Path | None:
+    """A YAML path, or the name of a packaged config of this kind: the one rule every command uses.
+
+    A value that exists as a file, contains a ``/`` or ends in ``.yaml``/``.yml`` is a path; anything else
+    is a packaged name, refused with the valid names when there is none of that name."""
+    if config is None:
+        return None
+    text = str(config)
+    p = Path(text)
+    if p.exists() or "/" in text or text.endswith((".yaml", ".yml")):
+        return p
+    packaged = packaged_config(kind, text)
+    if packaged.is_file():
+        return packaged
+    raise UserInputError(
+        f"config {text!r} is neither a file nor a packaged {kind} config ({', '.join(packaged_names(kind))})"
+    )

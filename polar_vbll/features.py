@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from polar_vbll.models import SplitDecoder, last_token_features, pad_batch, tokenize_prompts
+from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
+from polar_vbll.tokens import pad_batch, tokenize_prompts
 
 
 @dataclass
@@ -55,8 +56,6 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
 
 def lowest_adapted_block(model: nn.Module) -> int | None:
     """Index of the lowest decoder block that holds a trainable parameter (None: none do)."""
-    from polar_vbll.models import decoder_of
-
     for i, block in enumerate(decoder_of(model).layers):
         if any(p.requires_grad for p in block.parameters()):
             return i
@@ -124,20 +123,27 @@ class FeatureSource:
             states[row, width - s.shape[0] :] = s
         return self.split.features(states, mask).to(torch.float32)
 
+    @torch.no_grad()
+    def split_features(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> torch.Tensor:
+        """``phi`` ``(N, d)`` float32 on the CPU for a whole split in its original order, one pass per
+        example (length-sorted batches; adapted blocks only on the cached-prefix path). Adapter dropout
+        acts as it is set (off outside training steps; on for the MC-dropout predictive)."""
+        self.prepare(enc, batch_size, progress=progress)
+        if not len(enc):
+            raise ValueError(f"split {enc.name!r} is empty")
+        rows: list[torch.Tensor | None] = [None] * len(enc)
+        batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
+        for idx in tqdm(batches, desc=f"features of {enc.name}", disable=not progress):
+            phi = self.features(enc, idx).to("cpu", torch.float32)
+            for row, i in enumerate(idx):
+                rows[i] = phi[row]
+        return torch.stack(rows)  # type: ignore[arg-type]
+
 
 @torch.no_grad()
 def split_features(
     source: FeatureSource, enc: EncodedSplit, batch_size: int, progress: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(phi (N, d) float32 on the CPU, labels, n_choices)`` for a whole split in its original order, one
-    pass per example (length-sorted batches, adapted blocks only on the cached-prefix path): what
-    the eta-phase and the Laplace baseline fit on. Run it with the adapters in the state you mean."""
-    source.prepare(enc, batch_size, progress=progress)
-    rows: list[torch.Tensor | None] = [None] * len(enc)
-    for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
-        phi = source.features(enc, idx).to("cpu", torch.float32)
-        for row, i in enumerate(idx):
-            rows[i] = phi[row]
-    if not rows:
-        raise ValueError(f"split {enc.name!r} is empty")
-    return torch.stack(rows), enc.labels.clone(), enc.n_choices.clone()  # type: ignore[arg-type]
+    """``(phi (N, d), labels, n_choices)`` for a whole split (see :meth:`FeatureSource.split_features`):
+    what the eta-phase and the Laplace head fit on. Run it with the adapters in the state you mean."""
+    return source.split_features(enc, batch_size, progress), enc.labels.clone(), enc.n_choices.clone()

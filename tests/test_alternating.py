@@ -10,11 +10,10 @@ import torch
 
 from polar_vbll.adapters import inject_polar
 from polar_vbll.config import parse_config
-from polar_vbll.coordinator import HeadCoordinator
-from polar_vbll.evaluate import predict
 from polar_vbll.features import FeatureSource
 from polar_vbll.heads import VBLLHead
-from polar_vbll.train import Trainer, TrainingDiverged
+from polar_vbll.predictives import predict
+from polar_vbll.training import HeadCoordinator, Trainer, TrainingDiverged
 
 from .conftest import make_tiny_llama
 from .test_train import K, _split
@@ -25,7 +24,8 @@ def _vbll_setup(tmp_path, alternation="per_round", steps=6, round_steps=2, cache
         {
             "name": "v",
             "output_dir": str(tmp_path),
-            "adapter": {"r": 4, "alpha": 8, "layers": [-1]},
+            "method": "polar_vbll",
+            "polar": {"r": 4, "alpha": 8, "layers": [-1]},
             "optim": {"lr_stiefel": 0.05, "lr_theta": 0.05, "warmup_ratio": 0.0},
             "train": {
                 "steps": steps,
@@ -35,17 +35,17 @@ def _vbll_setup(tmp_path, alternation="per_round", steps=6, round_steps=2, cache
                 "round_steps": round_steps,
                 **train,
             },
-            "head": {"kind": "vbll", "vbll": {"prior_mean": "init"}, "fit": {"lr": 0.05, "steps": 5}},
+            "head": {"vbll": {"prior_mean": "init"}, "fit": {"lr": 0.05, "steps": 5}},
         }
     )
     model = make_tiny_llama(seed=0)
-    polar = inject_polar(model, cfg.adapter)
+    polar = inject_polar(model, cfg.polar)
     split = _split()
     head = VBLLHead.from_weight(
         model.lm_head.weight[3 : 3 + K], dataset_size=len(split), config=cfg.head.vbll
     )
     source = FeatureSource(polar.base_model, pad_id=0, cache_prefix=cache_prefix)
-    trainer = Trainer(cfg, polar, head, source, split, tmp_path / "v", progress=False)
+    trainer = Trainer.local(cfg, polar, head, split, tmp_path / "v", source=source, progress=False)
     return trainer
 
 
@@ -60,7 +60,7 @@ def test_per_round_refits_at_round_starts_and_at_the_end(tmp_path):
     # refits before steps 0, 2, 4 and once more on the final adapters
     assert trainer.coordinator.refits == math.ceil(5 / 2) + 1
     assert not torch.equal(start["vbll_mean"], trainer.head.vbll_mean)
-    assert any(p.abs().max() > 0 for p in trainer.polar.theta_parameters())
+    assert any(p.abs().max() > 0 for p in trainer.adapter.theta_parameters())
 
 
 def test_per_step_refits_after_every_adapter_step(tmp_path):
@@ -76,10 +76,10 @@ def test_theta_phase_does_not_move_the_head_and_eta_phase_not_the_adapters(tmp_p
     trainer.train_step()  # an adapter step only
     for k, v in head_after_first.items():
         assert torch.equal(v, trainer.head.state_dict()[k]), k
-    adapters = {k: v.clone() for k, v in trainer.polar.adapter_state_dict().items()}
+    adapters = {k: v.clone() for k, v in trainer.adapter.adapter_state_dict().items()}
     trainer.refit_head()
     for k, v in adapters.items():
-        assert torch.equal(v, trainer.polar.adapter_state_dict()[k]), k
+        assert torch.equal(v, trainer.adapter.adapter_state_dict()[k]), k
 
 
 def test_eta_phase_lowers_the_negative_elbo_on_fixed_features(tmp_path):
@@ -87,7 +87,9 @@ def test_eta_phase_lowers_the_negative_elbo_on_fixed_features(tmp_path):
     phi = trainer.training_features()
     y, c = trainer.train_split.labels, trainer.train_split.n_choices
     before = float(trainer.head.loss(phi, y, c).detach())
-    trainer.coordinator.refit(phi, y, c, steps=50)
+    head_state, refits = trainer.coordinator.refit(0, phi, y, c, steps=50)
+    trainer.head.load_state_dict(head_state)
+    assert refits == 1
     assert float(trainer.head.loss(phi, y, c).detach()) < before
 
 
@@ -117,8 +119,8 @@ def test_vbll_resume_is_exact(tmp_path):
     second = _vbll_setup(tmp_path / "b", steps=6)
     assert second.resume_latest() and second.state.step == 3
     second.fit()
-    for k, v in straight.polar.adapter_state_dict().items():
-        assert torch.equal(v, second.polar.adapter_state_dict()[k]), k
+    for k, v in straight.adapter.adapter_state_dict().items():
+        assert torch.equal(v, second.adapter.adapter_state_dict()[k]), k
     for k, v in straight.head.state_dict().items():
         assert torch.equal(v, second.head.state_dict()[k]), k
 
@@ -146,11 +148,11 @@ def test_one_backbone_pass_per_example_at_test_time(tmp_path, cache_prefix):
 
         return hook
 
-    blocks = trainer.polar.base_model.model.layers
+    blocks = trainer.adapter.base_model.model.layers
     handles = [b.register_forward_hook(count(i), with_kwargs=True) for i, b in enumerate(blocks)]
     try:
         enc = _split(n=13, seed=4)
-        preds = predict(trainer.source, trainer.head, enc, batch_size=5, progress=False)
+        preds = predict(trainer.backend, trainer.head, enc, batch_size=5, progress=False)
     finally:
         for h in handles:
             h.remove()

@@ -8,15 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from polar_vbll.adapters import PolarConfig, inject_polar
-from polar_vbll.baselines.ensemble import ensemble_predictions, predict_ensemble
-from polar_vbll.baselines.laplace import LastLayerLaplace, full_ggn, kron_factors
-from polar_vbll.baselines.lora import LoraAdapter, LoraBaselineConfig, set_adapter_dropout
-from polar_vbll.baselines.mc_dropout import mc_dropout_predict, predict_mc_dropout
+from polar_vbll.adapters import LoraAdapter, LoraConfig, PolarConfig, inject_polar, set_adapter_dropout
 from polar_vbll.errors import CheckpointError, ConfigError
-from polar_vbll.evaluate import Predictions, predict
 from polar_vbll.features import EncodedSplit, FeatureSource, split_features
 from polar_vbll.heads import DeterministicHead, masked_logits
+from polar_vbll.heads.laplace import LastLayerLaplace, full_ggn, kron_factors
+from polar_vbll.predictives import (
+    Predictions,
+    ensemble_predictions,
+    predict,
+    predict_ensemble,
+    predict_mc_dropout,
+)
 
 from .conftest import make_tiny_llama
 
@@ -37,7 +40,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _lora(layers=None, dropout: float = 0.0, targets=("q_proj", "v_proj", "down_proj"), seed: int = 0):
-    cfg = LoraBaselineConfig(r=R, alpha=ALPHA, target_modules=list(targets), layers=layers, dropout=dropout)
+    cfg = LoraConfig(r=R, alpha=ALPHA, target_modules=list(targets), layers=layers, dropout=dropout)
     return LoraAdapter(make_tiny_llama(seed=seed), cfg)
 
 
@@ -80,7 +83,7 @@ def test_lora_init_is_identity_and_only_lora_requires_grad():
     trainable = {id(p) for p in adapter.parameters() if p.requires_grad}
     assert trainable == lora_params
     # Same layers as PoLAR selects, and the decoder is still found where the feature code looks.
-    from polar_vbll.models import decoder_of
+    from polar_vbll.backbone import decoder_of
 
     assert len(decoder_of(adapter.base_model).layers) == 2
     assert [n for n, _ in adapter.lora_layers()] == sorted(
@@ -98,7 +101,7 @@ def test_lora_init_is_seeded_and_leaves_global_rng_alone():
         assert torch.equal(p, q)
     a3 = LoraAdapter(
         make_tiny_llama(),
-        LoraBaselineConfig(r=R, alpha=ALPHA, target_modules=["q_proj", "v_proj", "down_proj"], init_seed=1),
+        LoraConfig(r=R, alpha=ALPHA, target_modules=["q_proj", "v_proj", "down_proj"], init_seed=1),
     )
     assert not torch.equal(a1.theta_parameters()[0], a3.theta_parameters()[0])
 
@@ -198,7 +201,7 @@ def test_lora_save_load_round_trip_and_peft_export(tmp_path):
 
 
 def test_lora_config_errors():
-    with pytest.raises(ConfigError, match="LoraBaselineConfig.target_modules"):
+    with pytest.raises(ConfigError, match="LoraConfig.target_modules"):
         LoraAdapter(make_tiny_llama(), {"target_modules": ["nope_proj"]})
     with pytest.raises(ConfigError, match="out of range"):
         LoraAdapter(make_tiny_llama(), {"layers": [5]})
@@ -393,26 +396,14 @@ def test_mc_dropout_without_dropout_is_the_deterministic_prediction():
     _randomize(adapter)
     source = FeatureSource(adapter.base_model, pad_id=0, cache_prefix=True)
     enc, head = _split(), _head()
-    idx = [0, 1, 2]
     source.prepare(enc, 4, progress=False)
+    det = predict(source, head, enc, 4, progress=False)
     with pytest.warns(UserWarning, match="no adapter dropout"):
-        mean, samples = mc_dropout_predict(
-            lambda: source.features(enc, idx),
-            head,
-            enc.n_choices[idx],
-            n_samples=4,
-            model=source.model,
-            return_samples=True,
-        )
-    det = head.predict_proba(source.features(enc, idx), enc.n_choices[idx])
-    for s in samples:
-        torch.testing.assert_close(s, det, rtol=0, atol=0)
-    torch.testing.assert_close(mean, det, rtol=0, atol=1e-7)
+        one = predict_mc_dropout(source, head, enc, batch_size=4, n_samples=1, seed=0, progress=False)
+    torch.testing.assert_close(one.probs, det.probs, rtol=0, atol=0)  # every sample is the deterministic pass
     with pytest.warns(UserWarning):
         preds = predict_mc_dropout(source, head, enc, batch_size=4, n_samples=3, seed=0, progress=False)
-    torch.testing.assert_close(
-        preds.probs, predict(source, head, enc, 4, progress=False).probs, rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(preds.probs, det.probs, rtol=0, atol=1e-6)
 
 
 def test_mc_dropout_samples_differ_count_passes_and_are_seeded():
@@ -439,17 +430,10 @@ def test_mc_dropout_samples_differ_count_passes_and_are_seeded():
     # Dropout modules are back in eval mode afterwards.
     assert all(not m.lora_dropout["default"].training for _, m in adapter.lora_layers())
 
-    idx = [0, 1, 2, 3]
-    _, samples = mc_dropout_predict(
-        lambda: source.features(enc, idx),
-        head,
-        enc.n_choices[idx],
-        n_samples=3,
-        model=source.model,
-        seed=0,
-        return_samples=True,
-    )
-    assert (samples[0] - samples[1]).abs().max() > 1e-3
+    # single samples with different masks differ
+    s0 = predict_mc_dropout(source, head, enc, batch_size=4, n_samples=1, seed=0, progress=False)
+    s1 = predict_mc_dropout(source, head, enc, batch_size=4, n_samples=1, seed=1, progress=False)
+    assert (s0.probs - s1.probs).abs().max() > 1e-3
     det = predict(source, head, enc, 4, progress=False)  # dropout off again: deterministic
     torch.testing.assert_close(det.probs, predict(source, head, enc, 4, progress=False).probs, rtol=0, atol=0)
 

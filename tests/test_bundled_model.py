@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from polar_vbll.backbone import last_token_features
 from polar_vbll.config import ModelConfig
-from polar_vbll.models import (
-    answer_token_ids,
-    bundled_gguf_path,
-    last_token_features,
-    load_backbone,
-    pad_batch,
-    tokenize_prompts,
-)
+from polar_vbll.models import bundled_gguf_path, load_backbone
+from polar_vbll.tokens import answer_token_ids, pad_batch, tokenize_prompts
 
 
 def test_converted_model_matches_the_gguf():

@@ -111,15 +111,26 @@ def test_config_unknown_key_is_named(tmp_path):
 
 def test_config_wrong_type_is_named(tmp_path):
     p = tmp_path / "bad.yaml"
-    p.write_text("train:\n  steps: many\nadapter:\n  r: 0\n")
+    p.write_text("train:\n  steps: many\npolar:\n  r: 0\n")
     with pytest.raises(ConfigError) as e:
         load_config(p)
-    assert "train.steps" in str(e.value) and "adapter.r" in str(e.value)
+    assert "train.steps" in str(e.value) and "polar.r" in str(e.value)
+
+
+def test_keys_of_the_old_layout_say_what_replaced_them(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("adapter_kind: lora\nadapter:\n  r: 4\nhead:\n  kind: vbll\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "adapter_kind: unknown key" in msg and "use `method`" in msg
+    assert "adapter: unknown key" in msg and "renamed `polar`" in msg
+    assert "head.kind: unknown key" in msg
 
 
 def test_config_overrides_and_missing_file(tmp_path):
-    cfg = load_config(None, ["train.steps=3", "adapter.layers=[-1]", "optim.method=landing"])
-    assert cfg.train.steps == 3 and cfg.adapter.layers == [-1] and cfg.optim.method == "landing"
+    cfg = load_config(None, ["train.steps=3", "polar.layers=[-1]", "optim.method=landing"])
+    assert cfg.train.steps == 3 and cfg.polar.layers == [-1] and cfg.optim.method == "landing"
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="section.key=value"):
@@ -137,7 +148,8 @@ def test_flat_params_record_choices():
         "optim.method",
         "optim.retraction",
         "train.cache_frozen_prefix",
-        "adapter.r",
+        "polar.r",
+        "method",
         "model.add_bos",
     ):
         assert key in params

@@ -8,16 +8,18 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from polar_vbll.cli import app
+from polar_vbll.results import RunResults
+from polar_vbll_cli.app import app
 
 runner = CliRunner()
 
 
-def _train(tmp_path, *extra: str):
+def _train(tmp_path, *extra: str, track: bool = False):
     return runner.invoke(
         app,
-        ["train", "--config", "tiny", "--no-progress", "--set", f"output_dir={tmp_path}", *extra],
-    )
+        ["train", "--config", "tiny", "--no-progress", "--track" if track else "--no-track",
+         "--set", f"output_dir={tmp_path}", *extra],
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,9 @@ def test_tiny_run_writes_the_run_folder(tiny_run):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter_peft" / "adapter_config.json").is_file()
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 6 and results["orthogonality_error"] < 1e-5
+    RunResults.model_validate(results)  # the one results.json schema
+    assert results["entry_point"] == "train" and results["distributed"] is None
+    assert results["training"]["steps"] == 6 and results["training"]["orthogonality_error"] < 1e-5
     assert results["split_sizes"]["eval"] == 32
     params = json.loads((run / "params.json").read_text())
     assert params["optim.method"] == "riemannian" and params["train.cache_frozen_prefix"] is True
@@ -48,9 +52,9 @@ def test_eval_reproduces_training_metrics(tiny_run):
     assert result.exit_code == 0, result.output
     trained = json.loads((run / "results.json").read_text())["metrics"]
     evaluated = json.loads(result.output[result.output.index("{") :])
-    for method in ("zero-shot", "PoLAR-MLE"):
+    for row in ("zero_shot", "eval"):
         for key in ("acc", "ece", "nll", "brier"):
-            assert evaluated[method][key] == pytest.approx(trained[method][key], abs=1e-5), (method, key)
+            assert evaluated[row][key] == pytest.approx(trained[row][key], abs=1e-5), (row, key)
 
 
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
@@ -112,12 +116,12 @@ def test_missing_model_path(tmp_path):
 
 
 def test_target_module_matching_nothing(tmp_path):
-    result = _train(tmp_path, "--set", "adapter.target_modules=[qq_proj]")
+    result = _train(tmp_path, "--set", "polar.target_modules=[qq_proj]")
     _assert_clean_error(result, "qq_proj")
 
 
 def test_rank_larger_than_layer(tmp_path):
-    result = _train(tmp_path, "--set", "adapter.r=4096")
+    result = _train(tmp_path, "--set", "polar.r=4096")
     _assert_clean_error(result, "4096")
 
 
@@ -127,13 +131,54 @@ def test_unknown_task(tmp_path):
 
 
 def test_altered_checkpoint_on_resume(tmp_path):
+    steps = ["--set", "train.steps=3", "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=1"]
+    assert _train(tmp_path, *steps).exit_code == 0
+    ckpt = tmp_path / "tiny" / "checkpoint-3" / "state.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    result = _train(tmp_path, "--set", "train.steps=5", "--set", "train.keep_checkpoints=1")
+    _assert_clean_error(result, "checkpoint-3", "truncated or altered")
+
+
+def test_damaged_latest_checkpoint_falls_back_to_an_older_intact_one(tmp_path):
     assert _train(tmp_path, "--set", "train.steps=3", "--set", "train.checkpoint_every=1").exit_code == 0
     ckpt = tmp_path / "tiny" / "checkpoint-3" / "state.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
-    result = _train(tmp_path, "--set", "train.steps=5")
-    _assert_clean_error(result, "checkpoint-3", "truncated or altered")
+    with pytest.warns(UserWarning, match=r"checkpoint-3.*truncated or altered.*older intact .*checkpoint-2"):
+        result = _train(tmp_path, "--set", "train.steps=5")
+    assert result.exit_code == 0, result.output
+    assert "resumed from step 2" in result.output
 
 
 def test_eval_of_a_folder_that_is_no_run(tmp_path):
     result = runner.invoke(app, ["eval", str(tmp_path)])
     _assert_clean_error(result, "not a run folder")
+
+
+def test_train_is_tracked_in_the_run_folders_mlflow_store(tmp_path, monkeypatch):
+    """Single-process `train` writes the same MLflow layout as searches: params, metric histories,
+    final metrics, plots, the adapter, the head and results.json; a rerun continues the same MLflow run."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from polar_vbll.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert _train(tmp_path, "--set", "method=polar_vbll", track=True).exit_code == 0
+    run_dir = tmp_path / "tiny"
+    client = MlflowClient(local_store(run_dir)[0])
+    (run,) = client.search_runs([client.get_experiment_by_name("polar-vbll-runs").experiment_id])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert run.data.params["method"] == "polar_vbll" and run.data.params["train.steps"] == "6"
+    assert run.data.metrics["test_nll"] == pytest.approx(results["metrics"]["eval"]["nll"])
+    assert run.data.metrics["zero_shot_acc"] == pytest.approx(results["metrics"]["zero_shot"]["acc"])
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == [h["step"] for h in results["training"]["history"]]
+    names = set()
+    for top in client.list_artifacts(run.info.run_id):
+        inner = client.list_artifacts(run.info.run_id, top.path) if top.is_dir else [top]
+        names |= {i.path for i in inner}
+    assert {"model/head.safetensors", "plots/reliability_test.png", "results.json"} <= names
+    assert _train(tmp_path, "--set", "method=polar_vbll", track=True).exit_code == 0  # resumes
+    runs = client.search_runs([client.get_experiment_by_name("polar-vbll-runs").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

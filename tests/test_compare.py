@@ -9,11 +9,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from polar_vbll.cli import app
 from polar_vbll.compare.config import load_compare_config
-from polar_vbll.compare.methods import deep_merge
 from polar_vbll.compare.report import aggregate, mean_std
+from polar_vbll.config import deep_merge
 from polar_vbll.errors import ConfigError
+from polar_vbll.results import RunResults
+from polar_vbll_cli.app import app
 
 runner = CliRunner()
 
@@ -25,7 +26,7 @@ TINY = {
     "base": {
         "model": {"source": "tiny", "tiny_hidden": 64, "tiny_layers": 2, "max_length": 96},
         "data": {"train_limit": 16, "val_limit": 8, "eval_limit": 12},
-        "adapter": {"r": 2, "alpha": 4, "layers": [-1]},
+        "polar": {"r": 2, "alpha": 4, "layers": [-1]},
         "lora": {"r": 2, "alpha": 4, "layers": [-1]},
         "train": {"steps": 2, "batch_size": 4, "eval_batch_size": 16, "round_steps": 1},
         "head": {"vbll": {"mc_samples": 100}, "fit": {"steps": 3}},
@@ -51,6 +52,11 @@ def compared(tmp_path_factory):
 
 def test_table_csv_and_diagrams(compared):
     out, _, result = compared
+    for method in TINY["methods"]:  # every run is an ordinary run folder with the one results.json schema
+        for seed in TINY["seeds"]:
+            results = json.loads((out / "openbookqa" / method / f"seed{seed}" / "results.json").read_text())
+            RunResults.model_validate(results)
+            assert (results["entry_point"], results["method"]) == ("compare", method)
     assert "| openbookqa | PoLAR-VBLL |" in result.output
     assert "AUROC arc_challenge (%)" in result.output
     with open(out / "results.csv") as f:
@@ -78,6 +84,30 @@ def test_passes_per_example_and_shared_training(compared):
         and by[("lora_mle", 1)]["params"]["lora.init_seed"] == 1
     )
     assert "ood_auroc_arc_challenge" in by[("polar_vbll", 1)]["metrics"]
+
+
+def test_compare_is_one_mlflow_parent_run_with_a_child_per_task_method_seed(compared):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from polar_vbll.tracking import local_store
+
+    out, _, _ = compared
+    client = MlflowClient(local_store(out)[0])
+    exp = client.get_experiment_by_name("polar-vbll-compare-t")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("polar_vbll.role") == "compare"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.run_name for r in children) == sorted(
+        f"openbookqa/{m}/seed{s}" for m in TINY["methods"] for s in TINY["seeds"]
+    )
+    records = {(r["method"], r["seed"]): r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    for child in children:
+        _, method, seed = child.info.run_name.split("/")
+        assert child.info.status == "FINISHED" and child.data.params["method"] == method
+        expected = records[(method, int(seed.removeprefix("seed")))]["metrics"]["nll"]
+        assert child.data.metrics["test_nll"] == pytest.approx(expected)
 
 
 def test_rerun_skips_finished_runs(compared):

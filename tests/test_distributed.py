@@ -30,10 +30,13 @@ from safetensors.torch import load_file  # noqa: E402
 from distributed.config import DistConfig  # noqa: E402
 from distributed.faults import CorruptOnce, KillOnce  # noqa: E402
 from distributed.launch import DistributedRunError, train_distributed  # noqa: E402
-from polar_vbll.cli import packaged_config  # noqa: E402
-from polar_vbll.config import RunConfig, load_config  # noqa: E402
+from polar_vbll.config import (  # noqa: E402
+    RunConfig,
+    load_config,
+    packaged_config,  # noqa: E402
+)
 
-VBLL = ["head.kind=vbll", "head.vbll.predictive=probit", "train.checkpoint_every=2"]
+VBLL = ["method=polar_vbll", "head.vbll.predictive=probit", "train.checkpoint_every=2"]
 PER_ROUND = ["train.alternation=per_round", "train.round_steps=2"]
 PER_STEP = ["train.alternation=per_step"]
 
@@ -50,13 +53,13 @@ def _dist(stage: int, **kw: Any) -> DistConfig:
 
 
 def _reference(cfg: RunConfig) -> dict[str, Any]:
-    """The single-process reference: ``polar_vbll.train.Trainer`` on the same config, then the same
-    evaluation (``polar_vbll.evaluate.predict``) and the same adapter file."""
-    from polar_vbll.evaluate import predict
+    """The single-process reference: ``polar_vbll.training.Trainer`` over the local backend on the same
+    config, then the same evaluation (``polar_vbll.predictives.predict``) and the same adapter file."""
     from polar_vbll.features import FeatureSource
     from polar_vbll.models import load_backbone
-    from polar_vbll.run import build_adapter, build_head, load_splits
-    from polar_vbll.train import Trainer
+    from polar_vbll.predictives import predict
+    from polar_vbll.session import build_adapter, build_head, load_splits
+    from polar_vbll.training import Trainer
 
     torch.manual_seed(cfg.train.seed)
     model, tok = load_backbone(cfg.model)
@@ -64,7 +67,7 @@ def _reference(cfg: RunConfig) -> dict[str, Any]:
     splits, answer_ids = load_splits(cfg, tok)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
     source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
-    Trainer(cfg, polar, head, source, splits["train"], cfg.run_dir(), progress=False).fit()
+    Trainer.local(cfg, polar, head, splits, cfg.run_dir(), source=source, progress=False).fit()
     polar.save_adapter(cfg.run_dir() / "adapter")
     bs = cfg.train.eval_batch_size
     return {
@@ -129,13 +132,14 @@ def _assert_same_model(a: dict, b: dict, run_a: Path, run_b: Path, atol: float) 
 
 def test_zero3_two_workers_train_and_stay_bitwise_identical(runs):
     res, run_dir, _ = runs.get("z3w2")
-    assert (res["zero_stage"], res["world_size"], res["step"]) == (3, 2, 6)
-    assert res["replica_digests"][0] == res["replica_digests"][1]
-    assert res["orthogonality_error"] <= 1e-5
-    assert all(h["orthogonality_error"] <= 1e-5 for h in res["history"])
-    assert res["refits"] == 4  # head refitted before steps 0, 2, 4 and on the final adapters
-    assert res["resumed_from_step"] is None
-    for m in res["memory"]:  # ZeRO-3 holds half of the backbone on each of the two ranks
+    d, training = res["distributed"], res["training"]
+    assert (d["zero_stage"], d["world_size"], training["steps"]) == (3, 2, 6)
+    assert d["replica_digests"][0] == d["replica_digests"][1]
+    assert training["orthogonality_error"] <= 1e-5
+    assert all(h["orthogonality_error"] <= 1e-5 for h in training["history"])
+    assert training["refits"] == 4  # head refitted before steps 0, 2, 4 and on the final adapters
+    assert training["resumed_from_step"] is None
+    for m in d["memory"]:  # ZeRO-3 holds half of the backbone on each of the two ranks
         assert m["local"] * 2 == pytest.approx(m["full"], rel=0.01)
     thetas = {k: v for k, v in _adapter(run_dir).items() if k.endswith("polar_theta")}
     assert thetas and all(v.shape == (4, 4) and v.abs().max() > 0 for v in thetas.values())
@@ -145,10 +149,10 @@ def test_zero3_saved_adapter_reproduces_the_workers_predictions(runs):
     """Saved under ZeRO-3 (Theta gathered collectively, written by rank 0): loaded into a fresh backbone in
     one process, with the saved head, it predicts what the workers predicted."""
     from polar_vbll.adapters import PolarModel
-    from polar_vbll.evaluate import predict
     from polar_vbll.features import FeatureSource
     from polar_vbll.models import load_backbone
-    from polar_vbll.run import build_head, load_splits
+    from polar_vbll.predictives import predict
+    from polar_vbll.session import build_head, load_splits
 
     res, run_dir, _ = runs.get("z3w2")
     cfg = _cfg(run_dir.parent, "z3w2", *PER_ROUND)
@@ -162,30 +166,30 @@ def test_zero3_saved_adapter_reproduces_the_workers_predictions(runs):
     workers = load_file(str(run_dir / "predictions.safetensors"))["eval_probs"]
     torch.testing.assert_close(mine.probs, workers, atol=1e-6, rtol=0)
     assert mine.metrics()["nll"] == pytest.approx(res["metrics"]["eval"]["nll"], abs=1e-6)
-    assert json.loads((run_dir / "results.json").read_text())["step"] == 6
+    assert json.loads((run_dir / "results.json").read_text())["training"]["steps"] == 6
 
 
 def test_distributed_checkpoint_resumes_in_the_single_process_trainer(runs):
     """A consolidated checkpoint (Theta gathered, its AdamW moments reassembled) is a valid checkpoint of
-    polar_vbll.train.Trainer too: the format does not depend on the stage or the number of workers."""
+    the one-process trainer too: the format does not depend on the stage or the number of workers."""
     from polar_vbll.checkpoint import load_checkpoint
     from polar_vbll.features import FeatureSource
     from polar_vbll.models import load_backbone
-    from polar_vbll.run import build_adapter, build_head, load_splits
-    from polar_vbll.train import Trainer
+    from polar_vbll.session import build_adapter, build_head, load_splits
+    from polar_vbll.training import Trainer
 
     _, run_dir, _ = runs.get("z3w2")
     latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]  # Ray names them by time
     state = load_checkpoint(latest / "state")
-    assert state["step"] == 6 and state["distributed"]["world_size"] == 2
+    assert state["step"] == 6 and state["backend"]["world_size"] == 2
     cfg = _cfg(run_dir.parent, "z3w2", *PER_ROUND)
     model, tok = load_backbone(cfg.model)
     polar = build_adapter(cfg, model)
     splits, answer_ids = load_splits(cfg, tok)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
     source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
-    trainer = Trainer(cfg, polar, head, source, splits["train"], run_dir / "single", progress=False)
-    trainer.load_state_dict(state)
+    trainer = Trainer.local(cfg, polar, head, splits, run_dir / "single", source=source, progress=False)
+    trainer.resume(state)
     assert trainer.state.step == 6 and trainer.coordinator.refits == 4
     saved = _adapter(run_dir)
     for k, v in polar.adapter_state_dict().items():
@@ -208,11 +212,12 @@ def test_one_and_two_workers_give_the_same_result(runs):
     two, dir2, _ = runs.get("z0w2")
     one, dir1, _ = runs.get("z0w1")
     ref, dir_ref, _ = runs.get("ref_step")
-    assert (two["world_size"], one["world_size"], two["zero_stage"]) == (2, 1, 0)
-    assert two["refits"] == one["refits"] == 6
-    assert two["replica_digests"][0] == two["replica_digests"][1]
-    assert two["orthogonality_error"] <= 1e-5 and one["orthogonality_error"] <= 1e-5
-    for m in two["memory"]:
+    d2, d1 = two["distributed"], one["distributed"]
+    assert (d2["world_size"], d1["world_size"], d2["zero_stage"]) == (2, 1, 0)
+    assert two["training"]["refits"] == one["training"]["refits"] == 6
+    assert d2["replica_digests"][0] == d2["replica_digests"][1]
+    assert two["training"]["orthogonality_error"] <= 1e-5 and one["training"]["orthogonality_error"] <= 1e-5
+    for m in d2["memory"]:
         assert m["local"] == m["full"]  # ZeRO-0 replicates the backbone
     _assert_same_model(one, two, dir1, dir2, atol=2e-5)
     _assert_same_model(two, ref, dir2, dir_ref, atol=2e-5)
@@ -226,10 +231,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes_identically
     straight, _, _ = runs.get("z3w2")
     killed, run_dir, _ = runs.get("z3w2_killed")
     assert (run_dir.parent / "killed").is_file()  # rank 1 really was SIGKILLed after step 3
-    assert killed["resumed_from_step"] == 2  # ... and Ray Train restarted the group from step 2
+    assert killed["training"]["resumed_from_step"] == 2  # ... and Ray Train restarted the group from step 2
     assert killed["metrics"] == straight["metrics"]
-    assert killed["replica_digests"] == straight["replica_digests"]  # bitwise the same final state
-    assert [h["loss"] for h in killed["history"]] == [h["loss"] for h in straight["history"]]
+    # bitwise the same final state
+    assert killed["distributed"]["replica_digests"] == straight["distributed"]["replica_digests"]
+    assert [h["loss"] for h in killed["training"]["history"]] == [h["loss"] for h in straight["training"]["history"]]
 
 
 @pytest.mark.slow
@@ -245,6 +251,55 @@ def test_diverged_replica_stops_the_run_naming_the_parameter(tmp_path):
     assert "polar_bank.polar_groups.n128_r4" in named  # the nudged factor group ...
     assert "n32_r4" not in named and "n64_r4" not in named and "polar_theta" not in named  # ... alone
     assert not list((tmp_path / "corrupt").glob("checkpoint_*"))  # nothing diverged was saved
+
+
+# --------------------------------------------------------------------- every method on the same loop
+def _one_process(cfg: RunConfig) -> dict[str, Any]:
+    from polar_vbll.runner import run_method
+
+    return run_method(cfg, progress=False).results
+
+
+def test_lora_with_a_posthoc_laplace_head_on_workers_equals_one_process(tmp_path):
+    """The method registry reaches the workers: a LoRA adapter under ZeRO-3 and the post-hoc last-layer
+    Laplace head, fitted on the gathered training features, predict what one process predicts."""
+    from polar_vbll.results import RunResults
+
+    cfg = _cfg(tmp_path, "lap", "method=laplace", "train.checkpoint_every=0")
+    res = train_distributed(cfg, workers=2, dist=_dist(3))
+    ref = _one_process(_cfg(tmp_path, "lap_ref", "method=laplace", "train.checkpoint_every=0"))
+    RunResults.model_validate(json.loads((tmp_path / "lap" / "results.json").read_text()))
+    assert res["entry_point"] == "train --workers" and res["method"] == "laplace"
+    assert res["distributed"]["replica_digests"][0] == res["distributed"]["replica_digests"][1]
+    for split in ("eval", "validation", "zero_shot"):
+        for key in ("acc", "ece", "nll", "brier"):
+            assert res["metrics"][split][key] == pytest.approx(ref["metrics"][split][key], abs=2e-5), (split, key)
+    lap_nll, det_nll = res["metrics"]["eval"]["nll"], res["training"]["history"][-1]["loss"]
+    assert lap_nll != pytest.approx(det_nll, abs=1e-9)  # the Laplace head, not the deterministic one
+
+
+@pytest.mark.slow
+def test_mc_dropout_predictive_runs_on_workers(tmp_path):
+    """MC dropout on workers: 10 stochastic passes per example (adapter dropout on), not one."""
+    cfg = _cfg(tmp_path, "mcd", "method=mc_dropout", "train.checkpoint_every=0")
+    res = train_distributed(cfg, workers=2, dist=_dist(0))
+    assert res["passes_per_example"] == 10
+    probs = load_file(str(tmp_path / "mcd" / "predictions.safetensors"))["eval_probs"]
+    assert probs.shape[0] == 32 and torch.allclose(probs.sum(-1), torch.ones(32), atol=1e-5)
+
+
+def test_a_head_refit_gone_non_finite_ends_the_run_without_a_restart(tmp_path):
+    """A failure no retry can fix (the eta-phase diverges) stops every rank at the same point: the run
+    ends with one clear error naming the eta-phase and the setting to lower, and Ray Train never restarts
+    the group (the error comes from the record the workers left, not from a failed fit)."""
+    cfg = _cfg(tmp_path, "nan_head", *PER_ROUND, "head.fit.lr=1e30", "head.vbll.noise_init=1e-30")
+    t0 = time.perf_counter()
+    with pytest.raises(DistributedRunError) as err:
+        train_distributed(cfg, workers=2, dist=_dist(0, max_failures=2))
+    msg = str(err.value)
+    assert msg.startswith("HeadFitDiverged: ") and "head refit 0" in msg and "head.fit.lr" in msg, msg
+    assert err.value.__cause__ is None  # the workers returned; Ray Train saw no failure to retry
+    assert time.perf_counter() - t0 < 120
 
 
 def test_no_ray_instance_is_left_running(runs):
@@ -275,8 +330,8 @@ def test_ray_job_submit_entrypoint():
         cmd = [
             ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}",
             "--runtime-env=docker/runtime_env.yaml", "--",  # uploads this checkout as working_dir
-            sys.executable, "-m", "distributed.launch", "--config", "tiny", "--workers", "2",
-            "--zero-stage", "3", "--set", f"output_dir={tmp / 'runs'}", "--set", "name=job",
+            str(Path(sys.executable).parent / "polar-vbll"), "train", "--config", "tiny", "--workers", "2",
+            "--zero-stage", "3", "--no-track", "--set", f"output_dir={tmp / 'runs'}", "--set", "name=job",
         ]  # fmt: skip
         repo = Path(__file__).resolve().parents[1]
 
@@ -285,7 +340,7 @@ def test_ray_job_submit_entrypoint():
 
         out = _retry(submit, 20)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        assert '"step": 6' in out.stdout
+        assert '"step": 6' in out.stdout and "run folder:" in out.stdout
         assert (tmp / "runs" / "job" / "adapter" / "adapter_model.safetensors").is_file()
     finally:
         head.terminate()  # `ray start --block` stops the processes it started

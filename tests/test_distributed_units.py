@@ -19,10 +19,12 @@ from distributed.config import DistConfig, check_batch_layout  # noqa: E402
 from distributed.head_actor import HeadCoordinatorService, StaleGeneration  # noqa: E402
 from distributed.sharding import lockstep_batches, shard_bounds, step_micro_batches  # noqa: E402
 from polar_vbll.config import HeadFitConfig, parse_config  # noqa: E402
-from polar_vbll.coordinator import HeadCoordinator  # noqa: E402
 from polar_vbll.errors import ConfigError  # noqa: E402
 from polar_vbll.heads import VBLLHead  # noqa: E402
-from polar_vbll.train import batch_indices  # noqa: E402
+from polar_vbll.training import (
+    HeadCoordinator,  # noqa: E402
+    batch_indices,  # noqa: E402
+)
 
 from .conftest import make_tiny_llama  # noqa: E402
 
@@ -162,7 +164,7 @@ def _collectives(rank: int, world: int) -> dict:
         verify_replicas,
     )
     from distributed.sharding import rank_slice
-    from polar_vbll.models import last_token_features
+    from polar_vbll.backbone import last_token_features
 
     polar = _tiny_polar()
     with torch.no_grad():  # Theta != 0, otherwise every U, V gradient is exactly zero
@@ -242,7 +244,7 @@ def _theta_state(rank: int, world: int, stages: tuple[int, ...]) -> dict:
     )
     from distributed.sharding import rank_slice
     from polar_vbll.heads import DeterministicHead
-    from polar_vbll.train import build_optimizers
+    from polar_vbll.training import build_optimizers
 
     from .test_train import _split
 

@@ -6,17 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from polar_vbll.backbone import SplitDecoder, last_token_features, last_token_index
 from polar_vbll.config import ModelConfig
 from polar_vbll.errors import ModelLoadError, UserInputError
-from polar_vbll.models import (
-    SplitDecoder,
-    answer_token_ids,
-    last_token_features,
-    last_token_index,
-    load_backbone,
-    pad_batch,
-    tokenize_prompts,
-)
+from polar_vbll.models import load_backbone
+from polar_vbll.tokens import answer_token_ids, pad_batch, tokenize_prompts
 
 SEQS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [20, 21, 22, 23]]
 

@@ -12,7 +12,7 @@ from polar_vbll.checkpoint import list_checkpoints
 from polar_vbll.config import parse_config
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.heads import DeterministicHead
-from polar_vbll.train import Trainer, TrainingDiverged, batch_indices, lr_factor
+from polar_vbll.training import Trainer, TrainingDiverged, batch_indices, lr_factor
 
 from .conftest import make_tiny_llama
 
@@ -35,13 +35,13 @@ def _setup(tmp_path, cache_prefix: bool, layers=(-1,), method="riemannian", step
         {
             "name": "t",
             "output_dir": str(tmp_path),
-            "adapter": {"r": 4, "alpha": 8, "layers": list(layers)},
+            "polar": {"r": 4, "alpha": 8, "layers": list(layers)},
             "optim": {"method": method, "lr_stiefel": lr, "lr_theta": 0.05, "warmup_ratio": 0.2},
             "train": {"steps": steps, "batch_size": 5, "cache_frozen_prefix": cache_prefix, **train},
         }
     )
     model = make_tiny_llama(seed=0)
-    polar = inject_polar(model, cfg.adapter)
+    polar = inject_polar(model, cfg.polar)
     head = DeterministicHead(model.lm_head.weight[3 : 3 + K])
     source = FeatureSource(polar.base_model, pad_id=0, cache_prefix=cache_prefix)
     return cfg, polar, head, source
@@ -53,7 +53,7 @@ def _adapter_snapshot(polar) -> dict[str, torch.Tensor]:
 
 def _train(tmp_path, cache_prefix=True, steps=6, **kw):
     cfg, polar, head, source = _setup(tmp_path, cache_prefix, steps=steps, **kw)
-    trainer = Trainer(cfg, polar, head, source, _split(), tmp_path / "t", progress=False)
+    trainer = Trainer.local(cfg, polar, head, _split(), tmp_path / "t", source=source, progress=False)
     trainer.fit()
     return trainer
 
@@ -82,16 +82,16 @@ def test_training_changes_adapters_and_lowers_loss(tmp_path):
     trainer = _train(tmp_path, steps=30, layers=(0, 1))
     losses = [h["loss"] for h in trainer.state.history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert any(p.abs().max() > 0 for p in trainer.polar.theta_parameters())
-    assert trainer.polar.orthogonality_error() < 1e-5
+    assert any(p.abs().max() > 0 for p in trainer.adapter.theta_parameters())
+    assert trainer.adapter.orthogonality_error() < 1e-5
 
 
 def test_cached_prefix_path_equals_full_path(tmp_path):
     """Training through cached frozen-prefix states gives the same adapters as running the whole model."""
     cached = _train(tmp_path / "a", cache_prefix=True)
     full = _train(tmp_path / "b", cache_prefix=False)
-    assert cached.source.split_block == 1 and full.source.split_block is None
-    a, b = _adapter_snapshot(cached.polar), _adapter_snapshot(full.polar)
+    assert cached.backend.source.split_block == 1 and full.backend.source.split_block is None
+    a, b = _adapter_snapshot(cached.adapter), _adapter_snapshot(full.adapter)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-5, rtol=1e-4)
 
@@ -101,17 +101,17 @@ def test_resume_is_exact(tmp_path):
     straight = _train(tmp_path / "straight", steps=6, checkpoint_every=100)
 
     cfg, polar, head, source = _setup(tmp_path / "resumed", True, steps=6, checkpoint_every=3)
-    first = Trainer(cfg, polar, head, source, _split(), tmp_path / "resumed" / "t", progress=False)
+    first = Trainer.local(cfg, polar, head, _split(), tmp_path / "resumed" / "t", source=source, progress=False)
     while first.state.step < 3:
         first.train_step()
     first.save()
     torch.manual_seed(12345)  # a new process would not share the RNG state
 
     cfg, polar, head, source = _setup(tmp_path / "resumed", True, steps=6, checkpoint_every=3)
-    second = Trainer(cfg, polar, head, source, _split(), tmp_path / "resumed" / "t", progress=False)
+    second = Trainer.local(cfg, polar, head, _split(), tmp_path / "resumed" / "t", source=source, progress=False)
     assert second.resume_latest() and second.state.step == 3
     second.fit()
-    a, b = _adapter_snapshot(straight.polar), _adapter_snapshot(second.polar)
+    a, b = _adapter_snapshot(straight.adapter), _adapter_snapshot(second.adapter)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     assert [h["loss"] for h in straight.state.history][-1] == [h["loss"] for h in second.state.history][-1]
@@ -119,7 +119,7 @@ def test_resume_is_exact(tmp_path):
 
 def test_checkpoints_written_and_pruned(tmp_path):
     trainer = _train(tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=2)
-    names = [p.name for p in list_checkpoints(trainer.run_dir)]
+    names = [p.name for p in list_checkpoints(trainer.store.run_dir)]
     assert names == ["checkpoint-4", "checkpoint-6"]
 
 
@@ -128,26 +128,27 @@ def test_resume_with_other_adapter_config_is_refused(tmp_path):
 
     _train(tmp_path, steps=2)
     cfg, polar, head, source = _setup(tmp_path, True, steps=2, layers=(0, 1))
-    trainer = Trainer(cfg, polar, head, source, _split(), tmp_path / "t", progress=False)
+    trainer = Trainer.local(cfg, polar, head, _split(), tmp_path / "t", source=source, progress=False)
     with pytest.raises(CheckpointError, match="adapter"):
         trainer.resume_latest()
 
 
 def test_non_finite_loss_stops_and_names_group(tmp_path):
     cfg, polar, head, source = _setup(tmp_path, True, steps=4, checkpoint_every=1)
-    trainer = Trainer(cfg, polar, head, source, _split(), tmp_path / "t", progress=False)
-    trainer.source.prepare(trainer.train_split, 8, progress=False)
+    trainer = Trainer.local(cfg, polar, head, _split(), tmp_path / "t", source=source, progress=False)
+    trainer.backend.prepare(trainer.train_split, 8, progress=False)
     trainer.train_step()
-    good = trainer.save()
+    trainer.save()
+    good = list_checkpoints(trainer.store.run_dir)[-1]
     with torch.no_grad():
         next(iter(polar.theta_parameters())).fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match="theta") as e:
         trainer.train_step()
     assert "step 1" in str(e.value)
-    assert list_checkpoints(trainer.run_dir) == [good]
+    assert list_checkpoints(trainer.store.run_dir) == [good]
 
 
 def test_landing_method_trains(tmp_path):
     # PoLAR's own settings (lr 4e-3, lambda 5e-3): the factors drift slightly off the manifold
     trainer = _train(tmp_path, steps=10, method="landing", lr=4e-3)
-    assert 1e-6 < trainer.polar.orthogonality_error() < 0.2  # measured 0.05 after 10 steps
+    assert 1e-6 < trainer.adapter.orthogonality_error() < 0.2  # measured 0.05 after 10 steps

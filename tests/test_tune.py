@@ -18,7 +18,10 @@ pytest.importorskip("mlflow")
 from typer.testing import CliRunner  # noqa: E402
 
 from distributed.config import DistConfig  # noqa: E402
-from distributed.tracking import (  # noqa: E402
+from polar_vbll.config import load_config, packaged_config  # noqa: E402
+from polar_vbll.errors import ConfigError, UserInputError  # noqa: E402
+from polar_vbll.results import RunResults  # noqa: E402
+from polar_vbll.tracking import (  # noqa: E402
     TrackingError,
     check_reachable,
     local_store,
@@ -26,9 +29,7 @@ from distributed.tracking import (  # noqa: E402
     mask_uri,
     safe_params,
 )
-from polar_vbll.cli import app, packaged_config  # noqa: E402
-from polar_vbll.config import load_config  # noqa: E402
-from polar_vbll.errors import ConfigError, UserInputError  # noqa: E402
+from polar_vbll_cli.app import app  # noqa: E402
 from tune_spaces import spaces  # noqa: E402
 from tune_spaces.driver import SearchFailed, SearchSettings, run_search  # noqa: E402
 from tune_spaces.trial import apply_params  # noqa: E402
@@ -62,9 +63,9 @@ def test_unknown_space_lists_the_valid_ones():
 
 
 def test_apply_params_sets_dotted_keys_without_touching_the_base():
-    base = {"head": {"vbll": {"prior_scale": 1.0, "cov": "diagonal"}}, "adapter": {"r": 8}}
-    out = apply_params(base, {"head.vbll.prior_scale": 3.0, "adapter.r": 4})
-    assert out == {"head": {"vbll": {"prior_scale": 3.0, "cov": "diagonal"}}, "adapter": {"r": 4}}
+    base = {"head": {"vbll": {"prior_scale": 1.0, "cov": "diagonal"}}, "polar": {"r": 8}}
+    out = apply_params(base, {"head.vbll.prior_scale": 3.0, "polar.r": 4})
+    assert out == {"head": {"vbll": {"prior_scale": 3.0, "cov": "diagonal"}}, "polar": {"r": 4}}
     assert base["head"]["vbll"]["prior_scale"] == 1.0
 
 
@@ -172,7 +173,7 @@ def test_search_writes_parent_and_child_runs_with_metrics_and_artifacts(search):
         params = child.data.params
         searched = json.loads(child.data.tags["polar_vbll.searched"])
         assert float(params["head.vbll.prior_scale"]) == pytest.approx(searched["head.vbll.prior_scale"])
-        assert params["head.kind"] == "vbll" and params["model.source"] == "tiny"
+        assert params["method"] == "polar_vbll" and params["model.source"] == "tiny"
         history = client.get_metric_history(child.info.run_id, "val_nll")
         assert [h.step for h in history][0] == 2
         for key in ("loss", "orthogonality_error", "stable_rank_mean"):
@@ -203,6 +204,8 @@ def test_search_writes_parent_and_child_runs_with_metrics_and_artifacts(search):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         results = json.loads(Path(client.download_artifacts(child.info.run_id, "results.json")).read_text())
         assert results["metrics"]["validation"]["nll"] == pytest.approx(m["val_nll"])
+        RunResults.model_validate(results)  # the one results.json schema, as every entry point writes it
+        assert results["entry_point"] == "tune" and results["distributed"]["world_size"] == 2
 
 
 def _artifact_paths(client, run_id: str, path: str | None = None) -> set[str]:
@@ -233,7 +236,7 @@ def test_runs_command_lists_the_trials_from_the_store(search):
     header = lines[0].split()
     assert header[:2] == ["run", "status"] and "val_nll" in header and "test_acc" in header
     assert {"head.vbll.prior_scale", "head.vbll.wishart_scale", "head.vbll.dof"} <= set(header)
-    assert "head.kind" not in header  # fixed by the space, not searched
+    assert "method" not in header  # fixed by the space, not searched
     assert len(lines) == 2 + 2
     searches = CliRunner().invoke(app, ["runs", str(outcome.folder.parent)])
     assert searches.exit_code == 0, searches.output
@@ -260,7 +263,7 @@ def test_rerunning_a_finished_search_resumes_without_new_trials(search):
 def test_a_search_whose_trials_all_fail_reports_each_first_error(tmp_path):
     cfg = load_config(
         packaged_config("run", "tiny"),
-        [f"output_dir={tmp_path}", "name=f", "adapter.target_modules=[no_such_proj]", "train.steps=2"],
+        [f"output_dir={tmp_path}", "name=f", "polar.target_modules=[no_such_proj]", "train.steps=2"],
     )
     with pytest.raises(SearchFailed) as err:
         run_search(cfg, SearchSettings(space="priors", trials=2, concurrency=1), DistConfig(workers=2))
@@ -279,13 +282,13 @@ def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(
         packaged_config("run", "tiny"),
-        [f"output_dir={tmp_path}", "name=t", "head.kind=vbll", "train.steps=2", "train.checkpoint_every=0"],
+        [f"output_dir={tmp_path}", "name=t", "method=polar_vbll", "train.steps=2", "train.checkpoint_every=0"],
     )
     results = train_distributed(cfg, dist=DistConfig(workers=2, health_check_interval_s=0.1), track=True)
     client = MlflowClient(local_store(tmp_path / "t")[0])
     (run,) = client.search_runs([client.get_experiment_by_name("polar-vbll-runs").experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "t"
-    assert run.data.params["head.kind"] == "vbll" and run.data.params["train.steps"] == "2"
+    assert run.data.params["method"] == "polar_vbll" and run.data.params["train.steps"] == "2"
     assert run.data.metrics["val_nll"] == pytest.approx(results["metrics"]["validation"]["nll"])
     assert run.data.metrics["test_ece"] == pytest.approx(results["metrics"]["eval"]["ece"])
     names = _artifact_paths(client, run.info.run_id)

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distributed.config import DistConfig, check_batch_layout
-from distributed.launch import ray_session, worker_env
-from distributed.tracking import (
+from distributed.config import DistConfig
+from distributed.launch import WORKERS, first_error_line, prepare_run, ray_session, worker_env
+from polar_vbll.config import RunConfig
+from polar_vbll.errors import ConfigError, RunFailure
+from polar_vbll.support import EntryPoint, check_supported
+from polar_vbll.tracking import (
     RunLogger,
     TrackingTarget,
     check_reachable,
@@ -40,8 +43,6 @@ from distributed.tracking import (
     mask_uri,
     resolve_store,
 )
-from polar_vbll.config import RunConfig
-from polar_vbll.errors import ConfigError, UserInputError
 from tune_spaces.spaces import ParamSpace, describe, get_space
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
 
@@ -50,8 +51,12 @@ OBJECTIVE, MODE = "val_nll", "min"
 TABLE_METRICS = ("step", "val_nll", "val_ece", "val_acc", "test_nll", "test_ece", "test_acc")
 
 
-class SearchFailed(UserInputError):
+class SearchFailed(RunFailure):
     """Every trial of a search failed; the message lists each trial's first error."""
+
+
+#: What a search trial refuses (it is a distributed training: the same as ``train --workers``).
+TRIAL = EntryPoint("a search trial (polar-vbll tune)", WORKERS.refused)
 
 
 class SearchSettings(BaseModel):
@@ -67,6 +72,15 @@ class SearchSettings(BaseModel):
     grace_steps: int | None = Field(None, gt=0, description="ASHA: steps before a trial may be stopped")
     reduction_factor: int = Field(2, gt=1, description="ASHA: keep the best 1/factor at each rung")
     seed: int = Field(0, ge=0, description="seed of the random search")
+
+
+def search_settings(**values: Any) -> SearchSettings:
+    """Validate search settings, naming each bad one in a :class:`ConfigError` (exit 2 at the CLI)."""
+    try:
+        return SearchSettings(**values)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid search settings:\n" + "\n".join(lines)) from None
 
 
 @dataclass
@@ -93,13 +107,13 @@ def check_space(space: ParamSpace, base: dict[str, Any], name: str) -> None:
         if isinstance(value, Domain) and hasattr(value, "categories"):
             for choice in value.categories:  # every choice, not one draw
                 try:
-                    trial_config(base, {**sample, key: choice}, name, base["output_dir"])
+                    check_supported(trial_config(base, {**sample, key: choice}, name, base["output_dir"]), TRIAL)
                 except ConfigError as exc:
                     raise ConfigError(
                         f"search space value {key}={choice!r} is not a valid run config:\n{exc}"
                     ) from None
     try:
-        trial_config(base, sample, name, base["output_dir"])
+        check_supported(trial_config(base, sample, name, base["output_dir"]), TRIAL)
     except ConfigError as exc:
         raise ConfigError(f"search space does not fit the run config:\n{exc}") from None
 
@@ -180,8 +194,7 @@ def run_search(
 
     dist = dist or DistConfig()
     space = get_space(settings.space)
-    cfg = _prepare_base(cfg)
-    check_batch_layout(cfg, dist)
+    cfg = _prepare_base(prepare_run(cfg, dist, TRIAL))
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name)
@@ -280,22 +293,12 @@ def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], di
         row.update({k: m.get(k) for k in TABLE_METRICS})
         if result.error is not None:
             text = str(result.error).strip()
-            errors[trial_id] = mask_secrets(_first_error_line(text))
+            errors[trial_id] = mask_secrets(first_error_line(text))
             row["status"] = "error"
         else:
             row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early by ASHA"
         rows.append(row)
     return rows, errors
-
-
-def _first_error_line(text: str) -> str:
-    """The most telling line of a Ray error: the last ``SomeError: message`` line, else the first line."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        head = ln.split(":", 1)[0]
-        if head.endswith(("Error", "Exception", "Diverged", "Divergence")) and " " not in head:
-            return ln[:500]
-    return (lines[0] if lines else "unknown error")[:500]
 
 
 def _close_children(tracking: dict[str, Any], rows: list[dict[str, Any]], errors: dict[str, str]) -> None:

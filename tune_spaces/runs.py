@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distributed.tracking import client_for, local_store, mask_uri
 from polar_vbll.errors import UserInputError
+from polar_vbll.tracking import client_for, local_store, mask_uri
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH
 
 #: Columns of a search's trial list.

@@ -19,7 +19,7 @@ ParamSpace = dict[str, Any]
 def priors() -> ParamSpace:
     """The head's priors: the weight prior's scale and the noise prior (inverse-Wishart scale, dof)."""
     return {
-        "head.kind": "vbll",
+        "method": "polar_vbll",
         "head.vbll.prior_scale": tune.loguniform(0.05, 20.0),
         "head.vbll.wishart_scale": tune.loguniform(0.01, 10.0),
         "head.vbll.dof": tune.loguniform(0.5, 10.0),
@@ -29,9 +29,9 @@ def priors() -> ParamSpace:
 def ranks() -> ParamSpace:
     """The PoLAR rank and the rank of the head's low-rank-plus-diagonal covariance."""
     return {
-        "head.kind": "vbll",
+        "method": "polar_vbll",
         "head.vbll.cov": "lowrank",
-        "adapter.r": tune.choice([2, 4, 8, 16]),
+        "polar.r": tune.choice([2, 4, 8, 16]),
         "head.vbll.cov_rank": tune.choice([1, 2, 4, 8]),
     }
 
@@ -51,11 +51,11 @@ def optimization() -> ParamSpace:
 def default() -> ParamSpace:
     """The combined search: the prior scale, both ranks and both adapter learning rates."""
     return {
-        "head.kind": "vbll",
+        "method": "polar_vbll",
         "head.vbll.cov": "lowrank",
         "head.vbll.prior_scale": tune.loguniform(0.1, 10.0),
         "head.vbll.cov_rank": tune.choice([1, 4]),
-        "adapter.r": tune.choice([4, 8, 16]),
+        "polar.r": tune.choice([4, 8, 16]),
         "optim.lr_stiefel": tune.loguniform(1e-3, 1e-2),
         "optim.lr_theta": tune.loguniform(1e-3, 1e-2),
     }

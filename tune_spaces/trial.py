@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from distributed.config import DistConfig
-from distributed.tracking import RunLogger, TrackingTarget, client_for
 from polar_vbll.config import RunConfig, parse_config
+from polar_vbll.tracking import RunLogger, TrackingTarget, client_for
 
 #: Tags that tie a child run to its search and trial (``polar-vbll runs`` reads them).
 TAG_SEARCH, TAG_TRIAL, TAG_PARENT = "polar_vbll.search", "polar_vbll.trial_id", "mlflow.parentRunId"
@@ -98,5 +98,6 @@ def run_trial(
         resume=True,
         callbacks=[TuneReportCallback()],
         tracking=target,
+        entry_point="tune",
     )
     client_for(target.uri).set_terminated(target.run_id, "FINISHED")

@@ -1,7 +1,10 @@
-"""Configuration of the PoLAR adapter (which layers, which rank, which scale).
+"""Configuration of the adapter kinds (which layers, which rank, which scale).
 
-The config is persisted whole inside every saved adapter (``adapter_config.json``), so a saved adapter can
-always be re-injected into a fresh backbone with exactly the layers and shapes it was trained with.
+:class:`TargetConfig` holds what every low-rank adapter kind shares (the layer selection, the rank, the
+scale numerator, input dropout, the init seed); :class:`PolarConfig` (``W0 + (alpha/r) U Theta V^T``) and
+:class:`LoraConfig` (``W0 + (alpha/r) B A``, peft) are its two kinds, side by side. Each kind's config is
+persisted whole inside every saved adapter, so a saved adapter can always be re-injected into a fresh
+backbone with exactly the layers and shapes it was trained with.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ FORMAT_VERSION = 1
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
 
 
-class PolarConfig(BaseModel):
-    """Which linear layers get a PoLAR adapter ``W0 + (alpha / r) U Theta V^T`` and how it is initialised.
+class TargetConfig(BaseModel):
+    """Which linear layers get a low-rank adapter, its rank and scale, and how it is initialised.
 
     ``target_modules`` matches like PEFT's list form: a module is a target when its full name equals an
     entry or ends with ``"." + entry`` (so a plain name such as ``"q_proj"`` matches the last component).
@@ -35,7 +38,7 @@ class PolarConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     r: int = Field(default=8, gt=0, description="Rank of every adapter (columns of U and V).")
-    alpha: float = Field(default=32.0, gt=0, description="Scale numerator: update = (alpha / r) U Theta V^T.")
+    alpha: float = Field(default=32.0, gt=0, description="Scale numerator: update = (alpha / r) x rank-r product.")
     target_modules: list[str] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
@@ -87,19 +90,39 @@ class PolarConfig(BaseModel):
 
     @property
     def scaling(self) -> float:
-        """``s = alpha / r``, the factor in front of ``U Theta V^T``."""
+        """``s = alpha / r``, the factor in front of the low-rank update."""
         return self.alpha / self.r
+
+
+class PolarConfig(TargetConfig):
+    """A PoLAR adapter ``W0 + (alpha / r) U Theta V^T`` (U, V on the Stiefel manifold; PoLAR's alpha 32)."""
+
+
+class LoraConfig(TargetConfig):
+    """A LoRA adapter ``W0 + (alpha / r) B A`` on peft (A Kaiming-uniform, B = 0), with LoRA's customary
+    ``alpha = 2r`` by default; ``init_seed`` seeds A and ``dropout`` is peft's ``lora_dropout``."""
+
+    alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
+
+
+def _from_dict(cls: type[TargetConfig], data: Mapping[str, Any] | TargetConfig, what: str, where: str):
+    if isinstance(data, cls):
+        return data
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        ]
+        raise ConfigError(f"invalid {what} config in {where}:\n" + "\n".join(lines)) from None
 
 
 def polar_config_from_dict(data: Mapping[str, Any] | PolarConfig, where: str) -> PolarConfig:
     """Validate ``data`` as a :class:`PolarConfig`, turning pydantic's error into a :class:`ConfigError`
     that names ``where`` (a file or config section), so the CLI can print it without a traceback."""
-    if isinstance(data, PolarConfig):
-        return data
-    try:
-        return PolarConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        ]
-        raise ConfigError(f"invalid PoLAR adapter config in {where}:\n" + "\n".join(lines)) from None
+    return _from_dict(PolarConfig, data, "PoLAR adapter", where)
+
+
+def lora_config_from_dict(data: Mapping[str, Any] | LoraConfig, where: str) -> LoraConfig:
+    """Validate ``data`` as a :class:`LoraConfig` (errors as :class:`ConfigError` naming ``where``)."""
+    return _from_dict(LoraConfig, data, "LoRA adapter", where)

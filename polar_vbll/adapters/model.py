@@ -271,6 +271,10 @@ class PolarModel(nn.Module):
         """The bank's ``(G, n, r)`` group tensors, in sorted group order (for the manifold optimizer)."""
         return [p for _, p in self.polar_bank.groups()]
 
+    def update_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose zeroing gives back the base model (every Theta: ``W0 + s U 0 V^T = W0``)."""
+        return self.theta_parameters()
+
     def theta_parameters(self) -> list[nn.Parameter]:
         """Every ``polar_theta`` (Euclidean; plain AdamW), in sorted layer order."""
         return [m.polar_theta for _, m in self.polar_layers()]

@@ -1,8 +1,9 @@
-"""Strict loading of adapter tensors, shared by the PoLAR adapter and the LoRA baseline."""
+"""Adapter state shared by every adapter kind: strict loading of tensors, and switching the update off."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -55,3 +56,21 @@ def strict_copy_(
         raise CheckpointError(f"{what} do not fit this model: " + "; ".join(problems))
     for k, p in params.items():
         p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+
+
+@contextlib.contextmanager
+def adapters_off(adapter) -> Iterator[None]:
+    """Temporarily zero an adapter's ``update_parameters()`` (PoLAR's Theta, LoRA's B), so the adapted
+    model computes exactly the base model; the values are restored on exit. One process only (a
+    partitioned or engine-owned parameter must not be written behind its owner's back)."""
+    params = list(adapter.update_parameters())
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.zero_()
+        yield
+    finally:
+        with torch.no_grad():
+            for p, v in zip(params, saved, strict=True):
+                p.copy_(v)

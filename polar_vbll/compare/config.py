@@ -8,9 +8,53 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.compare.methods import METHODS, deep_merge, method_config
-from polar_vbll.config import _apply_override, _format_validation_error, parse_config
+from polar_vbll.config import _apply_override, _format_validation_error, deep_merge, parse_config
 from polar_vbll.errors import ConfigError
+from polar_vbll.methods import METHODS
+
+#: Run-config fields a comparison sets for every run itself; given in ``base`` (or in a method's or a
+#: task's overrides) they would be silently replaced, so they are refused there, naming the key to use.
+PER_RUN_FIELDS: dict[str, str] = {
+    "method": "each run's method comes from `methods:`",
+    "data.task": "each run's task comes from `tasks:`",
+    "train.seed": "each run's seed comes from `seeds:`",
+    "polar.init_seed": "adapter init seeds follow `seeds:`",
+    "lora.init_seed": "adapter init seeds follow `seeds:`",
+    "head.vbll.init_seed": "head init seeds follow `seeds:`",
+    "head.fit.seed": "head fit seeds follow `seeds:`",
+    "name": "runs are named <comparison name>/<task>/<method>/seed<seed>",
+    "output_dir": "runs are written under the comparison's own `output_dir`",
+}
+#: Set for the OOD protocol's training task when the comparison has an ``ood:`` section.
+OOD_FIELDS: dict[str, str] = {
+    "data.ood_tasks": "the OOD sets come from `ood.eval_tasks`",
+    "data.ood_limit": "the OOD sets' size comes from `ood.limit`",
+}
+
+
+def _given(mapping: dict[str, Any], path: str) -> bool:
+    node: Any = mapping
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def method_config(
+    base: dict[str, Any], method: str, extra: dict[str, Any] | None, task: str, seed: int
+) -> dict[str, Any]:
+    """The config mapping of one (method, task, seed): base, then the user's per-method overrides, then
+    the method, task and seed (training order, adapter init, head init all follow the seed)."""
+    per_run = {
+        "method": method,
+        "data": {"task": task},
+        "train": {"seed": seed},
+        "polar": {"init_seed": seed},
+        "lora": {"init_seed": seed},
+        "head": {"vbll": {"init_seed": seed}, "fit": {"seed": seed}},
+    }
+    return deep_merge(base, extra or {}, per_run)
 
 
 class OODConfig(BaseModel):
@@ -57,6 +101,14 @@ class CompareConfig(BaseModel):
 
     @model_validator(mode="after")
     def _base_is_valid(self) -> CompareConfig:
+        refused = dict(PER_RUN_FIELDS, **(OOD_FIELDS if self.ood is not None else {}))
+        places = [("base", self.base)]
+        places += [(f"method_overrides.{m}", o) for m, o in self.method_overrides.items()]
+        places += [(f"task_overrides.{t}", o) for t, o in self.task_overrides.items()]
+        for where, mapping in places:
+            for path, reason in refused.items():
+                if _given(mapping, path):
+                    raise ValueError(f"{where}.{path} is set per run by the comparison ({reason}); remove it")
         # validate every method's config now, so a typo fails before hours of training, not after
         for m in self.methods:
             parse_config(

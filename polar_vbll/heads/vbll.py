@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_vbll.errors import ConfigError
+from polar_vbll.errors import ConfigError, HeadFitDiverged
 from polar_vbll.heads.config import DENSE_MAX_PARAMS, VBLLConfig, vbll_config_from_dict
 from polar_vbll.heads.predictive import mc_softmax, predictive_entropy, probit_softmax
 
@@ -458,10 +458,10 @@ class VBLLHead(nn.Module):
 
     @torch.no_grad()
     def check_positive_definite(self, step: int) -> None:
-        """Raise RuntimeError naming the first bad class and ``step`` if any class's covariance (or mean or
-        noise) is non-finite, or its covariance is no longer positive definite (a variance that underflowed
-        to 0, or a log-determinant that is not finite). Never repairs anything: a clamp would hide a
-        diverging run."""
+        """Raise :class:`~polar_vbll.errors.HeadFitDiverged` naming the first bad class and ``step`` if any
+        class's covariance (or mean or noise) is non-finite, or its covariance is no longer positive
+        definite (a variance that underflowed to 0, or a log-determinant that is not finite). Never repairs
+        anything: a clamp would hide a diverging run."""
         dtype = self._dtype()
         k = self.num_classes
         checks: list[tuple[str, torch.Tensor]] = [
@@ -496,8 +496,8 @@ class VBLLHead(nn.Module):
         for cls_idx in range(k):
             reasons = [name for name, c in checks if bool(c[cls_idx])]
             if reasons:
-                raise RuntimeError(
+                raise HeadFitDiverged(
                     f"VBLL head ({self.cov} covariance): class {cls_idx} is no longer a valid Gaussian at step "
-                    f"{step}: {'; '.join(reasons)}. Lower the head learning rate or check the features for "
-                    f"non-finite values"
+                    f"{step} of the eta-phase (refit count): {'; '.join(reasons)}. Lower head.fit.lr or check "
+                    "the features for non-finite values"
                 )

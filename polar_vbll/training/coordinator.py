@@ -1,25 +1,30 @@
 """The head coordinator: the eta-phase of the alternating optimization, behind one small interface.
 
 It receives features and labels (computed by whoever holds the backbone), fits the head's parameters on
-them with the adapters fixed, and returns the new head parameters. In one process it is a plain object;
-the distributed driver runs the very same class as a Ray actor, so the eta-phase math exists once. Its
-state (the head and its optimizer moments) is part of every checkpoint.
+them with the adapters fixed, and returns the new head parameters. In one process it is
+:class:`LocalCoordinator`; the distributed driver runs the very same :class:`HeadCoordinator` inside a Ray
+actor (``distributed.head_actor``), so the eta-phase math exists once. Its state (the head and its
+optimizer moments) is part of every checkpoint. A refit whose loss or posterior goes non-finite raises
+:class:`~polar_vbll.errors.HeadFitDiverged` naming the refit and the settings to lower.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from polar_vbll.config import HeadFitConfig
+from polar_vbll.errors import HeadFitDiverged
+
+if TYPE_CHECKING:
+    from polar_vbll.config import HeadFitConfig
 
 
 class HeadCoordinator:
-    """Owns the head (in one process the trainer's own object; in the distributed driver an actor's copy)
-    and the head optimizer; :meth:`refit` runs the eta-phase.
+    """Owns a copy of the head (the trainer's is loaded with the result of every refit) and the head
+    optimizer; :meth:`refit` runs the eta-phase.
 
     ``refit(features, labels, n_choices, steps)`` takes full-batch Adam steps on the head's loss (for the
     VBLL head, the negative ELBO with its KL weighted 1/N) with the features fixed: in the per-round
@@ -48,7 +53,7 @@ class HeadCoordinator:
         steps = self.cfg.steps if steps is None else steps
         batch = self.cfg.batch_size
         g = torch.Generator().manual_seed(self.cfg.seed + self.refits)
-        for _ in range(steps):
+        for step in range(steps):
             if batch and batch < len(features):
                 idx = torch.randperm(len(features), generator=g)[:batch]
                 f, y, c = features[idx], labels[idx], n_choices[idx]
@@ -57,7 +62,11 @@ class HeadCoordinator:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.head.loss(f, y, c)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"head loss became {loss.item()} during refit {self.refits}")
+                raise HeadFitDiverged(
+                    f"the eta-phase (head refit {self.refits}) diverged: the head loss became {loss.item()} "
+                    f"at Adam step {step} of {steps}; lower head.fit.lr (now {self.cfg.lr:g}) or check "
+                    "head.vbll.noise_init and head.vbll.init_cov_scale"
+                )
             loss.backward()
             self.optimizer.step()
         self.refits += 1
@@ -83,3 +92,35 @@ class HeadCoordinator:
         if self.optimizer is not None and sd.get("optimizer") is not None:
             self.optimizer.load_state_dict(sd["optimizer"])
         self.refits = int(sd["refits"])
+
+
+class LocalCoordinator:
+    """The :class:`~polar_vbll.protocols.Coordinator` of a one-process run: a :class:`HeadCoordinator` on
+    its own copy of the head, exactly as the distributed coordinator actor holds one, so the trainer
+    treats both alike (features in; the new head state and the refit count out)."""
+
+    def __init__(self, head: nn.Module, cfg: HeadFitConfig, state: dict[str, Any] | None = None) -> None:
+        self.inner = HeadCoordinator(copy.deepcopy(head), cfg)
+        if state is not None:
+            self.inner.load_state_dict(state)
+
+    @property
+    def refits(self) -> int:
+        return self.inner.refits
+
+    def refit(
+        self,
+        key: int,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        n_choices: torch.Tensor,
+        steps: int | None = None,
+    ) -> tuple[dict[str, torch.Tensor], int]:
+        """Refit on all rows (one process holds them all; ``key`` only matters across ranks)."""
+        return self.inner.refit(features, labels, n_choices, steps), self.inner.refits
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.inner.load_state_dict(sd)

@@ -1,16 +1,17 @@
-"""The LoRA baseline (LoRA-MLE / LoRA-MAP) on **peft**, behind the same interface as ``PolarModel``.
+"""LoRA as an adapter kind next to PoLAR, on **peft**, behind the same interface as ``PolarModel``.
 
-``LoraAdapter(model, LoraBaselineConfig(...))`` injects standard PEFT LoRA layers
+``LoraAdapter(model, LoraConfig(...))`` injects standard PEFT LoRA layers
 (``W = W0 + (alpha / r) B A``, A Kaiming-uniform, B = 0, so the model starts exactly at ``W0``) and
-exposes what the trainer, the feature code and the run code call on a ``PolarModel``:
+exposes what the trainer, the feature code and the evaluation call on any adapter
+(:class:`polar_vbll.protocols.AdapterModel`):
 
 - ``base_model``: the Hugging Face model, modified in place (the decoder blocks hold the LoRA layers, so
-  ``polar_vbll.models.decoder_of`` and the cached-prefix path of ``polar_vbll.features`` work unchanged);
-- ``stiefel_parameters()`` -> ``[]``: LoRA has no manifold factors (the trainer must skip its Stiefel
-  optimizer when this is empty);
+  ``polar_vbll.backbone.decoder_of`` and the cached-prefix path of ``polar_vbll.features`` work unchanged);
+- ``stiefel_parameters()`` -> ``[]``: LoRA has no manifold factors (the trainer builds no Stiefel
+  optimizer for an empty list);
 - ``theta_parameters()`` -> every ``lora_A`` / ``lora_B`` weight (Euclidean, AdamW). **LoRA-MAP** is the
-  same adapter trained with AdamW weight decay on these (a Gaussian prior on A, B); that is the trainer's
-  ``theta_weight_decay``, nothing here changes;
+  same adapter trained with AdamW weight decay on these (a Gaussian prior on A, B): the method
+  ``lora_map`` sets ``optim.theta_weight_decay``, nothing here changes;
 - ``adapter_state_dict()`` / ``load_adapter_state_dict()`` (strict), ``save_adapter(dir)`` (peft's
   ``save_pretrained``, safetensors), ``export_peft_lora(dir)`` (the same files: it *is* a PEFT adapter);
 - ``orthogonality_error()`` -> ``0.0`` and ``stable_ranks()`` (of ``B A`` per layer: LoRA's is the one that
@@ -22,27 +23,23 @@ full module paths (which is also what ``PolarModel.export_peft_lora`` writes), s
 re-applies to exactly those layers in any PEFT stack, independent of how peft matches
 ``layers_to_transform`` for a given architecture.
 
-Also here: :func:`set_adapter_dropout` / :func:`adapter_dropout` (switch only the adapters' dropout on at
-test time, for MC dropout; PEFT LoRA and ``PolarLinear`` alike) and :func:`seeded_rng`.
-
-peft is imported lazily (it is a ``dev`` extra of this project), so importing this module never needs it.
+peft is imported when a LoRA adapter is built, so importing this module never needs it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import Field, ValidationError
 from torch import nn
 
-from polar_vbll.adapters.config import PolarConfig
+from polar_vbll.adapters.config import LoraConfig, PolarConfig, lora_config_from_dict
+from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
 from polar_vbll.adapters.model import TargetLayer, select_targets
 from polar_vbll.adapters.state import names_preview as _names_preview
@@ -50,97 +47,12 @@ from polar_vbll.adapters.state import require_shapes, strict_copy_
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 #: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
-#: ``adapter_model.safetensors``; this one records the :class:`LoraBaselineConfig` that selected the layers).
+#: ``adapter_model.safetensors``; this one records the :class:`LoraConfig` that selected the layers).
 LORA_BASELINE_CONFIG_NAME = "lora_baseline_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_FORMAT_VERSION = 1
 #: The peft adapter name used throughout (one adapter per model).
 ADAPTER_NAME = "default"
-
-
-# ------------------------------------------------------------------------------------------------- config
-class LoraBaselineConfig(PolarConfig):
-    """Which linear layers get a LoRA update ``(alpha / r) B A``: the same fields, checks and selection
-    semantics as :class:`~polar_vbll.adapters.config.PolarConfig` (so the two adapters accept exactly the
-    same selections), with LoRA's customary ``alpha`` = 2r by default; ``init_seed`` seeds A (B = 0) and
-    ``dropout`` is peft's ``lora_dropout``."""
-
-    alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
-
-
-def lora_config_from_dict(data: Mapping[str, Any] | LoraBaselineConfig, where: str) -> LoraBaselineConfig:
-    """Validate ``data`` as a :class:`LoraBaselineConfig`; errors become a :class:`ConfigError` naming
-    ``where``, so the CLI prints them without a traceback."""
-    if isinstance(data, LoraBaselineConfig):
-        return data
-    try:
-        return LoraBaselineConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        ]
-        raise ConfigError(f"invalid LoRA baseline config in {where}:\n" + "\n".join(lines)) from None
-
-
-# -------------------------------------------------------------------------------------------------- RNG
-@contextlib.contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with the global CPU and CUDA RNGs seeded with ``seed``, restoring them afterwards.
-
-    Dropout and peft's initialisers draw from the global generators (they take no ``generator``), so this
-    is the only way to make them reproducible without disturbing the caller's random stream.
-    """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-# ----------------------------------------------------------------------------------------------- dropout
-def _adapter_dropouts(model: nn.Module) -> list[nn.Module]:
-    """The dropout modules sitting on adapter inputs: ``PolarLinear.polar_dropout`` and every entry of a
-    peft LoRA layer's ``lora_dropout`` (duck-typed, so peft need not be importable)."""
-    found: list[nn.Module] = []
-    for m in model.modules():
-        if isinstance(m, PolarLinear):
-            found.append(m.polar_dropout)
-        elif isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict):
-            found.extend(m.lora_dropout.values())
-    return found
-
-
-def _is_active_dropout(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-
-
-def set_adapter_dropout(model: nn.Module, enabled: bool) -> int:
-    """Switch the adapters' dropout modules (only those) to train (``enabled``) or eval mode.
-
-    For MC dropout the backbone stays in eval mode (its own attention/hidden dropout off, as at test time)
-    while the adapter dropout samples a mask per pass. Works on a :class:`LoraAdapter`, a ``PolarModel``
-    or a bare model holding either kind of layer. Note that a later ``model.eval()`` switches them off
-    again. Returns how many of the switched modules actually drop something (``p > 0``); 0 means MC
-    dropout would repeat one deterministic pass.
-    """
-    mods = _adapter_dropouts(model)
-    for m in mods:
-        m.train(enabled)
-    return sum(_is_active_dropout(m) for m in mods)
-
-
-@contextlib.contextmanager
-def adapter_dropout(model: nn.Module, enabled: bool = True) -> Iterator[int]:
-    """Context manager form of :func:`set_adapter_dropout` that restores each module's previous mode.
-    Yields the number of active (``p > 0``) adapter dropout modules."""
-    mods = _adapter_dropouts(model)
-    before = [m.training for m in mods]
-    try:
-        for m in mods:
-            m.train(enabled)
-        yield sum(_is_active_dropout(m) for m in mods)
-    finally:
-        for m, t in zip(mods, before, strict=True):
-            m.train(t)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -149,25 +61,24 @@ def _require_peft():
         import peft
     except ImportError:  # pragma: no cover - depends on the environment
         raise UserInputError(
-            "the LoRA baseline needs the `peft` package (pip install 'peft>=0.13', or the project's `dev` "
-            "extra)"
+            "LoRA adapters need the `peft` package (pip install 'peft>=0.13'; polar-vbll depends on it)"
         ) from None
     return peft
 
 
-def _select_targets(model: nn.Module, config: LoraBaselineConfig) -> list[TargetLayer]:
+def _select_targets(model: nn.Module, config: LoraConfig) -> list[TargetLayer]:
     """The layers PoLAR would adapt under the same selection (sorted by path), with LoRA's own rank check."""
     # r=1 for the selection: PoLAR's rank check speaks of Stiefel factors; LoRA's is done below.
     as_polar = PolarConfig(r=1, alpha=1.0, target_modules=config.target_modules, layers=config.layers)
     try:
         targets = select_targets(model, as_polar)
     except ConfigError as exc:
-        raise ConfigError(str(exc).replace("PolarConfig", "LoraBaselineConfig")) from None
+        raise ConfigError(str(exc).replace("PolarConfig", "LoraConfig")) from None
     small = [t for t in targets if config.r > min(t.in_features, t.out_features)]
     if small:
         t = small[0]
         raise ConfigError(
-            f"LoraBaselineConfig.r={config.r} exceeds min(in, out) = {min(t.in_features, t.out_features)} "
+            f"LoraConfig.r={config.r} exceeds min(in, out) = {min(t.in_features, t.out_features)} "
             f"of layer {t.name!r}: a rank-r update of that layer cannot have rank r"
         )
     return targets
@@ -188,7 +99,7 @@ class LoraAdapter(nn.Module):
     touching the caller's RNG.
     """
 
-    def __init__(self, model: nn.Module, config: LoraBaselineConfig | Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, config: LoraConfig | Mapping[str, Any]) -> None:
         super().__init__()
         config = lora_config_from_dict(config, "LoraAdapter(config=...)")
         peft = _require_peft()
@@ -273,6 +184,10 @@ class LoraAdapter(nn.Module):
         for _, a, b in self.lora_factors():
             out += [a, b]
         return out
+
+    def update_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose zeroing gives back the base model (every B: ``W0 + s 0 A = W0``)."""
+        return [b for _, _, b in self.lora_factors()]
 
     def merge(self) -> None:
         """Fold ``(alpha / r) B A`` into the base weights (peft's ``merge_adapter``)."""
@@ -380,6 +295,6 @@ class LoraAdapter(nn.Module):
         return adapter
 
 
-def inject_lora(model: nn.Module, config: LoraBaselineConfig | Mapping[str, Any]) -> LoraAdapter:
+def inject_lora(model: nn.Module, config: LoraConfig | Mapping[str, Any]) -> LoraAdapter:
     """Inject LoRA into ``model`` in place and return the wrapping :class:`LoraAdapter`."""
     return LoraAdapter(model, config)

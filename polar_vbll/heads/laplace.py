@@ -152,7 +152,7 @@ class LastLayerLaplace(nn.Module):
 
     ``LastLayerLaplace(W, b, structure="full"|"kron", predictive="probit"|"mc")`` then
     :meth:`fit` ``(phi_train, labels, n_choices)``; after that it is used like a head
-    (:attr:`num_classes`, :meth:`predict_proba`, :meth:`logits`), e.g. by ``polar_vbll.evaluate.predict``.
+    (:attr:`num_classes`, :meth:`predict_proba`, :meth:`logits`), e.g. by ``polar_vbll.predictives.predict``.
     ``prior_precision=None`` (the default) selects the prior precision by maximising the log marginal
     likelihood during :meth:`fit`; a number fixes it. The fitted state lives in float64 buffers, so
     ``.to(device)`` moves it; it is not meant to be checkpointed (refitting on the cached training features

@@ -1,24 +1,29 @@
 """MLflow tracking: where the store is, masking secrets, and the one logger that writes a run.
 
-Embedded by default: a search writes a local SQLite store (``<search folder>/mlflow/mlflow.db``) with its
-artifacts beside it, so nothing has to run first; ``MLFLOW_TRACKING_URI`` points every process at a
-server instead. The store is checked before any training starts (an unreachable server fails at once,
+Embedded by default: a run, comparison or search writes a local SQLite store (``<folder>/mlflow/mlflow.db``)
+with its artifacts beside it, so nothing has to run first; ``MLFLOW_TRACKING_URI`` points every process at
+a server instead. The store is checked before any training starts (an unreachable server fails at once,
 its URI shown with credentials masked).
 
-Who writes: the search driver (the parent run), each trial's driver (creates its child run, logs every
-config value as a param, closes it) and rank 0 of the trial's workers (metrics over steps, reliability
-diagrams, the adapter and head). Other ranks never log. :class:`RunLogger` keeps the time it spends, so a
-run can report what tracking cost it (``results.json`` -> ``timings.tracking_train_s`` / ``tracking_final_s``).
+One layout everywhere: a run is an MLflow run with every config value as a param, metrics over steps
+(loss, learning rate, orthogonality error, stable rank, mid-training validation), the final metrics
+(:func:`polar_vbll.results.flat_metrics`), reliability diagrams, and the adapter, the head and
+``results.json`` as artifacts (:func:`log_final`). A comparison or a search is a parent run with one child
+per (task, method, seed) or per trial. Only the process that owns a run writes it: the single process, or
+rank 0 of distributed workers. :class:`RunLogger` keeps the time it spends, so a run can report what
+tracking cost it (``results.json`` -> ``timings.tracking_train_s`` / ``tracking_final_s``).
 
-MLflow is imported only here and only when tracking is used: ``polar_vbll`` never needs it.
+MLflow is imported lazily, here only: ``polar_vbll`` works without it installed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,13 +256,121 @@ def open_run(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str] | None = None,
+    parent: TrackingTarget | None = None,
 ) -> TrackingTarget:
-    """A new MLflow run for a training run in ``folder`` (its embedded store, or the server of
-    ``MLFLOW_TRACKING_URI``), checked reachable first, with ``params`` logged (secrets masked)."""
-    uri, artifacts = resolve_store(folder)
-    check_reachable(uri)
+    """A new MLflow run for work in ``folder`` (its embedded store, or the server of
+    ``MLFLOW_TRACKING_URI``), checked reachable first, with ``params`` logged (secrets masked); a child of
+    ``parent`` when given (same store)."""
+    if parent is not None:
+        uri, artifacts = parent.uri, None
+    else:
+        uri, artifacts = resolve_store(folder)
+        check_reachable(uri)
     experiment_id = ensure_experiment(uri, experiment, artifacts)
-    run = client_for(uri).create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    tags = dict(tags or {})
+    if parent is not None:
+        tags["mlflow.parentRunId"] = parent.run_id
+    run = client_for(uri).create_run(experiment_id, run_name=run_name, tags=tags)
     target = TrackingTarget(uri, run.info.run_id)
     RunLogger(target).log_params(params)
     return target
+
+
+#: Where a folder records the MLflow run it logs to, so a resumed run continues the same MLflow run.
+RUN_RECORD = "mlflow_run.json"
+
+
+def mlflow_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
+@contextlib.contextmanager
+def tracked(
+    folder: Path,
+    experiment: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    parent: TrackingTarget | None = None,
+    enabled: bool = True,
+) -> Iterator[RunLogger | None]:
+    """A :class:`RunLogger` on the MLflow run of ``folder`` for the duration of the block (None when
+    ``enabled`` is False, or with a note when mlflow is not installed). The run is created on first use
+    and continued when the folder is run again (its id is kept in ``folder/mlflow_run.json``); it is
+    closed FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises."""
+    if not enabled:
+        yield None
+        return
+    if not mlflow_installed():
+        print("note: mlflow is not installed (the `track` extra); this run is not tracked", flush=True)
+        yield None
+        return
+    folder = Path(folder).expanduser().resolve()
+    target = _reopen(folder, parent)
+    if target is None:
+        target = open_run(folder, experiment, run_name, params, tags, parent)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"run_id": target.run_id, "tracking_uri": mask_uri(target.uri)}
+        (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    logger = RunLogger(target)
+    status = "FAILED"
+    try:
+        yield logger
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        logger.end(status)
+
+
+def _reopen(folder: Path, parent: TrackingTarget | None) -> TrackingTarget | None:
+    """The folder's recorded MLflow run, set RUNNING again, when it is in the store in use."""
+    record_path = folder / RUN_RECORD
+    if not record_path.is_file():
+        return None
+    uri = parent.uri if parent is not None else resolve_store(folder)[0]
+    try:
+        record = json.loads(record_path.read_text())
+        if record.get("tracking_uri") != mask_uri(uri):
+            return None
+        if parent is None:
+            check_reachable(uri)
+        client = client_for(uri)
+        client.get_run(record["run_id"])
+        client.update_run(record["run_id"], status="RUNNING")
+    except TrackingError:
+        raise
+    except Exception:  # the store was replaced or the record is damaged: start a new run
+        return None
+    return TrackingTarget(uri, record["run_id"])
+
+
+def log_final(
+    logger: RunLogger, results: Mapping[str, Any], predictions: Mapping[str, Any], artifacts: Path | None
+) -> None:
+    """The end of a run: final metrics (``flat_metrics``), reliability diagrams of the validation and
+    evaluation splits, and the adapter, the head and ``results.json`` from ``artifacts`` as artifacts."""
+    import tempfile
+
+    from polar_vbll.plots import reliability_diagram
+    from polar_vbll.results import flat_metrics
+
+    step = int(results["training"]["steps"])
+    logger.log_metrics(flat_metrics(dict(results)), step)
+    logger.log_metrics({"orthogonality_error": results["training"]["orthogonality_error"]}, step)
+    with tempfile.TemporaryDirectory(prefix="polar-vbll-plots-") as tmp:
+        for name in ("validation", "eval"):
+            label = "test" if name == "eval" else name
+            png = reliability_diagram(
+                predictions[name].accumulator(),
+                Path(tmp) / f"reliability_{label}.png",
+                title=f"{results['label']}: {results['task']} {label}",
+            )
+            logger.log_artifact(png, "plots")
+    if artifacts is not None:
+        for name in ("adapter", "adapter_peft", "head.safetensors"):
+            logger.log_artifact(artifacts / name, "model")
+        logger.log_artifact(artifacts / "results.json")

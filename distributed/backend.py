@@ -1,0 +1,148 @@
+"""The DeepSpeed backend: one rank of N data-parallel Ray Train workers, for the one trainer of
+``polar_vbll.training``.
+
+What it does differently from the one-process ``LocalBackend`` (docs/design.md, "Distributed training"):
+
+- features go through the DeepSpeed engine's forward (ZeRO-3 gathers the partitioned backbone there);
+  this rank computes its slice of each global batch (``distributed.sharding``), in ``grad_accum``
+  micro-batches;
+- ``backward`` is ``engine.backward``; the Euclidean step (Theta, or LoRA's A and B) is ``engine.step()``,
+  which also reduces their gradients; the Stiefel factors stay *outside* the engine (fp32, never
+  partitioned or cast), their gradients averaged with ONE flat all-reduce per step, and the trainer takes
+  the same Riemannian step on every rank;
+- passes over a whole split (the head's features, evaluation) are split into contiguous shards, padded so
+  that every rank runs the same number of forward passes (ZeRO-3's gathers are collectives), and gathered;
+- checkpoints are consolidated: Theta gathered, its AdamW moments reassembled into exactly what a
+  one-process ``torch.optim.AdamW`` holds, so a distributed checkpoint resumes in one process too;
+- replicas are compared bitwise (a per-tensor sha256 across ranks) every ``sync_check_every`` steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distributed.collectives import allreduce_mean_, bank_gradients, gather_rows, verify_replicas
+from distributed.config import DistConfig
+from distributed.engine import (
+    build_engine,
+    deepspeed_config,
+    gathered,
+    load_theta_optimizer_state,
+    set_theta_lr,
+    theta_optimizer_state,
+)
+from distributed.sharding import lockstep_batches, micro_batches, shard_bounds
+from polar_vbll.config import RunConfig
+from polar_vbll.features import EncodedSplit
+from polar_vbll.training import build_theta_optimizer
+
+
+class DeepSpeedBackend:
+    """This rank's view of a DeepSpeed-wrapped backbone (see the module docstring). Build it on every rank
+    (``deepspeed.initialize`` is a collective) after the adapter's weights are final for the start (a
+    resumed run loads them first: the engine keeps fp32 master copies from here on)."""
+
+    def __init__(
+        self, cfg: RunConfig, dist_cfg: DistConfig, backbone: nn.Module, theta: Sequence[nn.Parameter],
+        pad_id: int, micro_batch: int,
+    ) -> None:  # fmt: skip
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dist_cfg = dist_cfg
+        self.sync_check_every = dist_cfg.sync_check_every
+        self.theta = list(theta)
+        ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
+        self.engine, self.source = build_engine(
+            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train.cache_frozen_prefix
+        )
+
+    @property
+    def model(self) -> nn.Module:
+        return self.source.model
+
+    # -------------------------------------------------------------------------------------- features
+    def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> None:
+        """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path)."""
+        with torch.no_grad():
+            self.engine(enc, None, prepare_batch_size=batch_size)
+
+    def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
+        return self.engine(enc, list(idx))
+
+    def shard(self, n: int) -> tuple[int, int]:
+        return shard_bounds(n, self.rank, self.world)
+
+    @torch.no_grad()
+    def shard_features(self, enc: EncodedSplit, batch_size: int) -> torch.Tensor:
+        """``phi`` of this rank's contiguous shard of ``enc`` (adapter dropout as set), ``(n_shard, d)``;
+        padded batches keep every rank's forward passes in lockstep."""
+        self.prepare(enc, batch_size)
+        rows = [
+            self.engine(enc, batch.idx)[: batch.n_real].detach().to("cpu", torch.float32)
+            for batch in lockstep_batches(len(enc), self.rank, self.world, batch_size)
+        ]
+        return torch.cat(rows) if rows else torch.zeros(0)
+
+    def split_features(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> torch.Tensor:
+        """All rows of ``enc`` on every rank: each rank's shard, gathered in rank order (a collective)."""
+        return gather_rows(self.shard_features(enc, batch_size))
+
+    # ------------------------------------------------------------------------------------------ steps
+    def micro_batches(self, batch: Sequence[int]) -> list[list[int]]:
+        """This rank's slice of the global batch, cut into ``grad_accum`` equal micro-batches."""
+        return micro_batches(batch, self.rank, self.world, self.dist_cfg.grad_accum)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # DeepSpeed counts micro-steps; it steps only at the boundary
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        buf = value.detach().reshape(1).to(torch.float64).clone()
+        allreduce_mean_([buf])
+        return buf[0]
+
+    def reduce_gradients(self, params: Sequence[nn.Parameter]) -> None:
+        """Average the Stiefel-factor gradients over ranks in one flat all-reduce."""
+        allreduce_mean_(bank_gradients(list(params)))
+
+    def set_theta_lr(self, lr: float) -> None:
+        set_theta_lr(self.engine, lr)
+
+    def theta_step(self) -> None:
+        self.engine.step()
+
+    def theta_state_dict(self) -> dict[str, Any]:
+        return theta_optimizer_state(self.engine, self.theta)
+
+    def load_theta_state_dict(self, state: dict[str, Any]) -> None:
+        load_theta_optimizer_state(self.engine, self.theta, state)
+
+    # ------------------------------------------------------------------------------------ collectives
+    @contextlib.contextmanager
+    def gathered(self, params: Sequence[nn.Parameter]) -> Iterator[None]:
+        with gathered(self.engine, params):
+            yield
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def verify(self, named: dict[str, torch.Tensor], where: str) -> str:
+        """Bitwise replica check of ``named`` plus Theta's AdamW moments at ZeRO-0 (where every rank keeps
+        a whole copy); raises :class:`~polar_vbll.errors.ReplicaDivergence` naming the tensors."""
+        named = dict(named)
+        if self.dist_cfg.zero_stage == 0:
+            for pid, s in self.engine.optimizer.state_dict()["state"].items():
+                named.update({f"theta_opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+        return verify_replicas(named, where)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "deepspeed", **self.dist_cfg.model_dump(mode="json"), "world_size": self.world}
+

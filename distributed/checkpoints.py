@@ -1,0 +1,55 @@
+"""Checkpoints through Ray Train's storage: the latest one is what ``ray.train.get_checkpoint()`` hands a
+(re)started worker group; rank 0 writes, every rank reports (``ray.train.report``), so a search scheduler
+sees each rank-0 report and Ray Train keeps the newest ``num_to_keep`` checkpoints.
+
+A checkpoint directory holds ``state/`` (``polar_vbll.checkpoint``'s format: safetensors + JSON, never a
+pickle) and, for the final one, ``artifacts/`` (adapter, head, predictions, ``results.json``), which the
+driver copies into the run folder.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from polar_vbll.checkpoint import load_checkpoint, save_checkpoint
+
+
+class RayCheckpoints:
+    """The :class:`~polar_vbll.protocols.CheckpointStore` of a Ray Train worker of rank ``rank``."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def latest(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as d:
+            return load_checkpoint(Path(d) / "state")
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+
+        ray.train.report(metrics)
+
+    def save(self, step: int, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
+        self.save_final(step, state, metrics, None)
+
+    def save_final(
+        self, step: int, state: dict[str, Any] | None, metrics: dict[str, Any], artifacts: Path | None
+    ) -> None:
+        import ray.train
+
+        if self.rank != 0 or state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="polar-vbll-ckpt-") as tmp:
+            save_checkpoint(Path(tmp) / "state", state)
+            if artifacts is not None:
+                shutil.copytree(artifacts, Path(tmp) / "artifacts")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

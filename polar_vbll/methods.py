@@ -1,0 +1,295 @@
+"""Methods as data: registries of adapter kinds, head kinds and predictives, and the named methods that
+combine them.
+
+A *method* (``RunConfig.method``) is one entry of :data:`METHODS`: an adapter kind from :data:`ADAPTERS`
+(``polar``, ``lora``), a head kind from :data:`HEADS` (``deterministic``, ``vbll``, ``laplace``), a
+predictive from :data:`PREDICTIVES` (``one_pass``, ``mc_dropout``, ``ensemble``), the config values the
+method sets unless the config gives them (``defaults``) and a cross-field check. The config is validated
+against its method once, when it is parsed (``polar_vbll.config``); every entry point then either runs the
+method or refuses it with a one-line error (``polar_vbll.support``).
+
+To add a method: add a :class:`Method` here. To add a kind of adapter, head or predictive: implement the
+protocol (``polar_vbll.protocols``), add a kind here, and list its settings in the config. Nothing else
+changes: the trainer, the evaluation and every entry point read these tables.
+
+Builders import their implementation when called, so importing this module (which the config does) stays
+cheap and free of import cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from polar_vbll.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from polar_vbll.config import RunConfig
+    from polar_vbll.protocols import AdapterModel, Head
+
+
+# ------------------------------------------------------------------------------------------- adapters
+@dataclass(frozen=True)
+class AdapterKind:
+    """An adapter kind: the config section holding its settings, and how to inject or reload it."""
+
+    name: str
+    label: str
+    section: str  # the RunConfig section with this kind's settings
+    inject: Callable[[nn.Module, Any], AdapterModel]  # (base model, section config) -> adapter
+    load: Callable[[nn.Module, Path], AdapterModel]  # (fresh base model, saved directory) -> adapter
+
+    def settings(self, cfg: RunConfig) -> Any:
+        return getattr(cfg, self.section)
+
+
+def _inject_polar(model, config):
+    from polar_vbll.adapters.model import inject_polar
+
+    return inject_polar(model, config)
+
+
+def _load_polar(model, directory):
+    from polar_vbll.adapters.model import PolarModel
+
+    return PolarModel.load_adapter(model, directory)
+
+
+def _inject_lora(model, config):
+    from polar_vbll.adapters.lora import LoraAdapter
+
+    return LoraAdapter(model, config)
+
+
+def _load_lora(model, directory):
+    from polar_vbll.adapters.lora import LoraAdapter
+
+    return LoraAdapter.load_adapter(model, directory)
+
+
+ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
+    {
+        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar),
+        "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora),
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------------- heads
+@dataclass(frozen=True)
+class HeadKind:
+    """A head kind. ``build`` makes the head that trains (from the LM-head rows of the answer letters, so
+    training starts at the zero-shot model); ``refitted`` says whether the eta-phase fits it (alternating
+    optimization); ``posthoc`` (optional) turns the trained head into the head that predicts, fitted once
+    on the final training features."""
+
+    name: str
+    build: Callable[[RunConfig, torch.Tensor, torch.Tensor | None, int], Head]
+    refitted: bool
+    posthoc: Callable[[RunConfig, Head, torch.Tensor, torch.Tensor, torch.Tensor], Head] | None = None
+    trains_as: str | None = None  # the kind whose training this one shares (laplace: deterministic)
+
+    @property
+    def training_kind(self) -> str:
+        return self.trains_as or self.name
+
+
+def _deterministic(cfg, weight, bias, n_train):
+    from polar_vbll.heads.deterministic import DeterministicHead
+
+    return DeterministicHead(weight, bias)
+
+
+def _vbll(cfg, weight, bias, n_train):
+    from polar_vbll.heads.vbll import VBLLHead
+
+    return VBLLHead.from_weight(weight, dataset_size=n_train, config=cfg.head.vbll)
+
+
+def _fit_laplace(cfg, head, phi, labels, n_choices):
+    from polar_vbll.heads.laplace import LastLayerLaplace
+
+    lap = cfg.head.laplace
+    return LastLayerLaplace.from_head(
+        head, structure=lap.structure, predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed
+    ).fit(phi, labels, n_choices)
+
+
+HEADS: Mapping[str, HeadKind] = MappingProxyType(
+    {
+        "deterministic": HeadKind("deterministic", _deterministic, refitted=False),
+        "vbll": HeadKind("vbll", _vbll, refitted=True),
+        # post-hoc last-layer Laplace around the trained deterministic head
+        "laplace": HeadKind(
+            "laplace", _deterministic, refitted=False, posthoc=_fit_laplace, trains_as="deterministic"
+        ),
+    }
+)
+
+
+# ----------------------------------------------------------------------------------------- predictives
+@dataclass(frozen=True)
+class PredictiveKind:
+    """How test-time probabilities are made, and what they cost: ``passes`` backbone passes per example,
+    ``members`` independently trained adapter/head pairs (an ensemble trains several). ``predict(ctx,
+    enc)`` gives the :class:`~polar_vbll.predictives.Predictions` of a split, where ``ctx`` is a
+    :class:`~polar_vbll.evaluation.PredictContext` (features, adapter, trained members, settings)."""
+
+    name: str
+    passes: Callable[[RunConfig], int]
+    members: Callable[[RunConfig], int]
+    predict: Callable[[Any, Any], Any]
+
+
+def _predict_one_pass(ctx, enc):
+    from polar_vbll.predictives import predict
+
+    return predict(ctx.provider, ctx.members[0].head, enc, ctx.batch_size, ctx.progress)
+
+
+def _predict_mc_dropout(ctx, enc):
+    from polar_vbll.predictives import predict_mc_dropout
+
+    cfg = ctx.cfg
+    return predict_mc_dropout(
+        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.eval.mc_dropout_samples,
+        seed=cfg.train.seed, progress=ctx.progress,
+    )  # fmt: skip
+
+
+def _predict_ensemble(ctx, enc):
+    from polar_vbll.predictives import predict_ensemble
+
+    members = [(m.adapter_state, m.head) for m in ctx.members]
+    return predict_ensemble(ctx.adapter, ctx.provider, enc, ctx.batch_size, members, ctx.progress)
+
+
+PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
+    {
+        "one_pass": PredictiveKind("one_pass", lambda cfg: 1, lambda cfg: 1, _predict_one_pass),
+        "mc_dropout": PredictiveKind(
+            "mc_dropout", lambda cfg: cfg.eval.mc_dropout_samples, lambda cfg: 1, _predict_mc_dropout
+        ),
+        "ensemble": PredictiveKind(
+            "ensemble", lambda cfg: cfg.eval.ensemble_members, lambda cfg: cfg.eval.ensemble_members,
+            _predict_ensemble,
+        ),  # fmt: skip
+    }
+)
+
+
+# -------------------------------------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """A named combination of an adapter kind, a head kind and a predictive.
+
+    ``trains``: False for the zero-shot model (its adapter stays at init, where ``W = W0`` exactly, so the
+    cached frozen prefix is shared with the other methods). ``defaults``: config values the method sets
+    unless the config gives them (a nested mapping, merged under the user's values). ``check``: a
+    cross-field check of a parsed config, raising ``ValueError`` with the reason.
+    """
+
+    name: str
+    label: str
+    adapter: str
+    head: str
+    predictive: str
+    description: str
+    trains: bool = True
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    check: Callable[[RunConfig], None] | None = None
+
+    @property
+    def adapter_kind(self) -> AdapterKind:
+        return ADAPTERS[self.adapter]
+
+    @property
+    def head_kind(self) -> HeadKind:
+        return HEADS[self.head]
+
+    @property
+    def predictive_kind(self) -> PredictiveKind:
+        return PREDICTIVES[self.predictive]
+
+
+def _needs_weight_decay(cfg: RunConfig) -> None:
+    if cfg.optim.theta_weight_decay <= 0:
+        raise ValueError(
+            "lora_map is LoRA trained with AdamW weight decay (a Gaussian prior's MAP), but "
+            "optim.theta_weight_decay is 0 (that is lora_mle); set it > 0"
+        )
+
+
+def _needs_dropout(cfg: RunConfig) -> None:
+    kind = METHODS[cfg.method].adapter_kind
+    if kind.settings(cfg).dropout <= 0:
+        raise ValueError(
+            f"mc_dropout averages passes with adapter dropout on, but {kind.section}.dropout is 0 (every "
+            f"pass would be the same); set {kind.section}.dropout > 0"
+        )
+
+
+def _needs_members(cfg: RunConfig) -> None:
+    if cfg.eval.ensemble_members < 2:
+        raise ValueError(f"an ensemble needs eval.ensemble_members >= 2, got {cfg.eval.ensemble_members}")
+
+
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            Method(
+                "zero_shot", "zero-shot", "polar", "deterministic", "one_pass",
+                "the backbone as shipped: answer-letter logits of the LM head, no training", trains=False,
+            ),
+            Method(
+                "polar_mle", "PoLAR-MLE", "polar", "deterministic", "one_pass",
+                "PoLAR adapters under the frozen answer-row head, cross-entropy",
+            ),
+            Method(
+                "polar_vbll", "PoLAR-VBLL", "polar", "vbll", "one_pass",
+                "PoLAR adapters and a variational Bayesian last layer, alternating optimization (ours)",
+            ),
+            Method(
+                "lora_mle", "LoRA-MLE", "lora", "deterministic", "one_pass",
+                "LoRA (peft) under the frozen answer-row head, cross-entropy",
+            ),
+            Method(
+                "lora_map", "LoRA-MAP", "lora", "deterministic", "one_pass",
+                "LoRA with AdamW weight decay (a Gaussian prior's MAP)",
+                defaults={"optim": {"theta_weight_decay": 0.1}}, check=_needs_weight_decay,
+            ),
+            Method(
+                "mc_dropout", "MC dropout", "lora", "deterministic", "mc_dropout",
+                "LoRA trained with adapter dropout; the predictive averages dropout passes at test time",
+                defaults={"lora": {"dropout": 0.1}}, check=_needs_dropout,
+            ),
+            Method(
+                "ensemble", "Deep ensemble", "lora", "deterministic", "ensemble",
+                "LoRA-MLE adapters trained from different seeds, probabilities averaged",
+                check=_needs_members,
+            ),
+            Method(
+                "laplace", "LL-Laplace", "lora", "laplace", "one_pass",
+                "LoRA-MLE plus post-hoc last-layer Laplace (prior precision by marginal likelihood)",
+            ),
+            Method(
+                "vbll_lora", "LoRA-VBLL", "lora", "vbll", "one_pass",
+                "a VBLL head on LoRA adapters (is PoLAR needed?)",
+            ),
+        )
+    }  # fmt: skip
+)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``; an unknown name is refused with the valid ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]

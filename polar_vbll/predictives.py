@@ -1,0 +1,163 @@
+"""The predictives: how a trained model's class probabilities are made, and what they cost.
+
+Registered by name in ``polar_vbll.methods.PREDICTIVES``:
+
+- ``one_pass`` (:func:`predict`): one backbone pass per example (on the cheap path, the adapted blocks
+  only), the head's predictive. For a Bayesian head (VBLL, Laplace) the uncertainty comes from the head's
+  posterior over K logits, not from more passes.
+- ``mc_dropout`` (:func:`predict_mc_dropout`; Gal & Ghahramani 2016): the backbone in eval mode, the
+  *adapter* dropout on, ``n_samples`` stochastic passes averaged in probability space,
+  ``p(y|x) ~= (1/S) sum_s softmax(z_s)``. Costs ``n_samples`` passes (10 in the BLoB protocol). On the
+  cached-prefix path a pass runs only the adapted top blocks: the frozen blocks below carry no adapter,
+  hence no dropout, so their cached outputs are the same for every sample.
+- ``ensemble`` (:func:`predict_ensemble`, :func:`ensemble_predictions`; Lakshminarayanan et al. 2017):
+  the equal-weight mixture of independently seeded members, one pass per member; members are swapped
+  through one model, so one backbone is ever in memory and the frozen-prefix cache is shared.
+
+Every predictive reads features through a :class:`~polar_vbll.protocols.FeatureProvider` (a
+``FeatureSource`` in one process, a ``Backend`` on workers) and returns :class:`Predictions` in the split's
+original order. Averages are taken in float64, in probability space (never over logits: that would be a
+sharper, differently calibrated predictive than the one each baseline is defined by).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from polar_vbll.adapters.dropout import adapter_dropout, seeded_rng
+from polar_vbll.features import EncodedSplit, length_sorted_batches
+from polar_vbll.metrics import CalibrationAccumulator
+from polar_vbll.protocols import FeatureProvider
+
+#: Samples (= backbone passes) per example in the BLoB protocol.
+DEFAULT_MC_SAMPLES = 10
+
+
+@dataclass
+class Predictions:
+    """Per-example predictive probabilities ``(N, K)`` in the split's original order, and the labels."""
+
+    split: str
+    probs: torch.Tensor
+    labels: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        return self.accumulator().compute()
+
+    def accumulator(self) -> CalibrationAccumulator:
+        acc = CalibrationAccumulator()
+        acc.update(self.probs, self.labels)
+        return acc
+
+
+def head_probabilities(head, phi: torch.Tensor, enc: EncodedSplit, batch_size: int) -> torch.Tensor:
+    """``head.predict_proba`` over a split's features ``(N, d)``, in length-sorted batches of
+    ``batch_size`` (float32, CPU, ``(N, K)``)."""
+    probs = torch.zeros((len(enc), head.num_classes), dtype=torch.float32)
+    for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
+        p = head.predict_proba(phi[idx], enc.n_choices[idx].to(phi.device))
+        probs[idx] = p.to(torch.float32).cpu()
+    return probs
+
+
+@torch.no_grad()
+def predict(
+    source: FeatureProvider, head, enc: EncodedSplit, batch_size: int, progress: bool = True
+) -> Predictions:
+    """The ``one_pass`` predictive: one backbone pass per example, adapter dropout off."""
+    with adapter_dropout(source.model, False):
+        phi = source.split_features(enc, batch_size, progress)
+    return Predictions(enc.name, head_probabilities(head, phi, enc, batch_size), enc.labels.clone())
+
+
+def _warn_if_deterministic(n_active: int) -> None:
+    if n_active == 0:
+        warnings.warn(
+            "MC dropout: the model has no adapter dropout with p > 0, so every sample is the same "
+            "deterministic pass (set the adapter's `dropout` > 0 to get an MC-dropout predictive)",
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def predict_mc_dropout(
+    source: FeatureProvider,
+    head,
+    enc: EncodedSplit,
+    batch_size: int,
+    n_samples: int = DEFAULT_MC_SAMPLES,
+    seed: int = 0,
+    progress: bool = True,
+) -> Predictions:
+    """The ``mc_dropout`` predictive: ``n_samples`` stochastic passes over the split with adapter dropout
+    on (backbone in eval mode), probabilities averaged in float64.
+
+    Reproducible: the passes run under a seeded, forked RNG (the same seed, batch size and split give the
+    same probabilities; the caller's random stream is untouched). The frozen prefix is prepared first,
+    outside the seeded block, so the result does not depend on whether the cache was already filled.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    source.prepare(enc, batch_size, progress=progress)
+    total = torch.zeros((len(enc), head.num_classes), dtype=torch.float64)
+    with seeded_rng(seed), adapter_dropout(source.model, True) as n_active:
+        _warn_if_deterministic(n_active)
+        for _ in range(n_samples):
+            phi = source.split_features(enc, batch_size, progress)
+            total += head_probabilities(head, phi, enc, batch_size).to(torch.float64)
+    return Predictions(enc.name, (total / n_samples).to(torch.float32), enc.labels.clone())
+
+
+def ensemble_predictions(members: Sequence[Predictions]) -> Predictions:
+    """The equal-weight mixture of ``members``: probabilities averaged (in float64) per example.
+
+    Raises ``ValueError`` unless every member is of the same split, with the same number of examples and
+    classes and exactly the same labels in the same order: averaging predictions of different examples
+    would silently produce a meaningless ensemble.
+    """
+    if not members:
+        raise ValueError("ensemble_predictions: no members")
+    first = members[0]
+    for i, m in enumerate(members[1:], start=1):
+        if m.split != first.split:
+            raise ValueError(f"ensemble member {i} is of split {m.split!r}, member 0 of {first.split!r}")
+        if tuple(m.probs.shape) != tuple(first.probs.shape):
+            raise ValueError(
+                f"ensemble member {i} has probabilities of shape {tuple(m.probs.shape)}, member 0 "
+                f"{tuple(first.probs.shape)}"
+            )
+        if not torch.equal(m.labels.cpu(), first.labels.cpu()):
+            raise ValueError(
+                f"ensemble member {i} has different labels from member 0 (another split, or examples in "
+                "another order)"
+            )
+    mean = torch.stack([m.probs.detach().cpu().to(torch.float64) for m in members]).mean(dim=0)
+    return Predictions(first.split, mean.to(torch.float32), first.labels.clone())
+
+
+@torch.no_grad()
+def predict_ensemble(
+    adapter,
+    source: FeatureProvider,
+    enc: EncodedSplit,
+    batch_size: int,
+    members: Sequence[tuple[Mapping[str, torch.Tensor], object]],
+    progress: bool = True,
+) -> Predictions:
+    """The ``ensemble`` predictive: each member ``(adapter_state_dict, head)`` loaded into ``adapter`` (the
+    adapter ``source`` reads) and evaluated with :func:`predict`, then averaged. The adapter's own state is
+    restored afterwards. Members must share the adapter layout (same config, different seeds), so the
+    cached frozen prefix of ``source`` is valid for all of them."""
+    saved = adapter.adapter_state_dict()
+    preds: list[Predictions] = []
+    try:
+        for i, (state, head) in enumerate(members):
+            adapter.load_adapter_state_dict(state, where=f"ensemble member {i}")
+            preds.append(predict(source, head, enc, batch_size, progress=progress))
+    finally:
+        adapter.load_adapter_state_dict(saved, where="the adapter's own state")
+    return ensemble_predictions(preds)

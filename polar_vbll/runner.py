@@ -1,0 +1,367 @@
+"""Running a method end to end: ``polar-vbll train`` in one process, and the steps every entry point
+shares after training.
+
+:func:`run_method` is the one-process run of any method (``compare`` calls it per task, method and seed):
+build the objects (``polar_vbll.session``), predict the zero-shot model on the evaluation split while the
+adapters are still at init, train each member with the :class:`~polar_vbll.training.Trainer` over a
+:class:`~polar_vbll.training.LocalBackend` (resuming from the run folder's latest checkpoint), then
+:func:`finish_run`. :func:`finish_run` is shared with the distributed workers: the one evaluation
+(``polar_vbll.evaluation``), the one ``results.json`` schema (``polar_vbll.results``), the artifacts
+(:func:`write_artifacts`), the final checkpoint through the store, and the tracking of the end of the run.
+
+The run folder (``<output_dir>/<name>``) receives ``config.yaml`` (the whole config), ``params.json``
+(flattened, every **[choice]** included), checkpoints, ``adapter/`` (the adapter's own format),
+``adapter_peft/`` (a standard PEFT LoRA adapter), ``head.safetensors``, ``predictions.safetensors``,
+``results.json``, ``results.md`` (zero-shot vs the method) and ``reliability.png``; an ensemble keeps each
+member's checkpoints, adapter and head under ``member-<i>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from polar_vbll.config import RunConfig, dump_config
+from polar_vbll.evaluation import Evaluation, Member, evaluate
+from polar_vbll.features import EncodedSplit, FeatureSource
+from polar_vbll.methods import METHODS
+from polar_vbll.metrics import format_table
+from polar_vbll.plots import reliability_diagrams
+from polar_vbll.predictives import predict
+from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore
+from polar_vbll.results import flat_metrics, machine_info, validate_results
+from polar_vbll.session import Session, build_session
+from polar_vbll.training import LocalBackend, LocalCheckpoints, LocalCoordinator, Trainer, load_weights
+
+
+@dataclass
+class TrainedMember:
+    """A trained adapter/head pair kept in memory, so that an identical training in the same comparison
+    (LoRA-MLE, the Laplace head on it, the first ensemble member) is done once."""
+
+    adapter_state: dict[str, torch.Tensor]
+    head_state: dict[str, torch.Tensor]
+    training: dict[str, Any]
+    train_s: float
+
+
+def training_key(cfg: RunConfig) -> str:
+    """What determines a trained member: everything but how it is evaluated (the predictive's settings,
+    the post-hoc head's), the method's name and where it is written; the adapter kind and the head kind it
+    trains as stand in for the method."""
+    method = METHODS[cfg.method]
+    d = cfg.model_dump(mode="json")
+    for key in ("eval", "name", "output_dir", "method"):
+        d.pop(key)
+    d["head"].pop("laplace")
+    d["trains"] = [method.trains, method.adapter, method.head_kind.training_kind]
+    return json.dumps(d, sort_keys=True)
+
+
+_MEMBER_SEEDS = (("train", "seed"), ("polar", "init_seed"), ("lora", "init_seed"))
+
+
+def member_config(cfg: RunConfig, i: int) -> RunConfig:
+    """Ensemble member ``i``: the run config with every seed shifted by ``1000 i`` (training order,
+    adapter init, head init and head fit), written to ``<run folder>/member-<i>``."""
+    data = cfg.model_dump(mode="json")
+    for section, key in _MEMBER_SEEDS:
+        data[section][key] += 1000 * i
+    data["head"]["vbll"]["init_seed"] += 1000 * i
+    data["head"]["fit"]["seed"] += 1000 * i
+    data["name"] = f"{cfg.name}/member-{i}"
+    return RunConfig.model_validate(data)
+
+
+def write_run_params(cfg: RunConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "params.json").write_text(json.dumps(cfg.flat_params(), indent=2, sort_keys=True))
+
+
+def local_backend(session: Session) -> LocalBackend:
+    """The one-process backend around a session's model (cached frozen prefix when configured)."""
+    cfg = session.cfg
+    source = FeatureSource(
+        session.adapter.base_model, session.tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix
+    )
+    return LocalBackend(source, session.adapter.theta_parameters(), cfg.optim)
+
+
+def zero_shot_probs(session: Session, backend: Backend, progress: bool) -> torch.Tensor:
+    """The zero-shot model's probabilities on the evaluation split: the LM-head rows of the answer letters
+    on features computed while the adapters are at init, where ``W = W0`` exactly."""
+    bs = session.cfg.train.eval_batch_size
+    return predict(backend, session.zero_shot_head, session.splits["eval"], bs, progress).probs
+
+
+def training_summary(trainer: Trainer) -> dict[str, Any]:
+    """The ``training`` block of ``results.json`` for a finished trainer (a collective on workers)."""
+    history = trainer.state.history
+    adapter = trainer.adapter
+    with trainer.backend.gathered(adapter.theta_parameters()):
+        ranks = {k: float(v) for k, v in adapter.stable_ranks().items()}
+    return {
+        "steps": trainer.state.step,
+        "resumed_from_step": trainer.state.resumed_from,
+        "refits": trainer.refits,
+        "loss": history[-1]["loss"] if history else None,
+        "orthogonality_error": float(adapter.orthogonality_error()),
+        "stable_rank_mean": sum(ranks.values()) / len(ranks) if ranks else None,
+        "stable_ranks": ranks,
+        "history": history,
+    }
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+def write_artifacts(
+    directory: Path,
+    adapter: AdapterModel,
+    members: list[Member],
+    results: dict[str, Any],
+    evaluation: Evaluation,
+) -> None:
+    """A run's files: the adapter (own format + PEFT LoRA export) and head (one per member, under
+    ``member-<i>/`` for an ensemble), every split's probabilities, ``results.json``, ``results.md`` and the
+    reliability diagram of the evaluation split (zero-shot beside the method)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, m in enumerate(members):
+        where = directory if len(members) == 1 else directory / f"member-{i}"
+        saved = None
+        if m.adapter_state is not None:
+            saved = adapter.adapter_state_dict()
+            adapter.load_adapter_state_dict(m.adapter_state, where=f"ensemble member {i}")
+        try:
+            adapter.save_adapter(where / "adapter")
+            adapter.export_peft_lora(where / "adapter_peft")
+        finally:
+            if saved is not None:
+                adapter.load_adapter_state_dict(saved, where="the adapter's own state")
+        tensors = {k: v.detach().contiguous() for k, v in m.head.state_dict().items()}
+        save_file(tensors, str(where / "head.safetensors"))
+    probs = {f"{k.replace(':', '_')}_probs": p.probs.contiguous() for k, p in evaluation.predictions.items()}
+    if evaluation.zero_shot is not None:
+        probs["zero_shot_eval_probs"] = evaluation.zero_shot.probs.contiguous()
+    save_file(probs, str(directory / "predictions.safetensors"))
+    (directory / "results.json").write_text(json.dumps(results, indent=2))
+    rows, accs = {}, {}
+    if evaluation.zero_shot is not None and results["method"] != "zero_shot":
+        rows["zero-shot"], accs["zero-shot"] = results["metrics"]["zero_shot"], evaluation.zero_shot.accumulator()
+    rows[results["label"]] = results["metrics"]["eval"]
+    accs[results["label"]] = evaluation.predictions["eval"].accumulator()
+    title = f"{results['task']} {results['eval_split']} ({results['split_sizes']['eval']} questions)"
+    reliability_diagrams(accs, directory / "reliability.png", title=title)
+    training = results["training"]
+    md = [f"## {title}", "", format_table(rows), ""]
+    md.append(
+        f"{results['label']}: orthogonality error max ||U^T U - I||_F = {training['orthogonality_error']:.2e}; "
+        f"{training['steps']} steps; {results['passes_per_example']} backbone pass(es) per example; "
+        f"wall time {results['timings'].get('total_s', 0.0):.0f} s."
+    )
+    (directory / "results.md").write_text("\n".join(md) + "\n")
+
+
+def build_results(
+    cfg: RunConfig,
+    entry_point: str,
+    evaluation: Evaluation,
+    splits: dict[str, EncodedSplit],
+    trainings: list[dict[str, Any]],
+    timings: dict[str, float],
+    distributed: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``results.json`` content (validated against ``polar_vbll.results.RunResults``)."""
+    method = METHODS[cfg.method]
+    return validate_results(
+        {
+            "entry_point": entry_point,
+            "name": cfg.name,
+            "method": cfg.method,
+            "label": method.label,
+            "task": cfg.data.task,
+            "eval_split": cfg.data.eval_split,
+            "split_sizes": {name: len(enc) for name, enc in splits.items()},
+            "passes_per_example": evaluation.passes,
+            "metrics": evaluation.metrics(),
+            "training": trainings[0],
+            "ensemble_members": trainings if len(trainings) > 1 else None,
+            "distributed": distributed,
+            "timings": timings,
+            "machine": machine_info(),
+            "params": cfg.flat_params(),
+        }
+    )
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: ``results.json``'s content and the in-memory evaluation (its predictions)."""
+
+    results: dict[str, Any]
+    evaluation: Evaluation
+
+
+def finish_run(
+    cfg: RunConfig,
+    entry_point: str,
+    session: Session,
+    backend: Backend,
+    store: CheckpointStore,
+    trainer: Trainer | None,
+    members: list[Member],
+    trainings: list[dict[str, Any]],
+    zero_shot: torch.Tensor | None,
+    timings: dict[str, float],
+    *,
+    tracker=None,
+    distributed: dict[str, Any] | None = None,
+    progress: bool = True,
+    t0: float | None = None,
+) -> RunOutcome:
+    """After training, on every rank: the evaluation, ``results.json``, the artifacts staged on rank 0
+    (Theta gathered when partitioned), tracking of the end of the run, then the final checkpoint and the
+    artifacts through ``store`` (which puts them in the run folder, or in Ray Train's storage)."""
+    t = time.perf_counter()
+    ev = evaluate(cfg, backend, session.adapter, members, session.splits, zero_shot, progress)
+    timings["final_eval_s"] = time.perf_counter() - t
+    timings["test_s"] = ev.seconds.get("eval", 0.0)
+    if t0 is not None:
+        timings["total_s"] = time.perf_counter() - t0
+    results = build_results(cfg, entry_point, ev, session.splits, trainings, timings, distributed)
+    staged: Path | None = None
+    with backend.gathered(session.adapter.theta_parameters()):  # every rank gathers; rank 0 writes
+        if backend.rank == 0:
+            staged = Path(tempfile.mkdtemp(prefix="polar-vbll-artifacts-"))
+            write_artifacts(staged, session.adapter, members, results, ev)
+    if tracker is not None and staged is not None:
+        from polar_vbll.tracking import log_final
+
+        during = tracker.seconds
+        log_final(tracker, results, ev.predictions, staged)
+        results["timings"]["tracking_train_s"] = during
+        results["timings"]["tracking_final_s"] = tracker.seconds - during
+        (staged / "results.json").write_text(json.dumps(results, indent=2))
+    state = trainer.state_dict() if trainer is not None else None
+    summary = {"step": results["training"]["steps"], **flat_metrics(results)}
+    try:
+        store.save_final(results["training"]["steps"], state, summary, staged)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    return RunOutcome(results, ev)
+
+
+# ------------------------------------------------------------------------------------------ one process
+def run_method(
+    cfg: RunConfig,
+    *,
+    entry_point: str = "train",
+    splits: dict[str, EncodedSplit] | None = None,
+    answer_ids: list[int] | None = None,
+    trained: dict[str, TrainedMember] | None = None,
+    resume: bool = True,
+    zero_shot: bool = True,
+    tracker=None,
+    progress: bool = True,
+) -> RunOutcome:
+    """Run ``cfg``'s method in this process and write its run folder; returns ``results.json``'s content
+    and the evaluation.
+
+    ``splits``/``answer_ids``: tokenized splits to share (with their cached prefix states). ``trained``: a
+    cache of trained members by :func:`training_key` (a comparison's), reused instead of training again.
+    ``zero_shot``: also predict the zero-shot model on the evaluation split (before training)."""
+    t0 = time.perf_counter()
+    method = METHODS[cfg.method]
+    n_members = method.predictive_kind.members(cfg)
+    timings = {"load_s": 0.0, "zero_shot_eval_s": 0.0, "train_s": 0.0}
+    members: list[Member] = []
+    trainings: list[dict[str, Any]] = []
+    zero: torch.Tensor | None = None
+    trainer: Trainer | None = None
+    for i in range(n_members):
+        mcfg = member_config(cfg, i) if n_members > 1 else cfg
+        t = time.perf_counter()
+        session = build_session(mcfg, splits, answer_ids)
+        splits, answer_ids = session.splits, session.answer_ids
+        backend = local_backend(session)
+        timings["load_s"] += time.perf_counter() - t
+        key = training_key(mcfg)
+        store = LocalCheckpoints(mcfg.run_dir(), mcfg.train.keep_checkpoints)
+        state = store.latest() if resume and (trained is None or key not in trained) else None
+        if state is not None:
+            load_weights(session.adapter, session.head, state, mcfg)
+        if i == 0:
+            write_run_params(cfg, cfg.run_dir())  # after the resume check: a refused resume changes nothing
+        if zero_shot and i == 0 and state is None:
+            t = time.perf_counter()
+            zero = zero_shot_probs(session, backend, progress)
+            timings["zero_shot_eval_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if trained is not None and key in trained:
+            done = trained[key]
+            session.adapter.load_adapter_state_dict(done.adapter_state, where="an identical earlier training")
+            session.head.load_state_dict(done.head_state)
+            training = {**done.training, "reused": True}
+            timings["train_s"] += done.train_s
+            trainer = None
+        else:
+            coordinator = LocalCoordinator(session.head, mcfg.head.fit, state["coordinator"] if state else None)
+            trainer = Trainer(
+                mcfg, session.adapter, session.head, session.splits, backend, coordinator, store,
+                tracker=tracker if i == 0 else None, progress=progress,
+            )  # fmt: skip
+            if state is not None:
+                trainer.restore(state)
+                print(f"resumed from step {trainer.state.step} in {mcfg.run_dir()}", flush=True)
+                if i == 0 and zero_shot:
+                    zero = trainer.state.zero_shot
+            elif i == 0:
+                trainer.state.zero_shot = zero
+            trainer.fit()  # checkpoints at the end: an evaluation that fails loses no training
+            training = training_summary(trainer)
+            train_s = time.perf_counter() - t
+            timings["train_s"] += train_s
+            if trained is not None:
+                trained[key] = TrainedMember(
+                    session.adapter.adapter_state_dict(),
+                    {k: v.detach().clone() for k, v in session.head.state_dict().items()},
+                    training,
+                    train_s,
+                )
+        state_i = session.adapter.adapter_state_dict() if n_members > 1 else None
+        members.append(Member(session.head, state_i))
+        trainings.append(training)
+    store = LocalCheckpoints(cfg.run_dir(), cfg.train.keep_checkpoints)
+    final_trainer = trainer if n_members == 1 else None  # an ensemble's members checkpointed their own
+    return finish_run(
+        cfg, entry_point, session, backend, store, final_trainer, members, trainings, zero, timings,
+        tracker=tracker, progress=progress, t0=t0,
+    )  # fmt: skip
+
+
+def run_training(
+    cfg: RunConfig, resume: bool = True, progress: bool = True, track: bool = True
+) -> dict[str, Any]:
+    """``polar-vbll train``: one method in this process (zero-shot beside it), tracked in MLflow (the run
+    folder's local store, or ``MLFLOW_TRACKING_URI``) unless ``track`` is False; prints the table and the
+    run folder, returns ``results.json``'s content."""
+    from polar_vbll.support import TRAIN, check_supported
+    from polar_vbll.tracking import tracked
+
+    check_supported(cfg, TRAIN)
+    run_dir = cfg.run_dir()
+    print(f"run folder: {run_dir.resolve()}", flush=True)
+    tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
+    with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track) as tracker:
+        outcome = run_method(cfg, entry_point="train", resume=resume, tracker=tracker, progress=progress)
+    print("\n" + (run_dir / "results.md").read_text(), flush=True)
+    print(f"run folder: {run_dir.resolve()}", flush=True)
+    return outcome.results

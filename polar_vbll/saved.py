@@ -1,0 +1,93 @@
+"""``polar-vbll eval``: evaluate a finished run's saved adapter and head, beside the zero-shot model.
+
+The run folder fixes everything: its ``config.yaml`` (backbone, method, prompt length, BOS handling), the
+adapter (``adapter/``, content hash verified; one per member under ``member-<i>/`` for an ensemble) and the
+head (``head.safetensors``). Predictions go through the same evaluation as training
+(``polar_vbll.evaluation``), so on the run's own splits the numbers are those of ``results.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from polar_vbll.adapters.state import adapters_off
+from polar_vbll.backbone import answer_head_weight
+from polar_vbll.config import load_config
+from polar_vbll.errors import CheckpointError, UserInputError
+from polar_vbll.evaluation import Member, evaluate
+from polar_vbll.features import FeatureSource, encode_examples
+from polar_vbll.heads.deterministic import DeterministicHead
+from polar_vbll.methods import METHODS
+from polar_vbll.metrics import format_table
+from polar_vbll.models import load_backbone
+from polar_vbll.predictives import predict
+from polar_vbll.session import build_head, load_splits
+from polar_vbll.tasks import load_task
+
+
+def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the run did not finish saving its head")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own types; all mean "unreadable"
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def evaluate_saved_run(
+    run: str | Path,
+    task: str | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The metrics block (``results.json``'s ``metrics``: ``eval`` with the zero-shot model beside it, and
+    on the run's own splits ``validation`` and the OOD sets) of the run's saved model on ``task``/``split``
+    (the run's evaluation split by default)."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
+    cfg = load_config(run / "config.yaml")
+    method = METHODS[cfg.method]
+    n_members = method.predictive_kind.members(cfg)
+    folders = [run] if n_members == 1 else [run / f"member-{i}" for i in range(n_members)]
+    for folder in folders:
+        if not (folder / "adapter").is_dir():
+            raise UserInputError(f"{run} holds no trained adapter ({folder / 'adapter'} is missing)")
+
+    own = task is None and split is None and limit is None
+    model, tokenizer = load_backbone(cfg.model)
+    splits, answer_ids = load_splits(cfg, tokenizer)
+    if not own:
+        task, split = task or cfg.data.task, split or cfg.data.eval_split
+        examples = load_task(task, split, seed=cfg.data.split_seed, limit=limit)
+        enc = encode_examples(f"{task}:{split}", examples, tokenizer, cfg.model.max_length, cfg.model.add_bos)
+        splits = {"train": splits["train"], "validation": splits["validation"], "eval": enc}
+
+    kind = method.adapter_kind
+    adapter = kind.load(model, folders[0] / "adapter")
+    members = []
+    for i, folder in enumerate(folders):
+        head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
+        head.load_state_dict(_load_head_state(folder / "head.safetensors"))
+        state = None
+        if n_members > 1:  # each member's verified weights, read through a backbone of its own
+            own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model)[0], folder / "adapter")
+            state = own_adapter.adapter_state_dict()
+        members.append(Member(head, state))
+    source = FeatureSource(adapter.base_model, tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix)
+    bs = cfg.train.eval_batch_size
+    zero_head = DeterministicHead(*answer_head_weight(model, answer_ids))
+    with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model
+        zero = predict(source, zero_head, splits["eval"], bs, progress).probs
+    ev = evaluate(cfg, source, adapter, members, splits, zero, progress)
+    metrics = ev.metrics()
+    rows = {"zero-shot": metrics["zero_shot"], method.label: metrics["eval"]}
+    name = f"{task} {split}" if not own else f"{cfg.data.task} {cfg.data.eval_split}"
+    print(f"## {name} ({len(splits['eval'])} questions)\n\n{format_table(rows)}")
+    return {"task": task or cfg.data.task, "split": split or cfg.data.eval_split, "label": method.label,
+            "metrics": metrics}  # fmt: skip

@@ -1,0 +1,102 @@
+"""Turning a run config into the objects a run needs, through the method registries.
+
+``build_session(cfg)`` loads the backbone, injects the method's adapter kind, loads and tokenizes the
+splits (train / validation / eval, and the OOD sets), and builds the method's head and the zero-shot head
+(the LM-head rows of the answer letters). One process and every distributed rank build their objects here;
+what differs afterwards is only the backend they are wrapped in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from polar_vbll.backbone import answer_head_weight
+from polar_vbll.config import RunConfig
+from polar_vbll.features import EncodedSplit, encode_examples
+from polar_vbll.heads.deterministic import DeterministicHead
+from polar_vbll.methods import METHODS, Method
+from polar_vbll.models import load_backbone
+from polar_vbll.protocols import AdapterModel
+from polar_vbll.tasks import answer_token_strings, load_task, num_classes, task_num_classes
+from polar_vbll.tokens import answer_token_ids
+
+
+@dataclass
+class Session:
+    """The objects of one run (one ensemble member): model, tokenizer, adapter, head, zero-shot head,
+    tokenized splits and answer-letter token ids."""
+
+    cfg: RunConfig
+    method: Method
+    model: nn.Module
+    tokenizer: Any
+    adapter: AdapterModel
+    head: Any
+    zero_shot_head: DeterministicHead
+    splits: dict[str, EncodedSplit]
+    answer_ids: list[int]
+
+
+def load_examples(cfg: RunConfig) -> dict[str, list]:
+    """The examples of every split a run reads: ``train``, ``validation``, ``eval`` and ``ood:<task>``."""
+    d = cfg.data
+    examples = {
+        "train": load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit),
+        "validation": load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit),
+        "eval": load_task(d.task, d.eval_split, seed=d.split_seed, limit=d.eval_limit),
+    }
+    for task in d.ood_tasks:
+        examples[f"ood:{task}"] = load_task(task, d.ood_split, seed=d.split_seed, limit=d.ood_limit)
+    return examples
+
+
+def load_splits(cfg: RunConfig, tokenizer) -> tuple[dict[str, EncodedSplit], list[int]]:
+    """Train / validation / eval splits (and OOD sets), tokenized, plus the answer-letter token ids."""
+    examples = load_examples(cfg)
+    # size the head from the whole task (one split may lack the rare 5-choice question), and the OOD sets
+    k = max([task_num_classes(cfg.data.task)] + [num_classes(exs) for exs in examples.values()])
+    answer_ids = answer_token_ids(tokenizer, answer_token_strings(k))
+    splits = {
+        name: encode_examples(name, exs, tokenizer, cfg.model.max_length, cfg.model.add_bos)
+        for name, exs in examples.items()
+    }
+    return splits, answer_ids
+
+
+def build_adapter(cfg: RunConfig, model: nn.Module) -> AdapterModel:
+    """Inject the method's adapter kind into ``model`` (in place), from its config section."""
+    kind = METHODS[cfg.method].adapter_kind
+    return kind.inject(model, kind.settings(cfg))
+
+
+def build_head(cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int):
+    """The method's head as it trains, started from the LM head's answer-token rows (so training starts
+    at the zero-shot model); ``n_train`` weights a Bayesian head's KL (1/N)."""
+    weight, bias = answer_head_weight(model, answer_ids)
+    return METHODS[cfg.method].head_kind.build(cfg, weight, bias, n_train)
+
+
+def build_session(
+    cfg: RunConfig,
+    splits: dict[str, EncodedSplit] | None = None,
+    answer_ids: list[int] | None = None,
+    load: Callable[[Any], tuple[nn.Module, Any]] = load_backbone,
+    rank: int = 0,
+) -> Session:
+    """Build a run's objects. ``splits``/``answer_ids``: already tokenized splits to share (a comparison
+    shares them, and their cached frozen-prefix states, across methods and seeds). ``load``: how to load
+    the backbone (workers load node by node). The global RNG is seeded with ``train.seed + rank`` (adapter
+    dropout draws from it)."""
+    torch.manual_seed(cfg.train.seed + rank)
+    model, tokenizer = load(cfg.model)
+    adapter = build_adapter(cfg, model)
+    if splits is None or answer_ids is None:
+        splits, answer_ids = load_splits(cfg, tokenizer)
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
+    zero_shot_head = DeterministicHead(*answer_head_weight(model, answer_ids))
+    return Session(cfg, METHODS[cfg.method], model, tokenizer, adapter, head, zero_shot_head, splits, answer_ids)

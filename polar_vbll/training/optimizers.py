@@ -1,0 +1,41 @@
+"""The adapter optimizers: a Stiefel optimizer for U, V (landing or Riemannian, batched by shape) and AdamW
+for the Euclidean parameters (Theta, or LoRA's A and B), as every backend and the benchmarks build them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from polar_vbll.config import OptimConfig
+from polar_vbll.optim import StiefelOptimizer
+from polar_vbll.protocols import AdapterModel
+
+
+def build_stiefel_optimizer(adapter: AdapterModel, cfg: OptimConfig) -> StiefelOptimizer | None:
+    """The Stiefel optimizer for U, V (None for adapters without Stiefel factors, e.g. LoRA)."""
+    factors = list(adapter.stiefel_parameters())
+    if not factors:
+        return None
+    return StiefelOptimizer(
+        factors,
+        lr=cfg.lr_stiefel,
+        method=cfg.method,
+        retraction=cfg.retraction,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        landing_lambda=cfg.landing_lambda,
+        second_moment=cfg.second_moment,
+    )
+
+
+def build_theta_optimizer(params: Sequence[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW for the Euclidean adapter parameters (Theta, or LoRA's A and B); weight decay > 0 is MAP."""
+    return torch.optim.AdamW(
+        list(params), lr=cfg.lr_theta, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.theta_weight_decay
+    )
+
+
+def build_optimizers(adapter: AdapterModel, cfg: OptimConfig) -> tuple[StiefelOptimizer | None, torch.optim.AdamW]:
+    """Both adapter optimizers (the pair a hand-written loop needs, e.g. the benchmarks)."""
+    return build_stiefel_optimizer(adapter, cfg), build_theta_optimizer(adapter.theta_parameters(), cfg)

@@ -1,0 +1,98 @@
+"""The training schedule as pure functions of the step number: the learning-rate factor, the examples of
+a step, when the head is refitted, and which config sections a resumed checkpoint must match.
+
+Pure functions of (config, step) are what make resume exact and let N workers agree on every batch
+without talking to each other: each rank takes its slice of ``batch_indices(step, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from polar_vbll.config import RunConfig, TrainConfig
+from polar_vbll.errors import CheckpointError
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> float:
+    """Linear warmup over ``ceil(warmup_ratio * total)`` steps, then cosine decay to 0 (or constant)."""
+    warmup = math.ceil(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
+    """The examples of step ``step``: consecutive slices of per-epoch seeded permutations, so that the
+    order depends only on (seed, step) and a resumed run sees the same batches."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        take = min(batch_size - len(out), n - offset)
+        out.extend(perm[offset : offset + take].tolist())
+        pos += take
+    return out
+
+
+def head_refit_due(step: int, refits: int, refitted: bool, tcfg: TrainConfig) -> bool:
+    """Per-round schedule: refit the head at steps 0, T, 2T, ... unless this round's refit is done
+    (``refits`` counts refits so far, so a resumed run neither skips nor repeats one)."""
+    return (
+        refitted
+        and tcfg.alternation == "per_round"
+        and step % tcfg.round_steps == 0
+        and refits <= step // tcfg.round_steps
+    )
+
+
+def final_refit_due(refits: int, refitted: bool, tcfg: TrainConfig) -> bool:
+    """One last refit on the final adapters, after the round refits at 0, T, 2T, ... below ``steps``."""
+    return (
+        tcfg.final_head_refit
+        and refitted
+        and tcfg.alternation == "per_round"
+        and refits == math.ceil(tcfg.steps / tcfg.round_steps)
+    )
+
+
+#: Config sections that must match for a checkpoint to be resumed (the rest, e.g. steps, may change).
+RESUME_SECTIONS = ("model", "method", "polar", "lora", "head", "data")
+_SECTION_NAMES = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "head": "head", "data": "data", "model": "model"}
+
+
+def _flat(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: value}
+
+
+def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint written with a different model, method, adapter, head or data config,
+    naming the differing keys (saved -> now)."""
+    current = cfg.model_dump(mode="json")
+    diffs: list[str] = []
+    sections: list[str] = []
+    for section in RESUME_SECTIONS:
+        old, new = _flat(saved.get(section), section), _flat(current[section], section)
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if changed:
+            sections.append(f"{_SECTION_NAMES.get(section, section)} (`{section}`)")
+            diffs += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
+    if diffs:
+        more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise CheckpointError(
+            f"the checkpoint was written with a different {', '.join(sections)} config: "
+            f"{'; '.join(diffs[:6])}{more}. Resume with the same config, or start fresh under another name "
+            "or output_dir (or with --no-resume)"
+        )

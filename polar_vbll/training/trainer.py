@@ -1,0 +1,365 @@
+"""The one training loop: alternating optimization of the adapters and the head, over any backend.
+
+One optimizer step (:meth:`Trainer.train_step`), the same in one process and on N Ray Train workers:
+
+1. at the start of a round (``train.alternation: per_round``), the eta-phase: every rank sends the
+   features of its shard of the training split to the head coordinator, which refits the head and
+   returns it (:meth:`Trainer.refit_head`);
+2. the theta-phase: this rank's share of the step's global batch (``batch_indices``, a pure function of
+   the step) through the backend with adapter dropout on, the head's loss, backward; the loss averaged over
+   ranks and checked finite before anything moves; the Stiefel gradients averaged over ranks in one flat
+   all-reduce and the same Riemannian (or landing) step taken on every rank; then the backend's Euclidean
+   step (Theta, or LoRA's A and B: a local AdamW, or the DeepSpeed engine);
+3. with ``per_step`` alternation, one head step on the same minibatch's features.
+
+:meth:`Trainer.fit` runs steps to ``train.steps`` with logging (loss, learning rate, orthogonality error,
+stable rank), mid-training validation (``train.eval_every``), replica checks (workers), checkpoints
+(``train.checkpoint_every``, through the backend's checkpoint store) and step hooks, then the final head
+refit. The backend (``polar_vbll.protocols.Backend``) is the only thing that differs between one process
+and N workers (the shape of litgpt's ``fit`` over a Fabric); nothing here knows which it runs on.
+
+Resume is exact: the batch order and learning rate are pure functions of the step, and a checkpoint holds
+every optimizer moment, the coordinator's state and every rank's RNG state.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from polar_vbll.adapters.dropout import adapter_dropout
+from polar_vbll.checkpoint import rng_state, set_rng_state
+from polar_vbll.config import RunConfig
+from polar_vbll.errors import TrainingDiverged
+from polar_vbll.features import EncodedSplit
+from polar_vbll.methods import METHODS
+from polar_vbll.predictives import predict
+from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore, Coordinator, StepHook
+from polar_vbll.training.optimizers import build_stiefel_optimizer
+from polar_vbll.training.schedule import (
+    batch_indices,
+    check_resumable,
+    final_refit_due,
+    head_refit_due,
+    lr_factor,
+)
+
+
+def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunConfig) -> None:
+    """The first half of a resume: the adapter's and the head's weights from a checkpoint ``state``.
+
+    Done before a backend is built around the model (DeepSpeed keeps fp32 master copies of the weights it
+    owns from ``initialize`` on, so weights loaded later would be silently overwritten by the next step);
+    :meth:`Trainer.restore` does the rest (optimizer moments, RNG states, the step)."""
+    check_resumable(state.get("config", {}), cfg)
+    adapter.load_adapter_state_dict(state["adapter"], where="the checkpoint")
+    head.load_state_dict(state["coordinator"]["head"])
+
+
+@dataclass
+class TrainState:
+    """Where training stands: the step, the logged history, the step a resume started from, and the
+    zero-shot probabilities on the evaluation split (computed once at step 0, kept in checkpoints)."""
+
+    step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+    zero_shot: torch.Tensor | None = None
+
+
+class Trainer:
+    """Trains ``adapter`` (and, when the method's head is refitted, the head) by alternating optimization
+    on ``splits["train"]``; see the module docstring.
+
+    ``backend``: where the math runs (``LocalBackend`` or ``DeepSpeedBackend``). ``coordinator``: the
+    eta-phase (built around the head, from the resumed state if any). ``store``: where checkpoints go.
+    ``tracker``: an object with ``log_metrics(metrics, step)`` (MLflow's ``RunLogger``; rank 0 only).
+    ``hooks``: called as ``hook(trainer, step)`` on every rank after each completed step.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        adapter: AdapterModel,
+        head,
+        splits: dict[str, EncodedSplit],
+        backend: Backend,
+        coordinator: Coordinator,
+        store: CheckpointStore,
+        *,
+        tracker=None,
+        hooks: Sequence[StepHook] = (),
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.method = METHODS[cfg.method]
+        self.adapter = adapter
+        self.head = head
+        self.splits = splits
+        self.train_split = splits["train"]
+        self.backend = backend
+        self.coordinator = coordinator
+        self.store = store
+        self.tracker = tracker
+        self.hooks = list(hooks)
+        self.progress = progress and backend.rank == 0
+        self.refitted = self.method.head_kind.refitted
+        self.stiefel_opt = build_stiefel_optimizer(adapter, cfg.optim)
+        self.head.requires_grad_(False)  # the theta-phase never moves the head; the coordinator fits it
+        self.refits = coordinator.refits
+        self.state = TrainState()
+
+    @classmethod
+    def local(
+        cls,
+        cfg: RunConfig,
+        adapter: AdapterModel,
+        head,
+        splits: dict[str, EncodedSplit] | EncodedSplit,
+        run_dir,
+        source=None,
+        progress: bool = True,
+        **kwargs,
+    ) -> Trainer:
+        """A one-process trainer (``LocalBackend``, ``LocalCoordinator``, checkpoints in ``run_dir``):
+        the short way to train in a notebook. ``splits``: a dict with ``train`` (and ``validation`` for
+        ``train.eval_every``), or the training split alone; ``source``: a ``FeatureSource`` (by default
+        one over ``adapter.base_model`` with the config's cached-prefix setting, pad id 0)."""
+        from polar_vbll.features import FeatureSource
+        from polar_vbll.training.coordinator import LocalCoordinator
+        from polar_vbll.training.local import LocalBackend, LocalCheckpoints
+
+        if isinstance(splits, EncodedSplit):
+            splits = {"train": splits}
+        source = source or FeatureSource(adapter.base_model, 0, cache_prefix=cfg.train.cache_frozen_prefix)
+        backend = LocalBackend(source, adapter.theta_parameters(), cfg.optim)
+        coordinator = LocalCoordinator(head, cfg.head.fit)
+        store = LocalCheckpoints(run_dir, cfg.train.keep_checkpoints)
+        return cls(cfg, adapter, head, splits, backend, coordinator, store, progress=progress, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any] | None:
+        """The checkpoint: adapter, coordinator (head + its optimizer), both adapter optimizers, every
+        rank's RNG state, the step, history and config. A collective; the writing rank (0) gets the
+        dict, the others None."""
+        with self.backend.gathered(self.adapter.theta_parameters()):
+            adapter = self.adapter.adapter_state_dict()
+        theta_opt = self.backend.theta_state_dict()
+        rngs = self.backend.all_gather_object(rng_state())
+        if self.backend.rank != 0:
+            return None
+        return {
+            "step": self.state.step,
+            "history": self.state.history,
+            "adapter": adapter,
+            "coordinator": self.coordinator.state_dict(),
+            "stiefel_opt": self.stiefel_opt.state_dict() if self.stiefel_opt is not None else None,
+            "theta_opt": theta_opt,
+            "rng": copy.deepcopy(rngs[0]),  # its own tensors (safetensors refuses shared storage)
+            "rng_per_rank": rngs,
+            "zero_shot": self.state.zero_shot,
+            "config": self.cfg.model_dump(mode="json"),
+            "backend": getattr(self.backend, "describe", lambda: {"world_size": 1})(),
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The second half of a resume (after :func:`load_weights` and a coordinator built from
+        ``state["coordinator"]``): optimizer moments, RNG state, step and history."""
+        check_resumable(state.get("config", {}), self.cfg)
+        if self.stiefel_opt is not None:
+            self.stiefel_opt.load_state_dict(state["stiefel_opt"])
+        self.backend.load_theta_state_dict(state["theta_opt"])
+        rngs = state.get("rng_per_rank") or [state["rng"]]
+        if len(rngs) == self.backend.world:
+            set_rng_state(rngs[self.backend.rank])
+        elif self.backend.world == 1:
+            set_rng_state(state["rng"])
+        self.refits = self.coordinator.refits
+        self.state = TrainState(
+            step=int(state["step"]),
+            history=list(state["history"]),
+            resumed_from=int(state["step"]),
+            zero_shot=state.get("zero_shot"),
+        )
+
+    def resume_latest(self) -> bool:
+        """One process: load the newest intact checkpoint of the store, if there is one (on workers the
+        weights must be loaded before the backend is built; ``distributed.worker`` does that)."""
+        state = self.store.latest()
+        if state is None:
+            return False
+        self.resume(state)
+        return True
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """One process: resume from a checkpoint ``state`` (weights, coordinator, optimizers, RNG, step)."""
+        load_weights(self.adapter, self.head, state, self.cfg)
+        self.coordinator.load_state_dict(state["coordinator"])  # type: ignore[attr-defined]
+        self.restore(state)
+
+    def save(self, metrics: dict[str, Any] | None = None) -> None:
+        """A checkpoint through the store (a collective: every rank assembles, rank 0 writes)."""
+        state = self.state_dict()
+        self.store.save(self.state.step, state, {"step": self.state.step, **(metrics or {})})
+
+    # --------------------------------------------------------------------------------------- eta-phase
+    def training_features(self) -> torch.Tensor:
+        """Features of this rank's shard of the training split with the adapters as they are, no grad."""
+        return self.backend.shard_features(self.train_split, self.tcfg.eval_batch_size)
+
+    def refit_head(self) -> None:
+        """The per-round eta-phase: this rank's shard of the training features to the coordinator."""
+        start, stop = self.backend.shard(len(self.train_split))
+        split = self.train_split
+        phi = self.training_features()
+        self._refit(phi, split.labels[start:stop], split.n_choices[start:stop], steps=None)
+
+    def _refit(self, phi: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, steps: int | None):
+        head_state, self.refits = self.coordinator.refit(self.refits, phi.detach().cpu(), labels.cpu(),
+                                                         n_choices.cpu(), steps)  # fmt: skip
+        self.head.load_state_dict(head_state)
+
+    # ------------------------------------------------------------------------------------- theta-phase
+    def _set_lr(self, step: int) -> float:
+        o = self.cfg.optim
+        f = lr_factor(step, self.tcfg.steps, o.warmup_ratio, o.schedule)
+        if self.stiefel_opt is not None:
+            for g in self.stiefel_opt.param_groups:
+                g["lr"] = o.lr_stiefel * f
+        self.backend.set_theta_lr(o.lr_theta * f)
+        return f
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Before anything moves: a non-finite loss stops the run, naming the parameter groups that are
+        non-finite (a collective on workers: every rank sees the same averaged loss)."""
+        if torch.isfinite(loss).all():
+            return
+        theta = self.adapter.theta_parameters()
+        with self.backend.gathered(theta):
+            groups = (
+                ("stiefel factors (U, V)", self.adapter.stiefel_parameters()),
+                ("adapter core (theta)", theta),
+                ("head", list(self.head.parameters())),
+            )
+            bad = [name for name, params in groups if any(not torch.isfinite(p).all() for p in params)]
+        where = ", ".join(bad) if bad else "the features or the loss (every parameter group is finite)"
+        workers = f" on {self.backend.world} workers" if self.backend.world > 1 else ""
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {self.state.step}{workers}; non-finite: {where}. Lower "
+            f"optim.lr_stiefel / optim.lr_theta (now {self.cfg.optim.lr_stiefel:g} / "
+            f"{self.cfg.optim.lr_theta:g}) or set optim.max_grad_norm; the last good checkpoint is intact."
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}``."""
+        step, t, split = self.state.step, self.tcfg, self.train_split
+        if head_refit_due(step, self.refits, self.refitted, t):
+            self.refit_head()
+        lr_f = self._set_lr(step)
+        micro = self.backend.micro_batches(batch_indices(step, len(split), t.batch_size, t.seed))
+        losses, phis = [], []
+        for mb in micro:
+            with adapter_dropout(self.backend.model, True):  # adapter dropout (if configured) while training
+                phi = self.backend.features(split, mb)
+            labels, n_choices = split.labels[mb].to(phi.device), split.n_choices[mb].to(phi.device)
+            loss = self.head.loss(phi, labels, n_choices)
+            self.backend.backward(loss)
+            losses.append(loss.detach())
+            phis.append(phi.detach())
+        loss = self.backend.mean(torch.stack(losses).mean())
+        self._check_finite(loss)
+        if self.stiefel_opt is not None:
+            self.backend.reduce_gradients(self.adapter.stiefel_parameters())
+            self.stiefel_opt.step()
+            self.stiefel_opt.zero_grad(set_to_none=True)
+        self.backend.theta_step()
+        if self.refitted and t.alternation == "per_step":
+            idx = [i for mb in micro for i in mb]
+            self._refit(torch.cat(phis), split.labels[idx], split.n_choices[idx], steps=1)
+        self.state.step += 1
+        return {"loss": float(loss.item()), "lr_factor": lr_f}
+
+    # ------------------------------------------------------------------------------------ monitoring
+    def stable_rank_mean(self) -> float:
+        """Mean stable rank of the adapters' updates (a collective: Theta is gathered when partitioned)."""
+        with self.backend.gathered(self.adapter.theta_parameters()):
+            ranks = list(self.adapter.stable_ranks().values())
+        return float(sum(ranks) / len(ranks)) if ranks else float("nan")
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the model as it is (one pass, the training head), as ``val_*`` keys:
+        what a search scheduler compares. RNG-neutral, so validating does not change what training does
+        next."""
+        with torch.random.fork_rng(devices=[]):
+            metrics = predict(
+                self.backend, self.head, self.splits["validation"], self.tcfg.eval_batch_size, progress=False
+            ).metrics()
+        return {f"val_{k}": float(metrics[k]) for k in ("acc", "ece", "nll", "brier")}
+
+    def replicated_state(self) -> dict[str, torch.Tensor]:
+        """What must be bitwise equal on every rank: U, V, Theta, the head, the Stiefel moments (the
+        backend adds what it replicates itself, e.g. Theta's moments at ZeRO-0)."""
+        with self.backend.gathered(self.adapter.theta_parameters()):
+            named = dict(self.adapter.adapter_state_dict())
+        named.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        if self.stiefel_opt is not None:
+            for pid, s in self.stiefel_opt.state_dict()["state"].items():
+                named.update({f"stiefel_opt.{pid}.{k}": v for k, v in s.items() if isinstance(v, torch.Tensor)})
+        return named
+
+    def verify(self, where: str) -> str | None:
+        """Replica check (a collective on workers; None in one process)."""
+        if self.backend.world == 1:
+            return None
+        return self.backend.verify(self.replicated_state(), where)
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step)
+
+    # ------------------------------------------------------------------------------------------- loop
+    def fit(self, checkpoint_at_end: bool = True) -> TrainState:
+        """Train to ``train.steps`` (none for a method that does not train), checkpointing on schedule;
+        then the final head refit and (``checkpoint_at_end``) a checkpoint. A run that writes its final
+        checkpoint together with its artifacts (``polar_vbll.runner``) passes False."""
+        t = self.tcfg
+        total = t.steps if self.method.trains else 0
+        if self.state.step < total:
+            self.backend.prepare(self.train_split, t.eval_batch_size, progress=self.progress)
+        bar = tqdm(total=total, initial=min(self.state.step, total), desc="training", disable=not self.progress)
+        t0 = time.perf_counter()
+        log_every = max(1, total // 20)
+        while self.state.step < total:
+            logs = self.train_step()
+            step = self.state.step
+            val = self.validate() if t.eval_every and step % t.eval_every == 0 and step < total else {}
+            if step % log_every == 0 or step == total or val:
+                logs["orthogonality_error"] = float(self.adapter.orthogonality_error())
+                logs["stable_rank_mean"] = self.stable_rank_mean()
+                logs["seconds"] = time.perf_counter() - t0
+                self.state.history.append({"step": step, **logs, **val})
+                self._log({**logs, **val}, step)
+            every = self.backend.sync_check_every
+            if every and step % every == 0 and step < total:
+                self.verify(f"after step {step}")
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+                self.save({**logs, **val})
+            elif val:
+                self.store.report({"step": step, **val})
+            for hook in self.hooks:
+                hook(self, step)
+            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            bar.update(1)
+        bar.close()
+        if final_refit_due(self.refits, self.refitted, t) and self.method.trains:
+            self.refit_head()  # the head matches the final adapters
+        if checkpoint_at_end:
+            self.save()
+        return self.state

@@ -1,0 +1,270 @@
+"""The ``polar-vbll`` command.
+
+The top floor: it may import every package below it (``tune_spaces``, ``distributed``, ``polar_vbll``) and
+nothing imports it. ``ray job submit -- polar-vbll train --workers N ...`` runs this same command inside a
+job (Ray's ``RAY_ADDRESS`` makes it join the cluster). Packaged configs are resolved by
+``polar_vbll.config.resolve_config``, the one rule for every command.
+
+Bad input of any kind (config, data, model path, checkpoint) and run-time failures (a diverged loss, a head
+refit gone non-finite, a distributed run that failed for good) end with one readable line and exit status
+2: never a traceback from deep inside. Ctrl-C ends with status 130 and says how to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polar_vbll.errors import RunFailure, UserInputError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help="YAML config file, or a packaged one: cpu, full, tiny, tune"),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="override a config value, e.g. --set train.steps=50 (repeatable)"),
+]
+ProgressOpt = Annotated[bool, typer.Option(help="show progress bars")]
+TrackOpt = Annotated[
+    bool,
+    typer.Option(
+        help="record in MLflow: the folder's local store, or MLFLOW_TRACKING_URI (needs the `track` extra)"
+    ),
+]
+
+
+def _fail(exc: BaseException) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@contextmanager
+def _one_line_errors(resume_hint: str | None = None) -> Iterator[None]:
+    """User-input errors and run-time failures as one line (exit 2); Ctrl-C as exit 130."""
+    try:
+        yield
+    except (UserInputError, RunFailure) as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        hint = f"; {resume_hint}" if resume_hint else ""
+        typer.secho(f"interrupted{hint}", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+
+
+def _import_distributed() -> Callable:
+    """The distributed layer, imported only when asked for (it needs the `dist` extra)."""
+    try:
+        from distributed.launch import train_distributed
+    except ImportError as exc:
+        raise UserInputError(f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}") from None
+    return train_distributed
+
+
+def _import_tune():
+    """The search layer, imported only when asked for (it needs the `dist` and `track` extras)."""
+    try:
+        from tune_spaces import driver, runs
+    except ImportError as exc:
+        raise UserInputError(
+            f"searches need the dist and track extras (pip install -e '.[dist,track]'): {exc}"
+        ) from None
+    return driver, runs
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = True,
+    progress: ProgressOpt = True,
+    track: TrackOpt = True,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="train on N Ray Train workers with DeepSpeed (needs the `dist` extra); local Ray "
+            "unless --address or RAY_ADDRESS names a cluster"
+        ),
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (implies --workers 2)")] = None,
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of the backbone (with --workers)")] = 3,
+    dist_set: Annotated[
+        list[str] | None,
+        typer.Option("--dist-set", help="distributed setting, e.g. --dist-set grad_accum=2 (repeatable)"),
+    ] = None,
+) -> None:
+    """Zero-shot evaluation, fine-tuning with the config's method, evaluation again; writes the run folder
+    (its path is printed at the start and the end)."""
+    from polar_vbll.config import load_config, resolve_config
+
+    with _one_line_errors("rerun the same command to resume from the last checkpoint"):
+        cfg = load_config(resolve_config(config, "run"), set_ or [])
+        if workers is None and address is None and not dist_set:
+            from polar_vbll.runner import run_training
+
+            run_training(cfg, resume=resume, progress=progress, track=track)
+            return
+        train_distributed = _import_distributed()
+        from distributed.config import dist_config_from
+
+        dist = dist_config_from({"workers": workers or 2, "zero_stage": zero_stage}, dist_set or [])
+        results = train_distributed(cfg, address=address, dist=dist, resume=resume, track=track)
+        summary = {k: results["metrics"][k] for k in ("eval", "validation")}
+        print(json.dumps({"step": results["training"]["steps"], "method": results["method"], **summary}, indent=2))
+
+
+@app.command()
+def compare(
+    config: Annotated[
+        str, typer.Option("--config", "-c", help="compare YAML, or a packaged one: main, quick, full, tiny")
+    ],
+    set_: SetOpt = None,
+    progress: ProgressOpt = True,
+    track: TrackOpt = True,
+) -> None:
+    """Train and evaluate methods x tasks x seeds; writes a Markdown table, a CSV and reliability diagrams.
+
+    Resumable: finished runs are kept in the output folder's records.jsonl and skipped on a rerun."""
+    from polar_vbll.compare.config import load_compare_config
+    from polar_vbll.compare.runner import run_compare
+    from polar_vbll.config import resolve_config
+
+    with _one_line_errors("rerun the same command to resume the comparison"):
+        ccfg = load_compare_config(resolve_config(config, "compare"), set_ or [])
+        run_compare(ccfg, progress=progress, track=track)
+
+
+@app.command()
+def tune(
+    space: Annotated[str, typer.Option(help="search space: priors, ranks, optimization, default")],
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="base run YAML, or a packaged one (tune, tiny, cpu)")
+    ] = "tune",
+    set_: SetOpt = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="search name = folder under output_dir (default: the config's name, else tune-SPACE)"),
+    ] = None,
+    trials: Annotated[int, typer.Option(help="number of sampled configurations")] = 4,
+    concurrency: Annotated[int | None, typer.Option(help="trials at once (default: what the CPUs hold)")] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers per trial")] = 2,
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of the backbone")] = 3,
+    grace_steps: Annotated[
+        int | None, typer.Option(help="ASHA: steps before a trial may be stopped (default: train.eval_every)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed of the random search")] = 0,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+) -> None:
+    """Ray Tune search (ASHA, objective: validation NLL) with MLflow tracking; resumable; writes the best
+    configuration as a ready-to-use YAML (best_config.yaml in the search folder)."""
+    from polar_vbll.config import load_config, resolve_config
+
+    with _one_line_errors("rerun the same command to resume the search"):
+        driver, _ = _import_tune()
+        from distributed.config import dist_config_from
+
+        cfg = load_config(resolve_config(config, "run"), set_ or [])
+        if name is not None or cfg.name == "run":
+            cfg = cfg.model_copy(update={"name": name or f"tune-{space}"})
+        settings = driver.search_settings(
+            space=space, trials=trials, concurrency=concurrency, grace_steps=grace_steps, seed=seed
+        )
+        dist = dist_config_from({"workers": workers, "zero_stage": zero_stage, "health_check_interval_s": 0.5})
+        outcome = driver.run_search(cfg, settings, dist, address=address)
+    print(driver.format_trials(outcome.rows))
+    if outcome.interrupted:
+        typer.secho(
+            "search interrupted; its state is saved: rerun the same command to resume it", fg=typer.colors.YELLOW
+        )
+        raise typer.Exit(130)
+    if outcome.errors:
+        print("\nfailed trials:\n" + "\n".join(f"  {t}: {e}" for t, e in outcome.errors.items()))
+    if outcome.best is not None:
+        best = outcome.best
+        print(f"\nbest trial {best['trial']} (chosen on validation NLL):")
+        for key, value in best.items():
+            if key not in ("trial", "status"):
+                print(f"  {key}: {value}")
+        print(f"best config (ready to train): {outcome.best_config_path}")
+    print(f"search folder: {outcome.folder}")
+    print(f"runs: polar-vbll runs {outcome.folder}")
+
+
+@app.command()
+def runs(
+    search: Annotated[
+        Path | None,
+        typer.Argument(help="a search folder (runs/<name>), or a folder of them (runs/) to list the searches"),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="store to list searches from (default: MLFLOW_TRACKING_URI)")
+    ] = None,
+) -> None:
+    """List a search's runs with their key metrics, read from the MLflow tracking store."""
+    import os
+
+    with _one_line_errors():
+        _, runs_mod = _import_tune()
+        if search is not None and not (search / "search.json").is_file() and search.is_dir():
+            header, rows = runs_mod.list_searches_under(search)  # e.g. `polar-vbll runs runs/`
+        elif search is not None:
+            header, rows = runs_mod.list_trials(search)
+        else:
+            uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+            if not uri:
+                raise UserInputError("give a search folder, or --tracking-uri / MLFLOW_TRACKING_URI")
+            header, rows = runs_mod.list_searches(uri)
+    print(runs_mod.render(header, rows))
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train` or `compare`")],
+    task: Annotated[str | None, typer.Option(help="evaluate on this task instead of the run's")] = None,
+    split: Annotated[str | None, typer.Option(help="split to evaluate (default: the run's eval split)")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N examples only")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Evaluate a trained run's adapter and head (and the zero-shot model beside it) on a task split."""
+    from polar_vbll.saved import evaluate_saved_run
+
+    with _one_line_errors():
+        results = evaluate_saved_run(run, task=task, split=split, limit=limit, progress=progress)
+    print(json.dumps(results["metrics"], indent=2))
+
+
+@app.command()
+def tasks(seed: Annotated[int, typer.Option(help="split seed")] = 0) -> None:
+    """List the built-in tasks with their split sizes."""
+    from polar_vbll.tasks import available_tasks, split_sizes
+
+    with _one_line_errors():
+        for name in available_tasks():
+            sizes = split_sizes(name, seed)
+            print(f"{name:20s} " + "  ".join(f"{k}={v}" for k, v in sizes.items()))
+
+
+@app.command()
+def methods() -> None:
+    """List the methods (adapter kind, head kind, predictive) a config's `method` can name."""
+    from polar_vbll.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:12s} {m.label:14s} adapter={m.adapter:6s} head={m.head:14s} predictive={m.predictive:11s} "
+              f"{m.description}")  # fmt: skip
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
