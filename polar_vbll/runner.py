@@ -260,6 +260,32 @@ def finish_run(
 
 
 # ------------------------------------------------------------------------------------------ one process
+def _open_member(cfg: RunConfig, splits, answer_ids, resume: bool):
+    """A member's objects and backend, and its run folder's latest checkpoint (weights loaded) if resumed."""
+    session = build_session(cfg, splits, answer_ids)
+    store = LocalCheckpoints(cfg.run_dir(), cfg.train.keep_checkpoints)
+    state = store.latest() if resume else None
+    if state is not None:
+        load_weights(session.adapter, session.head, state, cfg)
+    return session, local_backend(session), store, state
+
+
+def _fit_member(cfg: RunConfig, session: Session, backend: Backend, store, state, zero, tracker, progress) -> Trainer:
+    """Train one member with the one trainer (resuming ``state``), checkpointing at the end."""
+    coordinator = LocalCoordinator(session.head, cfg.head.fit, state["coordinator"] if state else None)
+    trainer = Trainer(
+        cfg, session.adapter, session.head, session.splits, backend, coordinator, store, tracker=tracker,
+        progress=progress,
+    )  # fmt: skip
+    if state is not None:
+        trainer.restore(state)
+        print(f"resumed from step {trainer.state.step} in {cfg.run_dir()}", flush=True)
+    else:
+        trainer.state.zero_shot = zero
+    trainer.fit()  # checkpoints at the end: an evaluation that fails loses no training
+    return trainer
+
+
 def run_method(
     cfg: RunConfig,
     *,
@@ -279,8 +305,7 @@ def run_method(
     cache of trained members by :func:`training_key` (a comparison's), reused instead of training again.
     ``zero_shot``: also predict the zero-shot model on the evaluation split (before training)."""
     t0 = time.perf_counter()
-    method = METHODS[cfg.method]
-    n_members = method.predictive_kind.members(cfg)
+    n_members = METHODS[cfg.method].predictive_kind.members(cfg)
     timings = {"load_s": 0.0, "zero_shot_eval_s": 0.0, "train_s": 0.0}
     members: list[Member] = []
     trainings: list[dict[str, Any]] = []
@@ -288,56 +313,35 @@ def run_method(
     trainer: Trainer | None = None
     for i in range(n_members):
         mcfg = member_config(cfg, i) if n_members > 1 else cfg
-        t = time.perf_counter()
-        session = build_session(mcfg, splits, answer_ids)
-        splits, answer_ids = session.splits, session.answer_ids
-        backend = local_backend(session)
-        timings["load_s"] += time.perf_counter() - t
         key = training_key(mcfg)
-        store = LocalCheckpoints(mcfg.run_dir(), mcfg.train.keep_checkpoints)
-        state = store.latest() if resume and (trained is None or key not in trained) else None
-        if state is not None:
-            load_weights(session.adapter, session.head, state, mcfg)
+        done = trained.get(key) if trained is not None else None
+        t = time.perf_counter()
+        session, backend, store, state = _open_member(mcfg, splits, answer_ids, resume and done is None)
+        splits, answer_ids = session.splits, session.answer_ids
+        timings["load_s"] += time.perf_counter() - t
         if i == 0:
             write_run_params(cfg, cfg.run_dir())  # after the resume check: a refused resume changes nothing
-        if zero_shot and i == 0 and state is None:
-            t = time.perf_counter()
-            zero = zero_shot_probs(session, backend, progress)
-            timings["zero_shot_eval_s"] = time.perf_counter() - t
+            if zero_shot and state is not None:
+                zero = state.get("zero_shot")
+            elif zero_shot:  # the adapters are at init here: W = W0 exactly
+                t = time.perf_counter()
+                zero = zero_shot_probs(session, backend, progress)
+                timings["zero_shot_eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        if trained is not None and key in trained:
-            done = trained[key]
+        if done is not None:
             session.adapter.load_adapter_state_dict(done.adapter_state, where="an identical earlier training")
             session.head.load_state_dict(done.head_state)
-            training = {**done.training, "reused": True}
+            training, trainer = {**done.training, "reused": True}, None
             timings["train_s"] += done.train_s
-            trainer = None
         else:
-            coordinator = LocalCoordinator(session.head, mcfg.head.fit, state["coordinator"] if state else None)
-            trainer = Trainer(
-                mcfg, session.adapter, session.head, session.splits, backend, coordinator, store,
-                tracker=tracker if i == 0 else None, progress=progress,
-            )  # fmt: skip
-            if state is not None:
-                trainer.restore(state)
-                print(f"resumed from step {trainer.state.step} in {mcfg.run_dir()}", flush=True)
-                if i == 0 and zero_shot:
-                    zero = trainer.state.zero_shot
-            elif i == 0:
-                trainer.state.zero_shot = zero
-            trainer.fit()  # checkpoints at the end: an evaluation that fails loses no training
-            training = training_summary(trainer)
-            train_s = time.perf_counter() - t
+            trainer = _fit_member(mcfg, session, backend, store, state, zero if i == 0 else None,
+                                  tracker if i == 0 else None, progress)  # fmt: skip
+            training, train_s = training_summary(trainer), time.perf_counter() - t
             timings["train_s"] += train_s
             if trained is not None:
-                trained[key] = TrainedMember(
-                    session.adapter.adapter_state_dict(),
-                    {k: v.detach().clone() for k, v in session.head.state_dict().items()},
-                    training,
-                    train_s,
-                )
-        state_i = session.adapter.adapter_state_dict() if n_members > 1 else None
-        members.append(Member(session.head, state_i))
+                head_state = {k: v.detach().clone() for k, v in session.head.state_dict().items()}
+                trained[key] = TrainedMember(session.adapter.adapter_state_dict(), head_state, training, train_s)
+        members.append(Member(session.head, session.adapter.adapter_state_dict() if n_members > 1 else None))
         trainings.append(training)
     store = LocalCheckpoints(cfg.run_dir(), cfg.train.keep_checkpoints)
     final_trainer = trainer if n_members == 1 else None  # an ensemble's members checkpointed their own
