@@ -153,3 +153,16 @@ def test_flat_params_record_choices():
         "model.add_bos",
     ):
         assert key in params
+
+
+@pytest.mark.parametrize("kind", ["run", "compare"])
+def test_every_packaged_config_loads(kind):
+    """A packaged config is a documented starting point: every one must pass the same checks a user's does."""
+    from polar_vbll.compare.config import load_compare_config
+    from polar_vbll.config import packaged_config, packaged_names
+
+    names = packaged_names(kind)
+    assert names
+    for name in names:
+        path = packaged_config(kind, name)
+        load_config(path) if kind == "run" else load_compare_config(path)
