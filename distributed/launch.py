@@ -23,13 +23,16 @@ from typing import Any
 
 from distributed.config import DistConfig, check_batch_layout, dist_config_from
 from distributed.worker import train_loop_per_worker
-from polar_vbll.config import RunConfig
-from polar_vbll.errors import RunFailure, UserInputError
+from polar_vbll.checkpoint import load_checkpoint
+from polar_vbll.config import RunConfig, check_output_folder
+from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
 from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import write_run_params
+from polar_vbll.session import load_examples
 from polar_vbll.support import EntryPoint, Refused, check_supported
 from polar_vbll.tracking import TrackingTarget
+from polar_vbll.training import check_resumable
 
 #: What a run folder receives from the final checkpoint (the artifacts rank 0 wrote).
 ARTIFACTS = (
@@ -62,10 +65,13 @@ WORKERS = EntryPoint(
 
 
 def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS) -> RunConfig:
-    """Everything checked before Ray starts (the fields ``entry`` refuses, the batch layout), and the
-    config the workers receive: ``output_dir`` made absolute (it is Ray Train's storage path)."""
+    """Everything checked before Ray starts (the fields ``entry`` refuses, the batch layout, the output
+    folder, the data: every row read and validated), and the config the workers receive: ``output_dir``
+    made absolute (it is Ray Train's storage path)."""
     check_supported(cfg, entry)
     check_batch_layout(cfg, dist)
+    check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name")
+    load_examples(cfg)  # a bad task name or data row fails here, before Ray starts
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     return cfg.model_copy(update={"output_dir": storage})
 
@@ -123,6 +129,20 @@ def worker_env(dist: DistConfig) -> dict[str, str]:
 
 def _has_ray_state(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+
+
+def _check_resume(run_dir: Path, cfg: RunConfig) -> None:
+    """The latest Ray checkpoint of the run folder (the one the workers would resume) must have been
+    written with the same training settings; refused here, on the driver, before Ray starts."""
+    if not run_dir.is_dir():
+        return
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / "state" / "meta.json").is_file())
+    if found:
+        state = load_checkpoint(found[-1] / "state")
+        try:
+            check_resumable(state.get("config", {}), cfg)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{run_dir}: {exc}") from None
 
 
 def train_distributed(
@@ -184,6 +204,7 @@ def run_in_session(
     if run_dir is not None:
         if not resume and _has_ray_state(run_dir):
             raise UserInputError(f"{run_dir} already holds checkpoints; use another name or resume")
+        _check_resume(run_dir, cfg)  # before anything in the run folder is written
         write_run_params(cfg, run_dir)
         (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))
 

@@ -34,7 +34,7 @@ from polar_vbll.errors import RunFailure, UserInputError
 from polar_vbll.evaluation import Member
 from polar_vbll.models import load_backbone
 from polar_vbll.protocols import StepHook
-from polar_vbll.runner import finish_run, training_summary, zero_shot_probs
+from polar_vbll.runner import finish_run, training_summary, zero_shot_for
 from polar_vbll.session import build_session
 from polar_vbll.tracking import RunLogger, TrackingTarget
 from polar_vbll.training import Trainer, load_weights
@@ -95,10 +95,10 @@ def run_worker(
     timings = {"load_s": time.perf_counter() - t0}
     if state is not None:
         trainer.restore(state)
-    else:
-        t = time.perf_counter()
-        trainer.state.zero_shot = zero_shot_probs(session, backend, progress=False)
-        timings["zero_shot_eval_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    trainer.state.zero_shot = zero_shot_for(session, backend, state, progress=False, one_process=False)
+    trainer.state.zero_shot_split = session.splits["eval"].fingerprint()
+    timings["zero_shot_eval_s"] = time.perf_counter() - t
     t = time.perf_counter()
     trainer.fit(checkpoint_at_end=False)  # the final checkpoint is written with the artifacts
     timings["train_s"] = time.perf_counter() - t

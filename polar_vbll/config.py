@@ -313,6 +313,19 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+def check_output_folder(folder: str | Path, what: str = "output_dir") -> None:
+    """Refuse, before any work, a folder path that runs into an existing file (``output_dir`` naming a
+    file, or a run name that is a file inside it)."""
+    if "://" in str(folder):
+        return
+    path = Path(folder).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{what}: {p} is an existing file, not a folder; choose another {what}")
+            return
+
+
 # ------------------------------------------------------------------------------------ packaged configs
 CONFIG_KINDS = ("run", "compare")
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from polar_vbll.config import RunConfig
+from polar_vbll.errors import RunFailure
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import ood_auroc, ood_scores
@@ -133,6 +134,11 @@ def evaluate(
         t = time.perf_counter()
         preds[name] = method.predictive_kind.predict(ctx, splits[name])
         seconds[name] = time.perf_counter() - t
+        if not torch.isfinite(preds[name].probs).all():
+            raise RunFailure(
+                f"{method.label}'s predictions on the {name} split are not finite (a diverged or overflowing "
+                "model; with model.dtype bfloat16 try float32)"
+            )
     zero = None
     if zero_shot_probs is not None:
         zero = Predictions(splits["eval"].name, zero_shot_probs.to(torch.float32), splits["eval"].labels.clone())

@@ -7,6 +7,8 @@ the adapted top blocks over hidden states that the frozen blocks below produced 
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -28,22 +30,51 @@ class EncodedSplit:
     n_choices: torch.Tensor
     states: list[torch.Tensor] | None = field(default=None, repr=False)
     states_block: int | None = None  # the block the cached states enter (they are valid for that split only)
+    shortened: dict[str, int] = field(default_factory=dict)  # prompts shortened to fit, per part
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the token ids, labels and choice counts: what a prediction on this
+        split depends on, so stored predictions are reused only for the same examples."""
+        h = hashlib.sha256()
+        for seq in self.ids:
+            h.update(len(seq).to_bytes(4, "little"))
+            h.update(torch.tensor(seq, dtype=torch.int64).numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        h.update(self.n_choices.numpy().tobytes())
+        return h.hexdigest()[:16]
+
 
 def encode_examples(name: str, examples: Sequence, tokenizer, max_length: int, add_bos: bool) -> EncodedSplit:
-    """Tokenize the prompts of ``examples`` (``MCExample``) into an :class:`EncodedSplit`."""
-    from polar_vbll.tasks import prompt_parts
+    """Tokenize the prompts of ``examples`` (``MCExample``) into an :class:`EncodedSplit`, each fitted to
+    ``max_length`` tokens (``polar_vbll.tasks.fit_prompt``: passage, then choices, then question body
+    shortened, every label and "Answer:" kept). ``EncodedSplit.shortened`` counts the shortened prompts per
+    part; a warning names the examples whose question body had to be shortened."""
+    from polar_vbll.tasks import SHORTENABLE, fit_prompt
 
-    prompts = [tuple(prompt_parts(ex)) for ex in examples]
-    tokens = tokenize_prompts(tokenizer, prompts, max_length=max_length, add_bos=add_bos)
+    budget = max_length - (1 if add_bos else 0)
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    fitted = [fit_prompt(ex, count, budget) for ex in examples]
+    tokens = tokenize_prompts(tokenizer, [f.text for f in fitted], max_length=max_length, add_bos=add_bos)
+    cut_questions = [ex.uid for ex, f in zip(examples, fitted, strict=True) if "question" in f.shortened]
+    if cut_questions:
+        more = f" and {len(cut_questions) - 10} more" if len(cut_questions) > 10 else ""
+        warnings.warn(
+            f"{name}: the question of {len(cut_questions)} prompt(s) was shortened to fit model.max_length="
+            f"{max_length} (its start replaced by '...'): {cut_questions[:10]}{more}",
+            stacklevel=2,
+        )
     return EncodedSplit(
         name=name,
         ids=tokens.ids,
         labels=torch.tensor([ex.answer for ex in examples], dtype=torch.long),
         n_choices=torch.tensor([len(ex.choices) for ex in examples], dtype=torch.long),
+        shortened={part: sum(part in f.shortened for f in fitted) for part in SHORTENABLE},
     )
 
 

@@ -44,6 +44,7 @@ class AdapterKind:
     section: str  # the RunConfig section with this kind's settings
     inject: Callable[[nn.Module, Any], AdapterModel]  # (base model, section config) -> adapter
     load: Callable[[nn.Module, Path], AdapterModel]  # (fresh base model, saved directory) -> adapter
+    stiefel: bool = False  # has factors on a Stiefel manifold (the optim.*_stiefel settings act on them)
 
     def settings(self, cfg: RunConfig) -> Any:
         return getattr(cfg, self.section)
@@ -75,7 +76,7 @@ def _load_lora(model, directory):
 
 ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
     {
-        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar),
+        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar, stiefel=True),
         "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora),
     }
 )
@@ -113,12 +114,22 @@ def _vbll(cfg, weight, bias, n_train):
 
 
 def _fit_laplace(cfg, head, phi, labels, n_choices):
+    import torch
+
+    from polar_vbll.errors import HeadFitDiverged
     from polar_vbll.heads.laplace import LastLayerLaplace
 
     lap = cfg.head.laplace
-    return LastLayerLaplace.from_head(
-        head, structure=lap.structure, predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed
-    ).fit(phi, labels, n_choices)
+    if not torch.isfinite(phi).all():
+        raise HeadFitDiverged("the post-hoc Laplace head cannot be fitted: the training features are not finite")
+    try:
+        return LastLayerLaplace.from_head(
+            head, structure=lap.structure, predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed
+        ).fit(phi, labels, n_choices)
+    except torch.linalg.LinAlgError as exc:
+        raise HeadFitDiverged(
+            f"the post-hoc Laplace fit failed ({exc}); try head.laplace.structure: kron"
+        ) from None
 
 
 HEADS: Mapping[str, HeadKind] = MappingProxyType(

@@ -83,6 +83,7 @@ class RunResults(_Model):
     task: str
     eval_split: str
     split_sizes: dict[str, int]
+    prompts_shortened: dict[str, dict[str, int]]  # split -> part (passage, choices, question) -> prompts
     passes_per_example: int
     metrics: Metrics
     training: Training

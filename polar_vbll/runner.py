@@ -29,7 +29,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from polar_vbll.config import RunConfig, dump_config
+from polar_vbll.adapters.state import adapters_off
+from polar_vbll.config import RunConfig, check_output_folder, dump_config
+from polar_vbll.errors import CheckpointError
 from polar_vbll.evaluation import Evaluation, Member, evaluate
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.methods import METHODS
@@ -37,9 +39,18 @@ from polar_vbll.metrics import format_table
 from polar_vbll.plots import reliability_diagrams
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore
+from polar_vbll.provenance import digest, training_settings
+from polar_vbll.readout import Readout, make_readout, save_readout
 from polar_vbll.results import flat_metrics, machine_info, validate_results
 from polar_vbll.session import Session, build_session
-from polar_vbll.training import LocalBackend, LocalCheckpoints, LocalCoordinator, Trainer, load_weights
+from polar_vbll.training import (
+    LocalBackend,
+    LocalCheckpoints,
+    LocalCoordinator,
+    Trainer,
+    check_resumable,
+    load_weights,
+)
 
 
 @dataclass
@@ -54,16 +65,9 @@ class TrainedMember:
 
 
 def training_key(cfg: RunConfig) -> str:
-    """What determines a trained member: everything but how it is evaluated (the predictive's settings,
-    the post-hoc head's), the method's name and where it is written; the adapter kind and the head kind it
-    trains as stand in for the method."""
-    method = METHODS[cfg.method]
-    d = cfg.model_dump(mode="json")
-    for key in ("eval", "name", "output_dir", "method"):
-        d.pop(key)
-    d["head"].pop("laplace")
-    d["trains"] = [method.trains, method.adapter, method.head_kind.training_kind]
-    return json.dumps(d, sort_keys=True)
+    """What determines a trained member (``polar_vbll.provenance.training_settings``), as a digest: two
+    runs with the same key train the same model, whatever their methods' names or evaluation."""
+    return digest(training_settings(cfg))
 
 
 _MEMBER_SEEDS = (("train", "seed"), ("polar", "init_seed"), ("lora", "init_seed"))
@@ -103,6 +107,25 @@ def zero_shot_probs(session: Session, backend: Backend, progress: bool) -> torch
     return predict(backend, session.zero_shot_head, session.splits["eval"], bs, progress).probs
 
 
+def zero_shot_for(
+    session: Session, backend: Backend, state: dict[str, Any] | None, progress: bool, one_process: bool
+) -> torch.Tensor | None:
+    """The zero-shot probabilities for this run's evaluation split: a resumed checkpoint's when they were
+    computed on the same split (its fingerprint), else computed now (adapters at init when fresh; with the
+    update zeroed after a resume in one process). None where neither is possible (a resumed distributed
+    run evaluated on another split: a partitioned adapter is not zeroed behind DeepSpeed's back)."""
+    fingerprint = session.splits["eval"].fingerprint()
+    if state is not None and state.get("zero_shot") is not None and state.get("zero_shot_split") == fingerprint:
+        return state["zero_shot"]
+    if state is None:
+        return zero_shot_probs(session, backend, progress)
+    if not one_process:
+        print("note: the evaluation split changed since the checkpoint; no zero-shot row this time", flush=True)
+        return None
+    with adapters_off(session.adapter):
+        return zero_shot_probs(session, backend, progress)
+
+
 def training_summary(trainer: Trainer) -> dict[str, Any]:
     """The ``training`` block of ``results.json`` for a finished trainer (a collective on workers)."""
     history = trainer.state.history
@@ -128,10 +151,11 @@ def write_artifacts(
     members: list[Member],
     results: dict[str, Any],
     evaluation: Evaluation,
+    readout: Readout,
 ) -> None:
-    """A run's files: the adapter (own format + PEFT LoRA export) and head (one per member, under
-    ``member-<i>/`` for an ensemble), every split's probabilities, ``results.json``, ``results.md`` and the
-    reliability diagram of the evaluation split (zero-shot beside the method)."""
+    """A run's files: the adapter (own format + PEFT LoRA export), the head and its ``readout.json`` (one
+    each per member, under ``member-<i>/`` for an ensemble), every split's probabilities, ``results.json``,
+    ``results.md`` and the reliability diagram of the evaluation split (zero-shot beside the method)."""
     directory.mkdir(parents=True, exist_ok=True)
     for i, m in enumerate(members):
         where = directory if len(members) == 1 else directory / f"member-{i}"
@@ -147,6 +171,7 @@ def write_artifacts(
                 adapter.load_adapter_state_dict(saved, where="the adapter's own state")
         tensors = {k: v.detach().contiguous() for k, v in m.head.state_dict().items()}
         save_file(tensors, str(where / "head.safetensors"))
+        save_readout(where, readout)
     probs = {f"{k.replace(':', '_')}_probs": p.probs.contiguous() for k, p in evaluation.predictions.items()}
     if evaluation.zero_shot is not None:
         probs["zero_shot_eval_probs"] = evaluation.zero_shot.probs.contiguous()
@@ -189,6 +214,7 @@ def build_results(
             "task": cfg.data.task,
             "eval_split": cfg.data.eval_split,
             "split_sizes": {name: len(enc) for name, enc in splits.items()},
+            "prompts_shortened": {name: dict(enc.shortened) for name, enc in splits.items()},
             "passes_per_example": evaluation.passes,
             "metrics": evaluation.metrics(),
             "training": trainings[0],
@@ -240,7 +266,8 @@ def finish_run(
     with backend.gathered(session.adapter.theta_parameters()):  # every rank gathers; rank 0 writes
         if backend.rank == 0:
             staged = Path(tempfile.mkdtemp(prefix="polar-vbll-artifacts-"))
-            write_artifacts(staged, session.adapter, members, results, ev)
+            readout = make_readout(session.tokenizer, session.answer_ids, cfg.model.max_length, cfg.model.add_bos)
+            write_artifacts(staged, session.adapter, members, results, ev, readout)
     if tracker is not None and staged is not None:
         from polar_vbll.tracking import log_final
 
@@ -260,12 +287,25 @@ def finish_run(
 
 
 # ------------------------------------------------------------------------------------------ one process
-def _open_member(cfg: RunConfig, splits, answer_ids, resume: bool):
-    """A member's objects and backend, and its run folder's latest checkpoint (weights loaded) if resumed."""
-    session = build_session(cfg, splits, answer_ids)
+def _open_member(cfg: RunConfig, splits, answer_ids, resume: bool | str):
+    """A member's run folder's latest checkpoint (checked against the settings, weights loaded), objects
+    and backend. ``resume``: True resumes or refuses a checkpoint of other training settings; "matching"
+    (a comparison's own run folders) starts such a run afresh; False starts afresh. A fresh start removes
+    the folder's old checkpoints, so none of other settings is ever resumed later."""
     store = LocalCheckpoints(cfg.run_dir(), cfg.train.keep_checkpoints)
     state = store.latest() if resume else None
     if state is not None:
+        try:
+            check_resumable(state.get("config", {}), cfg)
+        except CheckpointError as exc:
+            if resume != "matching":
+                raise CheckpointError(f"{cfg.run_dir()}: {exc}") from None
+            print(f"settings changed since the checkpoints in {cfg.run_dir()} were written; training again", flush=True)
+            state = None
+    session = build_session(cfg, splits, answer_ids)  # data and model checked before anything is removed
+    if state is None:
+        store.clear()
+    else:
         load_weights(session.adapter, session.head, state, cfg)
     return session, local_backend(session), store, state
 
@@ -280,8 +320,7 @@ def _fit_member(cfg: RunConfig, session: Session, backend: Backend, store, state
     if state is not None:
         trainer.restore(state)
         print(f"resumed from step {trainer.state.step} in {cfg.run_dir()}", flush=True)
-    else:
-        trainer.state.zero_shot = zero
+    trainer.state.zero_shot, trainer.state.zero_shot_split = zero, session.splits["eval"].fingerprint()
     trainer.fit()  # checkpoints at the end: an evaluation that fails loses no training
     return trainer
 
@@ -293,7 +332,7 @@ def run_method(
     splits: dict[str, EncodedSplit] | None = None,
     answer_ids: list[int] | None = None,
     trained: dict[str, TrainedMember] | None = None,
-    resume: bool = True,
+    resume: bool | str = True,
     zero_shot: bool = True,
     tracker=None,
     progress: bool = True,
@@ -303,7 +342,8 @@ def run_method(
 
     ``splits``/``answer_ids``: tokenized splits to share (with their cached prefix states). ``trained``: a
     cache of trained members by :func:`training_key` (a comparison's), reused instead of training again.
-    ``zero_shot``: also predict the zero-shot model on the evaluation split (before training)."""
+    ``resume``: see :func:`_open_member`. ``zero_shot``: also predict the zero-shot model on the evaluation
+    split (before training)."""
     t0 = time.perf_counter()
     n_members = METHODS[cfg.method].predictive_kind.members(cfg)
     timings = {"load_s": 0.0, "zero_shot_eval_s": 0.0, "train_s": 0.0}
@@ -316,16 +356,14 @@ def run_method(
         key = training_key(mcfg)
         done = trained.get(key) if trained is not None else None
         t = time.perf_counter()
-        session, backend, store, state = _open_member(mcfg, splits, answer_ids, resume and done is None)
+        session, backend, store, state = _open_member(mcfg, splits, answer_ids, resume if done is None else False)
         splits, answer_ids = session.splits, session.answer_ids
         timings["load_s"] += time.perf_counter() - t
         if i == 0:
             write_run_params(cfg, cfg.run_dir())  # after the resume check: a refused resume changes nothing
-            if zero_shot and state is not None:
-                zero = state.get("zero_shot")
-            elif zero_shot:  # the adapters are at init here: W = W0 exactly
+            if zero_shot:
                 t = time.perf_counter()
-                zero = zero_shot_probs(session, backend, progress)
+                zero = zero_shot_for(session, backend, state, progress, one_process=True)
                 timings["zero_shot_eval_s"] = time.perf_counter() - t
         t = time.perf_counter()
         if done is not None:
@@ -362,6 +400,7 @@ def run_training(
 
     check_supported(cfg, TRAIN)
     run_dir = cfg.run_dir()
+    check_output_folder(run_dir, "output_dir/name")
     print(f"run folder: {run_dir.resolve()}", flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
     with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track) as tracker:

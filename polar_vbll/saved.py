@@ -1,9 +1,11 @@
 """``polar-vbll eval``: evaluate a finished run's saved adapter and head, beside the zero-shot model.
 
-The run folder fixes everything: its ``config.yaml`` (backbone, method, prompt length, BOS handling), the
-adapter (``adapter/``, content hash verified; one per member under ``member-<i>/`` for an ensemble) and the
-head (``head.safetensors``). Predictions go through the same evaluation as training
-(``polar_vbll.evaluation``), so on the run's own splits the numbers are those of ``results.json``.
+The run folder fixes everything, and nothing is re-derived: its ``config.yaml`` (backbone, method, prompt
+length, BOS handling), ``readout.json`` (the answer letters and their token ids, the head's width, the
+prompt template version; verified against the tokenizer), the adapter (``adapter/``, content hash
+verified; one per member under ``member-<i>/`` for an ensemble) and the head (``head.safetensors``, hash
+recorded in ``readout.json``). Predictions go through the same evaluation as training
+(``polar_vbll.evaluation``), so on the run's own splits the metrics are those of ``results.json``.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
 from polar_vbll.models import load_backbone
 from polar_vbll.predictives import predict
-from polar_vbll.session import build_head, load_splits
-from polar_vbll.tasks import load_task
+from polar_vbll.readout import check_readout, check_width, load_readout
+from polar_vbll.session import build_head, load_examples
+from polar_vbll.tasks import load_task, num_classes
 
 
 def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
@@ -47,7 +50,7 @@ def evaluate_saved_run(
 ) -> dict[str, Any]:
     """The metrics block (``results.json``'s ``metrics``: ``eval`` with the zero-shot model beside it, and
     on the run's own splits ``validation`` and the OOD sets) of the run's saved model on ``task``/``split``
-    (the run's evaluation split by default)."""
+    (the run's evaluation split by default). Everything cheap is checked before the model loads."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
@@ -58,16 +61,25 @@ def evaluate_saved_run(
     for folder in folders:
         if not (folder / "adapter").is_dir():
             raise UserInputError(f"{run} holds no trained adapter ({folder / 'adapter'} is missing)")
+    readouts = [load_readout(folder) for folder in folders]
+    readout = readouts[0]
 
     own = task is None and split is None and limit is None
-    model, tokenizer = load_backbone(cfg.model)
-    splits, answer_ids = load_splits(cfg, tokenizer)
+    examples = load_examples(cfg)  # the training split too: a post-hoc head refits on it
     if not own:
         task, split = task or cfg.data.task, split or cfg.data.eval_split
-        examples = load_task(task, split, seed=cfg.data.split_seed, limit=limit)
-        enc = encode_examples(f"{task}:{split}", examples, tokenizer, cfg.model.max_length, cfg.model.add_bos)
-        splits = {"train": splits["train"], "validation": splits["validation"], "eval": enc}
+        examples = {"train": examples["train"], "validation": examples["validation"],
+                    "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}  # fmt: skip
+    check_width(readout, max(num_classes(exs) for exs in examples.values()), f"{task or cfg.data.task}")
 
+    model, tokenizer = load_backbone(cfg.model)
+    check_readout(readout, tokenizer, str(run))
+    answer_ids = readout.answer_token_ids
+    names = {name: name for name in examples} | ({} if own else {"eval": f"{task}:{split}"})
+    splits = {
+        name: encode_examples(names[name], exs, tokenizer, readout.max_length, readout.add_bos)
+        for name, exs in examples.items()
+    }
     kind = method.adapter_kind
     adapter = kind.load(model, folders[0] / "adapter")
     members = []

@@ -22,7 +22,7 @@ from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS, Method
 from polar_vbll.models import load_backbone
 from polar_vbll.protocols import AdapterModel
-from polar_vbll.tasks import answer_token_strings, load_task, num_classes, task_num_classes
+from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
 from polar_vbll.tokens import answer_token_ids
 
 
@@ -55,16 +55,23 @@ def load_examples(cfg: RunConfig) -> dict[str, list]:
     return examples
 
 
-def load_splits(cfg: RunConfig, tokenizer) -> tuple[dict[str, EncodedSplit], list[int]]:
-    """Train / validation / eval splits (and OOD sets), tokenized, plus the answer-letter token ids."""
-    examples = load_examples(cfg)
+def load_splits(
+    cfg: RunConfig, tokenizer, examples: dict[str, list] | None = None
+) -> tuple[dict[str, EncodedSplit], list[int]]:
+    """Train / validation / eval splits (and OOD sets), tokenized, plus the answer-letter token ids.
+    ``examples``: already loaded (:func:`load_examples`)."""
+    examples = examples if examples is not None else load_examples(cfg)
     # size the head from the whole task (one split may lack the rare 5-choice question), and the OOD sets
     k = max([task_num_classes(cfg.data.task)] + [num_classes(exs) for exs in examples.values()])
-    answer_ids = answer_token_ids(tokenizer, answer_token_strings(k))
+    answer_ids = answer_token_ids(tokenizer, answer_letters(k))
     splits = {
         name: encode_examples(name, exs, tokenizer, cfg.model.max_length, cfg.model.add_bos)
         for name, exs in examples.items()
     }
+    cut = {name: enc.shortened for name, enc in splits.items() if any(enc.shortened.values())}
+    if cut:
+        counts = "; ".join(f"{n}: " + ", ".join(f"{part} {k}" for part, k in c.items() if k) for n, c in cut.items())
+        print(f"prompts shortened to fit model.max_length={cfg.model.max_length} ({counts})", flush=True)
     return splits, answer_ids
 
 
@@ -90,13 +97,15 @@ def build_session(
 ) -> Session:
     """Build a run's objects. ``splits``/``answer_ids``: already tokenized splits to share (a comparison
     shares them, and their cached frozen-prefix states, across methods and seeds). ``load``: how to load
-    the backbone (workers load node by node). The global RNG is seeded with ``train.seed + rank`` (adapter
-    dropout draws from it)."""
+    the backbone (workers load node by node). The data is read and validated before the model loads, so a
+    bad row or task name fails in a second, not after the load. The global RNG is seeded with
+    ``train.seed + rank`` (adapter dropout draws from it)."""
+    examples = load_examples(cfg) if splits is None or answer_ids is None else None  # data errors first
     torch.manual_seed(cfg.train.seed + rank)
     model, tokenizer = load(cfg.model)
     adapter = build_adapter(cfg, model)
     if splits is None or answer_ids is None:
-        splits, answer_ids = load_splits(cfg, tokenizer)
+        splits, answer_ids = load_splits(cfg, tokenizer, examples)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
     zero_shot_head = DeterministicHead(*answer_head_weight(model, answer_ids))
     return Session(cfg, METHODS[cfg.method], model, tokenizer, adapter, head, zero_shot_head, splits, answer_ids)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from polar_vbll.errors import UserInputError
+from polar_vbll.errors import DataError, UserInputError
 
 
 @dataclass
@@ -20,35 +20,25 @@ class TokenizedPrompts:
         return len(self.ids)
 
 
-def tokenize_prompts(
-    tokenizer, prompts: Sequence[str | tuple[str, str, str]], max_length: int, add_bos: bool
-) -> TokenizedPrompts:
-    """Tokenize without special tokens and add BOS explicitly: transformers 4.x and 5.x disagree on whether
-    this tokenizer prepends one.
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int, add_bos: bool) -> TokenizedPrompts:
+    """Tokenize prompts without special tokens and add BOS explicitly (transformers 4.x and 5.x disagree on
+    whether this tokenizer prepends one).
 
-    A prompt may be given as ``(prefix, context, suffix)``: when it is too long, the *context* (a BoolQ
-    passage, say) is cut from its end, so the instruction, the question, the choices and "Answer:" all
-    survive. A prompt still too long after that keeps its last ``max_length`` tokens.
-    """
-    out: list[list[int]] = []
+    Nothing is ever cut here: a prompt longer than ``max_length`` tokens (BOS included) raises
+    :class:`DataError`. Task prompts are fitted to the budget before (``polar_vbll.tasks.fit_prompt``, which
+    shortens the passage, the choices or the question and keeps every label and "Answer:")."""
     bos = tokenizer.bos_token_id
     if add_bos and bos is None:
         raise UserInputError("model.add_bos is true but the tokenizer has no BOS token")
     budget = max_length - (1 if add_bos else 0)
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-    for prompt in prompts:
-        prefix, context, suffix = (prompt, "", "") if isinstance(prompt, str) else prompt
-        ids = encode(prefix + context + suffix)
-        if len(ids) > budget and context:
-            head, tail = encode(prefix), encode(suffix)
-            keep = budget - len(head) - len(tail)
-            if keep > 0:
-                ids = head + encode(context)[:keep] + tail
+    out: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         if len(ids) > budget:
-            ids = ids[-budget:]
+            raise DataError(
+                f"prompt {i} is {len(ids)} tokens, more than model.max_length={max_length} allows; fit it first "
+                "(polar_vbll.tasks.fit_prompt) or raise model.max_length"
+            )
         out.append([bos, *ids] if add_bos else ids)
     return TokenizedPrompts(out)
 
@@ -72,15 +62,35 @@ def pad_batch(
     return ids, mask
 
 
-def answer_token_ids(tokenizer, token_strings: Sequence[str]) -> list[int]:
-    """Map answer strings such as " A" to token ids, insisting that each is exactly one token (otherwise the
-    class logit would not be the next-token logit)."""
+#: The end of a real prompt (``polar_vbll.tasks.prompts``: the last choice line, then the cue): answer
+#: letters are tokenized as its continuation, exactly as the model sees them.
+ANSWER_PROBE = "Choices:\nA) yes\nB) no\nAnswer:"
+
+
+def answer_token_ids(tokenizer, letters: Sequence[str], probe: str = ANSWER_PROBE) -> list[int]:
+    """The token id of each answer letter as the model predicts it after ``Answer:``: the one token that
+    ``probe + " " + letter`` adds to ``probe``.
+
+    Read from the end of a real prompt, not from ``" A"`` alone: a SentencePiece tokenizer with a
+    prefix-space normalizer (Llama-2, Mistral) encodes a lone ``" A"`` as two pieces although the token it
+    predicts after ``Answer:`` is the single piece ``"▁A"``; byte-level BPE tokenizers (GPT-2 style,
+    SmolLM2) give the same id either way. Letters may carry their leading space (``" A"``). Raises
+    :class:`UserInputError` when the continuation is not exactly one token (the class logit must be one
+    next-token logit)."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    base = encode(probe)
     ids = []
-    for s in token_strings:
-        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
-        if len(toks) != 1:
+    for letter in letters:
+        letter = letter.strip()
+        full = encode(f"{probe} {letter}")
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            added = tokenizer.convert_ids_to_tokens(full[len(base) :]) if full[: len(base)] == base else full
             raise UserInputError(
-                f"answer token {s!r} is {len(toks)} tokens in this tokenizer; need exactly 1"
+                f"the answer letter {letter!r} after {probe.splitlines()[-1]!r} is not one token in this "
+                f"tokenizer (it continues the prompt with {added}); the class logit must be one next-token "
+                "logit"
             )
-        ids.append(toks[0])
+        ids.append(full[-1])
     return ids

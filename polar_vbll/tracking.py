@@ -361,6 +361,12 @@ def log_final(
     step = int(results["training"]["steps"])
     logger.log_metrics(flat_metrics(dict(results)), step)
     logger.log_metrics({"orthogonality_error": results["training"]["orthogonality_error"]}, step)
+    shortened = {
+        f"prompts_shortened_{split.replace(':', '_')}_{part}": n
+        for split, parts in results.get("prompts_shortened", {}).items()
+        for part, n in parts.items()
+    }
+    logger.log_metrics(shortened, step)
     with tempfile.TemporaryDirectory(prefix="polar-vbll-plots-") as tmp:
         for name in ("validation", "eval"):
             label = "test" if name == "eval" else name

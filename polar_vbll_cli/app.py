@@ -12,6 +12,7 @@ refit gone non-finite, a distributed run that failed for good) end with one read
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -54,6 +55,18 @@ def _one_line_errors(resume_hint: str | None = None) -> Iterator[None]:
         yield
     except (UserInputError, RunFailure) as exc:
         _fail(exc)
+    except MemoryError:
+        _fail("out of memory; lower train.batch_size / train.eval_batch_size, adapt fewer layers, or use --workers")
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's CUDA / accelerator OOM
+            raise
+        _fail(f"out of accelerator memory ({str(exc).splitlines()[0][:200]}); lower train.batch_size / "
+              "train.eval_batch_size or use model.dtype: bfloat16")  # fmt: skip
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        _fail(f"no space left on the device while writing {exc.filename or 'a file'}; free space and rerun "
+              "(the last complete checkpoint is intact)")  # fmt: skip
     except KeyboardInterrupt:
         hint = f"; {resume_hint}" if resume_hint else ""
         typer.secho(f"interrupted{hint}", fg=typer.colors.YELLOW, err=True)
@@ -95,7 +108,9 @@ def train(
         ),
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (implies --workers 2)")] = None,
-    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of the backbone (with --workers)")] = 3,
+    zero_stage: Annotated[
+        int | None, typer.Option(help="DeepSpeed ZeRO stage of the backbone (with --workers; default 3)")
+    ] = None,
     dist_set: Annotated[
         list[str] | None,
         typer.Option("--dist-set", help="distributed setting, e.g. --dist-set grad_accum=2 (repeatable)"),
@@ -107,7 +122,10 @@ def train(
 
     with _one_line_errors("rerun the same command to resume from the last checkpoint"):
         cfg = load_config(resolve_config(config, "run"), set_ or [])
-        if workers is None and address is None and not dist_set:
+        if workers is None and address is None:
+            if zero_stage is not None or dist_set:
+                flag = "--zero-stage" if zero_stage is not None else "--dist-set"
+                raise UserInputError(f"{flag} needs --workers N (or --address): one process has no ZeRO stage")
             from polar_vbll.runner import run_training
 
             run_training(cfg, resume=resume, progress=progress, track=track)
@@ -115,7 +133,8 @@ def train(
         train_distributed = _import_distributed()
         from distributed.config import dist_config_from
 
-        dist = dist_config_from({"workers": workers or 2, "zero_stage": zero_stage}, dist_set or [])
+        values = {"workers": workers or 2, "zero_stage": 3 if zero_stage is None else zero_stage}
+        dist = dist_config_from(values, dist_set or [])
         results = train_distributed(cfg, address=address, dist=dist, resume=resume, track=track)
         summary = {k: results["metrics"][k] for k in ("eval", "validation")}
         print(json.dumps({"step": results["training"]["steps"], "method": results["method"], **summary}, indent=2))

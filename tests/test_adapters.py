@@ -21,6 +21,7 @@ from polar_vbll.adapters import (
     polar_config_from_dict,
     stable_rank,
 )
+from polar_vbll.adapters.state import config_digest
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 from polar_vbll.manifold import random_stiefel
 
@@ -315,7 +316,11 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match=ADAPTER_CONFIG_NAME):
         PolarModel.load_adapter(make_tiny_llama(), d)
 
-    cfg_path.write_text(json.dumps({**cfg, "polar_config": {**cfg["polar_config"], "r": 0}}))
+    bad = {**cfg, "polar_config": {**cfg["polar_config"], "r": 0}}
+    cfg_path.write_text(json.dumps(bad))  # an edit: caught by the content hash before anything else
+    with pytest.raises(CheckpointError, match="altered after it was written"):
+        PolarModel.load_adapter(make_tiny_llama(), d)
+    cfg_path.write_text(json.dumps({**bad, "config_sha256": config_digest(bad)}))  # consistent but invalid
     with pytest.raises(ConfigError, match=ADAPTER_CONFIG_NAME):
         PolarModel.load_adapter(make_tiny_llama(), d)
 
@@ -325,6 +330,19 @@ def test_load_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="slot layout"):
         PolarModel.load_adapter(bigger, d)
     assert not any(isinstance(m, PolarLinear) for m in bigger.modules())
+
+
+def test_an_edited_alpha_is_refused_not_silently_loaded(tmp_path):
+    """The kind of fault: a reload that trusts a field the hash does not cover. alpha scales the update
+    (W0 + alpha/r U Theta V^T) without touching the weights file, so the hash must cover the config."""
+    d = _trained().save_adapter(tmp_path / "a")
+    cfg_path = d / ADAPTER_CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "polar_config": {**cfg["polar_config"], "alpha": 64.0}}))
+    with pytest.raises(CheckpointError, match="altered after it was written"):
+        PolarModel.load_adapter(make_tiny_llama(), d)
+    cfg_path.write_text(json.dumps(cfg))
+    PolarModel.load_adapter(make_tiny_llama(), d)  # intact again: loads
 
 
 def test_load_adapter_state_dict_is_strict(tiny_llama):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -198,6 +199,17 @@ def test_lora_save_load_round_trip_and_peft_export(tmp_path):
     # A saved adapter for other layers is refused before the fresh model is touched.
     with pytest.raises(CheckpointError):
         LoraAdapter.load_adapter(make_tiny_llama(seed=0, layers=3), d)
+    # An edited alpha (it scales B A without touching the weights file) or altered weights are refused.
+    side = d / "lora_baseline_config.json"
+    meta = json.loads(side.read_text())
+    side.write_text(json.dumps({**meta, "lora_config": {**meta["lora_config"], "alpha": 64.0}}))
+    with pytest.raises(CheckpointError, match="altered after it was written"):
+        LoraAdapter.load_adapter(make_tiny_llama(seed=0), d)
+    side.write_text(json.dumps(meta))
+    weights = d / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="truncated or altered"):
+        LoraAdapter.load_adapter(make_tiny_llama(seed=0), d)
 
 
 def test_lora_config_errors():

@@ -144,9 +144,27 @@ def test_damaged_latest_checkpoint_falls_back_to_an_older_intact_one(tmp_path):
     ckpt = tmp_path / "tiny" / "checkpoint-3" / "state.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
     with pytest.warns(UserWarning, match=r"checkpoint-3.*truncated or altered.*older intact .*checkpoint-2"):
-        result = _train(tmp_path, "--set", "train.steps=5")
+        result = _train(tmp_path, "--set", "train.steps=3", "--set", "train.checkpoint_every=1")
     assert result.exit_code == 0, result.output
     assert "resumed from step 2" in result.output
+
+
+def test_a_resume_with_other_training_settings_is_refused_before_anything_is_written(tmp_path):
+    """Case 03's kind for checkpoints: a checkpoint is resumed only under the training settings that wrote
+    it; otherwise exit 2 naming the keys and how to start fresh, with the run folder untouched."""
+    assert _train(tmp_path, "--set", "train.steps=3").exit_code == 0
+    run = tmp_path / "tiny"
+    before = {p: (run / p).read_bytes() for p in ("config.yaml", "params.json", "results.json")}
+    result = _train(tmp_path, "--set", "train.steps=5", "--set", "optim.lr_theta=0.5")
+    _assert_clean_error(result, "train.steps: 3 -> 5", "optim.lr_theta: 0.004 -> 0.5", "--no-resume")
+    assert {p: (run / p).read_bytes() for p in before} == before  # nothing overwritten before the check
+    # evaluation settings may change: the trained model is the same
+    assert _train(tmp_path, "--set", "train.steps=3", "--set", "data.eval_limit=8").exit_code == 0
+    # a fresh start replaces the old checkpoints, so none of other settings can be resumed later
+    fresh = _train(tmp_path, "--set", "train.steps=5", "--set", "optim.lr_theta=0.5", "--no-resume")
+    assert fresh.exit_code == 0, fresh.output
+    assert [p.name for p in sorted(run.glob("checkpoint-*"))] == ["checkpoint-3", "checkpoint-5"]
+    assert json.loads((run / "results.json").read_text())["training"]["steps"] == 5
 
 
 def test_eval_of_a_folder_that_is_no_run(tmp_path):

@@ -3,6 +3,9 @@ path against the full model, and clear errors for bad model paths."""
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -104,7 +107,8 @@ def test_local_hf_dir_round_trip(tmp_path, tiny_llama):
     assert bundled_tokenizer_dir().is_dir()
 
 
-def test_tokenize_bos_and_truncation():
+def test_tokenize_bos_and_no_silent_cut():
+    from polar_vbll.errors import DataError
     from polar_vbll.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig(source="tiny"))
@@ -112,21 +116,68 @@ def test_tokenize_bos_and_truncation():
     with_bos = tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=300, add_bos=True).ids[0]
     assert with_bos == [tok.bos_token_id, *plain]
     assert plain[0] != tok.bos_token_id
-    cut = tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=4, add_bos=True).ids[0]
-    assert cut == [tok.bos_token_id, *plain[-3:]]  # the end ("Answer:") is kept
+    with pytest.raises(DataError, match="prompt 0 is .* tokens, more than model.max_length=4"):
+        tokenize_prompts(tok, ["Question: why?\nAnswer:"], max_length=4, add_bos=True)  # never cut silently
+
+
+def _encoded_text(tok, example, max_length):
+    from polar_vbll.features import encode_examples
+
+    enc = encode_examples("t", [example], tok, max_length=max_length, add_bos=False)
+    return tok.decode(enc.ids[0]), len(enc.ids[0]), enc.shortened
 
 
 def test_long_context_is_cut_not_the_question():
     from polar_vbll.models import load_tokenizer
+    from polar_vbll.tasks import MCExample
 
     tok = load_tokenizer(ModelConfig(source="tiny"))
-    prefix, context, suffix = "Read this.\nPassage: ", "word " * 400, "\nQuestion: why?\nAnswer:"
-    ids = tokenize_prompts(tok, [(prefix, context, suffix)], max_length=60, add_bos=False).ids[0]
-    text = tok.decode(ids)
-    assert len(ids) <= 60
-    assert text.startswith("Read this.") and text.endswith("Question: why?\nAnswer:")
-    short = tokenize_prompts(tok, [(prefix, "word", suffix)], max_length=60, add_bos=False).ids[0]
-    assert tok.decode(short) == prefix + "word" + suffix
+    ex = MCExample(uid="u", question="why?", choices=("yes", "no"), answer=0, source="t", context="word " * 400)
+    text, n, shortened = _encoded_text(tok, ex, 60)
+    assert n <= 60 and shortened == {"passage": 1, "choices": 0, "question": 0}
+    assert text.startswith("Return the label") and text.endswith("Question: why?\nChoices:\nA) yes\nB) no\nAnswer:")
+    assert "word word...\nQuestion:" in text  # cut at its end, marked
+    short = MCExample(uid="u", question="why?", choices=("yes", "no"), answer=0, source="t", context="word")
+    assert _encoded_text(tok, short, 60)[0].endswith("Passage: word\nQuestion: why?\nChoices:\nA) yes\nB) no\nAnswer:")
+
+
+@pytest.mark.parametrize(
+    ("question", "choices", "context", "cut"),
+    [
+        ("filler " * 300 + "so which?", ("first", "second"), None, "question"),
+        ("Short?", ("c " * 300, "short"), "p " * 300, "choices"),
+    ],
+)
+def test_over_long_questions_and_choices_keep_every_label_and_the_cue(question, choices, context, cut):
+    """The kind of fault behind case 07: whatever is long, the question line, every choice label and
+    "Answer:" survive; what was cut is marked "..." and counted."""
+    from polar_vbll.models import load_tokenizer
+    from polar_vbll.tasks import MCExample
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    ex = MCExample(uid="long-1", question=question, choices=choices, answer=0, source="t", context=context)
+    for max_length in (64, 128):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            text, n, shortened = _encoded_text(tok, ex, max_length)
+        assert n <= max_length
+        assert "\nQuestion: " in text and "\nA) " in text and "\nB) " in text and text.endswith("\nAnswer:")
+        assert shortened[cut] == 1 and "..." in text
+        named = [str(w.message) for w in caught if "question of 1 prompt" in str(w.message)]
+        assert bool(named) == (cut == "question") and all("long-1" in m for m in named)
+    if cut == "question":
+        assert text.split("\nChoices:")[0].endswith("so which?")  # the question's own end is kept
+
+
+def test_a_prompt_that_cannot_fit_is_refused_naming_the_example():
+    from polar_vbll.errors import DataError
+    from polar_vbll.models import load_tokenizer
+    from polar_vbll.tasks import MCExample
+
+    tok = load_tokenizer(ModelConfig(source="tiny"))
+    ex = MCExample(uid="wide-1", question="q", choices=tuple(f"choice {i}" for i in range(26)), answer=0, source="t")
+    with pytest.raises(DataError, match="wide-1.*raise model.max_length"):
+        _encoded_text(tok, ex, 40)
 
 
 def test_answer_tokens_are_single_tokens():
@@ -136,5 +187,22 @@ def test_answer_tokens_are_single_tokens():
     ids = answer_token_ids(tok, [" A", " B", " C", " D", " E"])
     assert len(set(ids)) == 5
     assert [tok.decode([i]) for i in ids] == [" A", " B", " C", " D", " E"]
-    with pytest.raises(UserInputError, match="exactly 1"):
+    assert answer_token_ids(tok, ["A", "B", "C", "D", "E"]) == ids  # with or without the space
+    with pytest.raises(UserInputError, match="not one token"):
         answer_token_ids(tok, [" Antidisestablishmentarianism"])
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_answer_letters_of_a_sentencepiece_tokenizer_are_read_from_the_prompts_end():
+    """A Llama-2 / Mistral-style tokenizer (prefix-space normalizer): a lone " A" is two pieces, but the
+    token after "Answer:" is the single piece "▁A", and that is the class token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(FIXTURES / "llama2_style_tokenizer"))
+    assert len(tok(" A", add_special_tokens=False)["input_ids"]) == 2  # why " A" alone cannot be used
+    ids = answer_token_ids(tok, ["A", "B", "C", "D"])
+    assert tok.convert_ids_to_tokens(ids) == ["\u2581A", "\u2581B", "\u2581C", "\u2581D"]
+    prompt = tok("Question: q\nChoices:\nA) x\nB) y\nAnswer: B", add_special_tokens=False)["input_ids"]
+    assert prompt[-1] == ids[1]  # exactly what the model reads after a real prompt

@@ -23,7 +23,7 @@ from polar_vbll.tasks import (
     load_jsonl,
     load_task,
     num_classes,
-    prompt_parts,
+    render_prompt,
     seeded_order,
     split_examples,
     split_sizes,
@@ -148,8 +148,7 @@ def test_hand_checked_prompts(root):
         "Question: does ethanol take more energy make that produces?\n"
         "Choices:\nA) no\nB) yes\nAnswer:"
     )
-    parts = prompt_parts(boolq)
-    assert parts.context == boolq.context and "".join(parts) == format_prompt(boolq)
+    assert format_prompt(boolq) == render_prompt(boolq.context, boolq.question, boolq.choices)
 
 
 def test_mmlu_subjects_all_present_and_loadable(root):

@@ -32,6 +32,7 @@ from distributed.config import DistConfig
 from distributed.launch import WORKERS, first_error_line, prepare_run, ray_session, worker_env
 from polar_vbll.config import RunConfig
 from polar_vbll.errors import ConfigError, RunFailure
+from polar_vbll.provenance import differences
 from polar_vbll.support import EntryPoint, check_supported
 from polar_vbll.tracking import (
     RunLogger,
@@ -175,10 +176,35 @@ def _open_parent(
             **{f"base.{k}": v for k, v in cfg.flat_params().items()},
         }
     )
-    record = {"parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": mask_uri(uri)}
+    record = {"parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": mask_uri(uri),
+              "settings": search_provenance(cfg, settings, space)}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return {**record, "uri": uri}
+
+
+def search_provenance(cfg: RunConfig, settings: SearchSettings, space: ParamSpace) -> dict[str, Any]:
+    """What a search's trials depend on (flat): the base run config, the space and the search settings
+    (all but how many trials run at once)."""
+    base = {f"base.{k}": v for k, v in cfg.flat_params().items()}
+    searched = {f"space.{k}": v for k, v in describe(space).items()}
+    how = {f"search.{k}": v for k, v in settings.model_dump().items() if k != "concurrency"}
+    return {**base, **searched, **how}
+
+
+def check_same_search(folder: Path, cfg: RunConfig, settings: SearchSettings, space: ParamSpace) -> None:
+    """A rerun resumes a search only with the settings it was started with; otherwise exit 2 naming what
+    changed and how to start a new one (its trials would mix two searches)."""
+    record_path = folder / "search.json"
+    if not record_path.is_file():
+        return
+    old = json.loads(record_path.read_text()).get("settings")
+    new = search_provenance(cfg, settings, space)
+    if old is not None and old != json.loads(json.dumps(new, default=str)):
+        raise ConfigError(
+            f"the search in {folder} was started with other settings: {differences(old, new)}; rerun it with "
+            "the same settings to resume it, or start a new search under another name (--name)"
+        )
 
 
 # --------------------------------------------------------------------------------------------- search
@@ -198,6 +224,7 @@ def run_search(
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name)
+    check_same_search(folder, cfg, settings, space)
     concurrency = settings.concurrency or default_concurrency(dist)
     parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency)
     tracking = {

@@ -19,7 +19,8 @@ from polar_vbll.errors import ConfigError
 
 #: Version of the saved adapter format (``adapter_config.json`` + ``adapter_model.safetensors``).
 #: Bump it when the meaning of a saved key or tensor changes; loaders refuse versions they do not know.
-FORMAT_VERSION = 1
+#: 2: the config carries ``config_sha256``, a digest of every field a reload uses.
+FORMAT_VERSION = 2
 
 #: PoLAR's reference targets (q, k, v, up, down projections of a Llama-style block).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")

@@ -42,15 +42,22 @@ from polar_vbll.adapters.config import LoraConfig, PolarConfig, lora_config_from
 from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
 from polar_vbll.adapters.model import TargetLayer, select_targets
+from polar_vbll.adapters.state import (
+    CONFIG_DIGEST_KEY,
+    check_config_digest,
+    config_digest,
+    require_shapes,
+    strict_copy_,
+)
 from polar_vbll.adapters.state import names_preview as _names_preview
-from polar_vbll.adapters.state import require_shapes, strict_copy_
+from polar_vbll.checkpoint import sha256_file
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 #: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
 #: ``adapter_model.safetensors``; this one records the :class:`LoraConfig` that selected the layers).
 LORA_BASELINE_CONFIG_NAME = "lora_baseline_config.json"
 LORA_WEIGHTS_NAME = "adapter_model.safetensors"
-LORA_FORMAT_VERSION = 1
+LORA_FORMAT_VERSION = 2  # 2: the side file records the weights' sha256 and a digest of its own fields
 #: The peft adapter name used throughout (one adapter per model).
 ADAPTER_NAME = "default"
 
@@ -247,7 +254,9 @@ class LoraAdapter(nn.Module):
             "adapter_type": "lora_baseline",
             "lora_config": self.lora_config.model_dump(mode="json"),
             "adapted_modules": [n for n, _ in self.lora_layers()],
+            "weights_sha256": sha256_file(d / LORA_WEIGHTS_NAME),
         }
+        meta[CONFIG_DIGEST_KEY] = config_digest(meta)
         (d / LORA_BASELINE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return d
 
@@ -269,10 +278,16 @@ class LoraAdapter(nn.Module):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{cfg_path} is not readable JSON: {exc}") from None
         if not isinstance(raw, dict) or raw.get("format_version") != LORA_FORMAT_VERSION:
-            raise CheckpointError(f"{cfg_path}: unsupported or missing format_version")
+            raise CheckpointError(
+                f"{cfg_path}: unsupported or missing format_version (this polar_vbll reads "
+                f"{LORA_FORMAT_VERSION}; an adapter saved by an older version has no hashes: save it again)"
+            )
+        check_config_digest(raw, cfg_path)
         config = lora_config_from_dict(raw.get("lora_config") or {}, f"{cfg_path} (field 'lora_config')")
         if not weights.is_file():
             raise CheckpointError(f"LoRA weights {weights} do not exist")
+        if sha256_file(weights) != raw.get("weights_sha256"):
+            raise CheckpointError(f"LoRA weights {weights} are truncated or altered (sha256 does not match {cfg_path})")
         try:
             from safetensors.torch import load_file
 

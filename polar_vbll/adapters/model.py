@@ -33,7 +33,13 @@ from torch import nn
 from polar_vbll.adapters.bank import SlotRequest, StiefelBank, _refuse_dtype_change, plan_slots
 from polar_vbll.adapters.config import FORMAT_VERSION, PolarConfig, polar_config_from_dict
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
-from polar_vbll.adapters.state import require_shapes, strict_copy_
+from polar_vbll.adapters.state import (
+    CONFIG_DIGEST_KEY,
+    check_config_digest,
+    config_digest,
+    require_shapes,
+    strict_copy_,
+)
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -82,11 +88,25 @@ def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
     return None
 
 
+def off_feature_path(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules among ``names`` that the features never pass through: everything outside the decoder
+    body (``model.<base_model_prefix>``), e.g. the LM head. An adapter there would change nothing the
+    method reads, and the LM head's rows are where the answer-letter head starts from."""
+    prefix = getattr(model, "base_model_prefix", None)
+    body = getattr(model, prefix, None) if prefix else None
+    if body is not None and hasattr(body, "layers"):
+        return [n for n in names if not n.startswith(prefix + ".")]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n in names if head is not None and model.get_submodule(n) is head]
+
+
 def select_targets(model: nn.Module, config: PolarConfig) -> list[TargetLayer]:
     """The linear layers ``config`` adapts in ``model``, sorted by name, without modifying anything.
 
     Raises :class:`ConfigError` (readable, naming modules) when a target name matches no linear layer,
-    a ``layers`` index is out of range, or ``r`` exceeds a selected layer's ``min(in, out)``.
+    the selection holds only layers off the feature path (the LM head; dropped with a warning when other
+    layers are selected too), a ``layers`` index is out of range, or ``r`` exceeds a selected layer's
+    ``min(in, out)``.
     """
     if any(isinstance(m, PolarLinear) for m in model.modules()):
         raise UserInputError(
@@ -102,6 +122,19 @@ def select_targets(model: nn.Module, config: PolarConfig) -> list[TargetLayer]:
             f"{type(model).__name__}; linear modules available (by last name component): {available}"
         )
     chosen = sorted(n for n in linears if any(_matches(n, t) for t in config.target_modules))
+    off_path = off_feature_path(model, chosen)
+    if off_path:
+        why = (
+            "not on the feature path: the features are the decoder's final hidden state, read before the LM "
+            "head (the last layer is the method's head, over the answer letters)"
+        )
+        if len(off_path) == len(chosen):
+            raise ConfigError(
+                f"PolarConfig.target_modules selects only {off_path}, {why}; adapt layers of the decoder "
+                f"blocks instead, e.g. {[a for a in available if a.endswith('_proj')][:5]}"
+            )
+        warnings.warn(f"target_modules: {off_path} dropped from the adapted layers, {why}", stacklevel=2)
+        chosen = [n for n in chosen if n not in off_path]
 
     if config.layers is not None:
         blocks = {n: _block_of(model, n) for n in chosen}
@@ -354,6 +387,7 @@ class PolarModel(nn.Module):
             "weights_file": ADAPTER_WEIGHTS_NAME,
             "sha256": _sha256(weights),
         }
+        cfg[CONFIG_DIGEST_KEY] = config_digest(cfg)
         _write_json(d / ADAPTER_CONFIG_NAME, cfg)
         return d
 
@@ -372,8 +406,10 @@ class PolarModel(nn.Module):
         if version != FORMAT_VERSION:
             raise CheckpointError(
                 f"{cfg_path}: format_version {version!r} is not supported (this polar_vbll reads "
-                f"{FORMAT_VERSION}); was it written by another tool or a newer version?"
+                f"{FORMAT_VERSION}); was it written by another tool, an older version (no config hash: save "
+                "it again) or a newer one?"
             )
+        check_config_digest(raw, cfg_path)
         if "polar_config" not in raw:
             raise CheckpointError(f"{cfg_path}: field 'polar_config' is missing")
         config = polar_config_from_dict(raw["polar_config"], f"{cfg_path} (field 'polar_config')")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -74,3 +77,27 @@ def adapters_off(adapter) -> Iterator[None]:
         with torch.no_grad():
             for p, v in zip(params, saved, strict=True):
                 p.copy_(v)
+
+
+#: The field of a saved adapter's JSON config that holds the digest of all its other fields.
+CONFIG_DIGEST_KEY = "config_sha256"
+
+
+def config_digest(fields: Mapping[str, Any]) -> str:
+    """sha256 of a saved config's fields (its own digest field excluded), canonical JSON: any edit of a
+    field a reload uses (alpha, rank, layers, the weights' hash) changes it."""
+    body = {k: v for k, v in fields.items() if k != CONFIG_DIGEST_KEY}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def check_config_digest(fields: Mapping[str, Any], path: Any) -> None:
+    """Refuse a saved adapter config whose fields were edited after it was written."""
+    recorded = fields.get(CONFIG_DIGEST_KEY)
+    if not isinstance(recorded, str):
+        raise CheckpointError(f"{path}: field {CONFIG_DIGEST_KEY!r} is missing")
+    if config_digest(fields) != recorded:
+        raise CheckpointError(
+            f"{path} was altered after it was written (its content hash does not match): an edited field "
+            "(alpha, r, layers, ...) would silently change what the adapter computes; restore the file or "
+            "save the adapter again"
+        )

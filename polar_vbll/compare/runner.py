@@ -6,9 +6,12 @@ Every (task, method, seed) is an ordinary run of :func:`polar_vbll.runner.run_me
 adapted ones) runs once per example; every method and seed reuses those states. Runs whose training is
 identical (LoRA-MLE, the Laplace head built on it, the first ensemble member) are trained once.
 
-Each finished run is appended to ``records.jsonl`` at once: an interrupted comparison resumes where it
-stopped and loses at most the run in progress (whose checkpoints resume too). The comparison is tracked
-in MLflow as one parent run with a child per (task, method, seed) (``--no-track`` to switch off).
+Each finished run is appended to ``records.jsonl`` at once, with a digest of the run config that produced
+it: an interrupted comparison resumes where it stopped and loses at most the run in progress (whose
+checkpoints resume too), and a rerun with changed settings runs again every (task, method, seed) whose
+config changed, naming what changed; the table holds only records of the current settings. The comparison
+is tracked in MLflow as one parent run with a child per (task, method, seed) (``--no-track`` to switch
+off).
 """
 
 from __future__ import annotations
@@ -20,14 +23,15 @@ from typing import Any
 
 from polar_vbll.compare.config import CompareConfig, method_config
 from polar_vbll.compare.report import aggregate, markdown_table, write_csv
-from polar_vbll.config import RunConfig, parse_config
+from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
 from polar_vbll.models import load_tokenizer
 from polar_vbll.plots import reliability_diagrams
 from polar_vbll.predictives import Predictions
+from polar_vbll.provenance import differences, digest
 from polar_vbll.runner import TrainedMember, run_method
-from polar_vbll.session import load_splits
+from polar_vbll.session import load_examples, load_splits
 
 
 @dataclass
@@ -55,6 +59,7 @@ def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -
         "task": task,
         "method": method,
         "seed": seed,
+        "settings": digest(results["params"]),
         "metrics": metrics,
         "validation": m["validation"],
         "passes_per_example": results["passes_per_example"],
@@ -72,6 +77,9 @@ class CompareRunner:
         self.progress = progress
         self.track = track
         self.out = Path(ccfg.output_dir) / ccfg.name
+        check_output_folder(self.out, "output_dir/name")
+        for task in ccfg.tasks:  # every task's data read and validated before any model loads
+            load_examples(self.run_config(ccfg.methods[0], task, ccfg.seeds[0]))
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"
         (self.out / "compare_config.json").write_text(ccfg.model_dump_json(indent=2))
@@ -109,7 +117,7 @@ class CompareRunner:
         with tracked(cfg.run_dir(), experiment, name, cfg.flat_params(), tags, parent, enabled) as tracker:
             outcome = run_method(
                 cfg, entry_point="compare", splits=ctx.splits, answer_ids=ctx.answer_ids, trained=ctx.trained,
-                zero_shot=False, tracker=tracker, progress=self.progress,
+                resume="matching", zero_shot=False, tracker=tracker, progress=self.progress,
             )  # fmt: skip
         if seed == self.ccfg.seeds[0]:
             ctx.predictions[method] = outcome.evaluation.predictions["eval"]
@@ -128,9 +136,30 @@ class CompareRunner:
         self.write_report(records)
         return records
 
+    def current_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The records produced by the current settings (one per (task, method, seed), the latest); a
+        record of other settings is named with what changed, and its run is done again."""
+        c = self.ccfg
+        out: dict[tuple[str, str, int], dict[str, Any]] = {}
+        stale: dict[tuple[str, str, int], str] = {}
+        for r in records:
+            key = (r["task"], r["method"], r["seed"])
+            if key[0] not in c.tasks or key[1] not in c.methods or key[2] not in c.seeds:
+                continue
+            params = self.run_config(key[1], key[0], key[2]).flat_params()
+            if r.get("settings") == digest(params):
+                out[key] = r
+            else:
+                stale[key] = differences(r.get("params", {}), params)
+        for key, changed in stale.items():
+            if key not in out:
+                print(f"-- {key[0]} / {METHODS[key[1]].label} / seed {key[2]}: settings changed since it was "
+                      f"recorded ({changed}); it runs again", flush=True)  # fmt: skip
+        return list(out.values())
+
     def _run_all(self, parent) -> list[dict[str, Any]]:
         c = self.ccfg
-        records = self.load_records()
+        records = self.current_records(self.load_records())
         done = {(r["task"], r["method"], r["seed"]) for r in records}
         for task in c.tasks:
             todo = [(s, m) for s in c.seeds for m in c.methods if (task, m, s) not in done]

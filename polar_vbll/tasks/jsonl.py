@@ -20,6 +20,9 @@ from polar_vbll.errors import DataError
 from polar_vbll.tasks.example import MCExample, build_example
 
 ALLOWED_KEYS = ("question", "choices", "answer", "context", "id")
+#: The longest row accepted (bytes of one line): far beyond any prompt's token budget; a longer line is
+#: refused, naming it, before it is parsed or tokenized (a 30 MB row once took 4.9 GB and two minutes).
+MAX_ROW_BYTES = 1 << 20
 REQUIRED_KEYS = ("question", "choices", "answer")
 _BOM = b"\xef\xbb\xbf"
 
@@ -39,7 +42,14 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
+            lineno = 0
+            while raw := fh.readline(MAX_ROW_BYTES + 1):
+                lineno += 1
+                if len(raw) > MAX_ROW_BYTES:
+                    raise DataError(
+                        f"{path}, line {lineno}: longer than {MAX_ROW_BYTES:,} bytes, the limit of one row "
+                        "(docs/data.md); shorten its passage or question"
+                    )
                 if lineno == 1 and raw.startswith(_BOM):
                     raw = raw[len(_BOM) :]
                 try:

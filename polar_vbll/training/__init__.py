@@ -6,7 +6,6 @@ from polar_vbll.training.coordinator import HeadCoordinator, LocalCoordinator
 from polar_vbll.training.local import LocalBackend, LocalCheckpoints
 from polar_vbll.training.optimizers import build_optimizers, build_stiefel_optimizer, build_theta_optimizer
 from polar_vbll.training.schedule import (
-    RESUME_SECTIONS,
     batch_indices,
     check_resumable,
     final_refit_due,
@@ -16,7 +15,6 @@ from polar_vbll.training.schedule import (
 from polar_vbll.training.trainer import Trainer, TrainState, load_weights
 
 __all__ = [
-    "RESUME_SECTIONS",
     "HeadCoordinator",
     "HeadFitDiverged",
     "LocalBackend",

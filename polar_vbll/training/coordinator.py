@@ -62,10 +62,17 @@ class HeadCoordinator:
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.head.loss(f, y, c)
             if not torch.isfinite(loss):
+                vbll = getattr(self.head, "config", None)
+                more = (
+                    f" or raise head.vbll.noise_init (now {vbll.noise_init:g}) / head.vbll.init_cov_scale (now "
+                    f"{vbll.init_cov_scale:g})"
+                    if vbll is not None
+                    else ""
+                )
                 raise HeadFitDiverged(
                     f"the eta-phase (head refit {self.refits}) diverged: the head loss became {loss.item()} "
-                    f"at Adam step {step} of {steps}; lower head.fit.lr (now {self.cfg.lr:g}) or check "
-                    "head.vbll.noise_init and head.vbll.init_cov_scale"
+                    f"at Adam step {step} of {steps}; lower head.fit.lr (now {self.cfg.lr:g}){more}. The last "
+                    "good checkpoint is intact"
                 )
             loss.backward()
             self.optimizer.step()

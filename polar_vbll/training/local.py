@@ -129,6 +129,13 @@ class LocalCheckpoints:
             raise damaged[0]
         return None
 
+    def clear(self) -> int:
+        """Remove every checkpoint of the run folder (a fresh start); returns how many there were."""
+        found = list_checkpoints(self.run_dir)
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return len(found)
+
     def save(self, step: int, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
         if state is not None:
             save_checkpoint(self.run_dir / f"checkpoint-{step}", state)

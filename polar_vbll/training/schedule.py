@@ -63,36 +63,29 @@ def final_refit_due(refits: int, refitted: bool, tcfg: TrainConfig) -> bool:
     )
 
 
-#: Config sections that must match for a checkpoint to be resumed (the rest, e.g. steps, may change).
-RESUME_SECTIONS = ("model", "method", "polar", "lora", "head", "data")
-_SECTION_NAMES = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "head": "head", "data": "data", "model": "model"}
-
-
-def _flat(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(v, f"{prefix}.{k}"))
-        return out
-    return {prefix: value}
-
-
 def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
-    """Refuse to resume a checkpoint written with a different model, method, adapter, head or data config,
-    naming the differing keys (saved -> now)."""
-    current = cfg.model_dump(mode="json")
-    diffs: list[str] = []
-    sections: list[str] = []
-    for section in RESUME_SECTIONS:
-        old, new = _flat(saved.get(section), section), _flat(current[section], section)
-        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-        if changed:
-            sections.append(f"{_SECTION_NAMES.get(section, section)} (`{section}`)")
-            diffs += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
-    if diffs:
-        more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
+    """Refuse to resume a checkpoint written with other training settings
+    (:func:`polar_vbll.provenance.training_settings`: backbone, training data, method, adapter, optimizer,
+    schedule, head fit), naming the differing keys (saved -> now) and how to start fresh. Evaluation
+    settings, batching and checkpointing may change between runs."""
+    from pydantic import ValidationError
+
+    from polar_vbll.provenance import differences, training_settings
+
+    try:
+        old = training_settings(RunConfig.model_validate(saved))
+    except ValidationError:
         raise CheckpointError(
-            f"the checkpoint was written with a different {', '.join(sections)} config: "
-            f"{'; '.join(diffs[:6])}{more}. Resume with the same config, or start fresh under another name "
-            "or output_dir (or with --no-resume)"
+            "the checkpoint was written by an older polar-vbll (its config does not validate now); start "
+            "fresh: --no-resume (its checkpoints are replaced) or another name or output_dir"
+        ) from None
+    new = training_settings(cfg)
+    if old != new:
+        names = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "method": "method", "optim": "optimizer",
+                 "train": "schedule", "head": "head", "model": "backbone", "data": "training data"}  # fmt: skip
+        changed = sorted({names[k.split(".")[0]] for k in set(old) | set(new) if old.get(k) != new.get(k)})
+        raise CheckpointError(
+            f"the checkpoint was written with other training settings ({', '.join(changed)}): "
+            f"{differences(old, new)}. Resume with those settings, or start fresh: --no-resume (its "
+            "checkpoints are replaced) or another name or output_dir"
         )

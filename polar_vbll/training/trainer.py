@@ -65,12 +65,14 @@ def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunCon
 @dataclass
 class TrainState:
     """Where training stands: the step, the logged history, the step a resume started from, and the
-    zero-shot probabilities on the evaluation split (computed once at step 0, kept in checkpoints)."""
+    zero-shot probabilities on the evaluation split (computed at step 0 and kept in checkpoints, with the
+    fingerprint of the split they were computed on)."""
 
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
     zero_shot: torch.Tensor | None = None
+    zero_shot_split: str | None = None  # fingerprint of the evaluation split those probabilities are for
 
 
 class Trainer:
@@ -165,6 +167,7 @@ class Trainer:
             "rng": copy.deepcopy(rngs[0]),  # its own tensors (safetensors refuses shared storage)
             "rng_per_rank": rngs,
             "zero_shot": self.state.zero_shot,
+            "zero_shot_split": self.state.zero_shot_split,
             "config": self.cfg.model_dump(mode="json"),
             "backend": getattr(self.backend, "describe", lambda: {"world_size": 1})(),
         }
@@ -187,6 +190,7 @@ class Trainer:
             history=list(state["history"]),
             resumed_from=int(state["step"]),
             zero_shot=state.get("zero_shot"),
+            zero_shot_split=state.get("zero_shot_split"),
         )
 
     def resume_latest(self) -> bool:
