@@ -266,3 +266,50 @@ def test_an_over_long_jsonl_row_is_refused_naming_its_line(tmp_path):
     data.write_text(json.dumps({"question": "ok?", "choices": ["a", "b"], "answer": 0}) + "\n" + json.dumps(row) + "\n")
     result = _train(tmp_path, f"data.task=jsonl:{data}")
     _one_line_error(result, "big.jsonl, line 2: longer than 1,048,576 bytes")
+
+
+def test_case06_kind_a_reload_with_a_tokenizer_that_reads_other_letters_is_refused(tmp_path):
+    """The same kind on reload: the answer tokens come from the run folder, and a tokenizer that would map
+    the letters to other tokens (another model's) is refused instead of silently reading wrong logits."""
+    from transformers import AutoTokenizer
+
+    from polar_vbll.readout import Readout, check_readout
+    from polar_vbll.tasks import TEMPLATE_VERSION
+
+    tok = AutoTokenizer.from_pretrained(str(FIXTURES / "llama2_style_tokenizer"))
+    bundled = Readout(TEMPLATE_VERSION, 2, ["A", "B"], [330, 389], ["\u0120A", "\u0120B"], 300, False)
+    with pytest.raises(Exception, match=r"maps the answer letters \['A', 'B'\] to token ids"):
+        check_readout(bundled, tok, "runs/x")
+    old = Readout(TEMPLATE_VERSION - 1, 2, ["A", "B"], [330, 389], ["\u0120A", "\u0120B"], 300, False)
+    with pytest.raises(Exception, match="prompt template version"):
+        check_readout(old, tok, "runs/x")
+
+
+def test_case15_kind_non_finite_predictions_and_laplace_features_are_run_failures():
+    import torch
+
+    from polar_vbll.config import RunConfig
+    from polar_vbll.errors import HeadFitDiverged, RunFailure
+    from polar_vbll.evaluation import Member, evaluate
+    from polar_vbll.features import EncodedSplit
+    from polar_vbll.heads import DeterministicHead
+    from polar_vbll.methods import HEADS
+
+    enc = EncodedSplit("s", [[1, 2], [3]], torch.tensor([0, 1]), torch.tensor([2, 2]))
+
+    class NanFeatures:
+        model = torch.nn.Identity()
+
+        def prepare(self, *a, **k):
+            pass
+
+        def split_features(self, enc, batch_size, progress=False):
+            return torch.full((len(enc), 4), float("nan"))
+
+    head = DeterministicHead(torch.randn(2, 4))
+    splits = {"train": enc, "validation": enc, "eval": enc}
+    with pytest.raises(RunFailure, match="predictions on the validation split are not finite"):
+        evaluate(RunConfig(), NanFeatures(), None, [Member(head)], splits, progress=False)
+    with pytest.raises(HeadFitDiverged, match="training features are not finite"):
+        HEADS["laplace"].posthoc(RunConfig(method="laplace"), head, torch.full((2, 4), float("nan")),
+                                 enc.labels, enc.n_choices)  # fmt: skip
