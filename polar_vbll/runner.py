@@ -178,7 +178,7 @@ def write_artifacts(
     save_file(probs, str(directory / "predictions.safetensors"))
     (directory / "results.json").write_text(json.dumps(results, indent=2))
     rows, accs = {}, {}
-    if evaluation.zero_shot is not None and results["method"] != "zero_shot":
+    if evaluation.zero_shot is not None and METHODS[results["method"]].trains:  # else it is the zero-shot row
         rows["zero-shot"], accs["zero-shot"] = results["metrics"]["zero_shot"], evaluation.zero_shot.accumulator()
     rows[results["label"]] = results["metrics"]["eval"]
     accs[results["label"]] = evaluation.predictions["eval"].accumulator()
