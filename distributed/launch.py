@@ -28,8 +28,8 @@ from polar_vbll.config import RunConfig, check_output_folder
 from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
 from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
-from polar_vbll.runner import write_run_params
-from polar_vbll.session import load_examples
+from polar_vbll.runner import training_key, write_run_params
+from polar_vbll.session import validate_inputs
 from polar_vbll.support import EntryPoint, Refused, check_supported
 from polar_vbll.tracking import TrackingTarget
 from polar_vbll.training import check_resumable
@@ -64,14 +64,14 @@ WORKERS = EntryPoint(
 )
 
 
-def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS) -> RunConfig:
+def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, kind: str = "run") -> RunConfig:
     """Everything checked before Ray starts (the fields ``entry`` refuses, the batch layout, the output
-    folder, the data: every row read and validated), and the config the workers receive: ``output_dir``
-    made absolute (it is Ray Train's storage path)."""
+    folder, which must not hold another ``kind`` of output, the data: every row read and validated), and the
+    config the workers receive: ``output_dir`` made absolute (it is Ray Train's storage path)."""
     check_supported(cfg, entry)
     check_batch_layout(cfg, dist)
-    check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name")
-    load_examples(cfg)  # a bad task name or data row fails here, before Ray starts
+    check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name", kind)
+    validate_inputs(cfg)  # a bad task name, data row or model path fails here, before Ray starts
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     return cfg.model_copy(update={"output_dir": storage})
 
@@ -178,7 +178,8 @@ def train_distributed(
     print(f"run folder: {folder}", flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
     with (
-        tracked(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track) as logger,
+        tracked(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
+                settings=training_key(cfg), fresh=not resume) as logger,
         ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env),
     ):
         target = logger.target if logger is not None else None

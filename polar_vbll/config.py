@@ -12,6 +12,7 @@ Packaged configs (``polar_vbll/configs/<kind>/<name>.yaml``) are resolved here, 
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from importlib import resources
 from pathlib import Path
@@ -42,6 +43,12 @@ class ModelConfig(_Strict):
     tiny_layers: int = Field(2, gt=0)
     tiny_seed: int = 0
 
+    @field_validator("path")
+    @classmethod
+    def _absolute_path(cls, v: str | None) -> str | None:
+        # recorded absolute, so the run folder's config reloads from any working directory (and every node)
+        return str(Path(v).expanduser().resolve()) if v else v
+
     @model_validator(mode="after")
     def _path_needed(self) -> ModelConfig:
         if self.source == "path" and not self.path:
@@ -63,6 +70,25 @@ class DataConfig(_Strict):
     ood_tasks: list[str] = Field(default_factory=list, description="evaluated after training, e.g. mmlu:...")
     ood_split: str = "test"
     ood_limit: int | None = Field(None, gt=0)
+
+    @field_validator("task")
+    @classmethod
+    def _absolute_task(cls, v: str) -> str:
+        return absolute_task(v)
+
+    @field_validator("ood_tasks")
+    @classmethod
+    def _absolute_ood_tasks(cls, v: list[str]) -> list[str]:
+        return [absolute_task(t) for t in v]
+
+
+def absolute_task(task: str) -> str:
+    """``jsonl:<path>`` with the path made absolute (recorded so, a run folder's config reloads from any
+    working directory and on every node); other task names unchanged."""
+    prefix = "jsonl:"
+    if task.startswith(prefix) and task[len(prefix) :]:
+        return prefix + str(Path(task[len(prefix) :]).expanduser().resolve())
+    return task
 
 
 class OptimConfig(_Strict):
@@ -247,28 +273,60 @@ _REPLACED = {
 }
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _close_key(model: type[BaseModel], loc: tuple) -> str | None:
+    """The field of ``model`` nearest in spelling to the unknown key at ``loc`` (a dotted path), if any."""
+    node: Any = model
+    for part in loc[:-1]:
+        field = getattr(node, "model_fields", {}).get(part)
+        node = field.annotation if field is not None else None
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return None
+    names = list(getattr(node, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return ".".join([*map(str, loc[:-1]), close[0]]) if close else None
+
+
+def _format_validation_error(
+    err: ValidationError,
+    source: str,
+    model: type[BaseModel] | None = None,
+    hints: dict[str, str] | None = None,
+) -> str:
+    """One line per bad field (a single error is one line in all), naming the field, what is wrong, the
+    value given, and for an unknown key what replaced it or the nearest valid key."""
+    msgs = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden" and loc in _REPLACED:
-            msg += f"; {_REPLACED[loc]}"
+        if e["type"] == "extra_forbidden":
+            near = _close_key(model, e["loc"]) if model is not None else None
+            if loc in _REPLACED:
+                msg += f"; {_REPLACED[loc]}"
+            elif hints and str(e["loc"][0]) in hints:
+                msg += f"; {hints[str(e['loc'][0])]}"
+            elif near:
+                msg += f"; did you mean {near}?"
         if not loc:  # a check across fields: its message names them; the whole mapping says nothing more
-            lines.append(f"  {msg}")
-        elif e["type"] == "missing":
-            lines.append(f"  {loc}: {msg}")
+            msgs.append(msg)
+        elif e["type"] in ("missing", "extra_forbidden"):
+            msgs.append(f"{loc}: {msg}")
         else:
-            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            msgs.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    if len(msgs) == 1:
+        return f"invalid configuration in {source}: {msgs[0]}"
+    return "\n".join([f"invalid configuration in {source}:"] + [f"  {m}" for m in msgs])
 
 
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
     """Validate a config mapping, raising ConfigError that names every bad field."""
+    if isinstance(data, dict) and {"tasks", "methods", "base"} & set(data):
+        raise ConfigError(
+            f"{source} is a comparison config (it has tasks / methods / base); run it with polar-vbll compare"
+        )
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, RunConfig)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -313,9 +371,14 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-def check_output_folder(folder: str | Path, what: str = "output_dir") -> None:
+#: What marks a folder as written by each kind of command (a run, a comparison, a search).
+FOLDER_MARKERS = {"run": "params.json", "comparison": "compare_config.json", "search": "search.json"}
+
+
+def check_output_folder(folder: str | Path, what: str = "output_dir", kind: str | None = None) -> None:
     """Refuse, before any work, a folder path that runs into an existing file (``output_dir`` naming a
-    file, or a run name that is a file inside it)."""
+    file, or a run name that is a file inside it), or (``kind``: run, comparison, search) a folder that
+    already holds the output of another kind of command: a run, a comparison and a search never share one."""
     if "://" in str(folder):
         return
     path = Path(folder).expanduser()
@@ -323,7 +386,14 @@ def check_output_folder(folder: str | Path, what: str = "output_dir") -> None:
         if p.exists():
             if not p.is_dir():
                 raise ConfigError(f"{what}: {p} is an existing file, not a folder; choose another {what}")
-            return
+            break
+    if kind is None or not path.is_dir():
+        return
+    for other, marker in FOLDER_MARKERS.items():
+        if other != kind and (path / marker).is_file():
+            raise ConfigError(
+                f"{path} already holds a {other} ({marker}); a {kind} cannot write into it: choose another name"
+            )
 
 
 # ------------------------------------------------------------------------------------ packaged configs

@@ -71,7 +71,7 @@ class Evaluation:
         preds = self.predictions
         out: dict[str, Any] = {
             "eval": preds["eval"].metrics(),
-            "validation": preds["validation"].metrics(),
+            "validation": preds["validation"].metrics() if "validation" in preds else None,
             "zero_shot": self.zero_shot.metrics() if self.zero_shot is not None else None,
             "ood": {},
         }
@@ -121,13 +121,13 @@ def evaluate(
     zero_shot_probs: torch.Tensor | None = None,
     progress: bool = True,
 ) -> Evaluation:
-    """Predict the validation, evaluation and OOD splits of a trained run with its method's predictive
-    (post-hoc head fitted first); ``zero_shot_probs`` are the zero-shot model's probabilities on the
-    evaluation split, ``(N, K)``, computed before training (the adapters at init are exactly ``W0``)."""
+    """Predict the validation (when given), evaluation and OOD splits of a trained run with its method's
+    predictive (post-hoc head fitted first); ``zero_shot_probs`` are the zero-shot model's probabilities on
+    the evaluation split, ``(N, K)``, computed before training (the adapters at init are exactly ``W0``)."""
     method = METHODS[cfg.method]
     members = posthoc_members(cfg, provider, adapter, members, splits["train"])
     ctx = PredictContext(cfg, provider, adapter, members, cfg.train.eval_batch_size, progress)
-    names = ["validation", "eval"] + [n for n in splits if n.startswith("ood:")]
+    names = [n for n in ("validation", "eval") if n in splits] + [n for n in splits if n.startswith("ood:")]
     preds: dict[str, Predictions] = {}
     seconds: dict[str, float] = {}
     for name in names:

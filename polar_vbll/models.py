@@ -129,6 +129,15 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
+def check_model_source(cfg: ModelConfig) -> None:
+    """The cheap part of loading, first: the model folder (or the bundled package) exists and holds a
+    safetensors model. Raises :class:`ModelLoadError` naming the path."""
+    if cfg.source == "path":
+        _check_model_dir(Path(cfg.path or "").expanduser())
+    elif cfg.source == "smollm2":
+        bundled_gguf_path()
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer for a model config, with left padding and a pad token set."""
     from transformers import AutoTokenizer

@@ -31,7 +31,7 @@ class SplitMetrics(_Model):
     ece: float
     nll: float
     brier: float
-    n: float
+    n: int
 
 
 class OODMetrics(SplitMetrics):
@@ -61,7 +61,7 @@ class Training(_Model):
     orthogonality_error: float
     stable_rank_mean: float | None
     stable_ranks: dict[str, float]
-    history: list[dict[str, float]]
+    history: list[dict[str, int | float]]
     reused: bool = False  # trained once for an identical earlier run of a comparison, not again
 
 
@@ -83,6 +83,7 @@ class RunResults(_Model):
     task: str
     eval_split: str
     split_sizes: dict[str, int]
+    data_fingerprints: dict[str, str]  # split -> sha256 of its token ids, labels, choice counts (16 digits)
     prompts_shortened: dict[str, dict[str, int]]  # split -> part (passage, choices, question) -> prompts
     passes_per_example: int
     metrics: Metrics
@@ -114,6 +115,14 @@ def write_results(data: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.write_text(json.dumps(validate_results(data), indent=2))
     return path
+
+
+def settings_digest(results: dict[str, Any]) -> str:
+    """The digest of what produced a run's results: its whole config and the fingerprints of its splits
+    (a comparison reuses a recorded run only when this matches)."""
+    from polar_vbll.provenance import digest
+
+    return digest({"params": results["params"], "data": results["data_fingerprints"]})
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -42,13 +42,14 @@ from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore
 from polar_vbll.provenance import digest, training_settings
 from polar_vbll.readout import Readout, make_readout, save_readout
 from polar_vbll.results import flat_metrics, machine_info, validate_results
-from polar_vbll.session import Session, build_session
+from polar_vbll.session import Session, build_session, validate_inputs
 from polar_vbll.training import (
     LocalBackend,
     LocalCheckpoints,
     LocalCoordinator,
     Trainer,
     check_resumable,
+    check_same_data,
     load_weights,
 )
 
@@ -184,12 +185,16 @@ def write_artifacts(
     accs[results["label"]] = evaluation.predictions["eval"].accumulator()
     title = f"{results['task']} {results['eval_split']} ({results['split_sizes']['eval']} questions)"
     reliability_diagrams(accs, directory / "reliability.png", title=title)
-    training = results["training"]
+    training, method = results["training"], METHODS[results["method"]]
     md = [f"## {title}", "", format_table(rows), ""]
+    ortho = (
+        f"orthogonality error max ||U^T U - I||_F = {training['orthogonality_error']:.2e}; "
+        if method.adapter_kind.stiefel and method.trains
+        else ""
+    )
     md.append(
-        f"{results['label']}: orthogonality error max ||U^T U - I||_F = {training['orthogonality_error']:.2e}; "
-        f"{training['steps']} steps; {results['passes_per_example']} backbone pass(es) per example; "
-        f"wall time {results['timings'].get('total_s', 0.0):.0f} s."
+        f"{results['label']}: {ortho}{training['steps']} steps; {results['passes_per_example']} backbone "
+        f"pass(es) per example; wall time {results['timings'].get('total_s', 0.0):.0f} s."
     )
     (directory / "results.md").write_text("\n".join(md) + "\n")
 
@@ -214,6 +219,7 @@ def build_results(
             "task": cfg.data.task,
             "eval_split": cfg.data.eval_split,
             "split_sizes": {name: len(enc) for name, enc in splits.items()},
+            "data_fingerprints": {name: enc.fingerprint() for name, enc in splits.items()},
             "prompts_shortened": {name: dict(enc.shortened) for name, enc in splits.items()},
             "passes_per_example": evaluation.passes,
             "metrics": evaluation.metrics(),
@@ -288,21 +294,28 @@ def finish_run(
 
 # ------------------------------------------------------------------------------------------ one process
 def _open_member(cfg: RunConfig, splits, answer_ids, resume: bool | str):
-    """A member's run folder's latest checkpoint (checked against the settings, weights loaded), objects
-    and backend. ``resume``: True resumes or refuses a checkpoint of other training settings; "matching"
-    (a comparison's own run folders) starts such a run afresh; False starts afresh. A fresh start removes
-    the folder's old checkpoints, so none of other settings is ever resumed later."""
+    """A member's run folder's latest checkpoint (checked against the training settings and data, weights
+    loaded), objects and backend. ``resume``: True resumes or refuses a checkpoint of other training
+    settings or data; "matching" (a comparison's own run folders) starts such a run afresh; False starts
+    afresh. A fresh start removes the folder's old checkpoints, so none of other settings is ever resumed
+    later; nothing is removed before the data and the model are checked."""
+    if splits is None:
+        validate_inputs(cfg)  # a wrong task, row or model path is named before any checkpoint is read
     store = LocalCheckpoints(cfg.run_dir(), cfg.train.keep_checkpoints)
     state = store.latest() if resume else None
-    if state is not None:
-        try:
+    session = None
+    try:
+        if state is not None:
             check_resumable(state.get("config", {}), cfg)
-        except CheckpointError as exc:
-            if resume != "matching":
-                raise CheckpointError(f"{cfg.run_dir()}: {exc}") from None
-            print(f"settings changed since the checkpoints in {cfg.run_dir()} were written; training again", flush=True)
-            state = None
-    session = build_session(cfg, splits, answer_ids)  # data and model checked before anything is removed
+            session = build_session(cfg, splits, answer_ids)
+            check_same_data(state, session.splits["train"])
+    except CheckpointError as exc:
+        if resume != "matching":
+            raise CheckpointError(f"{cfg.run_dir()}: {exc}") from None
+        print(f"settings or data changed since the checkpoints in {cfg.run_dir()} were written; training again",
+              flush=True)  # fmt: skip
+        state = None
+    session = session or build_session(cfg, splits, answer_ids)
     if state is None:
         store.clear()
     else:
@@ -319,7 +332,8 @@ def _fit_member(cfg: RunConfig, session: Session, backend: Backend, store, state
     )  # fmt: skip
     if state is not None:
         trainer.restore(state)
-        print(f"resumed from step {trainer.state.step} in {cfg.run_dir()}", flush=True)
+        if trainer.state.step:
+            print(f"resumed from step {trainer.state.step} in {cfg.run_dir()}", flush=True)
     trainer.state.zero_shot, trainer.state.zero_shot_split = zero, session.splits["eval"].fingerprint()
     trainer.fit()  # checkpoints at the end: an evaluation that fails loses no training
     return trainer
@@ -400,10 +414,12 @@ def run_training(
 
     check_supported(cfg, TRAIN)
     run_dir = cfg.run_dir()
-    check_output_folder(run_dir, "output_dir/name")
+    check_output_folder(run_dir, "output_dir/name", "run")
+    validate_inputs(cfg)
     print(f"run folder: {run_dir.resolve()}", flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
-    with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track) as tracker:
+    with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
+                 settings=training_key(cfg), fresh=not resume) as tracker:  # fmt: skip
         outcome = run_method(cfg, entry_point="train", resume=resume, tracker=tracker, progress=progress)
     print("\n" + (run_dir / "results.md").read_text(), flush=True)
     print(f"run folder: {run_dir.resolve()}", flush=True)

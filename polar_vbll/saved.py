@@ -49,8 +49,9 @@ def evaluate_saved_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The metrics block (``results.json``'s ``metrics``: ``eval`` with the zero-shot model beside it, and
-    on the run's own splits ``validation`` and the OOD sets) of the run's saved model on ``task``/``split``
-    (the run's evaluation split by default). Everything cheap is checked before the model loads."""
+    on the run's own splits ``validation`` and the OOD sets; on another task ``validation`` is None) of the
+    run's saved model on ``task``/``split`` (the run's evaluation split by default). Everything cheap is
+    checked before the model loads. Prints the table; the caller prints the block as JSON."""
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
@@ -68,8 +69,8 @@ def evaluate_saved_run(
     examples = load_examples(cfg)  # the training split too: a post-hoc head refits on it
     if not own:
         task, split = task or cfg.data.task, split or cfg.data.eval_split
-        examples = {"train": examples["train"], "validation": examples["validation"],
-                    "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}  # fmt: skip
+        # the training split only for a post-hoc head's refit; the run's own validation set is not this task's
+        examples = {"train": examples["train"], "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}
     check_width(readout, max(num_classes(exs) for exs in examples.values()), f"{task or cfg.data.task}")
 
     model, tokenizer = load_backbone(cfg.model)

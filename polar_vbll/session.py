@@ -20,7 +20,7 @@ from polar_vbll.config import RunConfig
 from polar_vbll.features import EncodedSplit, encode_examples
 from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS, Method
-from polar_vbll.models import load_backbone
+from polar_vbll.models import check_model_source, load_backbone
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
 from polar_vbll.tokens import answer_token_ids
@@ -53,6 +53,13 @@ def load_examples(cfg: RunConfig) -> dict[str, list]:
     for task in d.ood_tasks:
         examples[f"ood:{task}"] = load_task(task, d.ood_split, seed=d.split_seed, limit=d.ood_limit)
     return examples
+
+
+def validate_inputs(cfg: RunConfig) -> None:
+    """Everything a run reads that is cheap to check, checked before anything is loaded, resumed or
+    written: every data row of every split (task names, files, fields) and the model's folder."""
+    check_model_source(cfg.model)
+    load_examples(cfg)
 
 
 def load_splits(

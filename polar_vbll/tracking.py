@@ -110,6 +110,9 @@ def resolve_store(folder: Path) -> tuple[str, str | None]:
 
 
 def _import_mlflow():
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating tables ...) are noise
     try:
         import mlflow  # noqa: F401
         from mlflow.tracking import MlflowClient
@@ -295,11 +298,15 @@ def tracked(
     tags: Mapping[str, str] | None = None,
     parent: TrackingTarget | None = None,
     enabled: bool = True,
+    settings: str | None = None,
+    fresh: bool = False,
 ) -> Iterator[RunLogger | None]:
     """A :class:`RunLogger` on the MLflow run of ``folder`` for the duration of the block (None when
     ``enabled`` is False, or with a note when mlflow is not installed). The run is created on first use
-    and continued when the folder is run again (its id is kept in ``folder/mlflow_run.json``); it is
-    closed FINISHED, or FAILED (KILLED on Ctrl-C) when the block raises."""
+    and continued when the folder is run again with the same ``settings`` (a digest of what the run
+    trains; its id is kept in ``folder/mlflow_run.json``), so a resumed run continues its metric history
+    and a run of other settings, or a ``fresh`` start, gets a run of its own. It is closed FINISHED, or
+    FAILED (KILLED on Ctrl-C) when the block raises."""
     if not enabled:
         yield None
         return
@@ -308,11 +315,11 @@ def tracked(
         yield None
         return
     folder = Path(folder).expanduser().resolve()
-    target = _reopen(folder, parent)
+    target = None if fresh else _reopen(folder, parent, settings)
     if target is None:
         target = open_run(folder, experiment, run_name, params, tags, parent)
         folder.mkdir(parents=True, exist_ok=True)
-        record = {"run_id": target.run_id, "tracking_uri": mask_uri(target.uri)}
+        record = {"run_id": target.run_id, "tracking_uri": mask_uri(target.uri), "settings": settings}
         (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
     logger = RunLogger(target)
     status = "FAILED"
@@ -326,15 +333,16 @@ def tracked(
         logger.end(status)
 
 
-def _reopen(folder: Path, parent: TrackingTarget | None) -> TrackingTarget | None:
-    """The folder's recorded MLflow run, set RUNNING again, when it is in the store in use."""
+def _reopen(folder: Path, parent: TrackingTarget | None, settings: str | None) -> TrackingTarget | None:
+    """The folder's recorded MLflow run, set RUNNING again, when it is in the store in use and was written
+    with the same settings."""
     record_path = folder / RUN_RECORD
     if not record_path.is_file():
         return None
     uri = parent.uri if parent is not None else resolve_store(folder)[0]
     try:
         record = json.loads(record_path.read_text())
-        if record.get("tracking_uri") != mask_uri(uri):
+        if record.get("tracking_uri") != mask_uri(uri) or record.get("settings") != settings:
             return None
         if parent is None:
             check_reachable(uri)

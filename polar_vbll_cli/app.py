@@ -1,4 +1,4 @@
-"""The ``polar-vbll`` command.
+"""The polar-vbll command: fine-tune LLMs with PoLAR adapters and a variational Bayesian last layer.
 
 The top floor: it may import every package below it (``tune_spaces``, ``distributed``, ``polar_vbll``) and
 nothing imports it. ``ray job submit -- polar-vbll train --workers N ...`` runs this same command inside a
@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +44,13 @@ TrackOpt = Annotated[
 ]
 
 
-def _fail(exc: BaseException) -> None:
+@app.callback()
+def _setup() -> None:
+    """Warnings as one plain line (``warning: ...``), as a user reads them, not as a source listing."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
+
+def _fail(exc: BaseException | str) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -140,12 +147,20 @@ def train(
         print(json.dumps({"step": results["training"]["steps"], "method": results["method"], **summary}, indent=2))
 
 
+CompareSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="override a comparison value, e.g. --set base.train.steps=50 or --set seeds=[0]"
+    ),
+]
+
+
 @app.command()
 def compare(
     config: Annotated[
         str, typer.Option("--config", "-c", help="compare YAML, or a packaged one: main, quick, full, tiny")
     ],
-    set_: SetOpt = None,
+    set_: CompareSetOpt = None,
     progress: ProgressOpt = True,
     track: TrackOpt = True,
 ) -> None:

@@ -58,7 +58,7 @@ def test_table_csv_and_diagrams(compared):
             RunResults.model_validate(results)
             assert (results["entry_point"], results["method"]) == ("compare", method)
     assert "| openbookqa | PoLAR-VBLL |" in result.output
-    assert "AUROC arc_challenge (%)" in result.output
+    assert "AUROC MSP arc_challenge (%)" in result.output and "AUROC entropy arc_challenge (%)" in result.output
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 * 2

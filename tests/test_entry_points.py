@@ -59,10 +59,10 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "polar.layers": ([-2], ALL),
     "polar.dropout": (0.1, ALL),
     "polar.init_seed": (3, NOT_COMPARE),
-    "lora.r": (4, ALL),
-    "lora.alpha": (8.0, ALL),
+    "lora.r": (2, ALL),
+    "lora.alpha": (4.0, ALL),
     "lora.target_modules": (["v_proj"], ALL),
-    "lora.layers": ([-1], ALL),
+    "lora.layers": ([-2], ALL),
     "lora.dropout": (0.2, ALL),
     "lora.init_seed": (3, NOT_COMPARE),
     "optim.method": ("landing", ALL),
@@ -160,8 +160,8 @@ def _spies(monkeypatch, entry: str) -> None:
 
         real = launch.prepare_run
 
-        def seam(cfg, dist, *args):
-            raise Captured(real(cfg, dist, *args))
+        def seam(cfg, dist, *args, **kwargs):
+            raise Captured(real(cfg, dist, *args, **kwargs))
 
         monkeypatch.setattr(launch, "prepare_run", seam)
     else:  # tune: the base config every trial starts from, after every check of the search

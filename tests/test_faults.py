@@ -88,9 +88,9 @@ def test_case03_a_rerun_with_changed_settings_reruns_what_changed_and_never_mixe
     assert result.exit_code == 0, result.output
     assert "PoLAR-MLE / seed 0: settings changed since it was recorded (data.eval_limit: 16 -> 8; " \
            "train.steps: 2 -> 4); it runs again" in result.output  # fmt: skip
-    assert "settings changed since the checkpoints" in result.output  # the stale run's checkpoints too
+    assert "changed since the checkpoints in" in result.output  # the stale run's checkpoints too
     csv = (tmp_path / "cmp" / "results.csv").read_text().splitlines()
-    assert len(csv) == 3 and all(",8.0," in line for line in csv[1:])  # N = 8: the new settings only
+    assert len(csv) == 3 and all(",8," in line for line in csv[1:])  # N = 8: the new settings only
     results = json.loads((tmp_path / "cmp" / "arc_easy" / "polar_mle" / "seed0" / "results.json").read_text())
     assert results["training"]["steps"] == 4 and results["split_sizes"]["eval"] == 8
     again = _compare(tmp_path, "base.train.steps=4", "base.data.eval_limit=8")
@@ -103,18 +103,19 @@ def test_case03_kind_a_search_resumes_only_with_its_own_settings(tmp_path, monke
     pytest.importorskip("ray")
     pytest.importorskip("mlflow")
     import tune_spaces.driver as driver
-    from polar_vbll.config import RunConfig
+    from polar_vbll.config import load_config, packaged_config
 
     folder = tmp_path / "s"
     folder.mkdir()
-    cfg = RunConfig(name="s", output_dir=str(tmp_path))
+    cfg = load_config(packaged_config("run", "tiny"), [f"output_dir={tmp_path}", "name=s", "train.steps=99"])
+    cfg = driver._prepare_base(cfg)  # as the search did when it started
     settings = driver.search_settings(space="priors")
     record = {"settings": driver.search_provenance(cfg, settings, driver.get_space("priors"))}
     (folder / "search.json").write_text(json.dumps(record, default=str))
     result = runner.invoke(
         app, ["tune", "--space", "priors", "--config", "tiny", "--name", "s", "--set", f"output_dir={tmp_path}"]
     )
-    _one_line_error(result, "was started with other settings", "base.model.source", "--name")
+    _one_line_error(result, "was started with other settings", "base.train.steps: 99 -> 6", "--name")
 
 
 # ------------------------------------------------------------------------- case 05: the LM head as a target
@@ -313,3 +314,82 @@ def test_case15_kind_non_finite_predictions_and_laplace_features_are_run_failure
     with pytest.raises(HeadFitDiverged, match="training features are not finite"):
         HEADS["laplace"].posthoc(RunConfig(method="laplace"), head, torch.full((2, 4), float("nan")),
                                  enc.labels, enc.n_choices)  # fmt: skip
+
+
+# --------------------------------------- found by a newcomer's trial: the same kinds, further places
+def test_a_run_and_a_comparison_never_share_a_folder(tmp_path):
+    assert _compare(tmp_path).exit_code == 0  # the comparison folder is <tmp>/cmp
+    result = _train(tmp_path, name="cmp")
+    _one_line_error(result, "already holds a comparison (compare_config.json)")
+    assert _train(tmp_path, name="solo").exit_code == 0
+    cfg = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    (tmp_path / "c2.yaml").write_text(yaml.safe_dump({**cfg, "name": "solo"}))
+    result = runner.invoke(app, ["compare", "--config", str(tmp_path / "c2.yaml"), "--no-track"])
+    _one_line_error(result, "already holds a run (params.json)")
+
+
+def test_a_record_is_reused_only_while_its_run_folder_holds_that_run(tmp_path):
+    """Settings A, then B (which overwrites the run folders), then A again: A is not taken from the
+    records, since its folders now hold B's runs; the table and the folders agree."""
+    assert _compare(tmp_path).exit_code == 0
+    assert _compare(tmp_path, "base.train.steps=4").exit_code == 0
+    again = _compare(tmp_path)
+    assert again.exit_code == 0, again.output
+    assert "PoLAR-MLE / seed 0: its run folder" in again.output and "now holds another run" in again.output
+    results = json.loads((tmp_path / "cmp" / "arc_easy" / "polar_mle" / "seed0" / "results.json").read_text())
+    assert results["training"]["steps"] == 2
+
+
+def test_an_edited_data_file_is_not_resumed_over(tmp_path):
+    rows = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(20)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    sets = (f"data.task=jsonl:{data}", "data.train_limit=null", "data.val_limit=null", "data.eval_limit=null")
+    assert _train(tmp_path, *sets).exit_code == 0
+    more = [{"question": f"Is {i} odd?", "choices": ["yes", "no"], "answer": (i + 1) % 2} for i in range(10)]
+    data.write_text("\n".join(json.dumps(r) for r in rows + more) + "\n")
+    _one_line_error(_train(tmp_path, *sets), "the training data changed since the checkpoint")
+
+
+def test_a_relative_data_path_is_recorded_absolute(tmp_path, monkeypatch):
+    rows = [{"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": i % 2} for i in range(20)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert _train(tmp_path, "data.task=jsonl:mine.jsonl", "data.train_limit=null", "data.val_limit=null",
+                  "data.eval_limit=null", name="rel").exit_code == 0  # fmt: skip
+    assert yaml.safe_load((tmp_path / "rel" / "config.yaml").read_text())["data"]["task"] == (
+        f"jsonl:{tmp_path / 'mine.jsonl'}"
+    )
+    monkeypatch.chdir("/")
+    assert runner.invoke(app, ["eval", str(tmp_path / "rel"), "--no-progress"]).exit_code == 0
+
+
+def test_a_wrong_task_is_named_even_where_a_run_exists(tmp_path):
+    assert _train(tmp_path).exit_code == 0
+    _one_line_error(_train(tmp_path, "data.task=arc_eazy"), "unknown task 'arc_eazy'")
+
+
+def test_eval_on_another_task_reports_no_validation_of_the_runs_own(tmp_path):
+    assert _train(tmp_path).exit_code == 0
+    result = runner.invoke(app, ["eval", str(tmp_path / "tiny"), "--task", "openbookqa", "--limit", "8"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output[result.output.index("{") :])
+    assert metrics["validation"] is None and metrics["eval"]["n"] == 8
+
+
+def test_no_resume_starts_a_new_mlflow_run_and_a_resume_continues_the_same(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from polar_vbll.tracking import local_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = ["train", "--config", "tiny", "--no-progress", "--set", f"output_dir={tmp_path}"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, args).exit_code == 0  # resumes: the same MLflow run
+    client = MlflowClient(local_store(tmp_path / "tiny")[0])
+    exp = client.get_experiment_by_name("polar-vbll-runs").experiment_id
+    assert len(client.search_runs([exp])) == 1
+    assert runner.invoke(app, [*args, "--no-resume", "--set", "train.steps=8"]).exit_code == 0
+    runs = client.search_runs([exp])
+    assert len(runs) == 2 and {r.data.params["train.steps"] for r in runs} == {"6", "8"}

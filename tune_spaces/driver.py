@@ -220,7 +220,7 @@ def run_search(
 
     dist = dist or DistConfig()
     space = get_space(settings.space)
-    cfg = _prepare_base(prepare_run(cfg, dist, TRIAL))
+    cfg = _prepare_base(prepare_run(cfg, dist, TRIAL, kind="search"))
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name)

@@ -109,6 +109,13 @@ class CompareConfig(BaseModel):
             for path, reason in refused.items():
                 if _given(mapping, path):
                     raise ValueError(f"{where}.{path} is set per run by the comparison ({reason}); remove it")
+        for method, mapping in self.method_overrides.items():
+            for section in ("model", "data"):
+                if section in mapping:
+                    raise ValueError(
+                        f"method_overrides.{method}.{section}: the methods of a comparison share the backbone and "
+                        f"the data (tokenized once per task); set {section} in base or in task_overrides"
+                    )
         # validate every method's config now, so a typo fails before hours of training, not after
         for m in self.methods:
             parse_config(
@@ -134,7 +141,10 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"compare config {p} must hold a mapping at the top level")
     for item in overrides or []:
         _apply_override(data, item)
+    run_sections = {"method", "model", "data", "polar", "lora", "optim", "train", "head", "eval"}
+    hint = "a run setting: it goes under base (e.g. --set base.train.steps=50)"
     try:
         return CompareConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, str(p))) from None
+        hints = dict.fromkeys(run_sections, hint)
+        raise ConfigError(_format_validation_error(err, str(p), CompareConfig, hints)) from None

@@ -56,17 +56,26 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _auroc_header(key: str) -> str:
+    """``ood_auroc_<task>`` (by max-probability) and ``ood_auroc_entropy_<task>`` (by predictive entropy)."""
+    if key.startswith("ood_auroc_entropy_"):
+        return f"AUROC entropy {key.removeprefix('ood_auroc_entropy_')} (%)"
+    return f"AUROC MSP {key.removeprefix('ood_auroc_')} (%)"
+
+
 def _pm(row: dict[str, Any], key: str, digits: int) -> str:
     m, s = row.get(f"{key}_mean"), row.get(f"{key}_std")
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "–"
+    if row.get("seeds", 2) < 2:  # one seed has no spread to show
+        return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], ood_keys: Sequence[str] = ()) -> str:
     """The comparison table: one block per task, mean ± std over seeds."""
     header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier"]
-    header += [f"AUROC {k.removeprefix('ood_auroc_')} (%)" for k in ood_keys]
+    header += [_auroc_header(k) for k in ood_keys]
     header += ["passes / example", "train s", "test s", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -74,7 +83,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], ood_keys: Sequence[str] = ())
         cells.append(_pm(row, "brier", 3))
         cells += [_pm(row, k, 1) for k in ood_keys]
         cells.append(f"{row['passes_per_example']:g}" if "passes_per_example" in row else "–")
-        cells.append(f"{row['train_s']:.0f}" if "train_s" in row else "–")
+        cells.append(f"{row['train_s']:.{0 if row['train_s'] >= 10 else 1}f}" if "train_s" in row else "–")
         cells.append(f"{row['test_s']:.1f}" if "test_s" in row else "–")
         cells.append(str(row["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")

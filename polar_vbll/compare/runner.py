@@ -30,6 +30,7 @@ from polar_vbll.models import load_tokenizer
 from polar_vbll.plots import reliability_diagrams
 from polar_vbll.predictives import Predictions
 from polar_vbll.provenance import differences, digest
+from polar_vbll.results import settings_digest
 from polar_vbll.runner import TrainedMember, run_method
 from polar_vbll.session import load_examples, load_splits
 
@@ -53,13 +54,14 @@ def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -
     metrics = dict(m["eval"])
     for ood_task, block in m["ood"].items():
         metrics[f"ood_auroc_{ood_task}"] = block["auroc_msp"]
+        metrics[f"ood_auroc_entropy_{ood_task}"] = block["auroc_entropy"]
         metrics[f"ood_acc_{ood_task}"] = block["acc"]
     training = results["training"]
     return {
         "task": task,
         "method": method,
         "seed": seed,
-        "settings": digest(results["params"]),
+        "settings": settings_digest(results),
         "metrics": metrics,
         "validation": m["validation"],
         "passes_per_example": results["passes_per_example"],
@@ -77,7 +79,7 @@ class CompareRunner:
         self.progress = progress
         self.track = track
         self.out = Path(ccfg.output_dir) / ccfg.name
-        check_output_folder(self.out, "output_dir/name")
+        check_output_folder(self.out, "output_dir/name", "comparison")
         for task in ccfg.tasks:  # every task's data read and validated before any model loads
             load_examples(self.run_config(ccfg.methods[0], task, ccfg.seeds[0]))
         self.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,8 @@ class CompareRunner:
         name = f"{task}/{method}/seed{seed}"
         experiment = f"polar-vbll-compare-{self.ccfg.name}"
         enabled = parent is not None
-        with tracked(cfg.run_dir(), experiment, name, cfg.flat_params(), tags, parent, enabled) as tracker:
+        with tracked(cfg.run_dir(), experiment, name, cfg.flat_params(), tags, parent, enabled,
+                     settings=digest(cfg.flat_params())) as tracker:  # fmt: skip
             outcome = run_method(
                 cfg, entry_point="compare", splits=ctx.splits, answer_ids=ctx.answer_ids, trained=ctx.trained,
                 resume="matching", zero_shot=False, tracker=tracker, progress=self.progress,
@@ -136,39 +139,49 @@ class CompareRunner:
         self.write_report(records)
         return records
 
-    def current_records(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The records produced by the current settings (one per (task, method, seed), the latest); a
-        record of other settings is named with what changed, and its run is done again."""
+    def current_records(
+        self, task: str, records: list[dict[str, Any]], fingerprints: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        """The records of ``task`` produced by the current settings and data (one per method and seed) whose
+        run folder still holds that run; any other is named with what changed, and its run is done again."""
         c = self.ccfg
         out: dict[tuple[str, str, int], dict[str, Any]] = {}
         stale: dict[tuple[str, str, int], str] = {}
         for r in records:
             key = (r["task"], r["method"], r["seed"])
-            if key[0] not in c.tasks or key[1] not in c.methods or key[2] not in c.seeds:
+            if key[0] != task or key[1] not in c.methods or key[2] not in c.seeds:
                 continue
-            params = self.run_config(key[1], key[0], key[2]).flat_params()
-            if r.get("settings") == digest(params):
+            cfg = self.run_config(key[1], key[0], key[2])
+            params = cfg.flat_params()
+            expected = digest({"params": params, "data": fingerprints})
+            if r.get("settings") == expected and _holds(cfg.run_dir(), expected):
                 out[key] = r
-            else:
-                stale[key] = differences(r.get("params", {}), params)
-        for key, changed in stale.items():
+            elif r.get("settings") == expected:
+                stale[key] = f"its run folder {cfg.run_dir()} now holds another run"
+            elif key not in stale:
+                changed = differences(r.get("params", {}), params)
+                stale[key] = f"settings changed since it was recorded ({changed or 'the data changed'})"
+        for key, why in stale.items():
             if key not in out:
-                print(f"-- {key[0]} / {METHODS[key[1]].label} / seed {key[2]}: settings changed since it was "
-                      f"recorded ({changed}); it runs again", flush=True)  # fmt: skip
+                print(f"-- {key[0]} / {METHODS[key[1]].label} / seed {key[2]}: {why}; it runs again", flush=True)
         return list(out.values())
 
     def _run_all(self, parent) -> list[dict[str, Any]]:
         c = self.ccfg
-        records = self.current_records(self.load_records())
-        done = {(r["task"], r["method"], r["seed"]) for r in records}
+        recorded = self.load_records()
+        records: list[dict[str, Any]] = []
         for task in c.tasks:
-            todo = [(s, m) for s in c.seeds for m in c.methods if (task, m, s) not in done]
-            if not todo:
-                continue
             first = self.run_config(c.methods[0], task, c.seeds[0])
             splits, answer_ids = load_splits(first, load_tokenizer(first.model))
-            sizes = ", ".join(f"{n} {len(e)}" for n, e in splits.items())
-            print(f"\n== {task}: {sizes}", flush=True)
+            current = self.current_records(task, recorded, {n: e.fingerprint() for n, e in splits.items()})
+            records += current
+            done = {(r["method"], r["seed"]) for r in current}
+            todo = [(s, m) for s in c.seeds for m in c.methods if (m, s) not in done]
+            total = len(c.seeds) * len(c.methods)
+            print(f"\n== {task}: {', '.join(f'{n} {len(e)}' for n, e in splits.items())}; {total - len(todo)} of "
+                  f"{total} runs already recorded with these settings, {len(todo)} to run", flush=True)  # fmt: skip
+            if not todo:
+                continue
             ctx = TaskContext(task, splits, answer_ids)
             for seed, method in todo:
                 print(f"-- {task} / {METHODS[method].label} / seed {seed}", flush=True)
@@ -193,13 +206,23 @@ class CompareRunner:
         write_csv(wanted, self.out / "results.csv")
         header = (
             f"# {self.ccfg.name}: {len(self.ccfg.methods)} methods x {len(self.ccfg.tasks)} tasks x "
-            f"{len(self.ccfg.seeds)} seeds\n\nmean ± std over seeds; ACC, ECE and AUROC in percent; "
+            f"{len(self.ccfg.seeds)} seeds\n\nmean ± std over seeds; ACC, ECE and AUROC in percent (OOD AUROC of "
+            "telling each OOD set from the test set by max-probability, MSP, and by predictive entropy); "
             "NLL and Brier from the predictive probabilities; ECE top-label, 15 equal-width bins.\n"
         )
         (self.out / "results.md").write_text(header + "\n" + table + "\n")
         print("\n" + table, flush=True)
         print(f"\ncomparison folder: {self.out.resolve()}", flush=True)
         return table
+
+
+def _holds(run_dir: Path, expected: str) -> bool:
+    """Does the run folder still hold the run of these settings (its results.json)?"""
+    path = run_dir / "results.json"
+    try:
+        return settings_digest(json.loads(path.read_text())) == expected
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def _ordered(records: list[dict[str, Any]], ccfg: CompareConfig) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ from polar_vbll.training.schedule import (
     head_refit_due,
     lr_factor,
 )
-from polar_vbll.training.trainer import Trainer, TrainState, load_weights
+from polar_vbll.training.trainer import Trainer, TrainState, check_same_data, load_weights
 
 __all__ = [
     "HeadCoordinator",
@@ -28,6 +28,7 @@ __all__ = [
     "build_stiefel_optimizer",
     "build_theta_optimizer",
     "check_resumable",
+    "check_same_data",
     "final_refit_due",
     "head_refit_due",
     "load_weights",

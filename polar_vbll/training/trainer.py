@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from polar_vbll.adapters.dropout import adapter_dropout
 from polar_vbll.checkpoint import rng_state, set_rng_state
 from polar_vbll.config import RunConfig
-from polar_vbll.errors import TrainingDiverged
+from polar_vbll.errors import CheckpointError, TrainingDiverged
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
 from polar_vbll.predictives import predict
@@ -49,6 +49,17 @@ from polar_vbll.training.schedule import (
     head_refit_due,
     lr_factor,
 )
+
+
+def check_same_data(state: dict[str, Any], train: EncodedSplit) -> None:
+    """A checkpoint resumes only on the training split it was trained on (its fingerprint: the token ids,
+    labels and choice counts), so an edited data file, another tokenizer or prompt template is refused."""
+    saved = state.get("train_split")
+    if saved is not None and saved != train.fingerprint():
+        raise CheckpointError(
+            "the training data changed since the checkpoint was written (a data file's rows, the tokenizer or "
+            "the prompt template); start fresh: --no-resume (its checkpoints are replaced) or another name"
+        )
 
 
 def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunConfig) -> None:
@@ -168,6 +179,7 @@ class Trainer:
             "rng_per_rank": rngs,
             "zero_shot": self.state.zero_shot,
             "zero_shot_split": self.state.zero_shot_split,
+            "train_split": self.train_split.fingerprint(),
             "config": self.cfg.model_dump(mode="json"),
             "backend": getattr(self.backend, "describe", lambda: {"world_size": 1})(),
         }
@@ -176,6 +188,7 @@ class Trainer:
         """The second half of a resume (after :func:`load_weights` and a coordinator built from
         ``state["coordinator"]``): optimizer moments, RNG state, step and history."""
         check_resumable(state.get("config", {}), self.cfg)
+        check_same_data(state, self.train_split)
         if self.stiefel_opt is not None:
             self.stiefel_opt.load_state_dict(state["stiefel_opt"])
         self.backend.load_theta_state_dict(state["theta_opt"])
