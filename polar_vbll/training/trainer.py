@@ -275,7 +275,10 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}``."""
+        """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}`` and, for a
+        Bayesian head, ``loss_data`` (the expected negative log-likelihood bound) and ``loss_regularizer``
+        (``(KL - log p(sigma)) / N``, which the adapters cannot change): ``loss`` is their sum, the
+        negative ELBO per example."""
         step, t, split = self.state.step, self.tcfg, self.train_split
         if head_refit_due(step, self.refits, self.refitted, t):
             self.refit_head()
@@ -301,7 +304,13 @@ class Trainer:
             idx = [i for mb in micro for i in mb]
             self._refit(torch.cat(phis), split.labels[idx], split.n_choices[idx], steps=1)
         self.state.step += 1
-        return {"loss": float(loss.item()), "lr_factor": lr_f}
+        logs = {"loss": float(loss.item()), "lr_factor": lr_f}
+        regularizer = getattr(self.head, "regularizer", None)  # a Bayesian head: the ELBO's two parts
+        if regularizer is not None:
+            with torch.no_grad():
+                logs["loss_regularizer"] = float(regularizer())  # (KL - log p(sigma)) / N: constant here
+            logs["loss_data"] = logs["loss"] - logs["loss_regularizer"]
+        return logs
 
     # ------------------------------------------------------------------------------------ monitoring
     def stable_rank_mean(self) -> float:
