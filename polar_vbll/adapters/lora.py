@@ -46,6 +46,7 @@ from polar_vbll.adapters.state import (
     CONFIG_DIGEST_KEY,
     check_config_digest,
     config_digest,
+    read_json_config,
     require_shapes,
     strict_copy_,
 )
@@ -273,11 +274,8 @@ class LoraAdapter(nn.Module):
         cfg_path, weights = d / LORA_BASELINE_CONFIG_NAME, d / LORA_WEIGHTS_NAME
         if not cfg_path.is_file():
             raise CheckpointError(f"{cfg_path} does not exist: {d} is not a LoRA baseline adapter directory")
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{cfg_path} is not readable JSON: {exc}") from None
-        if not isinstance(raw, dict) or raw.get("format_version") != LORA_FORMAT_VERSION:
+        raw = read_json_config(cfg_path)
+        if raw.get("format_version") != LORA_FORMAT_VERSION:
             raise CheckpointError(
                 f"{cfg_path}: unsupported or missing format_version (this polar_vbll reads "
                 f"{LORA_FORMAT_VERSION}; an adapter saved by an older version has no hashes: save it again)"

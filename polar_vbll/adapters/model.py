@@ -37,6 +37,7 @@ from polar_vbll.adapters.state import (
     CONFIG_DIGEST_KEY,
     check_config_digest,
     config_digest,
+    read_json_config,
     require_shapes,
     strict_copy_,
 )
@@ -216,18 +217,6 @@ def _write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata
     _atomic_write(path, lambda p: save_file(cpu, str(p), metadata=metadata))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"adapter config {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"adapter config {path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"adapter config {path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _model_name_or_path(model: nn.Module) -> str | None:
     for obj in (getattr(model, "config", None), model):
         name = getattr(obj, "name_or_path", None) or getattr(obj, "_name_or_path", None)
@@ -401,7 +390,7 @@ class PolarModel(nn.Module):
         if not d.is_dir():
             raise CheckpointError(f"adapter directory {d} does not exist or is not a directory")
         cfg_path, weights = d / ADAPTER_CONFIG_NAME, d / ADAPTER_WEIGHTS_NAME
-        raw = _read_json(cfg_path)
+        raw = read_json_config(cfg_path)
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise CheckpointError(

@@ -101,3 +101,20 @@ def check_config_digest(fields: Mapping[str, Any], path: Any) -> None:
             "(alpha, r, layers, ...) would silently change what the adapter computes; restore the file or "
             "save the adapter again"
         )
+
+
+def read_json_config(path: Any) -> dict[str, Any]:
+    """A saved adapter's JSON config as a dict; a missing, unreadable or non-object file raises
+    :class:`CheckpointError` naming it."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"adapter config {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"adapter config {path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"adapter config {path} must hold a JSON object, got {type(data).__name__}")
+    return data
