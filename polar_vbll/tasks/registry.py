@@ -1,6 +1,7 @@
 """Task names -> examples: the one entry point the trainer and the CLI use (``load_task``).
 
-Names: ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``winogrande``, ``boolq``, ``mmlu:<subject>``
+Names: ``arc_easy``, ``arc_challenge``, ``openbookqa``, ``winogrande``, ``boolq``, the learnable GLUE /
+SuperGLUE sets ``sst2``, ``rte``, ``mrpc``, ``cb``, ``mmlu:<subject>``
 (any of the 57 MMLU subjects) and ``jsonl:<path>`` for a user's data (a file, split by seed, or a
 directory of ``<split>.jsonl`` files). ``:`` separates a family from its argument, as in the configs.
 
@@ -27,7 +28,7 @@ Reader = Callable[[str], Sequence[MCExample]]  # data root -> the rows of one sh
 
 TRAIN_VAL = (("train", 0.8), ("validation", 0.2))
 TRAIN_VAL_TEST = (("train", 0.6), ("validation", 0.2), ("test", 0.2))
-BUILTIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq")
+BUILTIN_TASKS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande", "boolq", "sst2", "rte", "mrpc", "cb")
 MMLU_PREFIX = "mmlu:"
 JSONL_PREFIX = "jsonl:"
 
@@ -76,6 +77,8 @@ def _builtin_spec(name: str) -> TaskSpec:
         )
     if name == "boolq":
         return TaskSpec(name, {"validation": _reader(b.load_boolq, name)}, ("validation", TRAIN_VAL_TEST))
+    if name in b.PAIR_TASKS:
+        return TaskSpec(name, {"validation": _reader(b.load_pair_task, name, name)}, ("validation", TRAIN_VAL_TEST))
     raise AssertionError(name)
 
 
