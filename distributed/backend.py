@@ -58,7 +58,7 @@ class DeepSpeedBackend:
         self.theta = list(theta)
         ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.engine, self.source = build_engine(
-            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train.cache_frozen_prefix
+            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train
         )
 
     @property
@@ -67,9 +67,13 @@ class DeepSpeedBackend:
 
     # -------------------------------------------------------------------------------------- features
     def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> None:
-        """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path)."""
+        """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path). The
+        states are read from the disk cache only when every rank has them (under ZeRO-3 the prefix pass is
+        a collective: all ranks run it or none does)."""
+        hit = torch.tensor([int(self.source.on_disk(enc))], dtype=torch.int64)
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN)
         with torch.no_grad():
-            self.engine(enc, None, prepare_batch_size=batch_size)
+            self.engine(enc, None, prepare_batch_size=batch_size, use_disk=bool(hit.item()))
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         return self.engine(enc, list(idx))

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 
 from distributed.config import DistConfig
-from polar_vbll.config import RunConfig
-from polar_vbll.features import EncodedSplit, FeatureSource
+from polar_vbll.backbone import decoder_of
+from polar_vbll.config import RunConfig, TrainConfig
+from polar_vbll.features import EncodedSplit, FeatureSource, lowest_adapted_block
+from polar_vbll.prefix_cache import prefix_fingerprint
 
 
 def import_deepspeed():
@@ -93,10 +95,11 @@ class FeatureModel(nn.Module):
         return self._source
 
     def forward(
-        self, enc: EncodedSplit, idx: Sequence[int] | None, prepare_batch_size: int | None = None
-    ) -> torch.Tensor:
+        self, enc: EncodedSplit, idx: Sequence[int] | None, prepare_batch_size: int | None = None,
+        use_disk: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
         if prepare_batch_size is not None:
-            self.source.prepare(enc, prepare_batch_size, progress=False)
+            self.source.prepare(enc, prepare_batch_size, progress=False, use_disk=use_disk)
             return torch.zeros(0)
         assert idx is not None
         return self.source.features(enc, list(idx))
@@ -107,17 +110,23 @@ def build_engine(
     theta_optimizer: torch.optim.Optimizer,
     config: dict[str, Any],
     pad_id: int,
-    cache_prefix: bool,
+    train_cfg: TrainConfig,
 ):
     """``deepspeed.initialize`` over :class:`FeatureModel` with the Theta optimizer (a collective), then
-    the feature source; returns ``(engine, source)``."""
+    the feature source; returns ``(engine, source)``. The frozen prefix's weight hash (the disk cache's
+    key) is taken before ``initialize``, while every rank still holds the whole weights (ZeRO-3
+    partitions them)."""
     deepspeed = import_deepspeed()
+    fingerprint = None
+    lowest = lowest_adapted_block(backbone)
+    if train_cfg.cache_frozen_prefix and lowest:
+        fingerprint = prefix_fingerprint(decoder_of(backbone), lowest)
     params = [p for g in theta_optimizer.param_groups for p in g["params"]]
     module = FeatureModel(backbone)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=theta_optimizer, model_parameters=params, config=config
     )
-    source = FeatureSource(backbone, pad_id, cache_prefix=cache_prefix)
+    source = FeatureSource.for_config(backbone, pad_id, train_cfg, fingerprint=fingerprint)
     module.attach(source)
     return engine, source
 

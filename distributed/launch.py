@@ -117,7 +117,7 @@ def worker_env(dist: DistConfig) -> dict[str, str]:
     latency; passed through ``runtime_env`` so that it also reaches workers on other nodes."""
     env = {
         k: os.environ[k]
-        for k in ("POLAR_VBLL_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE")
+        for k in ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE")
         if k in os.environ
     }
     if not dist.use_gpu:

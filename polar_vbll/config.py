@@ -131,6 +131,17 @@ class TrainConfig(_Strict):
         description="[choice] cheap path: when only the top blocks are adapted, compute the frozen blocks "
         "below them once per example and train the top blocks on the cached states",
     )
+    prefix_cache: Literal["disk", "memory"] = Field(
+        "disk",
+        description="where the cached frozen-prefix states live: 'disk' (also in memory; shared by every run, "
+        "seed, method, trial and eval on the same token ids and frozen weights, polar_vbll.prefix_cache) or "
+        "'memory' (this process only)",
+    )
+    prefix_cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16",
+        description="[choice] precision of the cached frozen-prefix states (RAM and disk): half precision "
+        "halves both; the adapted blocks then read inputs rounded to 11 significant bits",
+    )
     eval_every: int = Field(0, ge=0, description="validation every N steps (0: only at the end)")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0)

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
+from polar_vbll.prefix_cache import DTYPES, PrefixCache, ids_digest, prefix_fingerprint, prefix_key
 from polar_vbll.tokens import pad_batch, tokenize_prompts
 
 
@@ -29,11 +30,18 @@ class EncodedSplit:
     labels: torch.Tensor
     n_choices: torch.Tensor
     states: list[torch.Tensor] | None = field(default=None, repr=False)
-    states_block: int | None = None  # the block the cached states enter (they are valid for that split only)
+    states_key: str | None = None  # the prefix-cache key the states were computed under (see prefix_cache)
     shortened: dict[str, int] = field(default_factory=dict)  # prompts shortened to fit, per part
+    _ids_sha256: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def ids_digest(self) -> str:
+        """sha256 of the token ids (computed once: the ids of a split never change)."""
+        if self._ids_sha256 is None:
+            self._ids_sha256 = ids_digest(self.ids)
+        return self._ids_sha256
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the token ids, labels and choice counts: what a prediction on this
@@ -97,19 +105,44 @@ class FeatureSource:
     """Computes ``phi`` (fp32, ``(B, d)``) for indices of an :class:`EncodedSplit`.
 
     With ``cache_prefix`` the blocks below the lowest adapted block run once per example (in
-    :meth:`prepare`) and their outputs are kept unpadded in memory; each later call runs the adapted top
-    blocks only. The two paths compute the same features (tested), the cached one at a fraction of the
-    cost when few blocks are adapted.
+    :meth:`prepare`) and their outputs are kept unpadded in memory, in ``store_dtype``; each later call runs
+    the adapted top blocks only. The two paths compute the same features (tested; exactly with
+    ``store_dtype`` float32, to half-precision rounding of the block inputs otherwise), the cached one at a
+    fraction of the cost when few blocks are adapted. With ``disk`` (a
+    :class:`~polar_vbll.prefix_cache.PrefixCache`) the states are also read from and written to disk under
+    a key of everything they depend on, so another run on the same examples skips the prefix pass.
+    ``fingerprint``: the frozen prefix's weight hash when it must be computed before the weights are
+    partitioned (ZeRO-3); by default computed on first use.
     """
 
-    def __init__(self, model: nn.Module, pad_id: int, cache_prefix: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        pad_id: int,
+        cache_prefix: bool,
+        *,
+        store_dtype: torch.dtype = torch.float32,
+        disk: PrefixCache | None = None,
+        fingerprint: str | None = None,
+    ):
         self.model = model
         self.pad_id = pad_id
+        self.store_dtype = store_dtype
+        self.disk = disk
+        self._fingerprint = fingerprint
         self.split: SplitDecoder | None = None
         if cache_prefix:
             lowest = lowest_adapted_block(model)
             if lowest is not None and lowest > 0:
                 self.split = SplitDecoder(model, lowest)
+
+    @classmethod
+    def for_config(cls, model: nn.Module, pad_id: int, train_cfg, *, fingerprint: str | None = None) -> FeatureSource:
+        """The source a run's ``train`` settings ask for: the cheap path (``cache_frozen_prefix``) with its
+        states kept in ``prefix_cache_dtype`` and, unless ``prefix_cache`` is ``memory``, on disk."""
+        disk = PrefixCache() if train_cfg.prefix_cache == "disk" else None
+        return cls(model, pad_id, train_cfg.cache_frozen_prefix, store_dtype=DTYPES[train_cfg.prefix_cache_dtype],
+                   disk=disk, fingerprint=fingerprint)  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -120,10 +153,52 @@ class FeatureSource:
     def split_block(self) -> int | None:
         return None if self.split is None else self.split.split
 
-    def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = True) -> None:
-        """Run the frozen prefix over a split once (no-op on the full path or if already done)."""
-        if self.split is None or (enc.states is not None and enc.states_block == self.split.split):
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """The frozen prefix's weight hash (:func:`~polar_vbll.prefix_cache.prefix_fingerprint`), computed once
+        per model and split while the weights are unchanged (a weight edited in place is hashed again)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
+        assert self.split is not None
+        decoder = decoder_of(self.model)
+        version = (self.split.split, tuple((p.data_ptr(), p._version) for p in decoder.parameters()))
+        memo = getattr(self.model, "_polar_vbll_prefix_fingerprint", None)
+        if memo is None or memo[0] != version:
+            memo = (version, prefix_fingerprint(decoder, self.split.split))
+            object.__setattr__(self.model, "_polar_vbll_prefix_fingerprint", memo)
+        return memo[1]
+
+    def key(self, enc: EncodedSplit) -> str:
+        """The prefix-cache key of ``enc``'s states under this model, split block and storage dtype."""
+        assert self.split is not None
+        return prefix_key(self.fingerprint(), self.split.split, self.compute_dtype, self.store_dtype, enc.ids_digest())
+
+    def on_disk(self, enc: EncodedSplit) -> bool:
+        """Whether ``prepare`` would find ``enc``'s states in memory or on disk (no prefix pass needed)."""
+        if self.split is None:
+            return True
+        key = self.key(enc)
+        return (enc.states is not None and enc.states_key == key) or (
+            self.disk is not None and self.disk.path(key).is_file()
+        )
+
+    def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = True, use_disk: bool = True) -> None:
+        """Run the frozen prefix over a split once (no-op on the full path or if the states for this key are
+        in memory already; read from disk on a key match). ``use_disk=False`` computes even when an entry
+        exists (ranks that must run the same collective passes)."""
+        if self.split is None:
             return
+        key = self.key(enc)
+        if enc.states is not None and enc.states_key == key:
+            return
+        if self.disk is not None and use_disk:
+            loaded = self.disk.load(key, len(enc))
+            if loaded is not None:
+                enc.states, enc.states_key = loaded, key
+                return
         states: list[torch.Tensor | None] = [None] * len(enc)
         batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
         for idx in tqdm(
@@ -133,9 +208,11 @@ class FeatureSource:
             hidden = self.split.prefix_states(ids.to(self.device), mask.to(self.device))
             for row, i in enumerate(idx):
                 n = len(enc.ids[i])
-                states[i] = hidden[row, hidden.shape[1] - n :].to("cpu", copy=True)  # the cache lives in RAM
-        enc.states = states  # type: ignore[assignment]
-        enc.states_block = self.split.split
+                # the cache lives in RAM (and on disk), in the storage dtype
+                states[i] = hidden[row, hidden.shape[1] - n :].to("cpu", self.store_dtype, copy=True)
+        enc.states, enc.states_key = states, key  # type: ignore[assignment]
+        if self.disk is not None:
+            self.disk.save(key, enc.states)  # type: ignore[arg-type]
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         """``phi`` for the examples ``idx`` of ``enc`` (gradients flow into adapters when enabled)."""
@@ -144,11 +221,11 @@ class FeatureSource:
         ids, mask = ids.to(self.device), mask.to(self.device)
         if self.split is None:
             return last_token_features(self.model, ids, mask).to(torch.float32)
-        if enc.states is None or enc.states_block != self.split.split:  # normally done up front by the caller
+        if enc.states is None or enc.states_key != self.key(enc):  # normally done up front by the caller
             self.prepare(enc, batch_size=32, progress=False)
         width = ids.shape[1]
         first = enc.states[idx[0]]
-        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=first.dtype, device=self.device)
+        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=self.compute_dtype, device=self.device)
         for row, i in enumerate(idx):
             s = enc.states[i]
             states[row, width - s.shape[0] :] = s

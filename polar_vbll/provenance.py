@@ -51,7 +51,8 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
     the method's adapter kind and the head kind it trains as, that adapter's settings, the optimizer, the
     schedule, and (for a head the eta-phase fits) the head's and the eta-phase's settings. Not in it: how
     the model is evaluated (evaluation data, predictive, post-hoc head), where it is written, and how the
-    work is batched or cached (``eval_batch_size``, ``cache_frozen_prefix``, checkpointing)."""
+    work is batched or cached (``eval_batch_size``, ``cache_frozen_prefix``, checkpointing), except the
+    precision of cached prefix states, which the adapted blocks train on."""
     method = METHODS[cfg.method]
     flat = flatten(cfg.model_dump(mode="json"))
     section = method.adapter_kind.section
@@ -64,6 +65,8 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
     out = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keep)}
     drop = _PREDICTION_ONLY + (() if method.adapter_kind.stiefel else _STIEFEL_OPTIM)
     out = {k: v for k, v in out.items() if k not in drop}
+    if method.trains and cfg.train.cache_frozen_prefix:  # the adapted blocks train on states of this precision
+        out["train.prefix_cache_dtype"] = cfg.train.prefix_cache_dtype
     out["method.trains"] = method.trains
     out["method.adapter"] = method.adapter
     out["method.head"] = method.head_kind.training_kind

@@ -95,9 +95,7 @@ def write_run_params(cfg: RunConfig, run_dir: Path) -> None:
 def local_backend(session: Session) -> LocalBackend:
     """The one-process backend around a session's model (cached frozen prefix when configured)."""
     cfg = session.cfg
-    source = FeatureSource(
-        session.adapter.base_model, session.tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix
-    )
+    source = FeatureSource.for_config(session.adapter.base_model, session.tokenizer.pad_token_id, cfg.train)
     return LocalBackend(source, session.adapter.theta_parameters(), cfg.optim)
 
 

@@ -92,7 +92,7 @@ def evaluate_saved_run(
             own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model)[0], folder / "adapter")
             state = own_adapter.adapter_state_dict()
         members.append(Member(head, state))
-    source = FeatureSource(adapter.base_model, tokenizer.pad_token_id, cache_prefix=cfg.train.cache_frozen_prefix)
+    source = FeatureSource.for_config(adapter.base_model, tokenizer.pad_token_id, cfg.train)
     bs = cfg.train.eval_batch_size
     zero_head = DeterministicHead(*answer_head_weight(model, answer_ids))
     with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model

@@ -32,3 +32,18 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, laye
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_prefix_cache(tmp_path_factory):
+    """Every test session gets its own frozen-prefix disk cache (polar_vbll.prefix_cache), so tests never
+    read a developer's cache or each other's leftovers from an earlier session."""
+    import os
+
+    old = os.environ.get("POLAR_VBLL_PREFIX_CACHE")
+    os.environ["POLAR_VBLL_PREFIX_CACHE"] = str(tmp_path_factory.mktemp("prefix-cache"))
+    yield
+    if old is None:
+        os.environ.pop("POLAR_VBLL_PREFIX_CACHE", None)
+    else:
+        os.environ["POLAR_VBLL_PREFIX_CACHE"] = old

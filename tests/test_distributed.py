@@ -66,7 +66,7 @@ def _reference(cfg: RunConfig) -> dict[str, Any]:
     polar = build_adapter(cfg, model)
     splits, answer_ids = load_splits(cfg, tok)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
-    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    source = FeatureSource.for_config(polar.base_model, tok.pad_token_id, cfg.train)
     Trainer.local(cfg, polar, head, splits, cfg.run_dir(), source=source, progress=False).fit()
     polar.save_adapter(cfg.run_dir() / "adapter")
     bs = cfg.train.eval_batch_size
@@ -161,7 +161,7 @@ def test_zero3_saved_adapter_reproduces_the_workers_predictions(runs):
     splits, answer_ids = load_splits(cfg, tok)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
     head.load_state_dict(load_file(str(run_dir / "head.safetensors")))
-    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    source = FeatureSource.for_config(polar.base_model, tok.pad_token_id, cfg.train)
     mine = predict(source, head, splits["eval"], cfg.train.eval_batch_size, progress=False)
     workers = load_file(str(run_dir / "predictions.safetensors"))["eval_probs"]
     torch.testing.assert_close(mine.probs, workers, atol=1e-6, rtol=0)
@@ -187,7 +187,7 @@ def test_distributed_checkpoint_resumes_in_the_single_process_trainer(runs):
     polar = build_adapter(cfg, model)
     splits, answer_ids = load_splits(cfg, tok)
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
-    source = FeatureSource(polar.base_model, tok.pad_token_id, cfg.train.cache_frozen_prefix)
+    source = FeatureSource.for_config(polar.base_model, tok.pad_token_id, cfg.train)
     trainer = Trainer.local(cfg, polar, head, splits, run_dir / "single", source=source, progress=False)
     trainer.resume(state)
     assert trainer.state.step == 6 and trainer.coordinator.refits == 4

@@ -248,7 +248,7 @@ def _theta_state(rank: int, world: int, stages: tuple[int, ...]) -> dict:
 
     from .test_train import _split
 
-    cfg = parse_config({"optim": {"lr_theta": 0.05}, "train": {"batch_size": 8}})
+    cfg = parse_config({"optim": {"lr_theta": 0.05}, "train": {"batch_size": 8, "cache_frozen_prefix": False}})
     enc = _split(n=16)
 
     def build(stage: int, theta: list[torch.Tensor] | None):
@@ -260,7 +260,7 @@ def _theta_state(rank: int, world: int, stages: tuple[int, ...]) -> dict:
                     p.copy_(v)
         _, theta_opt = build_optimizers(polar, cfg.optim)
         ds = deepspeed_config(cfg, DistConfig(zero_stage=stage, param_persistence_threshold=0), 4)
-        engine, _ = build_engine(polar.base_model, theta_opt, ds, pad_id=0, cache_prefix=False)
+        engine, _ = build_engine(polar.base_model, theta_opt, ds, pad_id=0, train_cfg=cfg.train)
         return polar, head, engine
 
     def step(polar, head, engine, s: int) -> None:

@@ -82,6 +82,8 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "train.eval_batch_size": (8, ALL),
     "train.seed": (5, NOT_COMPARE),
     "train.cache_frozen_prefix": (False, ALL),
+    "train.prefix_cache": ("memory", ALL),
+    "train.prefix_cache_dtype": ("float32", ALL),
     "train.eval_every": (2, ALL),
     "train.checkpoint_every": (2, ALL),
     "train.keep_checkpoints": (3, ALL),

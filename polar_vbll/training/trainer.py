@@ -151,7 +151,7 @@ class Trainer:
 
         if isinstance(splits, EncodedSplit):
             splits = {"train": splits}
-        source = source or FeatureSource(adapter.base_model, 0, cache_prefix=cfg.train.cache_frozen_prefix)
+        source = source or FeatureSource.for_config(adapter.base_model, 0, cfg.train)
         backend = LocalBackend(source, adapter.theta_parameters(), cfg.optim)
         coordinator = LocalCoordinator(head, cfg.head.fit)
         store = LocalCheckpoints(run_dir, cfg.train.keep_checkpoints)
