@@ -86,7 +86,8 @@ class HeadCoordinatorService:
                 ordered = [r.parts[i] for i in range(world)]
                 f, y, c = (torch.cat([p[j] for p in ordered]) for j in range(3))
                 head = self._coordinator.refit(f, y, c, steps)
-                r.result = {"head": head, "refits": self._coordinator.refits}
+                r.result = {"head": head, "refits": self._coordinator.refits,
+                            "report": self._coordinator.last_report}  # fmt: skip
             except Exception as exc:  # every waiting rank gets the error, not a hang
                 r.error = exc
             r.done.set()
@@ -128,6 +129,7 @@ class CoordinatorClient:
         self.world = world
         self.generation: int | None = None
         self.refits = 0
+        self.last_report: dict[str, Any] | None = None
 
     def fatal(self) -> str | None:
         import ray
@@ -148,6 +150,7 @@ class CoordinatorClient:
         gen = ray.get(self.handle.start.remote(head, fit, state)) if self.rank == 0 else None
         self.generation = int(broadcast_object(gen))  # type: ignore[arg-type]
         self.refits = int(state["refits"]) if state is not None else 0
+        self.last_report = state.get("last_report") if state is not None else None
 
     def refit(
         self,
@@ -178,6 +181,7 @@ class CoordinatorClient:
                 raise cause from None
             raise
         self.refits = int(out["refits"])
+        self.last_report = out.get("report")
         return out["head"], self.refits
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from polar_vbll.adapters.config import LoraConfig, PolarConfig
 from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.heads.config import VBLLConfig
+from polar_vbll.heads.features import FeatureMapConfig
 from polar_vbll.methods import METHODS
 
 
@@ -155,16 +156,29 @@ class TrainConfig(_Strict):
 
 
 class HeadFitConfig(_Strict):
-    """The eta-phase: Adam on the head's loss with the features fixed (never weight decay: the ELBO
-    already holds the prior)."""
+    """The eta-phase: the head fitted on fixed training features (never weight decay: the ELBO already
+    holds the prior). Per round, full-batch L-BFGS to convergence (``polar_vbll.heads.fit``) or a fixed
+    number of Adam steps; per step (``train.alternation: per_step``), one Adam step on the step's
+    minibatch after a first L-BFGS fit on the whole training set."""
 
-    lr: float = Field(1e-2, gt=0)
+    optimizer: Literal["lbfgs", "adam"] = Field(
+        "lbfgs",
+        description="[choice] per-round refits: full-batch L-BFGS until the gradient tolerance (or max_iter), "
+        "or `steps` Adam steps",
+    )
+    max_iter: int = Field(500, gt=0, description="L-BFGS iterations per fit at most")
+    tolerance: float = Field(1e-6, gt=0, description="L-BFGS stops when no gradient entry exceeds this")
+    prior_rounds: int = Field(30, gt=0, description="empirical Bayes: prior-variance updates per refit at most")
+    prior_tolerance: float = Field(
+        1e-4, gt=0, description="empirical Bayes: stop when the prior variance changes by less (relative)"
+    )
+    lr: float = Field(1e-2, gt=0, description="Adam's learning rate (optimizer adam, and per-step refits)")
     betas: tuple[float, float] = (0.9, 0.999)
-    steps: int = Field(100, gt=0, description="Adam steps per refit (per_round schedule)")
-    batch_size: int | None = Field(None, gt=0, description="minibatch per refit step (None: full batch)")
+    steps: int = Field(100, gt=0, description="Adam steps per refit (optimizer adam, per_round schedule)")
+    batch_size: int | None = Field(None, gt=0, description="Adam minibatch per refit step (None: full batch)")
     seed: int = 0
 
-    @field_validator("lr")
+    @field_validator("lr", "tolerance", "prior_tolerance")
     @classmethod
     def _finite(cls, v: float) -> float:
         if not math.isfinite(v):
@@ -184,11 +198,25 @@ class LaplaceConfig(_Strict):
     mc_seed: int = Field(0, ge=0, description="seed of those samples")
 
 
+class LinearHeadConfig(_Strict):
+    """The ``linear`` head kind (``polar_vbll.heads.linear``): a trainable linear head, trained jointly with
+    the adapters; MLE, or MAP under the VBLL head's Gaussian prior."""
+
+    prior: Literal["none", "gaussian"] = Field(
+        "none", description="none: MLE (cross-entropy); gaussian: MAP under N(0, prior_scale * 2 / D)"
+    )
+    prior_scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="the MAP prior's s_p = prior_scale * 2 / D")
+    lr: float = Field(4e-3, gt=0, allow_inf_nan=False, description="Adam's learning rate for the head's weights")
+
+
 class HeadConfig(_Strict):
     """Settings of the head kinds (which kind a run uses is its ``method``'s). Every head starts from the
-    LM-head rows of the answer tokens, so training starts at the zero-shot model."""
+    LM-head rows of the answer tokens (re-expressed on the standardised features), so training starts at
+    the zero-shot model."""
 
+    features: FeatureMapConfig = Field(default_factory=FeatureMapConfig)
     vbll: VBLLConfig = Field(default_factory=VBLLConfig)
+    linear: LinearHeadConfig = Field(default_factory=LinearHeadConfig)
     fit: HeadFitConfig = Field(default_factory=HeadFitConfig)
     laplace: LaplaceConfig = Field(default_factory=LaplaceConfig)
 
@@ -196,6 +224,11 @@ class HeadConfig(_Strict):
 class EvalConfig(_Strict):
     """Settings of the predictives (which one a run uses is its ``method``'s)."""
 
+    temperature_scaling: bool = Field(
+        False,
+        description="also report the predictive after temperature scaling, its temperature fitted on the "
+        "validation split's NLL (post hoc; any method; the MLE/MAP methods switch it on)",
+    )
     mc_dropout_samples: int = Field(10, gt=0, description="mc_dropout: stochastic backbone passes per example")
     ensemble_members: int = Field(3, gt=0, description="ensemble: independently seeded adapter/head pairs")
 

@@ -6,9 +6,13 @@ Given the trained members of a run (one adapter/head pair; several for an ensemb
 1. fits the method's post-hoc head if it has one (``laplace``: once, on the final training features);
 2. predicts the validation, evaluation and OOD splits with the method's predictive
    (``polar_vbll.methods.PREDICTIVES``);
-3. turns the predictions into one metrics block: ACC/ECE/NLL/Brier per split, the zero-shot model's on
-   the evaluation split, and per OOD set its metrics plus AUROC of separating it from the evaluation split
-   by max-probability and by predictive entropy.
+3. turns the predictions into one metrics block: ACC/ECE/NLL/Brier, the mean logit variance and the
+   mean epistemic score per split, the zero-shot model's metrics on the evaluation split, per OOD set its
+   metrics plus AUROC of separating it from the evaluation split by max-probability, predictive entropy
+   and the epistemic score; the honesty guard (``polar_vbll.guards``: the uniform and majority-class
+   predictors on the evaluation split, chance accuracy, and whether this method is at chance); and, with
+   ``eval.temperature_scaling``, the same block after temperature scaling fitted on validation
+   (``polar_vbll.temperature``).
 
 Features come through a :class:`~polar_vbll.protocols.FeatureProvider`, so the same code runs in one
 process and on workers (where every rank computes its shard and the rows are gathered).
@@ -25,10 +29,12 @@ import torch
 from polar_vbll.config import RunConfig
 from polar_vbll.errors import RunFailure
 from polar_vbll.features import EncodedSplit
+from polar_vbll.guards import at_chance, chance_reference
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import ood_auroc, ood_scores
 from polar_vbll.predictives import Predictions
 from polar_vbll.protocols import FeatureProvider
+from polar_vbll.temperature import apply_temperature, fit_temperature
 
 #: The metric keys of a split, as fractions (ACC and ECE are shown in percent by the reports).
 SPLIT_KEYS = ("acc", "ece", "nll", "brier", "n")
@@ -58,34 +64,62 @@ class PredictContext:
 @dataclass
 class Evaluation:
     """Predictions of every evaluated split (``validation``, ``eval``, ``ood:<task>``), the zero-shot
-    model's on the evaluation split (None when not computed), backbone passes per example, and the
-    seconds each split's prediction took."""
+    model's on the evaluation split (None when not computed), backbone passes per example, the seconds
+    each split's prediction took, the guard block of the evaluation split (``polar_vbll.guards``), and
+    with temperature scaling its temperature and the scaled predictions of the same splits."""
 
     predictions: dict[str, Predictions]
     zero_shot: Predictions | None
     passes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    chance: dict[str, Any] | None = None
+    temperature: float | None = None
+    scaled: dict[str, Predictions] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics block of ``results.json`` (see ``polar_vbll.results.Metrics``)."""
-        preds = self.predictions
-        out: dict[str, Any] = {
-            "eval": preds["eval"].metrics(),
-            "validation": preds["validation"].metrics() if "validation" in preds else None,
-            "zero_shot": self.zero_shot.metrics() if self.zero_shot is not None else None,
-            "ood": {},
-        }
-        scores_in = ood_scores(preds["eval"].probs)
-        for name, p in preds.items():
-            if not name.startswith("ood:"):
-                continue
-            scores_out = ood_scores(p.probs)
-            out["ood"][name.removeprefix("ood:")] = {
-                **p.metrics(),
-                "auroc_msp": ood_auroc(scores_in["msp"], scores_out["msp"]),
-                "auroc_entropy": ood_auroc(scores_in["entropy"], scores_out["entropy"]),
-            }
+        out = _block(self.predictions)
+        out["zero_shot"] = self.zero_shot.metrics() if self.zero_shot is not None else None
+        if self.chance is not None:
+            out["chance"] = {**self.chance, "at_chance": at_chance(out["eval"]["acc"], self.chance)}
+        out["temperature_scaled"] = (
+            {"temperature": self.temperature, **_block(self.scaled)} if self.temperature is not None else None
+        )
         return out
+
+
+def _block(preds: dict[str, Predictions]) -> dict[str, Any]:
+    """Per-split metrics, and per OOD set its metrics and AUROCs against the evaluation split."""
+    out: dict[str, Any] = {
+        "eval": preds["eval"].metrics(),
+        "validation": preds["validation"].metrics() if "validation" in preds else None,
+        "ood": {},
+    }
+    ev = preds["eval"]
+    scores_in = ood_scores(ev.probs)
+    for name, p in preds.items():
+        if not name.startswith("ood:"):
+            continue
+        scores_out = ood_scores(p.probs)
+        epistemic = None
+        if ev.epistemic is not None and p.epistemic is not None and bool(
+            torch.cat([ev.epistemic, p.epistemic]).ne(0).any()
+        ):  # a single deterministic model has no epistemic part to rank by
+            epistemic = ood_auroc(ev.epistemic, p.epistemic)
+        out["ood"][name.removeprefix("ood:")] = {
+            **p.metrics(),
+            "auroc_msp": ood_auroc(scores_in["msp"], scores_out["msp"]),
+            "auroc_entropy": ood_auroc(scores_in["entropy"], scores_out["entropy"]),
+            "auroc_epistemic": epistemic,
+        }
+    return out
+
+
+def temperature_scaled(preds: dict[str, Predictions]) -> tuple[float, dict[str, Predictions]]:
+    """The temperature fitted on ``preds["validation"]`` and every split's predictions scaled by it."""
+    val = preds["validation"]
+    t = fit_temperature(val.probs, val.labels)
+    return t, {n: Predictions(p.split, apply_temperature(p.probs, t), p.labels.clone()) for n, p in preds.items()}
 
 
 def posthoc_members(
@@ -120,10 +154,13 @@ def evaluate(
     splits: dict[str, EncodedSplit],
     zero_shot_probs: torch.Tensor | None = None,
     progress: bool = True,
+    temperature: float | None = None,
 ) -> Evaluation:
     """Predict the validation (when given), evaluation and OOD splits of a trained run with its method's
     predictive (post-hoc head fitted first); ``zero_shot_probs`` are the zero-shot model's probabilities on
-    the evaluation split, ``(N, K)``, computed before training (the adapters at init are exactly ``W0``)."""
+    the evaluation split, ``(N, K)``, computed before training (the adapters at init are exactly ``W0``).
+    With ``eval.temperature_scaling`` the temperature is fitted on the validation split, or, without one
+    (``polar-vbll eval`` on another task), ``temperature`` (the run's own) is applied when given."""
     method = METHODS[cfg.method]
     members = posthoc_members(cfg, provider, adapter, members, splits["train"])
     ctx = PredictContext(cfg, provider, adapter, members, cfg.train.eval_batch_size, progress)
@@ -142,4 +179,14 @@ def evaluate(
     zero = None
     if zero_shot_probs is not None:
         zero = Predictions(splits["eval"].name, zero_shot_probs.to(torch.float32), splits["eval"].labels.clone())
-    return Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds)
+    ev, train = splits["eval"], splits["train"]
+    chance = chance_reference(train.labels, ev.labels, ev.n_choices, preds["eval"].probs.shape[1])
+    out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance)
+    if cfg.eval.temperature_scaling:
+        if "validation" in preds:
+            out.temperature, out.scaled = temperature_scaled(preds)
+        elif temperature is not None:  # another task's evaluation: the run's own temperature
+            out.temperature = temperature
+            out.scaled = {n: Predictions(p.split, apply_temperature(p.probs, temperature), p.labels.clone())
+                          for n, p in preds.items()}  # fmt: skip
+    return out

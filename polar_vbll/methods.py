@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from polar_vbll.errors import ConfigError
 
@@ -86,19 +86,27 @@ ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
 @dataclass(frozen=True)
 class HeadKind:
     """A head kind. ``build`` makes the head that trains (from the LM-head rows of the answer letters, so
-    training starts at the zero-shot model); ``refitted`` says whether the eta-phase fits it (alternating
-    optimization); ``posthoc`` (optional) turns the trained head into the head that predicts, fitted once
-    on the final training features."""
+    training starts at the zero-shot model); ``training`` says what moves it: ``frozen`` (nothing),
+    ``eta`` (the eta-phase of the alternating optimization: the head coordinator fits it on fixed
+    features) or ``theta`` (the theta-phase's gradient step, jointly with the adapters); ``posthoc``
+    (optional) turns the trained head into the head that predicts, fitted once on the final training
+    features."""
 
     name: str
     build: Callable[[RunConfig, torch.Tensor, torch.Tensor | None, int], Head]
-    refitted: bool
+    training: Literal["frozen", "eta", "theta"]
     posthoc: Callable[[RunConfig, Head, torch.Tensor, torch.Tensor, torch.Tensor], Head] | None = None
-    trains_as: str | None = None  # the kind whose training this one shares (laplace: deterministic)
+    trains_as: str | None = None  # the kind whose training this one shares (laplace: linear)
+    settings: tuple[str, ...] = ()  # the head.* sections that change what is trained
 
     @property
     def training_kind(self) -> str:
         return self.trains_as or self.name
+
+    @property
+    def refitted(self) -> bool:
+        """Fitted by the eta-phase (the head coordinator)."""
+        return self.training == "eta"
 
 
 def _deterministic(cfg, weight, bias, n_train):
@@ -107,10 +115,18 @@ def _deterministic(cfg, weight, bias, n_train):
     return DeterministicHead(weight, bias)
 
 
+def _linear(cfg, weight, bias, n_train):
+    from polar_vbll.heads.linear import LinearHead
+
+    lin = cfg.head.linear
+    return LinearHead(weight, bias, dataset_size=n_train, features=cfg.head.features, prior=lin.prior,
+                      prior_scale=lin.prior_scale)  # fmt: skip
+
+
 def _vbll(cfg, weight, bias, n_train):
     from polar_vbll.heads.vbll import VBLLHead
 
-    return VBLLHead.from_weight(weight, dataset_size=n_train, config=cfg.head.vbll)
+    return VBLLHead.from_weight(weight, dataset_size=n_train, config=cfg.head.vbll, features=cfg.head.features)
 
 
 def _fit_laplace(cfg, head, phi, labels, n_choices):
@@ -132,14 +148,22 @@ def _fit_laplace(cfg, head, phi, labels, n_choices):
         ) from None
 
 
+def _fit_probe(cfg, head, phi, labels, n_choices):
+    from polar_vbll.heads.probe import fit_probe
+
+    return fit_probe(head, phi, labels, n_choices, cfg.head.fit, structure=cfg.head.laplace.structure)
+
+
 HEADS: Mapping[str, HeadKind] = MappingProxyType(
     {
-        "deterministic": HeadKind("deterministic", _deterministic, refitted=False),
-        "vbll": HeadKind("vbll", _vbll, refitted=True),
-        # post-hoc last-layer Laplace around the trained deterministic head
-        "laplace": HeadKind(
-            "laplace", _deterministic, refitted=False, posthoc=_fit_laplace, trains_as="deterministic"
-        ),
+        "deterministic": HeadKind("deterministic", _deterministic, "frozen"),
+        "linear": HeadKind("linear", _linear, "theta", settings=("features", "linear")),
+        "vbll": HeadKind("vbll", _vbll, "eta", settings=("features", "vbll", "fit")),
+        # post-hoc last-layer Laplace around the trained linear head
+        "laplace": HeadKind("laplace", _linear, "theta", posthoc=_fit_laplace, trains_as="linear",
+                            settings=("features", "linear")),  # fmt: skip
+        # a MAP linear head fitted once on the final (for a method that does not train: frozen) features
+        "probe": HeadKind("probe", _linear, "frozen", posthoc=_fit_probe, settings=("features",)),
     }
 )
 
@@ -230,6 +254,7 @@ class Method:
 
 
 def _needs_weight_decay(cfg: RunConfig) -> None:
+    _needs_head_prior(cfg)
     if cfg.optim.theta_weight_decay <= 0:
         raise ValueError(
             "lora_map is LoRA trained with AdamW weight decay (a Gaussian prior's MAP), but "
@@ -246,10 +271,21 @@ def _needs_dropout(cfg: RunConfig) -> None:
         )
 
 
+def _needs_head_prior(cfg: RunConfig) -> None:
+    if cfg.head.linear.prior != "gaussian":
+        raise ValueError(
+            f"{cfg.method} is MAP: its linear head needs head.linear.prior gaussian, got "
+            f"{cfg.head.linear.prior!r} (that is the MLE method)"
+        )
+
+
 def _needs_members(cfg: RunConfig) -> None:
     if cfg.eval.ensemble_members < 2:
         raise ValueError(f"an ensemble needs eval.ensemble_members >= 2, got {cfg.eval.ensemble_members}")
 
+
+_TS = {"eval": {"temperature_scaling": True}}
+_MAP = {"head": {"linear": {"prior": "gaussian"}}, "eval": {"temperature_scaling": True}}
 
 METHODS: Mapping[str, Method] = MappingProxyType(
     {
@@ -260,34 +296,57 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "the backbone as shipped: answer-letter logits of the LM head, no training", trains=False,
             ),
             Method(
-                "polar_mle", "PoLAR-MLE", "polar", "deterministic", "one_pass",
-                "PoLAR adapters under the frozen answer-row head, cross-entropy",
+                "linear_probe", "linear probe", "polar", "probe", "one_pass",
+                "an L2 logistic regression (MAP, prior by the Laplace evidence) on the frozen backbone's "
+                "features: is the signal there at all?", trains=False,
+            ),
+            Method(
+                "polar_mle", "PoLAR-MLE", "polar", "linear", "one_pass",
+                "PoLAR adapters and a trainable linear head (started at the LM-head rows), cross-entropy",
+                defaults=_TS,
+            ),
+            Method(
+                "polar_map", "PoLAR-MAP", "polar", "linear", "one_pass",
+                "PoLAR adapters and a linear head under the VBLL head's Gaussian prior (MAP): the VBLL "
+                "method without its posterior", defaults=_MAP, check=_needs_head_prior,
+            ),
+            Method(
+                "polar_mle_frozen", "PoLAR-MLE (frozen rows)", "polar", "deterministic", "one_pass",
+                "PoLAR adapters under the frozen answer-row head of the LM, cross-entropy", defaults=_TS,
             ),
             Method(
                 "polar_vbll", "PoLAR-VBLL", "polar", "vbll", "one_pass",
                 "PoLAR adapters and a variational Bayesian last layer, alternating optimization (ours)",
             ),
             Method(
-                "lora_mle", "LoRA-MLE", "lora", "deterministic", "one_pass",
-                "LoRA (peft) under the frozen answer-row head, cross-entropy",
+                "polar_laplace", "PoLAR-LL-Laplace", "polar", "laplace", "one_pass",
+                "PoLAR-MLE plus post-hoc last-layer Laplace (prior precision by marginal likelihood)",
             ),
             Method(
-                "lora_map", "LoRA-MAP", "lora", "deterministic", "one_pass",
-                "LoRA with AdamW weight decay (a Gaussian prior's MAP)",
-                defaults={"optim": {"theta_weight_decay": 0.1}}, check=_needs_weight_decay,
+                "lora_mle", "LoRA-MLE", "lora", "linear", "one_pass",
+                "LoRA (peft) and a trainable linear head, cross-entropy", defaults=_TS,
             ),
             Method(
-                "mc_dropout", "MC dropout", "lora", "deterministic", "mc_dropout",
+                "lora_mle_frozen", "LoRA-MLE (frozen rows)", "lora", "deterministic", "one_pass",
+                "LoRA (peft) under the frozen answer-row head of the LM, cross-entropy", defaults=_TS,
+            ),
+            Method(
+                "lora_map", "LoRA-MAP", "lora", "linear", "one_pass",
+                "LoRA with AdamW weight decay (a Gaussian prior's MAP) and a linear head under the Gaussian prior",
+                defaults={"optim": {"theta_weight_decay": 0.1}, **_MAP}, check=_needs_weight_decay,
+            ),
+            Method(
+                "mc_dropout", "MC dropout", "lora", "linear", "mc_dropout",
                 "LoRA trained with adapter dropout; the predictive averages dropout passes at test time",
                 defaults={"lora": {"dropout": 0.1}}, check=_needs_dropout,
             ),
             Method(
-                "ensemble", "Deep ensemble", "lora", "deterministic", "ensemble",
-                "LoRA-MLE adapters trained from different seeds, probabilities averaged",
+                "ensemble", "Deep ensemble", "lora", "linear", "ensemble",
+                "LoRA-MLE adapters and heads trained from different seeds, probabilities averaged",
                 check=_needs_members,
             ),
             Method(
-                "laplace", "LL-Laplace", "lora", "laplace", "one_pass",
+                "laplace", "LoRA-LL-Laplace", "lora", "laplace", "one_pass",
                 "LoRA-MLE plus post-hoc last-layer Laplace (prior precision by marginal likelihood)",
             ),
             Method(

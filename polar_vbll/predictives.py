@@ -18,6 +18,13 @@ Every predictive reads features through a :class:`~polar_vbll.protocols.FeatureP
 ``FeatureSource`` in one process, a ``Backend`` on workers) and returns :class:`Predictions` in the split's
 original order. Averages are taken in float64, in probability space (never over logits: that would be a
 sharper, differently calibrated predictive than the one each baseline is defined by).
+
+Besides the probabilities, every predictive reports per example the **logit variance** (the mean over
+valid classes of the variance of the logits under the method's posterior: a Bayesian head's closed form;
+over dropout passes or ensemble members, the variance of the log-probabilities; 0 for a single
+deterministic model) and the **epistemic** score (the mutual information between the label and the
+parameters, in nats: the entropy of the mean predictive minus the mean entropy over posterior samples,
+passes or members; 0 for a single deterministic model).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from polar_vbll.adapters.dropout import adapter_dropout, seeded_rng
 from polar_vbll.features import EncodedSplit, length_sorted_batches
+from polar_vbll.heads.predictive import mutual_information
 from polar_vbll.metrics import CalibrationAccumulator
 from polar_vbll.protocols import FeatureProvider
 
@@ -39,14 +47,23 @@ DEFAULT_MC_SAMPLES = 10
 
 @dataclass
 class Predictions:
-    """Per-example predictive probabilities ``(N, K)`` in the split's original order, and the labels."""
+    """Per-example predictive probabilities ``(N, K)`` in the split's original order, the labels, and the
+    per-example ``logit_var`` and ``epistemic`` scores (N,) (see the module docstring; None when not
+    computed, e.g. after temperature scaling)."""
 
     split: str
     probs: torch.Tensor
     labels: torch.Tensor
+    logit_var: torch.Tensor | None = None
+    epistemic: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
-        return self.accumulator().compute()
+        """ACC, ECE, NLL, Brier and n (fractions) plus the mean logit variance and epistemic score."""
+        out = self.accumulator().compute()
+        for name in ("logit_var", "epistemic"):
+            value = getattr(self, name)
+            out[name] = float(value.to(torch.float64).mean()) if value is not None else None
+        return out
 
     def accumulator(self) -> CalibrationAccumulator:
         acc = CalibrationAccumulator()
@@ -57,11 +74,24 @@ class Predictions:
 def head_probabilities(head, phi: torch.Tensor, enc: EncodedSplit, batch_size: int) -> torch.Tensor:
     """``head.predict_proba`` over a split's features ``(N, d)``, in length-sorted batches of
     ``batch_size`` (float32, CPU, ``(N, K)``)."""
+    return head_outputs(head, phi, enc, batch_size, uncertainty=False)[0]
+
+
+def head_outputs(
+    head, phi: torch.Tensor, enc: EncodedSplit, batch_size: int, uncertainty: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(probs (N, K), {"logit_var": (N,), "epistemic": (N,)})`` of a head over a split's features, in
+    length-sorted batches; a head without ``uncertainty`` (a single deterministic model) scores 0."""
     probs = torch.zeros((len(enc), head.num_classes), dtype=torch.float32)
+    extras = {k: torch.zeros(len(enc), dtype=torch.float32) for k in ("logit_var", "epistemic")}
+    scorer = getattr(head, "uncertainty", None) if uncertainty else None
     for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
-        p = head.predict_proba(phi[idx], enc.n_choices[idx].to(phi.device))
-        probs[idx] = p.to(torch.float32).cpu()
-    return probs
+        c = enc.n_choices[idx].to(phi.device)
+        probs[idx] = head.predict_proba(phi[idx], c).to(torch.float32).cpu()
+        if scorer is not None:
+            for k, v in scorer(phi[idx], c).items():
+                extras[k][idx] = v.to(torch.float32).cpu()
+    return probs, extras
 
 
 @torch.no_grad()
@@ -71,7 +101,22 @@ def predict(
     """The ``one_pass`` predictive: one backbone pass per example, adapter dropout off."""
     with adapter_dropout(source.model, False):
         phi = source.split_features(enc, batch_size, progress)
-    return Predictions(enc.name, head_probabilities(head, phi, enc, batch_size), enc.labels.clone())
+    probs, extras = head_outputs(head, phi, enc, batch_size)
+    return Predictions(enc.name, probs, enc.labels.clone(), **extras)
+
+
+def sample_moments(samples: Sequence[torch.Tensor], n_choices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The logit variance and epistemic score of an equal-weight mixture of predictives ``samples`` (each
+    (N, K): dropout passes or ensemble members): the variance over samples of the log-probabilities,
+    averaged over valid classes, and the mutual information (float32, (N,))."""
+    stack = torch.stack([p.to(torch.float64) for p in samples])  # (S, N, K)
+    logp = torch.log(stack.clamp_min(1e-12))
+    valid = torch.arange(stack.shape[-1]).unsqueeze(0) < n_choices.unsqueeze(1)
+    var = logp.var(0, unbiased=False) if len(samples) > 1 else torch.zeros_like(logp[0])
+    return {
+        "logit_var": ((var * valid).sum(-1) / valid.sum(-1)).to(torch.float32),
+        "epistemic": mutual_information(stack).to(torch.float32),
+    }
 
 
 def _warn_if_deterministic(n_active: int) -> None:
@@ -103,16 +148,17 @@ def predict_mc_dropout(
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     source.prepare(enc, batch_size, progress=progress)
-    total = torch.zeros((len(enc), head.num_classes), dtype=torch.float64)
+    passes: list[torch.Tensor] = []
     with seeded_rng(seed), adapter_dropout(source.model, True) as n_active:
         _warn_if_deterministic(n_active)
         for _ in range(n_samples):
             phi = source.split_features(enc, batch_size, progress)
-            total += head_probabilities(head, phi, enc, batch_size).to(torch.float64)
-    return Predictions(enc.name, (total / n_samples).to(torch.float32), enc.labels.clone())
+            passes.append(head_probabilities(head, phi, enc, batch_size).to(torch.float64))
+    mean = torch.stack(passes).mean(0)
+    return Predictions(enc.name, mean.to(torch.float32), enc.labels.clone(), **sample_moments(passes, enc.n_choices))
 
 
-def ensemble_predictions(members: Sequence[Predictions]) -> Predictions:
+def ensemble_predictions(members: Sequence[Predictions], n_choices: torch.Tensor | None = None) -> Predictions:
     """The equal-weight mixture of ``members``: probabilities averaged (in float64) per example.
 
     Raises ``ValueError`` unless every member is of the same split, with the same number of examples and
@@ -136,7 +182,10 @@ def ensemble_predictions(members: Sequence[Predictions]) -> Predictions:
                 "another order)"
             )
     mean = torch.stack([m.probs.detach().cpu().to(torch.float64) for m in members]).mean(dim=0)
-    return Predictions(first.split, mean.to(torch.float32), first.labels.clone())
+    if n_choices is None:  # every class a member gave probability > 0 counts as a choice
+        n_choices = (mean > 0).sum(-1)
+    extras = sample_moments([m.probs.detach().cpu() for m in members], n_choices.cpu())
+    return Predictions(first.split, mean.to(torch.float32), first.labels.clone(), **extras)
 
 
 @torch.no_grad()
@@ -160,4 +209,4 @@ def predict_ensemble(
             preds.append(predict(source, head, enc, batch_size, progress=progress))
     finally:
         adapter.load_adapter_state_dict(saved, where="the adapter's own state")
-    return ensemble_predictions(preds)
+    return ensemble_predictions(preds, enc.n_choices)

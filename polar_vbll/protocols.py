@@ -149,6 +149,9 @@ class Coordinator(Protocol):
     @property
     def refits(self) -> int: ...
 
+    #: the last full eta-phase's report (``polar_vbll.heads.fit.FitReport`` as a dict), None before one
+    last_report: dict[str, Any] | None
+
     def refit(
         self,
         key: int,

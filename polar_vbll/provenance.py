@@ -60,8 +60,10 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
             "optim.", "train.steps", "train.batch_size", "train.seed"]  # fmt: skip
     if not method.trains:  # the adapter stays at init: only the backbone and the adapter's layout matter
         keep = ["model.", f"{section}."]
-    elif method.head_kind.refitted:
-        keep += ["train.alternation", "train.round_steps", "train.final_head_refit", "head.fit.", "head.vbll."]
+    else:
+        keep += [f"head.{section}." for section in method.head_kind.settings]
+        if method.head_kind.refitted:
+            keep += ["train.alternation", "train.round_steps", "train.final_head_refit"]
     out = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keep)}
     drop = _PREDICTION_ONLY + (() if method.adapter_kind.stiefel else _STIEFEL_OPTIM)
     out = {k: v for k, v in out.items() if k not in drop}

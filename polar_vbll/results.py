@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ENTRY_POINTS = ("train", "train --workers", "compare", "tune", "eval")
 
 
@@ -25,34 +25,64 @@ class _Model(BaseModel):
 
 
 class SplitMetrics(_Model):
-    """Calibration metrics of one split's predictive probabilities (fractions; ``n`` examples)."""
+    """Calibration metrics of one split's predictive probabilities (fractions; ``n`` examples), and the
+    mean logit variance and epistemic score (nats) of the predictive (``polar_vbll.predictives``; None
+    where not computed: the zero-shot row, temperature-scaled predictions)."""
 
     acc: float
     ece: float
     nll: float
     brier: float
     n: int
+    logit_var: float | None = None
+    epistemic: float | None = None
 
 
 class OODMetrics(SplitMetrics):
     """An OOD set's own metrics, and AUROC of telling it from the evaluation split (0.5 = chance) by
-    max-probability (``auroc_msp``) and predictive entropy (``auroc_entropy``)."""
+    max-probability (``auroc_msp``), predictive entropy (``auroc_entropy``) and the epistemic score
+    (``auroc_epistemic``; None for a method without one: a single deterministic model)."""
 
     auroc_msp: float
     auroc_entropy: float
+    auroc_epistemic: float | None = None
+
+
+class Chance(_Model):
+    """The honesty guard on the evaluation split (``polar_vbll.guards``): the uniform and majority-class
+    predictors, chance accuracy and its standard error, and whether this run's accuracy is below chance
+    plus two standard errors."""
+
+    uniform: SplitMetrics
+    majority: SplitMetrics
+    chance_acc: float
+    chance_se: float
+    at_chance: bool
+
+
+class Scaled(_Model):
+    """The same splits after temperature scaling with ``temperature`` (fitted on validation)."""
+
+    temperature: float
+    eval: SplitMetrics
+    validation: SplitMetrics | None  # None: another task's evaluation (polar-vbll eval), the run's temperature
+    ood: dict[str, OODMetrics]
 
 
 class Metrics(_Model):
     eval: SplitMetrics
-    validation: SplitMetrics
+    validation: SplitMetrics | None  # None only from `polar-vbll eval` on another task
     zero_shot: SplitMetrics | None
     ood: dict[str, OODMetrics]
+    chance: Chance | None = None
+    temperature_scaled: Scaled | None = None
 
 
 class Training(_Model):
-    """How one member was trained: steps, the step a resume started from, head refits, the last logged
-    loss, the orthogonality error ``max ||X^T X - I||_F`` of its Stiefel factors (0 for LoRA), the
-    stable ranks of its updates and the logged history."""
+    """How one member was trained: steps, the step a resume started from, head refits (each full
+    eta-phase's L-BFGS iterations, final gradient norm, loss parts and prior variance in ``head_fits``),
+    the last logged loss and its parts, the orthogonality error ``max ||X^T X - I||_F`` of its Stiefel
+    factors (0 for LoRA), the stable ranks of its updates and the logged history."""
 
     steps: int
     resumed_from_step: int | None
@@ -62,6 +92,9 @@ class Training(_Model):
     stable_rank_mean: float | None
     stable_ranks: dict[str, float]
     history: list[dict[str, int | float]]
+    loss_data: float | None = None  # the last logged loss's data term (a head with a prior)
+    loss_regularizer: float | None = None  # and its regulariser ((KL - log p(sigma)) / N, or the MAP penalty / N)
+    head_fits: list[dict[str, int | float | bool | None]] = []  # one report per full eta-phase
     reused: bool = False  # trained once for an identical earlier run of a comparison, not again
 
 
@@ -75,7 +108,7 @@ class Distributed(_Model):
 class RunResults(_Model):
     """What a finished run reports (``<run folder>/results.json``)."""
 
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     entry_point: Literal["train", "train --workers", "compare", "tune", "eval"]
     name: str
     method: str
@@ -138,5 +171,18 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         t = task.replace(":", "_")
         out[f"ood_auroc_{t}"] = float(block["auroc_msp"])
         out[f"ood_auroc_entropy_{t}"] = float(block["auroc_entropy"])
+        if block.get("auroc_epistemic") is not None:
+            out[f"ood_auroc_epistemic_{t}"] = float(block["auroc_epistemic"])
         out[f"ood_acc_{t}"] = float(block["acc"])
+    for prefix, block in (("val_", m["validation"]), ("test_", m["eval"])):
+        for k in ("logit_var", "epistemic"):
+            if block and block.get(k) is not None:
+                out[prefix + k] = float(block[k])
+    scaled = m.get("temperature_scaled")
+    if scaled:
+        out["temperature"] = float(scaled["temperature"])
+        out.update({f"test_ts_{k}": float(scaled["eval"][k]) for k in ("acc", "ece", "nll", "brier")})
+    if m.get("chance"):
+        out["chance_acc"] = float(m["chance"]["chance_acc"])
+        out["at_chance"] = float(m["chance"]["at_chance"])
     return out

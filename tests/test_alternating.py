@@ -66,7 +66,9 @@ def test_per_round_refits_at_round_starts_and_at_the_end(tmp_path):
 def test_per_step_refits_after_every_adapter_step(tmp_path):
     trainer = _vbll_setup(tmp_path, alternation="per_step", steps=4)
     trainer.fit()
-    assert trainer.coordinator.refits == 4
+    # one full eta-phase before the first step, then one head step after every adapter step
+    assert trainer.coordinator.refits == 1 + 4
+    assert [f["step"] for f in trainer.state.head_fits] == [0]
 
 
 def test_theta_phase_does_not_move_the_head_and_eta_phase_not_the_adapters(tmp_path):

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from polar_vbll.compare.config import load_compare_config
-from polar_vbll.compare.report import aggregate, mean_std
+from polar_vbll.compare.report import MAJORITY, UNIFORM, aggregate, markdown_table, mean_std, table_rows
 from polar_vbll.config import deep_merge
 from polar_vbll.errors import ConfigError
 from polar_vbll.results import RunResults
@@ -58,13 +58,18 @@ def test_table_csv_and_diagrams(compared):
             RunResults.model_validate(results)
             assert (results["entry_point"], results["method"]) == ("compare", method)
     assert "| openbookqa | PoLAR-VBLL |" in result.output
-    assert "AUROC MSP arc_challenge (%)" in result.output and "AUROC entropy arc_challenge (%)" in result.output
+    assert "AUROC MSP (%)" in result.output and "AUROC epistemic (%)" in result.output
+    assert "| openbookqa | uniform predictor |" in result.output  # the guard rows lead every task
+    assert "| openbookqa | LoRA-MLE + TS |" in result.output  # an MLE method's temperature-scaled twin
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 * 2
     assert {r["method"] for r in rows} == set(TINY["methods"])
     assert (out / "reliability_openbookqa.png").stat().st_size > 0
-    assert (out / "results.md").read_text().count("| openbookqa |") == 5
+    md = (out / "results.md").read_text()
+    # main table: 2 guard predictors, 5 methods and LoRA-MLE + TS; OOD table: every method row but the guards
+    assert md.count("| openbookqa |") == 2 + 5 + 1 + (5 + 1)
+    assert md.count("| openbookqa | arc_challenge |") == 5 + 1
 
 
 def test_passes_per_example_and_shared_training(compared):
@@ -83,7 +88,12 @@ def test_passes_per_example_and_shared_training(compared):
         by[("lora_mle", 0)]["params"]["lora.init_seed"] == 0
         and by[("lora_mle", 1)]["params"]["lora.init_seed"] == 1
     )
-    assert "ood_auroc_arc_challenge" in by[("polar_vbll", 1)]["metrics"]
+    ood = by[("polar_vbll", 1)]["ood"]["arc_challenge"]
+    assert 0 <= ood["auroc_msp"] <= 1 and 0 <= ood["auroc_epistemic"] <= 1  # VBLL has an epistemic part
+    assert by[("lora_mle", 1)]["ood"]["arc_challenge"]["auroc_epistemic"] is None  # a single MLE model has none
+    assert by[("ensemble", 1)]["ood"]["arc_challenge"]["auroc_epistemic"] is not None
+    assert by[("lora_mle", 0)]["temperature"] > 0 and by[("polar_vbll", 0)]["temperature"] is None
+    assert by[("polar_vbll", 0)]["head_fits"] and by[("polar_vbll", 0)]["chance"]["chance_acc"] > 0
 
 
 def test_compare_is_one_mlflow_parent_run_with_a_child_per_task_method_seed(compared):
@@ -139,3 +149,21 @@ def test_aggregate_mean_and_sample_std():
     assert row["acc_mean"] == pytest.approx(62.5) and row["acc_std"] == pytest.approx(17.677669529663689)
     assert row["nll_std"] == 0.0 and row["seeds"] == 2 and row["train_s"] == 2.0
     assert mean_std([3.0]) == (3.0, 0.0)
+
+
+def test_table_rows_lead_with_the_guard_and_flag_chance_level_methods():
+    chance = {"uniform": {"acc": 0.5, "ece": 0.0, "nll": 0.693, "brier": 0.5, "n": 100},
+              "majority": {"acc": 0.55, "ece": 0.05, "nll": 0.69, "brier": 0.49, "n": 100},
+              "chance_acc": 0.55, "chance_se": 0.05}  # fmt: skip
+    recs = [
+        {"task": "t", "method": m, "seed": s, "metrics": {"acc": a, "ece": 0.1, "nll": 0.6, "brier": 0.4, "n": 100},
+         "chance": chance, "at_chance": a < 0.65, "ts_metrics": ts, "ood": {}}
+        for s in (0, 1) for m, a, ts in (("mle", 0.8, {"acc": 0.8, "ece": 0.02, "nll": 0.5, "brier": 0.3, "n": 100}),
+                                         ("flat", 0.56, None))
+    ]  # fmt: skip
+    rows = aggregate(table_rows(recs, {"mle": "MLE", "flat": "Flat"}))
+    assert [r["method"] for r in rows] == [UNIFORM, MAJORITY, "MLE", "MLE + TS", "Flat"]
+    table = markdown_table(rows)
+    assert "| t | Flat | 56.0 ± 0.0 |" in table and "**at chance** |" in table.splitlines()[-1]
+    assert "| no |" in table.splitlines()[4]  # MLE
+    assert rows[0]["seeds"] == 2 and rows[0]["acc_mean"] == pytest.approx(50.0)

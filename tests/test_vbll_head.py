@@ -407,11 +407,11 @@ def test_from_weight_starts_at_zero_shot():
         torch.testing.assert_close(
             head.predict_proba(phi, n_choices, method=method), expected, rtol=0, atol=1e-4
         )
-    # default init: small covariance (a fraction init_cov_scale of the prior variance)
+    # default init: the covariance at the prior (init_cov_scale 1, as the vbll package)
     default = VBLLHead.from_weight(weight, dataset_size=100)
     torch.testing.assert_close(
         default.covariance_diagnostics()["max_var"],
-        torch.full((5,), 1e-3 * default.prior_var),
+        torch.full((5,), default.prior_var),
         rtol=1e-5,
         atol=0,
     )

@@ -1,8 +1,12 @@
-"""Comparison tables: per-(task, method) mean ± std over seeds, as Markdown and CSV.
+"""Comparison tables: per-(task, method) mean ± std over seeds, as Markdown and CSV, with the honesty guard.
 
 Each record is one (method, task, seed) result with metrics as fractions (``acc``, ``ece``, ``nll``,
-``brier``, optional ``ood_auroc_*``), the backbone passes per test example and wall times. ACC, ECE and OOD
-AUROC are reported in percent with the unit in the column name.
+``brier``, ``logit_var``, ``epistemic``), its temperature-scaled metrics when the run has them, the
+evaluation split's guard block (``polar_vbll.guards``: the uniform and majority-class predictors, chance
+accuracy and its standard error) and per OOD set its metrics and AUROCs. :func:`table_rows` turns them into
+the rows of a table: per task the uniform and majority-class predictors first, then every method, each
+temperature-scaled method as its own "+ TS" row; a method whose accuracy is below chance + 2 standard errors
+is flagged (its ECE and NLL measure abstention, not calibration). ACC, ECE and AUROC are in percent.
 """
 
 from __future__ import annotations
@@ -15,12 +19,9 @@ from pathlib import Path
 from typing import Any
 
 PERCENT = ("acc", "ece")
-COLUMNS = [
-    ("acc", "ACC (%)"),
-    ("ece", "ECE (%)"),
-    ("nll", "NLL"),
-    ("brier", "Brier"),
-]
+KEYS = ("acc", "ece", "nll", "brier", "logit_var", "epistemic")
+OOD_KEYS = ("acc", "ece", "nll", "auroc_msp", "auroc_entropy", "auroc_epistemic")
+UNIFORM, MAJORITY = "uniform predictor", "majority-class predictor"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -32,56 +33,96 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _scale(key: str) -> float:
-    return 100.0 if key in PERCENT or key.startswith("ood_auroc") else 1.0
+    return 100.0 if key in PERCENT or key.startswith(("ood_auroc", "auroc")) else 1.0
+
+
+def table_rows(records: Sequence[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The per-run rows a table aggregates, in order: per task and seed the two guard predictors (once),
+    then each record, then its temperature-scaled twin. ``labels``: method name -> display label."""
+    out: list[dict[str, Any]] = []
+    seen: set[tuple[str, int]] = set()
+    for r in records:
+        chance = r.get("chance")
+        if chance and (r["task"], r["seed"]) not in seen:
+            seen.add((r["task"], r["seed"]))
+            for name, key in ((UNIFORM, "uniform"), (MAJORITY, "majority")):
+                out.append({"task": r["task"], "method": name, "seed": r["seed"], "metrics": chance[key],
+                            "guard": True})  # fmt: skip
+    for r in records:
+        label = labels.get(r["method"], r["method"])
+        out.append({**r, "method": label})
+        if r.get("ts_metrics"):
+            out.append({**r, "method": f"{label} + TS", "metrics": r["ts_metrics"], "ood": r.get("ts_ood", {}),
+                        "temperature": r.get("temperature")})  # fmt: skip
+    order: dict[str, int] = {}
+    for row in out:
+        order.setdefault(row["task"], len(order))
+    rank = {UNIFORM: 0, MAJORITY: 1}
+    return sorted(out, key=lambda row: (order[row["task"]], rank.get(row["method"], 2)))
 
 
 def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, method) in first-seen order with ``<key>_mean`` / ``<key>_std`` (scaled: percent
-    for ACC, ECE and AUROC) and the number of seeds."""
+    for ACC, ECE and AUROC), the number of seeds, the seeds at chance and the OOD means per set."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["method"]), []).append(r)
     rows = []
     for (task, method), rs in groups.items():
-        row: dict[str, Any] = {"task": task, "method": method, "seeds": len(rs)}
-        keys = [k for k in rs[0]["metrics"] if isinstance(rs[0]["metrics"][k], (int, float)) and k != "n"]
+        row: dict[str, Any] = {"task": task, "method": method, "seeds": len(rs), "guard": rs[0].get("guard", False)}
+        keys = [k for k, v in rs[0]["metrics"].items() if isinstance(v, (int, float)) and k != "n"]
         for key in keys:
-            m, s = mean_std([r["metrics"][key] * _scale(key) for r in rs])
+            vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
+            m, s = mean_std([v * _scale(key) for v in vals])
             row[f"{key}_mean"], row[f"{key}_std"] = m, s
-        for key in ("passes_per_example", "train_s", "test_s"):
-            if key in rs[0]:
+        for key in ("passes_per_example", "train_s", "test_s", "temperature"):
+            if rs[0].get(key) is not None:
                 row[key] = statistics.fmean(float(r[key]) for r in rs)
+        if "at_chance" in rs[0]:
+            row["at_chance"] = sum(bool(r["at_chance"]) for r in rs)
+        ood: dict[str, dict[str, tuple[float, float]]] = {}
+        for name in rs[0].get("ood", {}):
+            ood[name] = {}
+            for key in OOD_KEYS:
+                vals = [r["ood"][name].get(key) for r in rs if name in r.get("ood", {})]
+                vals = [v * _scale(key) for v in vals if v is not None]
+                if vals:
+                    ood[name][key] = mean_std(vals)
+        row["ood"] = ood
         row["n_test"] = rs[0]["metrics"].get("n")
         rows.append(row)
     return rows
 
 
-def _auroc_header(key: str) -> str:
-    """``ood_auroc_<task>`` (by max-probability) and ``ood_auroc_entropy_<task>`` (by predictive entropy)."""
-    if key.startswith("ood_auroc_entropy_"):
-        return f"AUROC entropy {key.removeprefix('ood_auroc_entropy_')} (%)"
-    return f"AUROC MSP {key.removeprefix('ood_auroc_')} (%)"
-
-
-def _pm(row: dict[str, Any], key: str, digits: int) -> str:
-    m, s = row.get(f"{key}_mean"), row.get(f"{key}_std")
+def _fmt(m: float | None, s: float | None, seeds: int, digits: int) -> str:
     if m is None or (isinstance(m, float) and math.isnan(m)):
         return "–"
-    if row.get("seeds", 2) < 2:  # one seed has no spread to show
+    if seeds < 2:  # one seed has no spread to show
         return f"{m:.{digits}f}"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], ood_keys: Sequence[str] = ()) -> str:
-    """The comparison table: one block per task, mean ± std over seeds."""
-    header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier"]
-    header += [_auroc_header(k) for k in ood_keys]
-    header += ["passes / example", "train s", "test s", "seeds"]
+def _pm(row: dict[str, Any], key: str, digits: int) -> str:
+    return _fmt(row.get(f"{key}_mean"), row.get(f"{key}_std"), row.get("seeds", 2), digits)
+
+
+def _chance_cell(row: dict[str, Any]) -> str:
+    if row.get("guard"):
+        return "(reference)"
+    if "at_chance" not in row:
+        return "–"
+    n, k = row["seeds"], row["at_chance"]
+    return "**at chance**" if k == n else ("no" if k == 0 else f"**at chance in {k}/{n}**")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The main table: one block per task (guard predictors first), mean ± std over seeds."""
+    header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier", "logit var", "at chance?", "passes / example",
+              "train s", "test s", "seeds"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["task"], row["method"], _pm(row, "acc", 1), _pm(row, "ece", 1), _pm(row, "nll", 3)]
-        cells.append(_pm(row, "brier", 3))
-        cells += [_pm(row, k, 1) for k in ood_keys]
+        cells = [row["task"], row["method"], _pm(row, "acc", 1), _pm(row, "ece", 1), _pm(row, "nll", 3),
+                 _pm(row, "brier", 3), _pm(row, "logit_var", 3), _chance_cell(row)]  # fmt: skip
         cells.append(f"{row['passes_per_example']:g}" if "passes_per_example" in row else "–")
         cells.append(f"{row['train_s']:.{0 if row['train_s'] >= 10 else 1}f}" if "train_s" in row else "–")
         cells.append(f"{row['test_s']:.1f}" if "test_s" in row else "–")
@@ -90,17 +131,45 @@ def markdown_table(rows: Sequence[dict[str, Any]], ood_keys: Sequence[str] = ())
     return "\n".join(lines)
 
 
+def ood_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per trained task and OOD set: each method's ACC/ECE/NLL on the shifted set and AUROC of telling it
+    from the test set by max-probability, predictive entropy and the epistemic score (– where a method has
+    no epistemic part). Empty when no row has OOD sets."""
+    header = ["Task", "OOD set", "Method", "ACC (%)", "ECE (%)", "NLL", "AUROC MSP (%)", "AUROC entropy (%)",
+              "AUROC epistemic (%)"]  # fmt: skip
+    lines = []
+    for row in rows:
+        for name, block in row.get("ood", {}).items():
+            cells = [row["task"], name, row["method"]]
+            for key, digits in zip(OOD_KEYS, (1, 1, 3, 1, 1, 1), strict=True):
+                m, s = block.get(key, (None, None))
+                cells.append(_fmt(m, s, row["seeds"], digits))
+            lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+
+
 def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Every (method, task, seed) record, one row each, metrics as fractions (as computed)."""
+    """Every (method, task, seed) record, one row each, metrics as fractions (as computed); a
+    temperature-scaled run adds ``ts_*`` columns, OOD sets ``ood_<set>_*`` columns."""
     path = Path(path)
-    metric_keys = sorted({k for r in records for k in r["metrics"]})
-    extra = ["passes_per_example", "train_s", "test_s"]
+    flat = [_flat(r) for r in records]
+    keys = sorted({k for f in flat for k in f})
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "method", "seed", *metric_keys, *extra])
-        for r in records:
-            w.writerow(
-                [r["task"], r["method"], r["seed"], *(r["metrics"].get(k, "") for k in metric_keys)]
-                + [r.get(k, "") for k in extra]
-            )
+        w.writerow(["task", "method", "seed", *keys])
+        for r, fr in zip(records, flat, strict=True):
+            w.writerow([r["task"], r["method"], r["seed"], *(fr.get(k, "") for k in keys)])
     return path
+
+
+def _flat(r: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in r["metrics"].items() if v is not None}
+    out.update({f"ts_{k}": v for k, v in (r.get("ts_metrics") or {}).items() if v is not None})
+    for name, block in r.get("ood", {}).items():
+        out.update({f"ood_{name}_{k}": v for k, v in block.items() if v is not None})
+    for key in ("passes_per_example", "train_s", "test_s", "temperature", "at_chance"):
+        if r.get(key) is not None:
+            out[key] = r[key]
+    return out

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from polar_vbll.compare.config import CompareConfig, method_config
-from polar_vbll.compare.report import aggregate, markdown_table, write_csv
+from polar_vbll.compare.report import aggregate, markdown_table, ood_table, table_rows, write_csv
 from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
@@ -48,27 +48,32 @@ class TaskContext:
 
 
 def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -> dict[str, Any]:
-    """One line of ``records.jsonl``: a run's test metrics (fractions) with its OOD AUROC and accuracy,
-    validation metrics, cost and provenance."""
+    """One line of ``records.jsonl``: a run's test metrics (fractions), its temperature-scaled metrics
+    when it has them, the guard block of the test split, per OOD set its metrics and AUROCs, validation
+    metrics, cost and provenance."""
     m = results["metrics"]
-    metrics = dict(m["eval"])
-    for ood_task, block in m["ood"].items():
-        metrics[f"ood_auroc_{ood_task}"] = block["auroc_msp"]
-        metrics[f"ood_auroc_entropy_{ood_task}"] = block["auroc_entropy"]
-        metrics[f"ood_acc_{ood_task}"] = block["acc"]
     training = results["training"]
+    scaled = m.get("temperature_scaled")
+    chance = m.get("chance")
     return {
         "task": task,
         "method": method,
         "seed": seed,
         "settings": settings_digest(results),
-        "metrics": metrics,
+        "metrics": dict(m["eval"]),
+        "ts_metrics": dict(scaled["eval"]) if scaled else None,
+        "ts_ood": dict(scaled["ood"]) if scaled else {},
+        "temperature": scaled["temperature"] if scaled else None,
+        "chance": {k: v for k, v in chance.items() if k != "at_chance"} if chance else None,
+        "at_chance": chance["at_chance"] if chance else None,
+        "ood": dict(m["ood"]),
         "validation": m["validation"],
         "passes_per_example": results["passes_per_example"],
         "train_s": results["timings"]["train_s"],
         "test_s": results["timings"]["test_s"],
         "orthogonality_error": training["orthogonality_error"],
         "stable_rank_mean": training["stable_rank_mean"],
+        "head_fits": training.get("head_fits", []),
         "params": results["params"],
     }
 
@@ -198,20 +203,30 @@ class CompareRunner:
 
     def write_report(self, records: list[dict[str, Any]]) -> str:
         wanted = [r for r in records if r["task"] in self.ccfg.tasks and r["method"] in self.ccfg.methods]
-        rows = aggregate(
-            [{**r, "method": METHODS[r["method"]].label} for r in _ordered(wanted, self.ccfg)]
-        )
-        ood_keys = sorted({k for r in wanted for k in r["metrics"] if k.startswith("ood_auroc_")})
-        table = markdown_table(rows, ood_keys)
+        labels = {m: METHODS[m].label for m in self.ccfg.methods}
+        rows = aggregate(table_rows(_ordered(wanted, self.ccfg), labels))
+        table = markdown_table(rows)
+        ood = ood_table(rows)
         write_csv(wanted, self.out / "results.csv")
         header = (
             f"# {self.ccfg.name}: {len(self.ccfg.methods)} methods x {len(self.ccfg.tasks)} tasks x "
-            f"{len(self.ccfg.seeds)} seeds\n\nmean ± std over seeds; ACC, ECE and AUROC in percent (OOD AUROC of "
-            "telling each OOD set from the test set by max-probability, MSP, and by predictive entropy); "
-            "NLL and Brier from the predictive probabilities; ECE top-label, 15 equal-width bins.\n"
+            f"{len(self.ccfg.seeds)} seeds\n\nmean ± std over seeds; ACC and ECE in percent; NLL and Brier from the "
+            "predictive probabilities; ECE top-label, 15 equal-width bins; logit var: the mean predictive variance "
+            "of the logits (0 for a single deterministic model). Per task, the uniform and majority-class "
+            "predictors come first; **at chance** marks a method whose accuracy is below chance + 2 standard "
+            "errors: its ECE and NLL then measure abstention, not calibration. '+ TS': the same run's predictive "
+            "after temperature scaling fitted on the validation split.\n"
         )
-        (self.out / "results.md").write_text(header + "\n" + table + "\n")
+        text = header + "\n" + table + "\n"
+        if ood:
+            text += ("\n## Out of distribution\n\nEach OOD set's own ACC/ECE/NLL (the shifted-task accuracy, as "
+                     "BLoB reports it) and AUROC (%) of telling it from the test set by max-probability, "
+                     "predictive entropy and the epistemic score (mutual information; – for a single "
+                     "deterministic model).\n\n" + ood + "\n")  # fmt: skip
+        (self.out / "results.md").write_text(text)
         print("\n" + table, flush=True)
+        if ood:
+            print("\n" + ood, flush=True)
         print(f"\ncomparison folder: {self.out.resolve()}", flush=True)
         return table
 

@@ -61,6 +61,12 @@ class VBLLConfig(BaseModel):
         description="[choice] prior mean of each row: zero (method.md), or the rows the head starts from "
         "(the LM head's answer rows), so the prior pulls toward the zero-shot model rather than toward 0",
     )
+    prior_fit: Literal["fixed", "empirical_bayes"] = Field(
+        "fixed",
+        description="[choice] the prior variance s_p: fixed at prior_scale * 2 / D, or set in every eta-phase "
+        "to the ELBO's closed-form optimum given the posterior (empirical Bayes; prior_scale is then only "
+        "its starting value)",
+    )
     noise_init: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="initial noise standard deviation sigma_k"
     )
@@ -71,7 +77,11 @@ class VBLLConfig(BaseModel):
         1.0, gt=0, allow_inf_nan=False, description="degrees of freedom of the noise prior (vbll's)"
     )
     init_cov_scale: float = Field(
-        1e-3, gt=0, allow_inf_nan=False, description="initial covariance = init_cov_scale * s_p * I"
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="initial covariance = init_cov_scale * s_p * I (1: at the prior, as the vbll package; the "
+        "eta-phase fits it to convergence from there)",
     )
     predictive: Literal["mc", "probit"] = Field(
         "mc",

@@ -3,7 +3,10 @@
 The head is ``z = W phi + b`` with ``W`` (K, d) fixed at a trained value ``W*`` (the answer-token rows of
 the LM head, or a trained head) and the bias ``b`` kept fixed (not part of the posterior). The adapters and
 the backbone are not touched: the posterior is over ``vec(W)`` only (row-major, ``P = K d`` entries, entry
-``k d + j`` is ``W[k, j]``), fitted once on the training features.
+``k d + j`` is ``W[k, j]``), fitted once on the training features. Built from a head with a feature map
+(``polar_vbll.heads.features``: standardised features plus a bias column, the ``linear`` head), ``phi``
+below is that map's output ``x``: the posterior then covers the bias column too, and its isotropic prior
+acts on standardised features (the same scale-aware care as the VBLL head).
 
 Curvature. For a linear softmax layer the generalized Gauss-Newton equals the Hessian of the summed NLL:
 
@@ -57,6 +60,7 @@ from torch import nn
 
 from polar_vbll.errors import ConfigError
 from polar_vbll.heads.deterministic import masked_logits
+from polar_vbll.heads.predictive import mean_valid, mutual_information
 
 Structure = Literal["full", "kron"]
 Predictive = Literal["probit", "mc"]
@@ -171,8 +175,11 @@ class LastLayerLaplace(nn.Module):
         seed: int = 0,
         prior_precision_bounds: tuple[float, float] = (1e-10, 1e10),
         max_full_params: int = 16384,
+        feature_map: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        #: maps phi (B, d) to the head's features x (B, D) before anything else (None: x = phi)
+        self.feature_map = feature_map
         if structure not in STRUCTURES:
             raise ConfigError(f"Laplace structure must be one of {STRUCTURES}, got {structure!r}")
         if predictive not in PREDICTIVES:
@@ -209,14 +216,28 @@ class LastLayerLaplace(nn.Module):
 
     @classmethod
     def from_head(cls, head: nn.Module, **kwargs) -> LastLayerLaplace:
-        """Build from any head with a ``(K, d)`` ``weight`` and an optional ``bias`` (``DeterministicHead``;
-        for a VBLL head pass its mean ``m`` explicitly)."""
-        return cls(head.weight, getattr(head, "bias", None), **kwargs)
+        """Build from any head with a ``(K, D)`` ``weight``, an optional ``bias`` and an optional
+        ``feature_map`` (``DeterministicHead``, ``LinearHead``; for a VBLL head pass its mean ``m``
+        explicitly)."""
+        fmap = getattr(head, "feature_map", None)
+        return cls(head.weight, getattr(head, "bias", None), feature_map=fmap, **kwargs)
+
+    def _x(self, phi: torch.Tensor) -> torch.Tensor:
+        """The head's features of ``phi`` in float64 on the buffers' device."""
+        x = phi.detach().to(device=self.weight.device, dtype=_F64)
+        if self.feature_map is not None:
+            x = self.feature_map.to(self.weight.device)(x)
+        return x
 
     # ------------------------------------------------------------------------------------------ basics
     @property
     def num_classes(self) -> int:
         return self.weight.shape[0]
+
+    @property
+    def _in_features(self) -> int:
+        """The width of phi (the feature map's input, else the weight's)."""
+        return self.feature_map.in_features if self.feature_map is not None else self.weight.shape[1]
 
     @property
     def num_params(self) -> int:
@@ -233,9 +254,7 @@ class LastLayerLaplace(nn.Module):
 
     def logits(self, phi: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
         """The MAP logits ``W* phi + b`` (masked), float32: what the deterministic head would give."""
-        z, _ = _softmax_probs(
-            phi.to(self.weight.device, _F64), self.weight, self.bias, n_choices.to(self.weight.device)
-        )
+        z, _ = _softmax_probs(self._x(phi), self.weight, self.bias, n_choices.to(self.weight.device))
         return z.to(device=phi.device, dtype=torch.float32)
 
     # --------------------------------------------------------------------------------------------- fit
@@ -244,11 +263,11 @@ class LastLayerLaplace(nn.Module):
         """Accumulate the curvature of the summed NLL at ``W*`` on the training features, eigendecompose it,
         and (unless a prior precision was fixed) choose the prior precision by the marginal likelihood."""
         k, d = self.weight.shape
-        _check_inputs(phi, n_choices, k, d, labels)
+        _check_inputs(phi, n_choices, k, self._in_features, labels)
         if phi.shape[0] == 0:
             raise ValueError("LastLayerLaplace.fit: no training examples")
         dev = self.weight.device
-        phi64 = phi.detach().to(device=dev, dtype=_F64)
+        phi64 = self._x(phi)
         n_choices = n_choices.to(dev)
         z, _ = _softmax_probs(phi64, self.weight, self.bias, n_choices)
         self.log_likelihood = float(-F.cross_entropy(z, labels.to(dev), reduction="sum"))
@@ -328,9 +347,9 @@ class LastLayerLaplace(nn.Module):
         ``J (H + lam I)^{-1} J^T`` ``(B, K, K)``, float64, on the buffers' device."""
         self._require_fit()
         k, d = self.weight.shape
-        x = phi.detach().to(device=self.weight.device, dtype=_F64)
-        if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"phi must have shape (B, {d}), got {tuple(phi.shape)}")
+        if phi.ndim != 2 or phi.shape[1] != self._in_features:
+            raise ValueError(f"phi must have shape (B, {self._in_features}), got {tuple(phi.shape)}")
+        x = self._x(phi)
         mu = x @ self.weight.T
         if self.bias is not None:
             mu = mu + self.bias
@@ -361,7 +380,8 @@ class LastLayerLaplace(nn.Module):
             probs = self._mc_probs(mu, cov, n_choices)
         return probs.to(device=phi.device, dtype=torch.float32)
 
-    def _mc_probs(self, mu: torch.Tensor, cov: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+    def _mc_samples(self, mu: torch.Tensor, cov: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+        """(S, B, K) softmax of seeded draws of the K logits from ``N(mu, cov)`` (padded classes 0)."""
         # A symmetric square root (eigh) rather than Cholesky: cov is PSD but may be singular in directions
         # of padded classes or at huge prior precision, where Cholesky would fail.
         e, q = torch.linalg.eigh(cov)
@@ -371,7 +391,24 @@ class LastLayerLaplace(nn.Module):
         z = mu.unsqueeze(0) + torch.einsum("bkl,sbl->sbk", root, eps)
         valid = torch.arange(mu.shape[-1], device=mu.device) < n_choices.unsqueeze(1)
         z = z.masked_fill(~valid.unsqueeze(0), float("-inf"))
-        return torch.softmax(z, dim=-1).mean(dim=0)
+        return torch.softmax(z, dim=-1)
+
+    def _mc_probs(self, mu: torch.Tensor, cov: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+        return self._mc_samples(mu, cov, n_choices).mean(dim=0)
+
+    @torch.no_grad()
+    def uncertainty(self, phi: torch.Tensor, n_choices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-example (B,) ``logit_var``: the mean over valid classes of the logit variances (the diagonal
+        of ``J Sigma J^T``); ``epistemic``: the mutual information (nats) between the label and W, from
+        ``n_samples`` seeded draws of the K logits (float32, on phi's device)."""
+        mu, cov = self.logit_mean_and_covariance(phi)
+        n_choices = n_choices.to(mu.device)
+        var = cov.diagonal(dim1=-2, dim2=-1).clamp_min(0.0)
+        out = {
+            "logit_var": mean_valid(var, n_choices),
+            "epistemic": mutual_information(self._mc_samples(mu, cov, n_choices)),
+        }
+        return {k: v.to(device=phi.device, dtype=torch.float32) for k, v in out.items()}
 
 
 def fit_laplace(

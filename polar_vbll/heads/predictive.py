@@ -68,3 +68,34 @@ def probit_softmax(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 def predictive_entropy(probs: torch.Tensor) -> torch.Tensor:
     """``-sum_k p_k log p_k`` per row, with ``0 log 0 = 0`` (masked classes contribute nothing)."""
     return -torch.special.xlogy(probs, probs).sum(-1)
+
+
+def mutual_information(probs: torch.Tensor) -> torch.Tensor:
+    """Epistemic uncertainty as the mutual information between the label and the parameters (BALD;
+    Houlsby et al. 2011), from S samples of the predictive ``probs`` (S, B, K): the entropy of the mean
+    minus the mean entropy, in nats, (B,), clamped at 0 against round-off."""
+    return (predictive_entropy(probs.mean(0)) - predictive_entropy(probs).mean(0)).clamp_min(0.0)
+
+
+def mean_valid(values: torch.Tensor, n_choices: torch.Tensor) -> torch.Tensor:
+    """(B, K) -> (B,): the mean over each row's first ``n_choices`` classes."""
+    valid = torch.arange(values.shape[-1], device=values.device).unsqueeze(0) < n_choices.unsqueeze(1)
+    return (values * valid).sum(-1) / valid.sum(-1)
+
+
+def gaussian_mutual_information(
+    mean: torch.Tensor, std: torch.Tensor, n_samples: int, seed: int | None = 0
+) -> torch.Tensor:
+    """:func:`mutual_information` of softmax over independent Gaussian logits ``N(mean, std^2)`` (B, K),
+    with the same seeded draws for every row (as :func:`mc_softmax`); masked classes (mean -inf, std 0)
+    get probability 0 in every sample."""
+    b, k = mean.shape
+    eps = standard_normal_samples(n_samples, k, seed, mean.dtype, mean.device)
+    total = torch.zeros(b, dtype=mean.dtype, device=mean.device)
+    mean_p = torch.zeros_like(mean)
+    chunk = max(1, _MAX_SAMPLE_ELEMENTS // max(1, b * k))
+    for e in eps.split(chunk):
+        p = torch.softmax(mean.unsqueeze(0) + std.unsqueeze(0) * e.unsqueeze(1), dim=-1)
+        mean_p = mean_p + p.sum(0)
+        total = total + predictive_entropy(p).sum(0)
+    return (predictive_entropy(mean_p / n_samples) - total / n_samples).clamp_min(0.0)

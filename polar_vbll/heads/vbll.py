@@ -1,17 +1,28 @@
 """The variational Bayesian last layer (VBLL; Harrison, Willes, Snoek, ICLR 2024), discriminative
 classification with the deterministic Jensen bound, as written in ``docs/method.md`` section 2.
 
-Model: ``z = W phi + eps``, ``eps ~ N(0, diag(sigma^2))``, ``y ~ Categorical(softmax(z))``, with a
-variational posterior ``q(W) = prod_k N(m_k, S_k)`` over the K rows of W, prior ``p(W) = prod_k N(0, s_p I)``
-(``s_p = prior_scale * 2 / d``, the ``vbll`` package's convention) and a learned per-class noise ``sigma_k``
-with the ``vbll`` package's inverse-Wishart prior. Training minimises, per example,
+Model: ``z = W x + eps``, ``eps ~ N(0, diag(sigma^2))``, ``y ~ Categorical(softmax(z))``, on the head's
+view of the features ``x = FeatureMap(phi)`` (``polar_vbll.heads.features``: standardised with training
+statistics stored in the head, plus a bias column; the identity by default), with a variational posterior
+``q(W) = prod_k N(m_k, S_k)`` over the K rows of W (each of length D, the width of x), prior
+``p(W) = prod_k N(m0_k, s_p I)`` (``s_p = prior_scale * 2 / D`` at construction, the ``vbll`` package's
+convention, or set by empirical Bayes, below) and a learned per-class noise ``sigma_k`` with the ``vbll``
+package's inverse-Wishart prior. Training minimises, per example,
 
-    L = -(1/B) sum_b [ m_{y_b}^T phi_b - logsumexp_k( m_k^T phi_b + 1/2 (phi_b^T S_k phi_b + sigma_k^2) ) ]
+    L = -(1/B) sum_b [ m_{y_b}^T x_b - logsumexp_k( m_k^T x_b + 1/2 (x_b^T S_k x_b + sigma_k^2) ) ]
         + (1/N) [ KL(q(W) || p(W)) - log p(sigma) ]
-    KL = 1/2 sum_k [ ||m_k||^2 / s_p + tr(S_k) / s_p - log|S_k| + d log s_p - d ]
+    KL = 1/2 sum_k [ ||m_k - m0_k||^2 / s_p + tr(S_k) / s_p - log|S_k| + D log s_p - D ]
     log p(sigma) = sum_k [ -(dof + K + 1)/2 * log sigma_k^2 - wishart_scale / (2 sigma_k^2) ]   (+ const)
 
 with N the training-set size (``dataset_size``): the KL weight is exactly 1/N, fixed at construction.
+
+Empirical Bayes ([choice] ``prior_fit: empirical_bayes``): the negative ELBO's minimum over ``s_p`` with q
+fixed is closed-form, ``dKL/ds_p = 0`` at
+
+    s_p* = sum_k ( ||m_k - m0_k||^2 + tr(S_k) ) / (K D)        (:meth:`VBLLHead.empirical_bayes_prior_var`)
+
+and the eta-phase alternates it with the fit of q (``polar_vbll.heads.fit``). ``s_p`` is the buffer
+``vbll_prior_var``, saved with the head.
 
 Parameters (every name starts with ``vbll_`` so optimizers, gathers and checkpoints select the head by
 name; none of them may get weight decay, which would fight the prior: use ``parameter_groups()``):
@@ -27,6 +38,9 @@ name; none of them may get weight decay, which would fight the prior: use ``para
 - ``vbll_offdiag`` (K, d, d): the strictly lower triangle of L_k (dense only; the upper triangle and the
   diagonal of this tensor are unused and receive zero gradient).
 - ``vbll_noise_logstd`` (K,): ``log sigma_k``.
+
+Buffers: ``vbll_prior_var`` (the prior variance s_p), ``vbll_prior_mean`` (K, D), and the feature map's
+``feature_map.shift`` / ``feature_map.scale`` (d,).
 
 Numerics: all head math runs in fp32, or in float64 when phi or the parameters are float64, whatever the
 dtype of phi (bf16 features are cast up) and with autocast disabled inside the head. Nothing is clamped:
@@ -51,7 +65,14 @@ from torch import nn
 
 from polar_vbll.errors import ConfigError, HeadFitDiverged
 from polar_vbll.heads.config import DENSE_MAX_PARAMS, VBLLConfig, vbll_config_from_dict
-from polar_vbll.heads.predictive import mc_softmax, predictive_entropy, probit_softmax
+from polar_vbll.heads.features import FeatureMap, FeatureMapConfig
+from polar_vbll.heads.predictive import (
+    gaussian_mutual_information,
+    mc_softmax,
+    mean_valid,
+    predictive_entropy,
+    probit_softmax,
+)
 
 #: Initial size of the low-rank factor relative to the diagonal part: P_k must start non-zero (P = 0 is a
 #: stationary point of the loss, so it would never move) but small, so the initial S_k is ~ the diagonal.
@@ -100,11 +121,13 @@ class VBLLHead(nn.Module):
     covariance diagnostics.
 
     Args:
-        in_features: d, the feature dimension.
+        in_features: d, the backbone's feature dimension (phi is (B, d)).
         num_classes: K, including padding classes of questions with fewer choices.
         dataset_size: N, the training-set size; the regulariser is weighted by exactly 1/N.
         config: a :class:`VBLLConfig`, a mapping validated as one, or None for the defaults.
         dtype: parameter dtype (fp32 by default; float64 for reference computations).
+        features: how the head sees phi (:class:`~polar_vbll.heads.features.FeatureMapConfig`); None: raw
+            phi, no bias column (D = d).
     """
 
     def __init__(
@@ -115,6 +138,7 @@ class VBLLHead(nn.Module):
         config: VBLLConfig | Mapping[str, Any] | None = None,
         *,
         dtype: torch.dtype = torch.float32,
+        features: FeatureMapConfig | None = None,
     ):
         super().__init__()
         cfg = vbll_config_from_dict(config).model_copy()
@@ -128,7 +152,7 @@ class VBLLHead(nn.Module):
             )
         if dtype not in (torch.float32, torch.float64):
             raise ConfigError(f"VBLL head: parameters must be float32 or float64, got {dtype}")
-        k, d = num_classes, in_features
+        k, d = num_classes, in_features + int(features is not None and features.bias)  # rows act on x, width D
         # The memory guard runs before any allocation: a refused head must not cost its 336 MB first.
         if cfg.cov == "dense" and k * d * d > DENSE_MAX_PARAMS:
             if not cfg.allow_large_dense:
@@ -139,11 +163,13 @@ class VBLLHead(nn.Module):
                 )
             warnings.warn(f"VBLL head: building {_dense_cost_message(d, k)}", stacklevel=2)
 
+        self.feature_map = FeatureMap(in_features, features, dtype=dtype)
         self.config = cfg
-        self._in_features = d
+        self._in_features = in_features
+        self._dim = d
         self._dataset_size = dataset_size
-        #: prior variance s_p of every weight (the vbll package's Kaiming/width scaling)
-        self.prior_var = cfg.prior_scale * 2.0 / d
+        #: prior variance s_p of every weight (the vbll package's Kaiming/width scaling; empirical Bayes moves it)
+        self.register_buffer("vbll_prior_var", torch.tensor(cfg.prior_scale * 2.0 / d, dtype=dtype))
         init_var = cfg.init_cov_scale * self.prior_var
 
         gen = torch.Generator(device="cpu")
@@ -169,20 +195,23 @@ class VBLLHead(nn.Module):
         config: VBLLConfig | Mapping[str, Any] | None = None,
         *,
         dtype: torch.dtype = torch.float32,
+        features: FeatureMapConfig | None = None,
     ) -> VBLLHead:
-        """A head whose means are the LM head's answer-token rows ``weight`` (K, d), so training starts at
-        the zero-shot model; the covariance starts at ``init_cov_scale * s_p * I`` and the noise at
-        ``noise_init`` (make both small for predictions ~ ``softmax(weight @ phi)``)."""
+        """A head whose means are the LM head's answer-token rows ``weight`` (K, d) (in the feature map's
+        coordinates, :meth:`~polar_vbll.heads.features.FeatureMap.from_raw`), so its mean logits start at
+        the zero-shot model's; the covariance starts at ``init_cov_scale * s_p * I`` and the noise at
+        ``noise_init``."""
         if weight.dim() != 2:
             raise ConfigError(
                 f"VBLL head: from_weight needs a (K, d) weight, got shape {tuple(weight.shape)}"
             )
         k, d = weight.shape
-        head = cls(d, k, dataset_size, config, dtype=dtype)
+        head = cls(d, k, dataset_size, config, dtype=dtype, features=features)
         with torch.no_grad():
-            head.vbll_mean.copy_(weight.detach().to(dtype))
+            rows = head.feature_map.from_raw(weight.detach()).to(dtype)  # [W, 0]: the statistics are not set yet
+            head.vbll_mean.copy_(rows)
             if head.config.prior_mean == "init":
-                head.vbll_prior_mean.copy_(weight.detach().to(dtype))
+                head.vbll_prior_mean.copy_(rows)
         return head
 
     # ----- basic properties
@@ -193,7 +222,18 @@ class VBLLHead(nn.Module):
 
     @property
     def in_features(self) -> int:
+        """d, the width of phi."""
         return self._in_features
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the head's view x of the features (d, plus 1 with the bias column)."""
+        return self._dim
+
+    @property
+    def prior_var(self) -> float:
+        """The prior variance s_p of every weight."""
+        return float(self.vbll_prior_var)
 
     @property
     def dataset_size(self) -> int:
@@ -207,14 +247,16 @@ class VBLLHead(nn.Module):
     def extra_repr(self) -> str:
         rank = f", rank={self.config.cov_rank}" if self.cov == "lowrank" else ""
         return (
-            f"in_features={self.in_features}, num_classes={self.num_classes}, cov={self.cov}{rank}, "
+            f"in_features={self.in_features}, dim={self.dim}, num_classes={self.num_classes}, "
+            f"cov={self.cov}{rank}, "
             f"dataset_size={self.dataset_size}, prior_var={self.prior_var:.3g}, "
             f"predictive={self.config.predictive}"
         )
 
     def parameter_groups(self, lr: float | None = None) -> list[dict[str, Any]]:
         """One optimizer group holding every head parameter with ``weight_decay=0``: decay would pull the
-        means and (log-)scales towards 0 on top of the prior, which already regularises them via the KL."""
+        means and (log-)scales towards 0 on top of the prior, which already regularises them via the KL.
+        (Buffers, the prior variance and the feature statistics included, are not optimised.)"""
         group: dict[str, Any] = {"params": list(self.parameters()), "weight_decay": 0.0, "name": "vbll_head"}
         if lr is not None:
             group["lr"] = lr
@@ -331,7 +373,7 @@ class VBLLHead(nn.Module):
     def _moments(self, phi: torch.Tensor, n_choices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self._dtype(phi)
         with _no_autocast(phi.device.type):
-            x = phi.to(dtype)
+            x = self.feature_map(phi.to(dtype)).to(dtype)
             mean = x @ self._param("vbll_mean", dtype).T
             var = self._quad_form(x) + torch.exp(2.0 * self._param("vbll_noise_logstd", dtype))
             valid = torch.arange(self.num_classes, device=phi.device).unsqueeze(0) < n_choices.unsqueeze(1)
@@ -347,10 +389,33 @@ class VBLLHead(nn.Module):
             return self._kl(dtype)
 
     def _kl(self, dtype: torch.dtype) -> torch.Tensor:
-        s_p, d = self.prior_var, self.in_features
+        s_p, d = self.vbll_prior_var.to(dtype), self.dim
         mean_sq = (self._param("vbll_mean", dtype) - self.vbll_prior_mean.to(dtype)).square().sum(-1)
-        per_class = (mean_sq + self._trace_cov(dtype)) / s_p - self._logdet_cov(dtype) + d * math.log(s_p) - d
+        per_class = (mean_sq + self._trace_cov(dtype)) / s_p - self._logdet_cov(dtype) + d * torch.log(s_p) - d
         return 0.5 * per_class.sum()
+
+    @torch.no_grad()
+    def empirical_bayes_prior_var(self) -> float:
+        """The prior variance that minimises the negative ELBO with q fixed (only the KL depends on it):
+        ``s_p* = sum_k (||m_k - m0_k||^2 + tr S_k) / (K D)`` (module docstring). Does not set it."""
+        dtype = torch.float64
+        mean_sq = (self._param("vbll_mean", dtype) - self.vbll_prior_mean.to(dtype)).square().sum()
+        return float((mean_sq + self._trace_cov(dtype).sum()) / (self.num_classes * self.dim))
+
+    @torch.no_grad()
+    def set_prior_var(self, value: float) -> None:
+        if not (math.isfinite(value) and value > 0):
+            raise HeadFitDiverged(f"VBLL head: the empirical-Bayes prior variance became {value}")
+        self.vbll_prior_var.fill_(value)
+
+    @torch.no_grad()
+    def fit_features(self, phi: torch.Tensor) -> None:
+        """Set the feature map's statistics from training features ``phi`` (N, d) and re-express the means
+        and the prior mean in the new coordinates, so the mean logits do not change (the covariance is
+        refitted by the eta-phase that follows)."""
+        old = self.feature_map.fit(phi)
+        self.vbll_mean.copy_(self.feature_map.reexpress(self.vbll_mean, old))
+        self.vbll_prior_mean.copy_(self.feature_map.reexpress(self.vbll_prior_mean, old))
 
     def noise_log_prior(self) -> torch.Tensor:
         """``log p(sigma)``: the vbll package's inverse-Wishart term on ``diag(sigma^2)`` (scale
@@ -430,6 +495,23 @@ class VBLLHead(nn.Module):
             "logit_var": var.sum(-1),
         }
 
+    @torch.no_grad()
+    def uncertainty(self, phi: torch.Tensor, n_choices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-example (B,) ``logit_var``: the mean over valid classes of the logit variance
+        ``x^T S_k x + sigma_k^2``; ``epistemic``: the mutual information (nats) between the label and W
+        under q, from ``mc_samples`` seeded draws of the weight part of the logits (the noise sigma is part
+        of the likelihood, so it is left out)."""
+        n_choices = self._check_inputs(phi, n_choices)
+        mean, var = self._moments(phi, n_choices)
+        noise = torch.exp(2.0 * self._param("vbll_noise_logstd", var.dtype))
+        weight_std = (var - noise).clamp_min(0.0).sqrt()  # padding: var 0 -> 0
+        cfg = self.config
+        with _no_autocast(mean.device.type):
+            return {
+                "logit_var": mean_valid(var, n_choices),
+                "epistemic": gaussian_mutual_information(mean, weight_std, cfg.mc_samples, cfg.mc_seed),
+            }
+
     # ----- diagnostics
 
     @torch.no_grad()
@@ -476,7 +558,7 @@ class VBLLHead(nn.Module):
                 )
             )
         elif self.cov == "dense":
-            lower = torch.tril(torch.ones(self.in_features, self.in_features, dtype=torch.bool), diagonal=-1)
+            lower = torch.tril(torch.ones(self.dim, self.dim, dtype=torch.bool), diagonal=-1)
             finite = torch.isfinite(self.vbll_offdiag) | ~lower.to(self.vbll_offdiag.device)
             checks.append(("non-finite Cholesky factor (vbll_offdiag)", ~finite.all((-1, -2))))
         checks += [

@@ -23,12 +23,16 @@ if TYPE_CHECKING:
 
 
 class HeadCoordinator:
-    """Owns a copy of the head (the trainer's is loaded with the result of every refit) and the head
-    optimizer; :meth:`refit` runs the eta-phase.
+    """Owns a copy of the head (the trainer's is loaded with the result of every refit) and the head's
+    Adam optimizer; :meth:`refit` runs the eta-phase.
 
-    ``refit(features, labels, n_choices, steps)`` takes full-batch Adam steps on the head's loss (for the
-    VBLL head, the negative ELBO with its KL weighted 1/N) with the features fixed: in the per-round
-    schedule the features are the whole training set's, in the per-step schedule one minibatch's.
+    ``refit(features, labels, n_choices, steps)`` fits the head's loss (for the VBLL head, the negative
+    ELBO with its KL weighted 1/N) with the features fixed. ``steps=None`` is a full eta-phase on the whole
+    training set (the per-round schedule, and the first fit of the per-step schedule): the head's feature
+    statistics are set from these features, then L-BFGS runs to convergence (``head.fit.optimizer:
+    lbfgs``, with the empirical-Bayes prior updates when the head asks for them) or ``head.fit.steps`` Adam
+    steps. ``steps=n`` takes n Adam steps on the given rows (the per-step schedule's minibatch).
+    :attr:`last_report` describes the last full eta-phase (``polar_vbll.heads.fit.FitReport`` as a dict).
     """
 
     def __init__(self, head: nn.Module, cfg: HeadFitConfig):
@@ -38,6 +42,7 @@ class HeadCoordinator:
         # no weight decay: it would fight the head's prior, which the ELBO already contains
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas)) if params else None
         self.refits = 0
+        self.last_report: dict[str, Any] | None = None
 
     @property
     def trainable(self) -> bool:
@@ -50,7 +55,47 @@ class HeadCoordinator:
         if self.optimizer is None:
             return self.head_state()
         features = features.detach().to(torch.float32)
-        steps = self.cfg.steps if steps is None else steps
+        if steps is None:
+            fit_features = getattr(self.head, "fit_features", None)
+            if fit_features is not None:
+                fit_features(features)
+            if self.cfg.optimizer == "lbfgs":
+                self._converge(features, labels, n_choices)
+            else:
+                self._adam(features, labels, n_choices, self.cfg.steps)
+                self.last_report = {"adam_steps": self.cfg.steps, **self._loss_parts(features, labels, n_choices)}
+        else:
+            self._adam(features, labels, n_choices, steps)
+        self.refits += 1
+        check = getattr(self.head, "check_positive_definite", None)
+        if check is not None:
+            check(self.refits)
+        return self.head_state()
+
+    def _converge(self, features: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor) -> None:
+        from polar_vbll.heads.fit import fit_to_convergence
+
+        cfg = self.cfg
+        vbll = getattr(self.head, "config", None)
+        try:
+            report = fit_to_convergence(
+                self.head, features, labels, n_choices, max_iter=cfg.max_iter, tolerance=cfg.tolerance,
+                empirical_bayes=getattr(vbll, "prior_fit", "fixed") == "empirical_bayes",
+                prior_rounds=cfg.prior_rounds, prior_tolerance=cfg.prior_tolerance,
+            )  # fmt: skip
+        except HeadFitDiverged as exc:
+            raise HeadFitDiverged(f"head refit {self.refits}: {exc}. The last good checkpoint is intact") from None
+        self.last_report = report.as_dict()
+
+    @torch.no_grad()
+    def _loss_parts(self, features, labels, n_choices) -> dict[str, float]:
+        loss = float(self.head.loss(features, labels, n_choices))
+        regularizer = getattr(self.head, "regularizer", None)
+        reg = float(regularizer()) if regularizer is not None else 0.0
+        return {"loss": loss, "loss_data": loss - reg, "loss_regularizer": reg}
+
+    def _adam(self, features: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, steps: int) -> None:
+        assert self.optimizer is not None
         batch = self.cfg.batch_size
         g = torch.Generator().manual_seed(self.cfg.seed + self.refits)
         for step in range(steps):
@@ -76,17 +121,13 @@ class HeadCoordinator:
                 )
             loss.backward()
             self.optimizer.step()
-        self.refits += 1
-        check = getattr(self.head, "check_positive_definite", None)
-        if check is not None:
-            check(self.refits)
-        return self.head_state()
 
     def head_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.head.state_dict().items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "last_report": self.last_report,
             "head": self.head_state(),
             # a copy: torch's state_dict aliases the live moment tensors, and an in-memory hand-over (to a
             # resumed coordinator, an actor) must not let two optimizers step the same tensors
@@ -99,6 +140,7 @@ class HeadCoordinator:
         if self.optimizer is not None and sd.get("optimizer") is not None:
             self.optimizer.load_state_dict(sd["optimizer"])
         self.refits = int(sd["refits"])
+        self.last_report = sd.get("last_report")
 
 
 class LocalCoordinator:
@@ -114,6 +156,11 @@ class LocalCoordinator:
     @property
     def refits(self) -> int:
         return self.inner.refits
+
+    @property
+    def last_report(self) -> dict[str, Any] | None:
+        """The last full eta-phase's report (iterations, gradient norm, loss parts, prior variance)."""
+        return self.inner.last_report
 
     def refit(
         self,

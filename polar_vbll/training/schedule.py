@@ -44,13 +44,13 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
 
 def head_refit_due(step: int, refits: int, refitted: bool, tcfg: TrainConfig) -> bool:
     """Per-round schedule: refit the head at steps 0, T, 2T, ... unless this round's refit is done
-    (``refits`` counts refits so far, so a resumed run neither skips nor repeats one)."""
-    return (
-        refitted
-        and tcfg.alternation == "per_round"
-        and step % tcfg.round_steps == 0
-        and refits <= step // tcfg.round_steps
-    )
+    (``refits`` counts refits so far, so a resumed run neither skips nor repeats one). Per-step schedule:
+    one full refit before the first step (then one head step per minibatch)."""
+    if not refitted:
+        return False
+    if tcfg.alternation == "per_step":
+        return step == 0 and refits == 0
+    return step % tcfg.round_steps == 0 and refits <= step // tcfg.round_steps
 
 
 def final_refit_due(refits: int, refitted: bool, tcfg: TrainConfig) -> bool:

@@ -12,6 +12,12 @@ One optimizer step (:meth:`Trainer.train_step`), the same in one process and on 
    step (Theta, or LoRA's A and B: a local AdamW, or the DeepSpeed engine);
 3. with ``per_step`` alternation, one head step on the same minibatch's features.
 
+A head the theta-phase trains (``HeadKind.training == "theta"``: the MLE/MAP ``linear`` head) is not
+refitted: its gradient comes from the same backward pass, is averaged over ranks with the Stiefel
+gradients' all-reduce, and a plain Adam (``head.linear.lr``, the adapters' schedule) steps it on every
+rank. Before the first step its feature statistics are set from the training split's features at init, so
+it starts exactly at the zero-shot model.
+
 :meth:`Trainer.fit` runs steps to ``train.steps`` with logging (loss, learning rate, orthogonality error,
 stable rank), mid-training validation (``train.eval_every``), replica checks (workers), checkpoints
 (``train.checkpoint_every``, through the backend's checkpoint store) and step hooks, then the final head
@@ -70,17 +76,18 @@ def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunCon
     :meth:`Trainer.restore` does the rest (optimizer moments, RNG states, the step)."""
     check_resumable(state.get("config", {}), cfg)
     adapter.load_adapter_state_dict(state["adapter"], where="the checkpoint")
-    head.load_state_dict(state["coordinator"]["head"])
+    head.load_state_dict(state["head"] if state.get("head") is not None else state["coordinator"]["head"])
 
 
 @dataclass
 class TrainState:
-    """Where training stands: the step, the logged history, the step a resume started from, and the
-    zero-shot probabilities on the evaluation split (computed at step 0 and kept in checkpoints, with the
-    fingerprint of the split they were computed on)."""
+    """Where training stands: the step, the logged history, the eta-phase reports, the step a resume
+    started from, and the zero-shot probabilities on the evaluation split (computed at step 0 and kept in
+    checkpoints, with the fingerprint of the split they were computed on)."""
 
     step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    head_fits: list[dict[str, Any]] = field(default_factory=list)  # one report per full eta-phase
     resumed_from: int | None = None
     zero_shot: torch.Tensor | None = None
     zero_shot_split: str | None = None  # fingerprint of the evaluation split those probabilities are for
@@ -124,8 +131,16 @@ class Trainer:
         self.hooks = list(hooks)
         self.progress = progress and backend.rank == 0
         self.refitted = self.method.head_kind.refitted
+        self.joint = self.method.head_kind.training == "theta" and self.method.trains
         self.stiefel_opt = build_stiefel_optimizer(adapter, cfg.optim)
-        self.head.requires_grad_(False)  # the theta-phase never moves the head; the coordinator fits it
+        # only a jointly trained head moves in the theta-phase; a refitted one is the coordinator's to fit
+        self.head.requires_grad_(self.joint)
+        self.head_params = [p for p in self.head.parameters() if p.requires_grad]
+        self.head_opt = (
+            torch.optim.Adam(self.head_params, lr=cfg.head.linear.lr, betas=tuple(cfg.optim.betas))
+            if self.head_params
+            else None
+        )
         self.refits = coordinator.refits
         self.state = TrainState()
 
@@ -171,7 +186,10 @@ class Trainer:
         return {
             "step": self.state.step,
             "history": self.state.history,
+            "head_fits": self.state.head_fits,
             "adapter": adapter,
+            "head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
+            "head_opt": copy.deepcopy(self.head_opt.state_dict()) if self.head_opt is not None else None,
             "coordinator": self.coordinator.state_dict(),
             "stiefel_opt": self.stiefel_opt.state_dict() if self.stiefel_opt is not None else None,
             "theta_opt": theta_opt,
@@ -191,6 +209,8 @@ class Trainer:
         check_same_data(state, self.train_split)
         if self.stiefel_opt is not None:
             self.stiefel_opt.load_state_dict(state["stiefel_opt"])
+        if self.head_opt is not None and state.get("head_opt") is not None:
+            self.head_opt.load_state_dict(state["head_opt"])
         self.backend.load_theta_state_dict(state["theta_opt"])
         rngs = state.get("rng_per_rank") or [state["rng"]]
         if len(rngs) == self.backend.world:
@@ -201,6 +221,7 @@ class Trainer:
         self.state = TrainState(
             step=int(state["step"]),
             history=list(state["history"]),
+            head_fits=list(state.get("head_fits", [])),
             resumed_from=int(state["step"]),
             zero_shot=state.get("zero_shot"),
             zero_shot_split=state.get("zero_shot_split"),
@@ -242,6 +263,22 @@ class Trainer:
         head_state, self.refits = self.coordinator.refit(self.refits, phi.detach().cpu(), labels.cpu(),
                                                          n_choices.cpu(), steps)  # fmt: skip
         self.head.load_state_dict(head_state)
+        report = self.coordinator.last_report
+        if steps is None and report is not None:  # a full eta-phase: iterations, gradient norm, loss parts
+            entry = {"step": self.state.step, "refit": self.refits, **report}
+            self.state.head_fits.append(entry)
+            self._log({f"eta_{k}": float(v) for k, v in report.items() if isinstance(v, (int, float))},
+                      self.state.step)  # fmt: skip
+
+    def init_joint_head(self) -> None:
+        """Before the first step of a jointly trained head: its feature statistics from the training
+        split's features at init (every rank computes the same, from the gathered rows), re-expressing its
+        weights so it starts at the zero-shot model. Skipped on resume (the statistics are in the head)."""
+        fmap = getattr(self.head, "feature_map", None)
+        if not self.joint or fmap is None or bool(fmap.fitted):
+            return
+        phi = self.backend.split_features(self.train_split, self.tcfg.eval_batch_size)
+        self.head.fit_features(phi)
 
     # ------------------------------------------------------------------------------------- theta-phase
     def _set_lr(self, step: int) -> float:
@@ -251,6 +288,9 @@ class Trainer:
             for g in self.stiefel_opt.param_groups:
                 g["lr"] = o.lr_stiefel * f
         self.backend.set_theta_lr(o.lr_theta * f)
+        if self.head_opt is not None:
+            for g in self.head_opt.param_groups:
+                g["lr"] = self.cfg.head.linear.lr * f
         return f
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -275,10 +315,10 @@ class Trainer:
         )
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}`` and, for a
-        Bayesian head, ``loss_data`` (the expected negative log-likelihood bound) and ``loss_regularizer``
-        (``(KL - log p(sigma)) / N``, which the adapters cannot change): ``loss`` is their sum, the
-        negative ELBO per example."""
+        """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}`` and, for a head
+        with a prior, ``loss_data`` (the VBLL head's expected negative log-likelihood bound, or the
+        cross-entropy) and ``loss_regularizer`` (``(KL - log p(sigma)) / N``, or a MAP head's penalty / N),
+        taken before the step: ``loss`` is their sum (for VBLL the negative ELBO per example)."""
         step, t, split = self.state.step, self.tcfg, self.train_split
         if head_refit_due(step, self.refits, self.refitted, t):
             self.refit_head()
@@ -295,21 +335,26 @@ class Trainer:
             phis.append(phi.detach())
         loss = self.backend.mean(torch.stack(losses).mean())
         self._check_finite(loss)
+        regularizer = getattr(self.head, "regularizer", None)  # a Bayesian or MAP head: the loss's two parts
+        with torch.no_grad():
+            reg = float(regularizer()) if regularizer is not None else None  # before anything moves
         if self.stiefel_opt is not None:
             self.backend.reduce_gradients(self.adapter.stiefel_parameters())
             self.stiefel_opt.step()
             self.stiefel_opt.zero_grad(set_to_none=True)
         self.backend.theta_step()
+        if self.head_opt is not None:
+            self.backend.reduce_gradients(self.head_params)
+            self.head_opt.step()
+            self.head_opt.zero_grad(set_to_none=True)
         if self.refitted and t.alternation == "per_step":
             idx = [i for mb in micro for i in mb]
             self._refit(torch.cat(phis), split.labels[idx], split.n_choices[idx], steps=1)
         self.state.step += 1
         logs = {"loss": float(loss.item()), "lr_factor": lr_f}
-        regularizer = getattr(self.head, "regularizer", None)  # a Bayesian head: the ELBO's two parts
-        if regularizer is not None:
-            with torch.no_grad():
-                logs["loss_regularizer"] = float(regularizer())  # (KL - log p(sigma)) / N: constant here
-            logs["loss_data"] = logs["loss"] - logs["loss_regularizer"]
+        if reg is not None:
+            logs["loss_regularizer"] = reg  # (KL - log p(sigma)) / N, or the MAP penalty / N
+            logs["loss_data"] = logs["loss"] - reg
         return logs
 
     # ------------------------------------------------------------------------------------ monitoring
@@ -359,6 +404,7 @@ class Trainer:
         total = t.steps if self.method.trains else 0
         if self.state.step < total:
             self.backend.prepare(self.train_split, t.eval_batch_size, progress=self.progress)
+            self.init_joint_head()
         bar = tqdm(total=total, initial=min(self.state.step, total), desc="training", disable=not self.progress)
         t0 = time.perf_counter()
         log_every = max(1, total // 20)
@@ -381,7 +427,9 @@ class Trainer:
                 self.store.report({"step": step, **val})
             for hook in self.hooks:
                 hook(self, step)
-            bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            parts = {"data": f"{logs['loss_data']:.3f}", "reg": f"{logs['loss_regularizer']:.3f}"} if (
+                "loss_regularizer" in logs) else {}  # fmt: skip
+            bar.set_postfix(loss=f"{logs['loss']:.3f}", **parts)
             bar.update(1)
         bar.close()
         if final_refit_due(self.refits, self.refitted, t) and self.method.trains:
