@@ -191,6 +191,14 @@ class LaplaceConfig(_Strict):
     prior precision chosen by the marginal likelihood (``polar_vbll.heads.laplace``)."""
 
     structure: Literal["full", "kron"] = Field("full", description="full GGN, or Kronecker-factored (KFAC)")
+    mean: Literal["map", "trained"] = Field(
+        "map",
+        description="[choice] the mode the posterior is centred on. map: the last layer refitted on the final "
+        "training features as the MAP under the evidence-chosen prior (MacKay's iteration, the linear probe's "
+        "fit), a Laplace approximation at a mode of the posterior it approximates; trained: the head as "
+        "trained (strictly post-hoc; around an MLE head the evidence picks a weak prior and the logit "
+        "variance explodes, docs/method-choices.md)",
+    )
     predictive: Literal["probit", "mc"] = Field(
         "probit", description="[choice] generalized probit, or Monte Carlo over the K Gaussian logits"
     )

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
+from polar_vbll.errors import ConfigError
 from polar_vbll.prefix_cache import DTYPES, PrefixCache, ids_digest, prefix_fingerprint, prefix_key
 from polar_vbll.tokens import pad_batch, tokenize_prompts
 
@@ -206,6 +207,7 @@ class FeatureSource:
         ):
             ids, mask = pad_batch([enc.ids[i] for i in idx], self.pad_id, side="left")
             hidden = self.split.prefix_states(ids.to(self.device), mask.to(self.device))
+            self._check_range(hidden)
             for row, i in enumerate(idx):
                 n = len(enc.ids[i])
                 # the cache lives in RAM (and on disk), in the storage dtype
@@ -213,6 +215,19 @@ class FeatureSource:
         enc.states, enc.states_key = states, key  # type: ignore[assignment]
         if self.disk is not None:
             self.disk.save(key, enc.states)  # type: ignore[arg-type]
+
+    def _check_range(self, hidden: torch.Tensor) -> None:
+        """Refuse to store states the storage dtype cannot hold (float16 overflows above 65504 to inf,
+        which would reach the head as non-finite features much later)."""
+        if self.store_dtype == hidden.dtype:
+            return
+        top = torch.finfo(self.store_dtype).max
+        peak = hidden.detach().abs().max().item()
+        if peak > top:
+            raise ConfigError(
+                f"the frozen blocks' hidden states reach |h| = {peak:.4g}, beyond {self.store_dtype} (max {top:.4g});"
+                " set train.prefix_cache_dtype: bfloat16 or float32"
+            )
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         """``phi`` for the examples ``idx`` of ``enc`` (gradients flow into adapters when enabled)."""

@@ -139,8 +139,15 @@ def _fit_laplace(cfg, head, phi, labels, n_choices):
     if not torch.isfinite(phi).all():
         raise HeadFitDiverged("the post-hoc Laplace head cannot be fitted: the training features are not finite")
     try:
+        prior_precision = None  # trained: chosen by the evidence around the trained head
+        if lap.mean == "map":
+            from polar_vbll.heads.probe import fit_probe
+
+            head = fit_probe(head, phi, labels, n_choices, cfg.head.fit, structure=lap.structure)
+            prior_precision = 1.0 / head.prior_var  # the prior the mode was fitted under
         return LastLayerLaplace.from_head(
-            head, structure=lap.structure, predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed
+            head, structure=lap.structure, predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed,
+            prior_precision=prior_precision,
         ).fit(phi, labels, n_choices)
     except torch.linalg.LinAlgError as exc:
         raise HeadFitDiverged(
@@ -159,7 +166,7 @@ HEADS: Mapping[str, HeadKind] = MappingProxyType(
         "deterministic": HeadKind("deterministic", _deterministic, "frozen"),
         "linear": HeadKind("linear", _linear, "theta", settings=("features", "linear")),
         "vbll": HeadKind("vbll", _vbll, "eta", settings=("features", "vbll", "fit")),
-        # post-hoc last-layer Laplace around the trained linear head
+        # last-layer Laplace on the trained linear head's final features (head.laplace.mean: map refit or as trained)
         "laplace": HeadKind("laplace", _linear, "theta", posthoc=_fit_laplace, trains_as="linear",
                             settings=("features", "linear")),  # fmt: skip
         # a MAP linear head fitted once on the final (for a method that does not train: frozen) features
@@ -320,7 +327,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             ),
             Method(
                 "polar_laplace", "PoLAR-LL-Laplace", "polar", "laplace", "one_pass",
-                "PoLAR-MLE plus post-hoc last-layer Laplace (prior precision by marginal likelihood)",
+                "PoLAR-MLE's features plus last-layer Laplace (evidence prior; at the MAP refit, head.laplace.mean)",
             ),
             Method(
                 "lora_mle", "LoRA-MLE", "lora", "linear", "one_pass",
@@ -347,7 +354,7 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             ),
             Method(
                 "laplace", "LoRA-LL-Laplace", "lora", "laplace", "one_pass",
-                "LoRA-MLE plus post-hoc last-layer Laplace (prior precision by marginal likelihood)",
+                "LoRA-MLE's features plus last-layer Laplace (evidence prior; at the MAP refit, head.laplace.mean)",
             ),
             Method(
                 "vbll_lora", "LoRA-VBLL", "lora", "vbll", "one_pass",

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -179,6 +180,21 @@ def build_tiny_llama(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _no_loading_bar() -> Iterator[None]:
+    """transformers' "Loading weights" bar off for one load: a local load takes about a second, and a
+    comparison loads the model once per run, so the bar is noise in every log (and ignores --no-progress)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 def load_backbone(cfg: ModelConfig):
     """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode, in ``cfg.dtype``."""
     from transformers import AutoModelForCausalLM
@@ -191,9 +207,10 @@ def load_backbone(cfg: ModelConfig):
         path = bundled_model_dir() if cfg.source == "smollm2" else Path(cfg.path or "").expanduser()
         _check_model_dir(path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch.float32, local_files_only=True, use_safetensors=True
-            )
+            with _no_loading_bar():
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), dtype=torch.float32, local_files_only=True, use_safetensors=True
+                )
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
     model = model.to(dtype)

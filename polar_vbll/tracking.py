@@ -112,7 +112,6 @@ def resolve_store(folder: Path) -> tuple[str, str | None]:
 def _import_mlflow():
     import logging
 
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines (creating tables ...) are noise
     try:
         import mlflow  # noqa: F401
         from mlflow.tracking import MlflowClient
@@ -120,6 +119,9 @@ def _import_mlflow():
         raise TrackingError(
             f"MLflow tracking needs the `track` extra (pip install -e '.[track]'): {exc}"
         ) from None
+    # After the import: mlflow configures its own logger (level INFO) when first imported, so a level set
+    # before it is overwritten. Its INFO lines ("Updating database tables" ...) are noise in a user's log.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     return MlflowClient
 
 

@@ -291,9 +291,11 @@ def methods() -> None:
     """List the methods (adapter kind, head kind, predictive) a config's `method` can name."""
     from polar_vbll.methods import METHODS
 
-    for m in METHODS.values():
-        print(f"{m.name:12s} {m.label:14s} adapter={m.adapter:6s} head={m.head:14s} predictive={m.predictive:11s} "
-              f"{m.description}")  # fmt: skip
+    ms = list(METHODS.values())
+    wn, wl = max(len(m.name) for m in ms), max(len(m.label) for m in ms)
+    for m in ms:
+        print(f"{m.name:{wn}s}  {m.label:{wl}s}  adapter={m.adapter:5s}  head={m.head:13s}  "
+              f"predictive={m.predictive:10s}  {m.description}")  # fmt: skip
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -121,6 +121,7 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "head.fit.batch_size": (4, ALL),
     "head.fit.seed": (3, NOT_COMPARE),
     "head.laplace.structure": ("kron", ALL),
+    "head.laplace.mean": ("trained", ALL),
     "head.laplace.predictive": ("mc", ALL),
     "head.laplace.mc_samples": (100, ALL),
     "head.laplace.mc_seed": (1, ALL),

@@ -168,6 +168,52 @@ def test_the_probe_stops_at_the_evidence_fixed_point():
     assert not any(p.requires_grad for p in probe.parameters())
 
 
+@pytest.mark.parametrize("mean", ["map", "trained"])
+def test_last_layer_laplace_sits_at_a_mode_of_its_posterior_or_at_the_trained_head(mean):
+    """``head.laplace.mean``: ``map`` refits the head as the evidence-optimal MAP and centres the Laplace
+    posterior there: the gradient of the negative log posterior (summed cross-entropy + lam/2 ||W||^2, float64
+    autograd, independent of the fit) vanishes at its mean. ``trained`` keeps the trained weights. With an
+    over-confident trained head (an MLE head's weights x 20) the evidence then picks a weak prior and the
+    held-out NLL is worse than at the MAP refit: the reason ``map`` is the default."""
+    from types import SimpleNamespace
+
+    from polar_vbll.config import LaplaceConfig
+    from polar_vbll.methods import _fit_laplace
+
+    x, y, c = _data(seed=11, n=300)
+    g = torch.Generator().manual_seed(12)
+    w_true = torch.randn(K, D, generator=g, dtype=torch.float64)
+    x_test = torch.randn(2000, D, generator=g, dtype=torch.float64)
+    y = torch.distributions.Categorical(logits=x @ w_true.T).sample()
+    y_test = torch.distributions.Categorical(logits=x_test @ w_true.T).sample()
+    head = LinearHead(torch.zeros(K, D), dataset_size=300, features=STD)
+    head.fit_features(x.float())
+    fit_to_convergence(head, x.float(), y, c)
+    with torch.no_grad():
+        head.weight.mul_(20.0)
+    cfg = SimpleNamespace(head=SimpleNamespace(laplace=LaplaceConfig(mean=mean), fit=HeadFitConfig()))
+    la = _fit_laplace(cfg, head, x.float(), y, c)
+    if mean == "trained":
+        assert torch.equal(la.weight, head.weight.detach().double())
+        return
+    w = la.weight.clone().requires_grad_(True)
+    z = la._x(x.float()) @ w.T
+    loss = torch.nn.functional.cross_entropy(z, y, reduction="sum") + 0.5 * la.prior_precision * w.square().sum()
+    (grad,) = torch.autograd.grad(loss, w)
+    assert grad.abs().max() < 1e-4 * (1.0 + la.prior_precision * w.abs().max().item())
+    trained = _fit_laplace(
+        SimpleNamespace(head=SimpleNamespace(laplace=LaplaceConfig(mean="trained"), fit=HeadFitConfig())),
+        head, x.float(), y, c,
+    )  # fmt: skip
+    ct = torch.full((2000,), K)
+
+    def nll(lap):
+        p = lap.predict_proba(x_test.float(), ct).double()
+        return -p[torch.arange(2000), y_test].clamp_min(1e-12).log().mean().item()
+
+    assert nll(la) < nll(trained)
+
+
 def test_a_non_finite_fit_is_refused():
     from polar_vbll.errors import HeadFitDiverged
 

@@ -169,3 +169,17 @@ def test_half_precision_states_are_the_rounded_full_precision_states():
     for a, b in zip(full.states, half.states, strict=True):
         assert a.dtype == torch.float32 and b.dtype == torch.float16
         assert torch.equal(a.to(torch.float16), b)
+
+
+def test_states_beyond_the_storage_dtype_are_refused_before_anything_is_stored(tmp_path):
+    """float16 overflows above 65504: such states would become inf and reach the head much later as
+    non-finite features. The pass stops with the setting to change, and nothing is written."""
+    from polar_vbll.errors import ConfigError
+
+    adapter = _adapter()
+    with torch.no_grad():
+        adapter.base_model.model.embed_tokens.weight.mul_(1e6)  # the residual stream carries it through
+    with pytest.raises(ConfigError, match="prefix_cache_dtype: bfloat16 or float32"):
+        _source(adapter, tmp_path).prepare(_split(), 4, progress=False)
+    assert _entries(tmp_path) == set()
+    FeatureSource(adapter.base_model, 0, True, store_dtype=torch.bfloat16).prepare(_split(), 4, progress=False)

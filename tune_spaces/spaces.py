@@ -37,12 +37,12 @@ def ranks() -> ParamSpace:
 
 
 def optimization() -> ParamSpace:
-    """Learning rates of the Stiefel factors, of Theta and of the head's eta-phase, and the landing
-    field's lambda (searched together with the manifold strategy; lambda only acts under ``landing``)."""
+    """Learning rates of the Stiefel factors and of Theta, and the landing field's lambda (searched together
+    with the manifold strategy; lambda only acts under ``landing``). The head's eta-phase has no learning
+    rate to search: it is fitted to convergence (``head.fit.optimizer: lbfgs``)."""
     return {
         "optim.lr_stiefel": tune.loguniform(1e-3, 2e-2),
         "optim.lr_theta": tune.loguniform(1e-3, 2e-2),
-        "head.fit.lr": tune.loguniform(1e-3, 5e-2),
         "optim.method": tune.choice(["riemannian", "landing"]),
         "optim.landing_lambda": tune.loguniform(1e-3, 5e-2),
     }
