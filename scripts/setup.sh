@@ -14,9 +14,21 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.polar-vbll-installed
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)-$EXTRAS
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+hash=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+want=$hash-$EXTRAS
+if [ -f "$stamp" ]; then
+  # Done already when the same files installed these extras, or more (main.sh's dev,track covers test.sh's dev).
+  have=$(cat "$stamp")
+  if [ "${have%%-*}" = "$hash" ]; then
+    missing=0
+    for extra in ${EXTRAS//,/ }; do
+      case ",${have#*-}," in *",$extra,"*) ;; *) missing=1 ;; esac
+    done
+    [ "$missing" = 0 ] && exit 0
+    # install the union, so the next call with either set of extras finds them all
+    EXTRAS=$(echo "${have#*-},$EXTRAS" | tr ',' '\n' | sort -u | paste -sd, -)
+    want=$hash-$EXTRAS
+  fi
 fi
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
