@@ -401,3 +401,22 @@ def test_no_resume_starts_a_new_mlflow_run_and_a_resume_continues_the_same(tmp_p
     assert runner.invoke(app, [*args, "--no-resume", "--set", "train.steps=8"]).exit_code == 0
     runs = client.search_runs([exp])
     assert len(runs) == 2 and {r.data.params["train.steps"] for r in runs} == {"6", "8"}
+
+
+def test_opening_a_fresh_mlflow_store_logs_no_info_lines(tmp_path):
+    """mlflow sets its own logger to INFO when first imported, so quieting it before the import did
+    nothing ("Creating initial MLflow database tables..." in every run's log). A fresh process, as a user
+    runs it: the first store opened prints no INFO line."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlflow")
+    code = (
+        "import pathlib, sys; from polar_vbll import tracking; "
+        "uri, _ = tracking.local_store(pathlib.Path(sys.argv[1])); "
+        "tracking.client_for(uri).search_experiments()"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file()
+    assert " INFO " not in done.stderr + done.stdout, done.stderr

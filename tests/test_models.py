@@ -206,3 +206,19 @@ def test_answer_letters_of_a_sentencepiece_tokenizer_are_read_from_the_prompts_e
     assert tok.convert_ids_to_tokens(ids) == ["\u2581A", "\u2581B", "\u2581C", "\u2581D"]
     prompt = tok("Question: q\nChoices:\nA) x\nB) y\nAnswer: B", add_special_tokens=False)["input_ids"]
     assert prompt[-1] == ids[1]  # exactly what the model reads after a real prompt
+
+
+def test_a_local_load_prints_no_loading_bar_and_restores_the_setting(tmp_path, tiny_llama, capfd):
+    """transformers' "Loading weights" bar ignored --no-progress and came once per run of a comparison
+    (noise in every log); the load silences it for itself only and leaves the global setting as it was."""
+    from transformers.utils import logging as hf_logging
+
+    from polar_vbll.models import load_tokenizer
+
+    tiny_llama.save_pretrained(str(tmp_path), safe_serialization=True)
+    load_tokenizer(ModelConfig(source="tiny")).save_pretrained(str(tmp_path))
+    was_on = hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
+    load_backbone(ModelConfig(source="path", path=str(tmp_path)))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == was_on
