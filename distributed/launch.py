@@ -37,7 +37,7 @@ from polar_vbll.training import check_resumable
 #: What a run folder receives from the final checkpoint (the artifacts rank 0 wrote).
 ARTIFACTS = (
     "adapter", "adapter_peft", "head.safetensors", "predictions.safetensors", "results.json", "results.md",
-    "reliability.png",
+    "reliability.png", "risk_coverage.png",
 )  # fmt: skip
 
 

@@ -241,6 +241,22 @@ class EvalConfig(_Strict):
     ensemble_members: int = Field(3, gt=0, description="ensemble: independently seeded adapter/head pairs")
 
 
+class DecisionConfig(_Strict):
+    """The decision rule a run is scored with and ``polar-vbll calibrate`` builds by default
+    (docs/predict.md; ``polar_vbll.decisions``), calibrated on held-out data (the validation split)."""
+
+    risk: float = Field(0.1, gt=0, lt=1, description="[choice] target selective risk: the error rate allowed "
+                        "among answered questions (Learn-then-Test threshold on the confidence)")
+    delta: float = Field(0.1, gt=0, lt=1, description="[choice] the risk guarantee holds with probability "
+                         "1 - delta over the calibration draw")
+    fwer: Literal["bonferroni_holm", "bonferroni"] = Field(
+        "bonferroni_holm", description="[choice] family-wise error control of Learn-then-Test's threshold grid")
+    alpha: float = Field(0.1, gt=0, lt=1, description="[choice] miscoverage of the conformal answer sets "
+                         "(sets hold the answer with probability >= 1 - alpha)")
+    ood_pass: float = Field(0.95, gt=0, lt=1, description="[choice] fraction of in-distribution calibration "
+                            "questions the OOD flag lets pass (its threshold's quantile)")
+
+
 class RunConfig(_Strict):
     """One run: everything needed to reproduce it."""
 
@@ -258,6 +274,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    decision: DecisionConfig = Field(default_factory=DecisionConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -75,25 +75,73 @@ class Evaluation:
     chance: dict[str, Any] | None = None
     temperature: float | None = None
     scaled: dict[str, Predictions] = field(default_factory=dict)
+    cfg: RunConfig | None = None  # with n_choices: the decision rule's metrics (decision_block)
+    n_choices: dict[str, torch.Tensor] | None = None
 
     def metrics(self) -> dict[str, Any]:
         """The metrics block of ``results.json`` (see ``polar_vbll.results.Metrics``)."""
-        out = _block(self.predictions)
+        out = _block(self.predictions, self.cfg, self.n_choices)
         out["zero_shot"] = self.zero_shot.metrics() if self.zero_shot is not None else None
         if self.chance is not None:
             out["chance"] = {**self.chance, "at_chance": at_chance(out["eval"]["acc"], self.chance)}
         out["temperature_scaled"] = (
-            {"temperature": self.temperature, **_block(self.scaled)} if self.temperature is not None else None
+            {"temperature": self.temperature, **_block(self.scaled, self.cfg, self.n_choices)}
+            if self.temperature is not None
+            else None
         )
         return out
 
 
-def _block(preds: dict[str, Predictions]) -> dict[str, Any]:
-    """Per-split metrics, and per OOD set its metrics and AUROCs against the evaluation split."""
+def decision_block(
+    cfg: RunConfig, preds: dict[str, Predictions], n_choices: dict[str, torch.Tensor]
+) -> dict[str, Any] | None:
+    """The run's decision rule (``cfg.decision``; ``polar_vbll.decisions``) calibrated on the validation
+    split and applied to the evaluation split and the OOD sets: the confidence threshold and what it
+    answers (fraction answered, their error rate), the conformal sets' empirical coverage and mean size
+    (LAC, APS), and the fraction of each set the OOD flag raises. None without a validation split, or when
+    it is too small for the conformal ``alpha``."""
+    from polar_vbll.decisions.conformal import set_metrics
+    from polar_vbll.decisions.rule import CalibrationData, DecisionRule, RuleSettings
+
+    if "validation" not in preds:
+        return None
+    d = cfg.decision
+
+    def eps(p: Predictions) -> torch.Tensor:
+        return p.epistemic if p.epistemic is not None else torch.zeros(len(p.labels))
+
+    val, ev = preds["validation"], preds["eval"]
+    settings = RuleSettings(risk=d.risk, delta=d.delta, fwer=d.fwer, alpha=d.alpha, ood_pass=d.ood_pass)
+    try:
+        rule = DecisionRule.fit(CalibrationData(val.probs, val.labels, n_choices["validation"], eps(val)), settings)
+    except ValueError:
+        return None
+    dec = rule.decide(ev.probs, eps(ev), n_choices["eval"])
+    answered = ~dec.abstain
+    wrong = torch.as_tensor(dec.answer) != ev.labels
+    flagged = {"eval": float(dec.ood.mean())}
+    for name, p in preds.items():
+        if name.startswith("ood:"):
+            flagged[name.removeprefix("ood:")] = float(rule.decide(p.probs, eps(p), n_choices[name]).ood.mean())
+    return {
+        "risk_target": d.risk, "delta": d.delta, "alpha": d.alpha, "tau": rule.threshold.tau,
+        "val_coverage": rule.threshold.coverage, "val_risk": rule.threshold.risk,
+        "coverage": float(answered.mean()),
+        "selective_risk": float(wrong[torch.as_tensor(answered)].double().mean()) if answered.any() else None,
+        "lac": set_metrics(dec.sets["lac"], ev.labels), "aps": set_metrics(dec.sets["aps"], ev.labels),
+        "ood_score": rule.ood_score, "ood_flagged": flagged,
+    }  # fmt: skip
+
+
+def _block(preds: dict[str, Predictions], cfg: RunConfig | None = None,
+           n_choices: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Per-split metrics, per OOD set its metrics and AUROCs against the evaluation split, and (given the
+    config and the splits' choice counts) the decision rule's metrics."""
     out: dict[str, Any] = {
         "eval": preds["eval"].metrics(),
         "validation": preds["validation"].metrics() if "validation" in preds else None,
         "ood": {},
+        "decision": decision_block(cfg, preds, n_choices) if cfg is not None and n_choices is not None else None,
     }
     ev = preds["eval"]
     scores_in = ood_scores(ev.probs)
@@ -181,7 +229,8 @@ def evaluate(
         zero = Predictions(splits["eval"].name, zero_shot_probs.to(torch.float32), splits["eval"].labels.clone())
     ev, train = splits["eval"], splits["train"]
     chance = chance_reference(train.labels, ev.labels, ev.n_choices, preds["eval"].probs.shape[1])
-    out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance)
+    out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance, cfg=cfg,
+                     n_choices={n: splits[n].n_choices for n in preds})  # fmt: skip
     if cfg.eval.temperature_scaling:
         if "validation" in preds:
             out.temperature, out.scaled = temperature_scaled(preds)

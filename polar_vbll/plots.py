@@ -17,7 +17,7 @@ from polar_vbll.metrics import CalibrationAccumulator, ReliabilityBins
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-__all__ = ["reliability_diagram", "reliability_diagrams"]
+__all__ = ["reliability_diagram", "reliability_diagrams", "risk_coverage_plot"]
 
 BinsLike = ReliabilityBins | CalibrationAccumulator
 
@@ -136,4 +136,33 @@ def reliability_diagrams(
         _draw(axes[0][col], axes[1][col], bins, name)
     if title:
         fig.suptitle(title)
+    return _save(fig, path)
+
+
+def risk_coverage_plot(
+    curves: Mapping[str, tuple[Any, Any]], path: str | os.PathLike[str], title: str | None = None
+) -> Path:
+    """Save the risk-coverage curves of several predictives as one PNG; return its path.
+
+    ``curves``: label -> ``(confidence (N,), correct (N,))``. Each curve is the error rate of the ``k`` most
+    confident questions against the fraction ``k / N`` answered (``polar_vbll.decisions.selective``), its
+    AURC in the legend; the dotted line at each curve's right end is its error rate when answering everything.
+    """
+    from polar_vbll.decisions.selective import aurc, risk_coverage_curve
+
+    if not curves:
+        raise ValueError("risk_coverage_plot needs at least one curve")
+    fig = _new_figure(5.5, 4.2)
+    ax = fig.subplots(1, 1)
+    for name, (conf, correct) in curves.items():
+        cov, risk = risk_coverage_curve(conf, correct)
+        (line,) = ax.plot(cov, risk, linewidth=1.4, label=f"{name} (AURC {aurc(conf, correct):.3f})")
+        ax.axhline(risk[-1], color=line.get_color(), linestyle=":", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("Coverage (fraction answered, most confident first)")
+    ax.set_ylabel("Selective risk (error rate of the answered)")
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _save(fig, path)

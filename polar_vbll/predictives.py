@@ -58,8 +58,13 @@ class Predictions:
     epistemic: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
-        """ACC, ECE, NLL, Brier and n (fractions) plus the mean logit variance and epistemic score."""
+        """ACC, ECE, NLL, Brier and n (fractions), AURC (the area under the risk-coverage curve of the
+        max-probability ranking, ``polar_vbll.decisions.selective``) and the mean logit variance and
+        epistemic score."""
+        from polar_vbll.decisions.selective import aurc, confidence_and_correct
+
         out = self.accumulator().compute()
+        out["aurc"] = aurc(*confidence_and_correct(self.probs, self.labels))
         for name in ("logit_var", "epistemic"):
             value = getattr(self, name)
             out[name] = float(value.to(torch.float64).mean()) if value is not None else None

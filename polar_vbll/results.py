@@ -36,6 +36,34 @@ class SplitMetrics(_Model):
     n: int
     logit_var: float | None = None
     epistemic: float | None = None
+    aurc: float | None = None  # area under the risk-coverage curve (max-probability ranking; lower is better)
+
+
+class SetMetrics(_Model):
+    """Conformal answer sets on the evaluation split: the fraction holding the answer, choices per set."""
+
+    coverage: float
+    mean_size: float
+
+
+class DecisionMetrics(_Model):
+    """The decision rule (``decision.*`` settings) calibrated on validation, applied to the evaluation split
+    (``polar_vbll.evaluation.decision_block``): the threshold ``tau`` (None: none meets the target risk),
+    the fraction answered and their error rate on validation and evaluation, the conformal sets, and the
+    fraction of the evaluation split and of each OOD set the OOD flag raises."""
+
+    risk_target: float
+    delta: float
+    alpha: float
+    tau: float | None
+    val_coverage: float
+    val_risk: float | None
+    coverage: float
+    selective_risk: float | None
+    lac: SetMetrics
+    aps: SetMetrics
+    ood_score: str
+    ood_flagged: dict[str, float]
 
 
 class OODMetrics(SplitMetrics):
@@ -67,6 +95,7 @@ class Scaled(_Model):
     eval: SplitMetrics
     validation: SplitMetrics | None  # None: another task's evaluation (polar-vbll eval), the run's temperature
     ood: dict[str, OODMetrics]
+    decision: DecisionMetrics | None = None
 
 
 class Metrics(_Model):
@@ -74,6 +103,7 @@ class Metrics(_Model):
     validation: SplitMetrics | None  # None only from `polar-vbll eval` on another task
     zero_shot: SplitMetrics | None
     ood: dict[str, OODMetrics]
+    decision: DecisionMetrics | None = None
     chance: Chance | None = None
     temperature_scaled: Scaled | None = None
 
@@ -159,7 +189,8 @@ def settings_digest(results: dict[str, Any]) -> str:
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
-    """``val_*``, ``test_*`` (the evaluation split), ``zero_shot_*``, ``ood_auroc_<task>``,
+    """``val_*``, ``test_*`` (the evaluation split; ``test_aurc``, the decision rule's ``test_answered``,
+    ``test_selective_risk``, ``test_{lac,aps}_{coverage,set_size}``), ``zero_shot_*``, ``ood_auroc_<task>``,
     ``ood_auroc_entropy_<task>`` and ``ood_acc_<task>`` as flat scalars (``:`` in a task name becomes
     ``_``)."""
     m = results["metrics"]
@@ -182,6 +213,17 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     if scaled:
         out["temperature"] = float(scaled["temperature"])
         out.update({f"test_ts_{k}": float(scaled["eval"][k]) for k in ("acc", "ece", "nll", "brier")})
+    for prefix, block in (("val_", m["validation"]), ("test_", m["eval"])):
+        if block and block.get("aurc") is not None:
+            out[prefix + "aurc"] = float(block["aurc"])
+    dec = m.get("decision")
+    if dec:
+        out["test_answered"] = float(dec["coverage"])
+        if dec["selective_risk"] is not None:
+            out["test_selective_risk"] = float(dec["selective_risk"])
+        for score in ("lac", "aps"):
+            out[f"test_{score}_coverage"] = float(dec[score]["coverage"])
+            out[f"test_{score}_set_size"] = float(dec[score]["mean_size"])
     if m.get("chance"):
         out["chance_acc"] = float(m["chance"]["chance_acc"])
         out["at_chance"] = float(m["chance"]["at_chance"])

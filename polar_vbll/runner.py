@@ -12,8 +12,8 @@ adapters are still at init, train each member with the :class:`~polar_vbll.train
 The run folder (``<output_dir>/<name>``) receives ``config.yaml`` (the whole config), ``params.json``
 (flattened, every **[choice]** included), checkpoints, ``adapter/`` (the adapter's own format),
 ``adapter_peft/`` (a standard PEFT LoRA adapter), ``head.safetensors``, ``predictions.safetensors``,
-``results.json``, ``results.md`` (zero-shot vs the method) and ``reliability.png``; an ensemble keeps each
-member's checkpoints, adapter and head under ``member-<i>/``.
+``results.json``, ``results.md`` (zero-shot vs the method), ``reliability.png`` and ``risk_coverage.png``;
+an ensemble keeps each member's checkpoints, adapter and head under ``member-<i>/``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from safetensors.torch import save_file
 
 from polar_vbll.adapters.state import adapters_off
 from polar_vbll.config import RunConfig, check_output_folder, dump_config
+from polar_vbll.decisions.selective import confidence_and_correct
 from polar_vbll.errors import CheckpointError
 from polar_vbll.evaluation import Evaluation, Member, evaluate
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
-from polar_vbll.plots import reliability_diagrams
+from polar_vbll.plots import reliability_diagrams, risk_coverage_plot
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore
 from polar_vbll.provenance import digest, training_settings
@@ -186,6 +187,11 @@ def write_artifacts(
     accs[results["label"]] = evaluation.predictions["eval"].accumulator()
     title = f"{results['task']} {results['eval_split']} ({results['split_sizes']['eval']} questions)"
     reliability_diagrams(accs, directory / "reliability.png", title=title)
+    trained = evaluation.zero_shot is not None and METHODS[results["method"]].trains
+    shown = {"zero-shot": evaluation.zero_shot} if trained else {}
+    shown[results["label"]] = evaluation.predictions["eval"]
+    curves = {name: confidence_and_correct(p.probs, p.labels) for name, p in shown.items()}
+    risk_coverage_plot(curves, directory / "risk_coverage.png", title=title)
     training, method = results["training"], METHODS[results["method"]]
     md = [f"## {title}", "", format_table(rows), ""]
     ortho = (

@@ -10,6 +10,7 @@ recorded in ``readout.json``). Predictions go through the same evaluation as tra
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from polar_vbll.adapters.state import adapters_off
 from polar_vbll.backbone import answer_head_weight
-from polar_vbll.config import load_config
+from polar_vbll.config import RunConfig, load_config
 from polar_vbll.errors import CheckpointError, UserInputError
 from polar_vbll.evaluation import Member, evaluate
 from polar_vbll.features import FeatureSource, encode_examples
@@ -27,7 +28,7 @@ from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
 from polar_vbll.models import load_backbone
 from polar_vbll.predictives import predict
-from polar_vbll.readout import check_readout, check_width, load_readout
+from polar_vbll.readout import Readout, check_readout, check_width, load_readout
 from polar_vbll.results import Metrics
 from polar_vbll.session import build_head, load_examples
 from polar_vbll.tasks import load_task, num_classes
@@ -53,6 +54,76 @@ def _run_temperature(run: Path) -> float | None:
     return float(scaled["temperature"]) if scaled else None
 
 
+@dataclass
+class RunFolder:
+    """A finished run's folder, checked without loading the model: its config, method, the folder of each
+    member (the run itself, or ``member-<i>/`` for an ensemble) and the readout (answer letters, token ids,
+    prompt settings)."""
+
+    path: Path
+    cfg: RunConfig
+    folders: list[Path]
+    readout: Readout
+
+    @property
+    def method(self):
+        return METHODS[self.cfg.method]
+
+    def temperature(self) -> float | None:
+        """The temperature the run fitted on its validation split (None: the run has no temperature scaling)."""
+        return _run_temperature(self.path) if self.cfg.eval.temperature_scaling else None
+
+
+def check_run_folder(run: str | Path) -> RunFolder:
+    """The cheap checks of a run folder (config, every member's adapter and readout); raises
+    ``UserInputError`` naming what is missing."""
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
+    cfg = load_config(run / "config.yaml")
+    n_members = METHODS[cfg.method].predictive_kind.members(cfg)
+    folders = [run] if n_members == 1 else [run / f"member-{i}" for i in range(n_members)]
+    for folder in folders:
+        if not (folder / "adapter").is_dir():
+            raise UserInputError(f"{run} holds no trained adapter ({folder / 'adapter'} is missing)")
+    readouts = [load_readout(folder) for folder in folders]
+    return RunFolder(run, cfg, folders, readouts[0])
+
+
+@dataclass
+class LoadedRun:
+    """A run's trained model, ready to predict: backbone and tokenizer (readout verified), the adapter,
+    the members (head, and adapter state for an ensemble) and the feature source (frozen-prefix cache)."""
+
+    folder: RunFolder
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    members: list[Member]
+    source: FeatureSource
+
+
+def load_run(folder: RunFolder, n_train: int) -> LoadedRun:
+    """Load the backbone, verify the readout against its tokenizer, and load every member's adapter (hash
+    verified) and head (``n_train``: the training split's size, which the head's KL scaling records)."""
+    cfg, method = folder.cfg, folder.method
+    model, tokenizer = load_backbone(cfg.model)
+    check_readout(folder.readout, tokenizer, str(folder.path))
+    kind = method.adapter_kind
+    adapter = kind.load(model, folder.folders[0] / "adapter")
+    members = []
+    for i, where in enumerate(folder.folders):
+        head = build_head(cfg, model, folder.readout.answer_token_ids, n_train=n_train)
+        head.load_state_dict(_load_head_state(where / "head.safetensors"))
+        state = None
+        if len(folder.folders) > 1:  # each member's verified weights, read through a backbone of its own
+            own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model)[0], where / "adapter")
+            state = own_adapter.adapter_state_dict()
+        members.append(Member(head, state))
+    source = FeatureSource.for_config(adapter.base_model, tokenizer.pad_token_id, cfg.train)
+    return LoadedRun(folder, model, tokenizer, adapter, members, source)
+
+
 def evaluate_saved_run(
     run: str | Path,
     task: str | None = None,
@@ -64,18 +135,8 @@ def evaluate_saved_run(
     on the run's own splits ``validation`` and the OOD sets; on another task ``validation`` is None) of the
     run's saved model on ``task``/``split`` (the run's evaluation split by default). Everything cheap is
     checked before the model loads. Prints the table; the caller prints the block as JSON."""
-    run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
-    cfg = load_config(run / "config.yaml")
-    method = METHODS[cfg.method]
-    n_members = method.predictive_kind.members(cfg)
-    folders = [run] if n_members == 1 else [run / f"member-{i}" for i in range(n_members)]
-    for folder in folders:
-        if not (folder / "adapter").is_dir():
-            raise UserInputError(f"{run} holds no trained adapter ({folder / 'adapter'} is missing)")
-    readouts = [load_readout(folder) for folder in folders]
-    readout = readouts[0]
+    folder = check_run_folder(run)
+    run, cfg, method, readout = folder.path, folder.cfg, folder.method, folder.readout
 
     own = task is None and split is None and limit is None
     examples = load_examples(cfg)  # the training split too: a post-hoc head refits on it
@@ -85,26 +146,15 @@ def evaluate_saved_run(
         examples = {"train": examples["train"], "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}
     check_width(readout, max(num_classes(exs) for exs in examples.values()), f"{task or cfg.data.task}")
 
-    model, tokenizer = load_backbone(cfg.model)
-    check_readout(readout, tokenizer, str(run))
+    loaded = load_run(folder, n_train=len(examples["train"]))
+    model, tokenizer, adapter, members, source = (loaded.model, loaded.tokenizer, loaded.adapter, loaded.members,
+                                                  loaded.source)  # fmt: skip
     answer_ids = readout.answer_token_ids
     names = {name: name for name in examples} | ({} if own else {"eval": f"{task}:{split}"})
     splits = {
         name: encode_examples(names[name], exs, tokenizer, readout.max_length, readout.add_bos)
         for name, exs in examples.items()
     }
-    kind = method.adapter_kind
-    adapter = kind.load(model, folders[0] / "adapter")
-    members = []
-    for i, folder in enumerate(folders):
-        head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
-        head.load_state_dict(_load_head_state(folder / "head.safetensors"))
-        state = None
-        if n_members > 1:  # each member's verified weights, read through a backbone of its own
-            own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model)[0], folder / "adapter")
-            state = own_adapter.adapter_state_dict()
-        members.append(Member(head, state))
-    source = FeatureSource.for_config(adapter.base_model, tokenizer.pad_token_id, cfg.train)
     bs = cfg.train.eval_batch_size
     zero_head = DeterministicHead(*answer_head_weight(model, answer_ids))
     with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model

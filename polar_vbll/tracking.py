@@ -362,7 +362,8 @@ def log_final(
     logger: RunLogger, results: Mapping[str, Any], predictions: Mapping[str, Any], artifacts: Path | None
 ) -> None:
     """The end of a run: final metrics (``flat_metrics``), reliability diagrams of the validation and
-    evaluation splits, and the adapter, the head and ``results.json`` from ``artifacts`` as artifacts."""
+    evaluation splits, the risk-coverage curve, and the adapter, the head and ``results.json`` from
+    ``artifacts`` as artifacts."""
     import tempfile
 
     from polar_vbll.plots import reliability_diagram
@@ -387,6 +388,8 @@ def log_final(
             )
             logger.log_artifact(png, "plots")
     if artifacts is not None:
+        if (artifacts / "risk_coverage.png").is_file():
+            logger.log_artifact(artifacts / "risk_coverage.png", "plots")
         for name in ("adapter", "adapter_peft", "head.safetensors"):
             logger.log_artifact(artifacts / name, "model")
         logger.log_artifact(artifacts / "results.json")

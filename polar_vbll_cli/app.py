@@ -275,6 +275,128 @@ def evaluate(
     print(json.dumps(results["metrics"], indent=2))
 
 
+def _rule_settings(values: dict[str, float | None]) -> dict[str, float | None]:
+    """The decision settings given on the command line, each checked to lie in (0, 1) (coverage: (0, 1])."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        hi_ok = name == "coverage" and value == 1.0
+        if not (0.0 < value < 1.0 or hi_ok):
+            raise UserInputError(f"--{name.replace('_', '-')} must lie in (0, 1), got {value:g}")
+    if values.get("risk") is not None and values.get("coverage") is not None:
+        raise UserInputError("give --risk or --coverage, not both")
+    return values
+
+
+def _decision_options(risk, coverage, delta, alpha, ood_pass) -> dict[str, float | None]:
+    return _rule_settings({"risk": risk, "coverage": coverage, "delta": delta, "alpha": alpha, "ood_pass": ood_pass})
+
+
+RiskOpt = Annotated[float | None, typer.Option(help="target selective risk: the error rate allowed among "
+                                                    "answered questions (default: the run's decision.risk, 0.1)")]
+CoverageOpt = Annotated[float | None, typer.Option(help="instead of --risk: answer this fraction of questions")]
+DeltaOpt = Annotated[float | None, typer.Option(help="the risk guarantee holds with probability 1 - delta "
+                                                     "(default 0.1)")]
+AlphaOpt = Annotated[float | None, typer.Option(help="conformal sets miss the answer at most this often "
+                                                     "(default 0.1)")]
+OodPassOpt = Annotated[float | None, typer.Option(help="fraction of in-distribution questions the OOD flag lets "
+                                                       "pass (default 0.95)")]
+
+
+@app.command()
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train` or `compare`")],
+    data: Annotated[
+        Path | None, typer.Option(help="held-out questions with answers (JSONL; default: the run's validation split)")
+    ] = None,
+    risk: RiskOpt = None,
+    coverage: CoverageOpt = None,
+    delta: DeltaOpt = None,
+    alpha: AlphaOpt = None,
+    ood_pass: OodPassOpt = None,
+    temperature: Annotated[bool, typer.Option(help="use the run's fitted temperature, where it has one")] = True,
+    progress: ProgressOpt = True,
+) -> None:
+    """Calibrate a run's decision rule on held-out questions: the confidence threshold for a target risk,
+    conformal answer sets and the OOD flag; stored in the run folder (decision/) for `polar-vbll predict`."""
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.predict_io import format_rule, read_calibration
+    from polar_vbll.predictor import Predictor
+    from polar_vbll.saved import check_run_folder
+
+    with _one_line_errors():
+        given = _decision_options(risk, coverage, delta, alpha, ood_pass)
+        folder = check_run_folder(run)
+        d = folder.cfg.decision
+        settings = RuleSettings(
+            risk=given["risk"] if given["risk"] is not None else (None if coverage is not None else d.risk),
+            coverage=coverage, delta=given["delta"] or d.delta, fwer=d.fwer, alpha=given["alpha"] or d.alpha,
+            ood_pass=given["ood_pass"] or d.ood_pass,
+        )  # fmt: skip
+        examples, sha = read_calibration(data, folder) if data is not None else (None, None)
+        predictor = Predictor.from_run(run, need_rule=False)
+        rule = predictor.calibrate(settings, examples, source=str(data) if data else None, file_sha256=sha,
+                                   temperature=temperature, progress=progress)  # fmt: skip
+    print(format_rule(rule))
+    print(f"decision rule: {(folder.path / 'decision' / 'rule.json').resolve()}")
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="a run folder with a calibrated decision rule")],
+    input_: Annotated[Path, typer.Option("--input", "-i", help="questions, one JSON object per line")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="decisions, one JSON object per input line")],
+    batch_size: Annotated[int, typer.Option(help="questions predicted together (the output does not depend "
+                                                 "on --workers)")] = 64,
+    workers: Annotated[int | None, typer.Option(help="predict on N Ray Data actors, each holding the model "
+                                                     "(needs the `dist` extra)")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (implies --workers 2)")] = None,
+    risk: RiskOpt = None,
+    coverage: CoverageOpt = None,
+    delta: DeltaOpt = None,
+    alpha: AlphaOpt = None,
+    ood_pass: OodPassOpt = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Decide on new questions with a run's calibrated rule: answer, abstain, or flag as out-of-distribution,
+    with conformal answer sets (docs/predict.md). --risk/--alpha/... refit the stored rule's calibration data
+    with other targets for this prediction (no model pass; the stored rule is unchanged)."""
+    from polar_vbll.decisions.rule import DecisionRule
+    from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
+    from polar_vbll.predictor import Predictor
+    from polar_vbll.saved import check_run_folder
+
+    with _one_line_errors():
+        given = _decision_options(risk, coverage, delta, alpha, ood_pass)
+        if workers is not None and workers < 1:
+            raise UserInputError(f"--workers must be at least 1, got {workers}")
+        folder = check_run_folder(run)
+        rule = DecisionRule.load(folder.path)
+        if any(v is not None for v in given.values()):
+            try:
+                rule = rule.with_settings(**given)
+            except ValueError as exc:
+                raise UserInputError(str(exc)) from None
+        out = check_output(output, [input_])
+        questions = read_questions(input_, folder)
+        chunks = chunked(questions, batch_size)
+        if workers is None and address is None:
+            predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size)
+            predictor.rule = rule
+            records = (predictor.decide_chunk(c) for c in chunks)
+        else:
+            try:
+                from distributed.batch_predict import decide_on_ray
+            except ImportError as exc:
+                raise UserInputError(
+                    f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}"
+                ) from None
+            records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address)
+        s = predict_file(questions, out, records, progress)
+    print(format_summary(s))
+    print(f"decisions: {out.resolve()}")
+
+
 @app.command()
 def tasks(seed: Annotated[int, typer.Option(help="split seed")] = 0) -> None:
     """List the built-in tasks with their split sizes."""

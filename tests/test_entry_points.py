@@ -127,6 +127,11 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "head.laplace.mc_seed": (1, ALL),
     "eval.mc_dropout_samples": (5, ALL),
     "eval.ensemble_members": (2, ALL),
+    "decision.risk": (0.2, ALL),
+    "decision.delta": (0.05, ALL),
+    "decision.fwer": ("bonferroni", ALL),
+    "decision.alpha": (0.2, ALL),
+    "decision.ood_pass": (0.9, ALL),
 }
 
 runner = CliRunner()

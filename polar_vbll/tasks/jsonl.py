@@ -181,3 +181,30 @@ def load_jsonl(path: str | os.PathLike[str], source: str | None = None) -> list[
     if not examples:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     return examples
+
+
+#: The fields a question to predict must have (``answer`` is optional there: with it, the summary scores).
+QUESTION_KEYS = ("question", "choices")
+
+
+def parse_question_row(row: Any, where: str, lineno: int, source: str) -> tuple[MCExample, bool]:
+    """A row of a file of questions to predict (``polar-vbll predict``): the same fields as a training row
+    (:func:`parse_row`) but ``answer`` optional. Returns the example (answer 0 when the row has none) and
+    whether the row had an answer. Raises ``DataError`` (file, line, field)."""
+    if isinstance(row, dict):
+        for key in QUESTION_KEYS:
+            if key not in row:
+                raise DataError(f"{where}, field '{key}': missing (required: {list(QUESTION_KEYS)}; "
+                                "'answer', 'context' and 'id' are optional)")  # fmt: skip
+        if "answer" not in row or row["answer"] is None:
+            return parse_row({**row, "answer": 0}, where, lineno, source), False
+    return parse_row(row, where, lineno, source), True
+
+
+def iter_questions(path: str | os.PathLike[str]) -> Iterator[tuple[int, MCExample, bool]]:
+    """``(line, example, has_answer)`` for every row of a file of questions to predict, in file order,
+    parsed one line at a time (a large file is never held in memory). Raises ``DataError``."""
+    path = os.fspath(path)
+    for lineno, row in iter_json_lines(path):
+        example, has_answer = parse_question_row(row, f"{path}, line {lineno}", lineno, f"jsonl:{path}")
+        yield lineno, example, has_answer

@@ -1,0 +1,118 @@
+"""``polar-vbll predict --workers N``: decisions on Ray Data, each actor holding the model.
+
+The questions (already read and checked on the driver) are cut into the same chunks as the one-process
+path (``--batch-size``); a Ray Data dataset of chunks goes through ``map_batches`` with an actor pool of
+``N`` :class:`ChunkPredictor` actors (``batch_size=1``: one chunk per call), each of which loads the run
+once (``polar_vbll.predictor.Predictor``) and refits the driver's decision rule from its calibration data.
+A question's record depends only on its chunk, and chunks come back in input order (Ray Data's
+``preserve_order``, and a reorder buffer on the driver), so the output file equals the one-process one.
+
+The run folder must be readable at the same path on every node (one machine, or a shared filesystem).
+Nothing secret is put in the runtime environment: only the model-cache locations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from polar_vbll.decisions.rule import CalibrationData, DecisionRule, RuleSettings
+from polar_vbll.errors import UserInputError
+from polar_vbll.predictor import Predictor, Question
+from polar_vbll.tasks.example import MCExample
+
+#: Environment the actors need (model and prefix caches, offline hub); never credentials.
+_ENV_KEYS = ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "HF_HUB_OFFLINE")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, before any work, when a Ray address's host:port does not accept a connection
+    (``UserInputError``); ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--address {address!r}: expected host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserInputError(f"cannot reach a Ray cluster at {address} ({exc}); start one with `ray start "
+                             "--head`, or check the address (docs/distributed.md)") from None  # fmt: skip
+
+
+def _question_dict(q: Question) -> dict[str, Any]:
+    e = q.example
+    return {"uid": e.uid, "question": e.question, "choices": list(e.choices), "answer": e.answer,
+            "source": e.source, "context": e.context, "has_answer": q.has_answer, "line": q.line}  # fmt: skip
+
+
+def _question(d: dict[str, Any]) -> Question:
+    has, line = d.pop("has_answer"), d.pop("line")
+    return Question(MCExample(**d), has, line)
+
+
+class ChunkPredictor:
+    """A Ray Data actor: the run's predictor and the driver's rule; one chunk of questions per call."""
+
+    def __init__(self, run: str, settings: dict[str, Any], meta: dict[str, Any], tensors: dict[str, Any]):
+        import torch
+
+        rule = DecisionRule.fit(
+            CalibrationData(**{k: torch.as_tensor(v) for k, v in tensors.items()}), RuleSettings(**settings), meta
+        )
+        self.predictor = Predictor.from_run(run, need_rule=False)
+        self.predictor.rule = rule
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        out = []
+        for payload in batch["payload"]:
+            questions = [_question(d) for d in json.loads(payload)]
+            out.append(json.dumps(self.predictor.decide_chunk(questions)))
+        return {"index": np.asarray(batch["index"]), "records": np.asarray(out, dtype=object)}
+
+
+def decide_on_ray(
+    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, *, workers: int, address: str | None = None
+) -> Iterator[list[dict[str, Any]]]:
+    """Every chunk's decision records, in order, computed by ``workers`` actors on ``address`` (or
+    ``RAY_ADDRESS``, or a local Ray started here and stopped at the end). An unreachable address fails
+    before anything starts."""
+    import ray
+
+    from distributed.launch import ray_session
+
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        check_reachable(target)
+    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    tensors = {k: v.numpy() for k, v in rule.calibration.tensors().items()}
+    with ray_session(address, num_cpus=max(workers, os.cpu_count() or 1), env=env):
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        items = [{"index": i, "payload": json.dumps([_question_dict(q) for q in c])} for i, c in enumerate(chunks)]
+        ds = ray.data.from_items(items).map_batches(
+            ChunkPredictor,
+            fn_constructor_kwargs={"run": str(Path(run).resolve()), "settings": asdict(rule.settings),
+                                   "meta": rule.meta, "tensors": tensors},  # fmt: skip
+            batch_size=1,
+            concurrency=workers,
+            num_cpus=1,
+        )
+        pending: dict[int, list[dict[str, Any]]] = {}
+        nxt = 0
+        for row in ds.iter_rows():
+            pending[int(row["index"])] = json.loads(row["records"])
+            while nxt in pending:
+                yield pending.pop(nxt)
+                nxt += 1
+        if nxt != len(chunks):
+            raise RuntimeError(f"Ray Data returned {nxt} of {len(chunks)} chunks")

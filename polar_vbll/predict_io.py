@@ -1,0 +1,148 @@
+"""``polar-vbll predict`` and ``polar-vbll calibrate`` on files: read and check questions, write decision
+records, print the summary.
+
+Input: JSONL, one question per line (``question``, ``choices``; optional ``answer``, ``context``, ``id``;
+docs/data.md's row format with ``answer`` optional). Every row is checked before any prediction (file, line
+and field on error; a question with more choices than the run's head names both widths). Output: JSONL,
+one decision record per input row in input order (docs/predict.md), written to a temporary file beside the
+output and renamed when complete, so an existing output is replaced only by a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from polar_vbll.errors import UserInputError
+from polar_vbll.predictor import Question, check_width, summary
+from polar_vbll.saved import RunFolder
+from polar_vbll.tasks.jsonl import iter_questions, load_jsonl
+
+#: ``decide(chunk) -> records``, or an iterator of every chunk's records in order (Ray Data).
+ChunkDecider = Callable[[Sequence[Question]], list[dict[str, Any]]]
+
+
+def read_questions(path: str | Path, folder: RunFolder) -> list[Question]:
+    """Every question of ``path``, checked (``DataError``: file, line, field; no rows; too many choices)."""
+    path = os.fspath(path)
+    questions = [Question(e, has, line) for line, e, has in iter_questions(path)]
+    if not questions:
+        raise UserInputError(f"{path}: no questions (the file is empty or holds only blank lines)")
+    check_width(folder, questions, path)
+    return questions
+
+
+def read_calibration(path: str | Path, folder: RunFolder) -> tuple[list, str]:
+    """Held-out questions *with answers* for ``calibrate --data`` and the file's sha256 (64 hex digits)."""
+    path = os.fspath(path)
+    examples = load_jsonl(path)
+    check_width(folder, [Question(e, True, i + 1) for i, e in enumerate(examples)], path)
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return examples, h.hexdigest()
+
+
+def chunked(questions: Sequence[Question], size: int) -> list[Sequence[Question]]:
+    """Consecutive chunks of ``size`` questions (the unit predicted together)."""
+    if size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {size}")
+    return [questions[i : i + size] for i in range(0, len(questions), size)]
+
+
+def check_output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
+    """The output path, refused when it is an input or its folder does not exist."""
+    out = Path(output)
+    for p in inputs:
+        if Path(p).exists() and out.exists() and out.resolve() == Path(p).resolve():
+            raise UserInputError(f"--output {out} is the input file; write the decisions elsewhere")
+    if not out.parent.is_dir():
+        raise UserInputError(f"--output {out}: the folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UserInputError(f"--output {out} is a folder; give a file name")
+    return out
+
+
+def write_records(output: Path, records: Iterator[list[dict[str, Any]]], total: int, progress: bool) -> list[dict]:
+    """Write every chunk's records as JSON lines (a temporary file renamed at the end); returns them all
+    (for the summary)."""
+    tmp = output.with_name(f".{output.name}.partial")
+    done: list[dict[str, Any]] = []
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh, tqdm(total=total, desc="predict", unit="q",
+                                                          disable=not progress) as bar:  # fmt: skip
+            for chunk in records:
+                for r in chunk:
+                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+                done.extend(chunk)
+                bar.update(len(chunk))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return done
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The closing lines of ``predict``."""
+    n = s["questions"]
+    pct = lambda k: f"{100 * k / n:.1f}%" if n else "-"  # noqa: E731
+    lines = [
+        f"{n} questions: {s['answer']} answered ({pct(s['answer'])}), {s['abstain']} abstained "
+        f"({pct(s['abstain'])}), {s['escalate']} flagged out-of-distribution ({pct(s['escalate'])})",
+        f"answer sets: mean size {s['mean_set_size_lac']:.2f} (LAC), {s['mean_set_size_aps']:.2f} (APS)",
+    ]
+    if s["with_answer"]:
+        risk = s["risk_of_answered"]
+        lines.append(
+            f"on the {s['with_answer']} rows with an answer: accuracy {100 * s['accuracy']:.1f}%, ECE "
+            f"{100 * s['ece']:.1f}%; risk of the answered {'-' if risk is None else f'{100 * risk:.1f}%'} "
+            f"({s['answered_with_answer']} answered); set coverage {100 * s['coverage_lac']:.1f}% (LAC), "
+            f"{100 * s['coverage_aps']:.1f}% (APS)"
+        )
+    return "\n".join(lines)
+
+
+def format_rule(rule) -> str:
+    """What ``calibrate`` found, in a few lines."""
+    s, t = rule.settings, rule.threshold
+    n = t.n
+    if s.risk is not None:
+        target = f"selective risk <= {s.risk:g} with probability >= {1 - s.delta:g} (Learn-then-Test, {s.fwer})"
+    else:
+        target = f"coverage {s.coverage:g} of the calibration questions (no risk guarantee)"
+    if t.tau is None:
+        answer = (f"no threshold meets the target on these {n} questions: every question will be abstained on "
+                  "(loosen --risk, raise --delta, or calibrate on more questions)")  # fmt: skip
+    else:
+        risk = "-" if t.risk is None else f"{100 * t.risk:.1f}%"
+        answer = (f"answer when confidence >= {t.tau:.3f}: on the calibration questions {100 * t.coverage:.1f}% "
+                  f"answered, risk {risk}")  # fmt: skip
+    sets = ", ".join(f"{k.upper()} quantile {c.quantile:.4f}" for k, c in rule.sets.items())
+    temp = rule.meta.get("temperature")
+    return "\n".join([
+        f"calibrated on {n} questions: {rule.meta.get('source')}"
+        + (f" (temperature {temp:.3f} applied)" if temp else ""),
+        f"target: {target}",
+        answer,
+        f"conformal sets at alpha {s.alpha:g}: {sets}",
+        (f"OOD flag: {rule.ood_score} score above {rule.ood_threshold:.4g} ({100 * s.ood_pass:g}% of "
+         "in-distribution questions pass)") if math.isfinite(rule.ood_threshold) else
+        (f"OOD flag: off: a {100 * s.ood_pass:g}% pass rate needs at least "
+         f"{math.ceil(s.ood_pass / (1 - s.ood_pass) - 1e-9)} calibration questions"),
+    ])  # fmt: skip
+
+
+def predict_file(
+    questions: Sequence[Question], output: Path, chunks_records: Iterator[list[dict[str, Any]]], progress: bool
+) -> dict[str, Any]:
+    """Write the records and return the summary."""
+    records = write_records(output, chunks_records, len(questions), progress)
+    return summary(records)

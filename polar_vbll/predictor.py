@@ -1,0 +1,256 @@
+"""Decisions from a trained run: load a run folder into a :class:`Predictor`, calibrate its decision rule on
+held-out questions, and turn new questions into decision records (docs/predict.md).
+
+The run folder fixes everything, as for ``polar-vbll eval`` (``polar_vbll.saved``): the backbone, the
+prompt settings and answer-token ids (verified against the tokenizer), each member's adapter (hash verified)
+and head; a post-hoc head (Laplace) is fitted again on the run's training split exactly as the run did.
+The predictive is the run's method's (``polar_vbll.methods.PREDICTIVES``: one pass for VBLL, Laplace and
+deterministic heads, dropout passes or members otherwise), with the run's temperature where it has one.
+New questions are predicted in chunks of ``batch_size`` in input order; a question's record depends only
+on its chunk, so the same input gives the same output in one process or on Ray Data workers
+(``distributed.batch_predict``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polar_vbll.decisions.conformal import SCORES
+from polar_vbll.decisions.rule import CalibrationData, DecisionRule, Decisions, RuleSettings
+from polar_vbll.errors import DataError, UserInputError
+from polar_vbll.evaluation import PredictContext, posthoc_members
+from polar_vbll.features import FeatureSource, encode_examples
+from polar_vbll.metrics import summarize
+from polar_vbll.predictives import Predictions
+from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run
+from polar_vbll.tasks import load_task
+from polar_vbll.tasks.example import MCExample
+from polar_vbll.temperature import apply_temperature
+
+#: Questions predicted together (one chunk; see the module docstring).
+DEFAULT_BATCH = 64
+
+
+@dataclass
+class Question:
+    """One question to decide on: the example (``answer`` is a placeholder 0 when the row has none), whether
+    the row gave an answer, and the row's line number in its file (None from the Python API)."""
+
+    example: MCExample
+    has_answer: bool = True
+    line: int | None = None
+
+
+def check_width(folder: RunFolder, questions: Sequence[Question], where: str) -> None:
+    """Refuse a question with more choices than the run's head reads (``DataError`` naming both widths)."""
+    width = folder.readout.num_classes
+    for i, q in enumerate(questions):
+        k = q.example.num_choices
+        if k > width:
+            at = f"{where}, line {q.line}" if q.line is not None else f"question {i} ({q.example.uid!r})"
+            raise DataError(
+                f"{at}, field 'choices': {k} choices, but the run's head reads {width} answer letters "
+                f"({', '.join(folder.readout.answer_letters)}); give at most {width} choices, or train a run "
+                f"whose data has {k}-choice questions"
+            )
+
+
+class Predictor:
+    """A trained run, ready to predict and decide. Build with :meth:`from_run`."""
+
+    def __init__(self, loaded: LoadedRun, rule: DecisionRule | None, batch_size: int):
+        self.loaded = loaded
+        self.folder = loaded.folder
+        self.rule = rule
+        self.batch_size = batch_size
+        cfg = self.folder.cfg
+        self._train = None
+        self._members = None
+        # new questions: the frozen-prefix states live in memory only (the disk cache is for the run's data)
+        self._source_new = FeatureSource.for_config(loaded.adapter.base_model, loaded.tokenizer.pad_token_id,
+                                                    cfg.train)  # fmt: skip
+        self._source_new.disk = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, *, need_rule: bool = True, batch_size: int = DEFAULT_BATCH) -> Predictor:
+        """Load ``run``. With ``need_rule`` the calibrated rule is loaded first (``CheckpointError`` saying how
+        to make one when there is none), before the model. Raises ``UserInputError`` for a bad run folder."""
+        folder = check_run_folder(run)
+        rule = DecisionRule.load(folder.path) if need_rule else None
+        n_train = len(cls._train_examples(folder))
+        return cls(load_run(folder, n_train), rule, batch_size)
+
+    @staticmethod
+    def _train_examples(folder: RunFolder) -> list[MCExample]:
+        d = folder.cfg.data
+        return load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit)
+
+    # ------------------------------------------------------------------------------------ predictive
+    @property
+    def num_classes(self) -> int:
+        return self.folder.readout.num_classes
+
+    @property
+    def letters(self) -> list[str]:
+        return self.folder.readout.answer_letters
+
+    def _posthoc(self):
+        """The members with the method's post-hoc head fitted on the run's training split (once)."""
+        if self._members is None:
+            cfg, run = self.folder.cfg, self.loaded
+            if self.folder.method.head_kind.posthoc is None:
+                self._members = run.members
+            else:
+                train = self._encode("train", self._train_examples(self.folder))
+                self._members = posthoc_members(cfg, run.source, run.adapter, run.members, train)
+        return self._members
+
+    def _encode(self, name: str, examples: Sequence[MCExample]):
+        r = self.folder.readout
+        return encode_examples(name, list(examples), self.loaded.tokenizer, r.max_length, r.add_bos)
+
+    def predictive(
+        self, examples: Sequence[MCExample], *, temperature: float | None = None, name: str = "predict",
+        cache: bool = False, progress: bool = False,
+    ) -> tuple[Predictions, torch.Tensor]:  # fmt: skip
+        """The run's predictive on ``examples``: ``Predictions`` (probs (N, K) with padded classes 0, the
+        epistemic score (N,) in nats) and the choice counts (N,). ``temperature`` scales the probabilities
+        (the epistemic score stays the method's own); ``cache`` keeps the frozen prefix on disk (the run's
+        own splits), else in memory."""
+        cfg, run = self.folder.cfg, self.loaded
+        check_width(self.folder, [Question(e) for e in examples], "the input")
+        enc = self._encode(name, examples)
+        source = run.source if cache else self._source_new
+        ctx = PredictContext(cfg, source, run.adapter, self._posthoc(), cfg.train.eval_batch_size, progress)
+        preds = self.folder.method.predictive_kind.predict(ctx, enc)
+        if preds.epistemic is None:
+            preds.epistemic = torch.zeros(len(enc))
+        if temperature is not None:
+            preds = Predictions(preds.split, apply_temperature(preds.probs, temperature), preds.labels,
+                                preds.logit_var, preds.epistemic)  # fmt: skip
+        return preds, enc.n_choices.clone()
+
+    # ---------------------------------------------------------------------------------- calibration
+    def calibrate(
+        self, settings: RuleSettings, examples: Sequence[MCExample] | None = None, *, source: str | None = None,
+        file_sha256: str | None = None, temperature: bool = True, progress: bool = False,
+    ) -> DecisionRule:  # fmt: skip
+        """Fit, store (``<run>/decision/``) and return the decision rule, on ``examples`` (held-out questions
+        with answers) or, by default, the run's validation split. ``temperature``: use the run's fitted
+        temperature where it has one."""
+        cfg = self.folder.cfg
+        if examples is None:
+            d = cfg.data
+            examples = load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit)
+            source = source or f"{d.task}:{d.val_split} (the run's validation split)"
+        t = self.folder.temperature() if temperature else None
+        preds, n_choices = self.predictive(examples, temperature=t, name="calibration", cache=True, progress=progress)
+        data = CalibrationData(preds.probs, preds.labels, n_choices, preds.epistemic)
+        enc_fp = hashlib.sha256(
+            repr([(e.uid, e.question, e.choices, e.answer, e.context) for e in examples]).encode()
+        ).hexdigest()[:16]
+        meta = {"source": source or "questions given through the Python API", "examples_sha256": enc_fp,
+                "file_sha256": file_sha256, "temperature": t, "method": cfg.method,
+                "label": self.folder.method.label}  # fmt: skip
+        try:
+            rule = DecisionRule.fit(data, settings, meta)
+        except ValueError as exc:
+            raise UserInputError(f"cannot calibrate on {meta['source']}: {exc}") from None
+        rule.save(self.folder.path)
+        self.rule = rule
+        return rule
+
+    # ------------------------------------------------------------------------------------- decisions
+    def _require_rule(self) -> DecisionRule:
+        if self.rule is None:
+            self.rule = DecisionRule.load(self.folder.path)
+        return self.rule
+
+    def decide(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
+        """The decision record of every question (docs/predict.md), in order, in chunks of ``batch_size``."""
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(questions), self.batch_size):
+            out.extend(self.decide_chunk(questions[start : start + self.batch_size]))
+        return out
+
+    def decide_chunk(self, questions: Sequence[Question]) -> list[dict[str, Any]]:
+        """The records of one chunk (predicted together)."""
+        if not questions:
+            return []
+        rule = self._require_rule()
+        preds, n_choices = self.predictive([q.example for q in questions], temperature=rule.meta.get("temperature"))
+        d = rule.decide(preds.probs, preds.epistemic, n_choices)
+        return [record(q, i, preds.probs[i], d, rule, self.letters) for i, q in enumerate(questions)]
+
+    def predict(self, examples: Sequence[MCExample | dict]) -> list[dict[str, Any]]:
+        """The Python API: decision records of ``examples`` (``MCExample`` rows, or dicts with ``question``,
+        ``choices`` and optional ``answer``, ``context``, ``id``, as in a JSONL file)."""
+        from polar_vbll.tasks.jsonl import parse_question_row
+
+        qs = []
+        for i, e in enumerate(examples):
+            if isinstance(e, MCExample):
+                qs.append(Question(e))
+            else:
+                example, has_answer = parse_question_row(e, f"question {i}", i + 1, "predict")
+                qs.append(Question(example, has_answer))
+        return self.decide(qs)
+
+
+def record(q: Question, i: int, probs: torch.Tensor, d: Decisions, rule: DecisionRule, letters: list[str]) -> dict:
+    """One question's decision record (docs/predict.md has every field and unit)."""
+    k = q.example.num_choices
+    answer = int(d.answer[i])
+    decision = "escalate" if d.ood[i] else ("abstain" if d.abstain[i] else "answer")
+    out: dict[str, Any] = {
+        "id": q.example.uid,
+        **({"line": q.line} if q.line is not None else {}),
+        "decision": decision,
+        "answer": letters[answer],
+        "answer_index": answer,
+        "confidence": float(d.confidence[i]),
+        "probs": [float(p) for p in probs[:k]],
+        "abstain": bool(d.abstain[i]),
+        "ood": bool(d.ood[i]),
+        "entropy": float(d.entropy[i]),
+        "epistemic": float(d.epistemic[i]),
+        "ood_scores": {"msp": float(d.msp[i]), "epistemic": float(d.epistemic[i])},
+        **{f"set_{s}": [letters[j] for j in range(k) if d.sets[s][i, j]] for s in SCORES},
+    }
+    if q.has_answer:
+        y = q.example.answer
+        out["label"] = letters[y]
+        out["correct"] = answer == y
+    return out
+
+
+def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The closing summary of a prediction: how many answered / abstained / escalated, the mean set sizes,
+    and on rows with an answer: accuracy and ECE of every row, the risk of the answered (fractions) and the
+    empirical coverage of the sets."""
+    n = len(records)
+    out: dict[str, Any] = {"questions": n}
+    for name in ("answer", "abstain", "escalate"):
+        out[name] = sum(r["decision"] == name for r in records)
+    for s in SCORES:
+        out[f"mean_set_size_{s}"] = sum(len(r[f"set_{s}"]) for r in records) / n if n else None
+    labelled = [r for r in records if "label" in r]
+    out["with_answer"] = len(labelled)
+    if labelled:
+        width = max(len(r["probs"]) for r in labelled)
+        probs = torch.tensor([r["probs"] + [0.0] * (width - len(r["probs"])) for r in labelled], dtype=torch.float64)
+        labels = torch.tensor([ord(r["label"]) - ord("A") for r in labelled])
+        m = summarize(probs / probs.sum(1, keepdim=True), labels)
+        out["accuracy"], out["ece"] = m["acc"], m["ece"]
+        answered = [r for r in labelled if r["decision"] == "answer"]
+        out["answered_with_answer"] = len(answered)
+        out["risk_of_answered"] = (1 - sum(r["correct"] for r in answered) / len(answered)) if answered else None
+        for s in SCORES:
+            out[f"coverage_{s}"] = sum(r["label"] in r[f"set_{s}"] for r in labelled) / len(labelled)
+    return out

@@ -1,0 +1,235 @@
+"""``polar-vbll calibrate`` and ``polar-vbll predict`` as a user runs them on a tiny trained run: the rule's
+files, decision records that reproduce the run's own predictive, the Python API, Ray Data workers giving
+the one-process output, and every bad input ending in one line (exit 2) with nothing written."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from polar_vbll.decisions.conformal import ConformalSets, set_metrics
+from polar_vbll.tasks import load_task
+from polar_vbll_cli.app import app
+
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("predict")
+    res = _invoke("train", "--config", "tiny", "--no-progress", "--no-track", "--set", f"output_dir={out}",
+                  "--set", "method=polar_vbll", "--set", "data.val_limit=40")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out / "tiny"
+
+
+@pytest.fixture(scope="module")
+def questions(run):
+    """The run's own evaluation split as a user's JSONL (every other row without its answer)."""
+    ex = load_task("arc_easy", "test", seed=0, limit=32)
+    rows = []
+    for i, e in enumerate(ex):
+        row = {"id": e.uid, "question": e.question, "choices": list(e.choices)}
+        if i % 2 == 0:
+            row["answer"] = e.answer
+        rows.append(row)
+    return _write(run.parent / "questions.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def calibrated(run):
+    res = _invoke("calibrate", run, "--no-progress", "--coverage", "0.5")
+    assert res.exit_code == 0, res.output
+    return run, res
+
+
+def test_predict_without_a_rule_says_how_to_make_one(tmp_path, run, questions):
+    fresh = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run, fresh, ignore=shutil.ignore_patterns("decision", "checkpoint-*"))
+    res = _invoke("predict", fresh, "-i", questions, "-o", tmp_path / "d.jsonl", "--no-progress")
+    assert res.exit_code == 2
+    assert "no calibrated decision rule" in res.output and f"polar-vbll calibrate {fresh}" in res.output
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_calibrate_stores_the_rule_on_the_runs_validation_predictive(calibrated):
+    run, res = calibrated
+    assert "calibrated on 40 questions: arc_easy:validation" in res.output
+    assert "decision rule:" in res.output
+    rule = json.loads((run / "decision" / "rule.json").read_text())
+    assert rule["settings"]["coverage"] == 0.5 and rule["calibration"]["n"] == 40
+    assert rule["threshold"]["coverage"] == pytest.approx(0.5)
+    # the calibration predictive is the run's own validation predictive, reproduced from the saved files
+    cal = load_file(str(run / "decision" / "calibration.safetensors"))
+    own = load_file(str(run / "predictions.safetensors"))["validation_probs"]
+    torch.testing.assert_close(cal["probs"], own, atol=1e-6, rtol=0)
+    assert bool(cal["epistemic"].gt(0).all())  # a VBLL head has an epistemic part
+
+
+def test_predict_writes_one_record_per_question_in_order(calibrated, questions, tmp_path):
+    run, _ = calibrated
+    out = tmp_path / "decisions.jsonl"
+    res = _invoke("predict", run, "-i", questions, "-o", out, "--no-progress", "--batch-size", "8")
+    assert res.exit_code == 0, res.output
+    assert "32 questions:" in res.output and "on the 16 rows with an answer" in res.output
+    assert f"decisions: {out.resolve()}" in res.output
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    src = [json.loads(line) for line in questions.read_text().splitlines()]
+    assert [r["id"] for r in recs] == [s["id"] for s in src] and [r["line"] for r in recs] == list(range(1, 33))
+    own = load_file(str(run / "predictions.safetensors"))["eval_probs"]
+    for i, (r, s) in enumerate(zip(recs, src, strict=True)):
+        k = len(s["choices"])
+        np.testing.assert_allclose(r["probs"], own[i, :k].numpy(), atol=1e-6)  # the run's own predictive
+        assert r["answer_index"] == int(np.argmax(r["probs"])) and r["answer"] == "ABCDE"[r["answer_index"]]
+        assert r["confidence"] == pytest.approx(max(r["probs"]))
+        assert r["entropy"] == pytest.approx(-sum(p * np.log(p) for p in r["probs"] if p > 0), abs=1e-6)
+        assert 0 <= r["epistemic"] <= r["entropy"] + 1e-6
+        assert r["decision"] == ("escalate" if r["ood"] else "abstain" if r["abstain"] else "answer")
+        assert set(r["set_lac"]) <= set("ABCDE"[:k]) and r["set_aps"]
+        assert ("label" in r) == ("answer" in s)
+        if "answer" in s:
+            assert r["correct"] == (r["answer_index"] == s["answer"])
+
+
+def test_the_python_api_gives_the_cli_records(calibrated, questions, tmp_path):
+    from polar_vbll.predictor import Predictor
+
+    run, _ = calibrated
+    out = tmp_path / "d.jsonl"
+    assert _invoke("predict", run, "-i", questions, "-o", out, "--no-progress").exit_code == 0
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    recs = Predictor.from_run(run).predict(rows)
+    cli = [json.loads(line) for line in out.read_text().splitlines()]
+    for a, b in zip(recs, cli, strict=True):
+        b.pop("line")
+        assert a == b
+
+
+def test_workers_on_ray_data_give_the_one_process_output(calibrated, questions, tmp_path):
+    run, _ = calibrated
+    one, ray = tmp_path / "one.jsonl", tmp_path / "ray.jsonl"
+    assert _invoke("predict", run, "-i", questions, "-o", one, "--no-progress", "--batch-size", "5").exit_code == 0
+    res = _invoke("predict", run, "-i", questions, "-o", ray, "--no-progress", "--batch-size", "5", "--workers", "2")
+    assert res.exit_code == 0, res.output
+    assert ray.read_bytes() == one.read_bytes()
+
+
+def test_predict_refits_the_stored_rule_with_other_targets_without_changing_it(calibrated, questions, tmp_path):
+    run, _ = calibrated
+    before = (run / "decision" / "rule.json").read_text()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert _invoke("predict", run, "-i", questions, "-o", a, "--no-progress", "--coverage", "0.25").exit_code == 0
+    assert _invoke("predict", run, "-i", questions, "-o", b, "--no-progress", "--coverage", "0.9").exit_code == 0
+    answered = [sum(json.loads(x)["decision"] != "abstain" for x in f.read_text().splitlines()) for f in (a, b)]
+    assert answered[0] < answered[1]
+    assert (run / "decision" / "rule.json").read_text() == before
+
+
+def test_calibrate_on_a_users_file_records_its_hash(calibrated, tmp_path):
+    import hashlib
+
+    run, _ = calibrated
+    ex = load_task("arc_easy", "validation", seed=0, limit=40)
+    f = _write(tmp_path / "held_out.jsonl", [{"question": e.question, "choices": list(e.choices), "answer": e.answer}
+                                             for e in ex])  # fmt: skip
+    res = _invoke("calibrate", run, "--data", f, "--no-progress", "--alpha", "0.2", "--coverage", "0.5")
+    assert res.exit_code == 0, res.output
+    rule = json.loads((run / "decision" / "rule.json").read_text())
+    assert rule["calibration"]["file_sha256"] == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert rule["calibration"]["source"] == str(f) and rule["conformal"]["lac"]["alpha"] == 0.2
+    # a row without its answer cannot calibrate
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "q", "choices": ["a", "b"], "answer": 0},
+                                          {"question": "q", "choices": ["a", "b"]}])  # fmt: skip
+    res = _invoke("calibrate", run, "--data", bad, "--no-progress")
+    assert res.exit_code == 2 and f"{bad}, line 2, field 'answer': missing" in res.output
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"question": "q", "choices": ["a", "b"]}, {"choices": ["a", "b"]}], "line 2, field 'question': missing"),
+        ([{"question": "q"}], "line 1, field 'choices': missing"),
+        ([{"question": "q", "choices": ["a", "b"], "answr": 1}], "field 'answr': unknown key (did you mean 'answer'?)"),
+        ([{"question": "q", "choices": list("abcdefg")}], "7 choices, but the run's head reads 5 answer letters"),
+    ],
+)
+def test_bad_question_rows_name_file_line_and_field(calibrated, tmp_path, rows, message):
+    run, _ = calibrated
+    f = _write(tmp_path / "q.jsonl", rows)
+    out = tmp_path / "d.jsonl"
+    out.write_text("keep me\n")
+    res = _invoke("predict", run, "-i", f, "-o", out, "--no-progress")
+    assert res.exit_code == 2 and message in res.output and str(f) in res.output, res.output
+    assert "Traceback" not in res.output and out.read_text() == "keep me\n"  # nothing overwritten
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--risk", "1.5"], "--risk must lie in (0, 1), got 1.5"),
+        (["--risk", "0"], "--risk must lie in (0, 1), got 0"),
+        (["--alpha", "1"], "--alpha must lie in (0, 1), got 1"),
+        (["--alpha", "-0.1"], "--alpha must lie in (0, 1), got -0.1"),
+        (["--risk", "0.1", "--coverage", "0.5"], "give --risk or --coverage, not both"),
+    ],
+)
+@pytest.mark.parametrize("command", ["predict", "calibrate"])
+def test_targets_outside_the_unit_interval_exit_2(calibrated, questions, tmp_path, flags, message, command):
+    run, _ = calibrated
+    extra = ["-i", questions, "-o", tmp_path / "d.jsonl"] if command == "predict" else []
+    res = _invoke(command, run, *extra, "--no-progress", *flags)
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+def test_an_unreachable_ray_address_fails_before_any_work(calibrated, questions, tmp_path):
+    run, _ = calibrated
+    t = time.perf_counter()
+    res = _invoke("predict", run, "-i", questions, "-o", tmp_path / "d.jsonl", "--no-progress",
+                  "--address", "127.0.0.1:9")  # fmt: skip
+    assert res.exit_code == 2 and "cannot reach a Ray cluster at 127.0.0.1:9" in res.output, res.output
+    assert time.perf_counter() - t < 20 and not (tmp_path / "d.jsonl").exists()
+
+
+def test_output_may_not_be_the_input(calibrated, questions):
+    run, _ = calibrated
+    res = _invoke("predict", run, "-i", questions, "-o", questions, "--no-progress")
+    assert res.exit_code == 2 and "is the input file" in res.output
+
+
+def test_every_run_reports_the_decision_metrics(run):
+    """results.json's decision block against the rule recomputed by hand from the saved predictions."""
+    results = json.loads((run / "results.json").read_text())
+    dec, m = results["metrics"]["decision"], results["metrics"]
+    preds = load_file(str(run / "predictions.safetensors"))
+    val, ev = load_task("arc_easy", "validation", seed=0, limit=40), load_task("arc_easy", "test", seed=0, limit=32)
+    yv, ye = torch.tensor([e.answer for e in val]), torch.tensor([e.answer for e in ev])
+    ke = np.array([e.num_choices for e in ev])
+    for score in ("lac", "aps"):
+        cs = ConformalSets.calibrate(preds["validation_probs"], yv, 0.1, score)
+        assert dec[score] == pytest.approx(set_metrics(cs.predict_sets(preds["eval_probs"], ke), ye))
+    # AURC of the evaluation split by hand: mean over k of the error rate of the k most confident
+    p = preds["eval_probs"].double()
+    order = torch.argsort(-p.max(1).values, stable=True)
+    wrong = (p.argmax(1) != ye)[order].double()
+    expected = float((wrong.cumsum(0) / torch.arange(1, len(ye) + 1)).mean())
+    assert m["eval"]["aurc"] == pytest.approx(expected)
+    assert (run / "risk_coverage.png").stat().st_size > 10_000
