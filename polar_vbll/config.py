@@ -251,6 +251,8 @@ class DecisionConfig(_Strict):
                          "1 - delta over the calibration draw")
     fwer: Literal["bonferroni_holm", "bonferroni"] = Field(
         "bonferroni_holm", description="[choice] family-wise error control of Learn-then-Test's threshold grid")
+    thresholds: int = Field(10, ge=1, le=1000, description="[choice] confidence thresholds Learn-then-Test tests, "
+                            "equally spaced on [1/K, 1) (more: finer, but each costs power)")
     alpha: float = Field(0.1, gt=0, lt=1, description="[choice] miscoverage of the conformal answer sets "
                          "(sets hold the answer with probability >= 1 - alpha)")
     ood_pass: float = Field(0.95, gt=0, lt=1, description="[choice] fraction of in-distribution calibration "

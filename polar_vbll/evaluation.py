@@ -111,7 +111,8 @@ def decision_block(
         return p.epistemic if p.epistemic is not None else torch.zeros(len(p.labels))
 
     val, ev = preds["validation"], preds["eval"]
-    settings = RuleSettings(risk=d.risk, delta=d.delta, fwer=d.fwer, alpha=d.alpha, ood_pass=d.ood_pass)
+    settings = RuleSettings(risk=d.risk, delta=d.delta, fwer=d.fwer, alpha=d.alpha, ood_pass=d.ood_pass,
+                            thresholds=d.thresholds)  # fmt: skip
     try:
         rule = DecisionRule.fit(CalibrationData(val.probs, val.labels, n_choices["validation"], eps(val)), settings)
     except ValueError:

@@ -331,7 +331,7 @@ def calibrate(
         settings = RuleSettings(
             risk=given["risk"] if given["risk"] is not None else (None if coverage is not None else d.risk),
             coverage=coverage, delta=given["delta"] or d.delta, fwer=d.fwer, alpha=given["alpha"] or d.alpha,
-            ood_pass=given["ood_pass"] or d.ood_pass,
+            ood_pass=given["ood_pass"] or d.ood_pass, thresholds=d.thresholds,
         )  # fmt: skip
         examples, sha = read_calibration(data, folder) if data is not None else (None, None)
         predictor = Predictor.from_run(run, need_rule=False)

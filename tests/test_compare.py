@@ -167,3 +167,20 @@ def test_table_rows_lead_with_the_guard_and_flag_chance_level_methods():
     assert "| t | Flat | 56.0 ± 0.0 |" in table and "**at chance** |" in table.splitlines()[-1]
     assert "| no |" in table.splitlines()[4]  # MLE
     assert rows[0]["seeds"] == 2 and rows[0]["acc_mean"] == pytest.approx(50.0)
+
+
+def test_decision_table_shows_the_decision_rule_per_method():
+    from polar_vbll.compare.report import aggregate, decision_table, table_rows
+    from polar_vbll.compare.runner import _with_decision
+
+    split = {"acc": 0.75, "ece": 0.05, "nll": 0.5, "brier": 0.3, "n": 100, "aurc": 0.12}
+    recs = []
+    for seed, (answered, size) in enumerate([(0.40, 1.2), (0.60, 1.4)]):
+        dec = {"coverage": answered, "selective_risk": 0.05, "lac": {"coverage": 0.91, "mean_size": size},
+               "aps": {"coverage": 0.95, "mean_size": size + 0.3}}  # fmt: skip
+        recs.append({"task": "sst2", "method": "polar_vbll", "seed": seed, "metrics": _with_decision(split, dec)})
+    rows = aggregate(table_rows(recs, {"polar_vbll": "PoLAR-VBLL"}))
+    table = decision_table(rows)
+    row = "| sst2 | PoLAR-VBLL | 75.0 ± 0.0 | 0.120 ± 0.000 | 50.0 ± 14.1 | 5.0 ± 0.0 | 91.0 ± 0.0 | 1.30 ± 0.14 |"
+    assert row in table
+    assert decision_table(aggregate(table_rows([{**recs[0], "metrics": split}], {}))) == ""

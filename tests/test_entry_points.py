@@ -132,6 +132,7 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "decision.fwer": ("bonferroni", ALL),
     "decision.alpha": (0.2, ALL),
     "decision.ood_pass": (0.9, ALL),
+    "decision.thresholds": (20, ALL),
 }
 
 runner = CliRunner()

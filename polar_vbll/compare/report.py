@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PERCENT = ("acc", "ece")
+PERCENT = ("acc", "ece", "answered", "selective_risk", "lac_coverage", "aps_coverage")
 KEYS = ("acc", "ece", "nll", "brier", "logit_var", "epistemic")
 OOD_KEYS = ("acc", "ece", "nll", "auroc_msp", "auroc_entropy", "auroc_epistemic")
 UNIFORM, MAJORITY = "uniform predictor", "majority-class predictor"
@@ -117,18 +117,36 @@ def _chance_cell(row: dict[str, Any]) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The main table: one block per task (guard predictors first), mean ± std over seeds."""
-    header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier", "logit var", "at chance?", "passes / example",
-              "train s", "test s", "seeds"]  # fmt: skip
+    header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier", "AURC", "logit var", "at chance?",
+              "passes / example", "train s", "test s", "seeds"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["task"], row["method"], _pm(row, "acc", 1), _pm(row, "ece", 1), _pm(row, "nll", 3),
-                 _pm(row, "brier", 3), _pm(row, "logit_var", 3), _chance_cell(row)]  # fmt: skip
+                 _pm(row, "brier", 3), _pm(row, "aurc", 3), _pm(row, "logit_var", 3), _chance_cell(row)]  # fmt: skip
         cells.append(f"{row['passes_per_example']:g}" if "passes_per_example" in row else "–")
         cells.append(f"{row['train_s']:.{0 if row['train_s'] >= 10 else 1}f}" if "train_s" in row else "–")
         cells.append(f"{row['test_s']:.1f}" if "test_s" in row else "–")
         cells.append(str(row["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def decision_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Per task and method: AURC, the fraction answered and their error rate at the decision rule's target
+    risk, and the conformal sets' coverage and size (LAC, APS). Empty when no row has them."""
+    header = ["Task", "Method", "ACC (%)", "AURC", "answered (%)", "risk (%)", "LAC coverage (%)", "LAC size",
+              "APS coverage (%)", "APS size", "at chance?"]  # fmt: skip
+    lines = []
+    for row in rows:
+        if row.get("guard") or "lac_size_mean" not in row:
+            continue
+        cells = [row["task"], row["method"], _pm(row, "acc", 1), _pm(row, "aurc", 3), _pm(row, "answered", 1),
+                 _pm(row, "selective_risk", 1), _pm(row, "lac_coverage", 1), _pm(row, "lac_size", 2),
+                 _pm(row, "aps_coverage", 1), _pm(row, "aps_size", 2), _chance_cell(row)]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
 
 
 def ood_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from polar_vbll.compare.config import CompareConfig, method_config
-from polar_vbll.compare.report import aggregate, markdown_table, ood_table, table_rows, write_csv
+from polar_vbll.compare.report import (
+    aggregate,
+    decision_table,
+    markdown_table,
+    ood_table,
+    table_rows,
+    write_csv,
+)
 from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
@@ -47,10 +54,22 @@ class TaskContext:
     predictions: dict[str, Predictions] = field(default_factory=dict)  # method -> eval-split predictions
 
 
+def _with_decision(split: dict[str, Any], decision: dict[str, Any] | None) -> dict[str, Any]:
+    """A split's metrics plus the decision rule's (fractions): ``answered`` and ``selective_risk`` at the
+    target risk, and the conformal sets' ``{lac,aps}_coverage`` and ``{lac,aps}_size``."""
+    out = dict(split)
+    if decision:
+        out.update({"answered": decision["coverage"], "selective_risk": decision["selective_risk"]})
+        for score in ("lac", "aps"):
+            out[f"{score}_coverage"] = decision[score]["coverage"]
+            out[f"{score}_size"] = decision[score]["mean_size"]
+    return out
+
+
 def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -> dict[str, Any]:
-    """One line of ``records.jsonl``: a run's test metrics (fractions), its temperature-scaled metrics
-    when it has them, the guard block of the test split, per OOD set its metrics and AUROCs, validation
-    metrics, cost and provenance."""
+    """One line of ``records.jsonl``: a run's test metrics (fractions) with its decision rule's, its
+    temperature-scaled metrics when it has them, the guard block of the test split, per OOD set its metrics
+    and AUROCs, validation metrics, cost and provenance."""
     m = results["metrics"]
     training = results["training"]
     scaled = m.get("temperature_scaled")
@@ -60,8 +79,8 @@ def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -
         "method": method,
         "seed": seed,
         "settings": settings_digest(results),
-        "metrics": dict(m["eval"]),
-        "ts_metrics": dict(scaled["eval"]) if scaled else None,
+        "metrics": _with_decision(m["eval"], m.get("decision")),
+        "ts_metrics": _with_decision(scaled["eval"], scaled.get("decision")) if scaled else None,
         "ts_ood": dict(scaled["ood"]) if scaled else {},
         "temperature": scaled["temperature"] if scaled else None,
         "chance": {k: v for k, v in chance.items() if k != "at_chance"} if chance else None,
@@ -207,6 +226,7 @@ class CompareRunner:
         rows = aggregate(table_rows(_ordered(wanted, self.ccfg), labels))
         table = markdown_table(rows)
         ood = ood_table(rows)
+        decisions = decision_table(rows)
         write_csv(wanted, self.out / "results.csv")
         header = (
             f"# {self.ccfg.name}: {len(self.ccfg.methods)} methods x {len(self.ccfg.tasks)} tasks x "
@@ -223,6 +243,17 @@ class CompareRunner:
                      "BLoB reports it) and AUROC (%) of telling it from the test set by max-probability, "
                      "predictive entropy and the epistemic score (mutual information; – for a single "
                      "deterministic model).\n\n" + ood + "\n")  # fmt: skip
+        if decisions:
+            from polar_vbll.config import DecisionConfig
+
+            d = DecisionConfig(**(self.ccfg.base.get("decision") or {}))
+            text += (f"\n## Decisions\n\nThe decision rule calibrated on the validation split, applied to the test "
+                     f"split: answer when the confidence reaches the Learn-then-Test threshold for selective risk "
+                     f"<= {d.risk:g} (probability {1 - d.delta:g}); 'answered' is the fraction of test questions "
+                     f"answered and 'risk' their error rate (– when none is answered); conformal sets at alpha "
+                     f"{d.alpha:g} (LAC and APS scores): empirical coverage (%) and mean size (choices per set); "
+                     "AURC: area under the risk-coverage curve (lower is better; a random ranking scores the error "
+                     "rate).\n\n" + decisions + "\n")  # fmt: skip
         (self.out / "results.md").write_text(text)
         print("\n" + table, flush=True)
         if ood:

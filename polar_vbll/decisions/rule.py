@@ -39,6 +39,7 @@ from polar_vbll.decisions.selective import (
     confidence_and_correct,
     coverage_threshold,
     risk_threshold,
+    threshold_grid,
 )
 from polar_vbll.errors import CheckpointError
 
@@ -51,7 +52,8 @@ class RuleSettings:
     """What to calibrate for: ``risk`` (target selective risk) or ``coverage`` (target fraction answered;
     exactly one of the two), ``delta`` (the risk guarantee holds with probability ``1 - delta``), ``fwer``
     (Learn-then-Test's family-wise error control), ``alpha`` (conformal miscoverage), ``ood_pass`` (the
-    fraction of in-distribution questions the OOD flag passes), ``seed`` (APS's randomised calibration
+    fraction of in-distribution questions the OOD flag passes), ``thresholds`` (how many confidence
+    thresholds Learn-then-Test tests, equally spaced on ``[1/K, 1)``), ``seed`` (APS's randomised calibration
     scores). Raises ``ValueError`` for a value outside its range."""
 
     risk: float | None = None  # 0.1 unless a coverage is given
@@ -60,6 +62,7 @@ class RuleSettings:
     fwer: str = "bonferroni_holm"
     alpha: float = 0.1
     ood_pass: float = 0.95
+    thresholds: int = 10
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class RuleSettings:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        if self.thresholds < 1:
+            raise ValueError(f"thresholds must be at least 1, got {self.thresholds}")
         if self.coverage is not None and not 0.0 < self.coverage <= 1.0:
             raise ValueError(f"coverage must lie in (0, 1], got {self.coverage}")
 
@@ -157,7 +162,8 @@ class DecisionRule:
     def fit(cls, data: CalibrationData, settings: RuleSettings, meta: dict[str, Any] | None = None) -> DecisionRule:
         conf, correct = confidence_and_correct(data.probs, data.labels)
         if settings.risk is not None:
-            thr = risk_threshold(conf, correct, settings.risk, settings.delta, settings.fwer)  # type: ignore[arg-type]
+            grid = threshold_grid(data.probs.shape[1], settings.thresholds)
+            thr = risk_threshold(conf, correct, settings.risk, settings.delta, settings.fwer, grid)  # type: ignore[arg-type]
         else:
             thr = coverage_threshold(conf, correct, settings.coverage)  # type: ignore[arg-type]
         sets = {s: ConformalSets.calibrate(data.probs, data.labels, settings.alpha, s, settings.seed) for s in SCORES}

@@ -12,11 +12,11 @@ error rate among the answered (Geifman & El-Yaniv 2017).
   MAPIE's ``mapie.metrics.uncertainty.auarc`` (the same curve in accuracy).
 - :func:`risk_threshold`: the threshold that keeps the selective risk at most ``r`` with probability at
   least ``1 - delta`` over the calibration draw, by Learn-then-Test (Angelopoulos, Bates, Candes, Jordan &
-  Lei 2021/2025): every threshold on a fixed grid (``GRID``: 0, 0.01, ..., 0.99, 0.995, 0.999) is a
-  hypothesis "selective risk > r", tested with the binary Hoeffding-Bentkus p-value on the calibration
-  questions it answers, under family-wise error control (Bonferroni-Holm by default); the lowest rejected
-  threshold (the most answers) is returned. MAPIE's ``BinaryClassificationController`` (risk ``precision``:
-  the accuracy of the answered, at least ``1 - r``) does the testing. The guarantee is for new questions
+  Lei 2021/2025): every threshold on a fixed grid (:func:`threshold_grid`: ``n`` equally spaced on
+  ``[1/K, 1)``) is a hypothesis "selective risk > r", tested with the binary Hoeffding-Bentkus p-value on
+  the calibration questions it answers, under family-wise error control (Bonferroni-Holm by default); the
+  lowest rejected threshold (the most answers) is returned. MAPIE's ``BinaryClassificationController``
+  (risk ``precision``: the accuracy of the answered, at least ``1 - r``) does the testing. The guarantee is for new questions
   exchangeable with the calibration ones; it says nothing about out-of-distribution questions.
 - :func:`coverage_threshold`: the threshold answering a target fraction of the calibration questions
   (no risk guarantee: the calibration set's risk at it is reported instead).
@@ -33,8 +33,18 @@ import numpy as np
 import torch
 
 FWER = Literal["bonferroni_holm", "bonferroni"]
-#: The thresholds Learn-then-Test tests (fixed before seeing data, as its guarantee requires).
-GRID = np.concatenate([np.linspace(0.0, 0.99, 100), [0.995, 0.999]])
+#: Thresholds Learn-then-Test tests by default (``decision.thresholds``).
+DEFAULT_THRESHOLDS = 10
+
+
+def threshold_grid(num_classes: int, n: int = DEFAULT_THRESHOLDS) -> np.ndarray:
+    """The ``n`` thresholds tested: equally spaced on ``[1/K, 1)`` for a head of width ``K`` (a confidence
+    is never below ``1/K``), fixed before seeing data as Learn-then-Test requires. Each threshold costs
+    power (the family-wise correction divides ``delta`` among them): with a few hundred calibration
+    questions, ten is a good trade (bench/RESULTS.md)."""
+    if num_classes < 2 or n < 1:
+        raise ValueError(f"a threshold grid needs K >= 2 classes and n >= 1 thresholds, got {num_classes}, {n}")
+    return np.linspace(1.0 / num_classes, 1.0, n + 1)[:-1]
 
 
 def _arrays(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +110,12 @@ def _at(tau: float | None, conf: np.ndarray, ok: np.ndarray) -> Threshold:
     return Threshold(tau, int(conf.size), float(answered.mean()), risk)
 
 
-def risk_threshold(confidence, correct, risk: float, delta: float = 0.1, fwer: FWER = "bonferroni_holm") -> Threshold:
+def risk_threshold(
+    confidence, correct, risk: float, delta: float = 0.1, fwer: FWER = "bonferroni_holm", grid: np.ndarray | None = None
+) -> Threshold:
     """The Learn-then-Test threshold for selective risk at most ``risk`` with probability ``1 - delta``
-    (see the module docstring). Raises ``ValueError`` for ``risk`` or ``delta`` outside (0, 1)."""
+    (see the module docstring) over ``grid`` (default: :func:`threshold_grid` of a binary head). Raises
+    ``ValueError`` for ``risk`` or ``delta`` outside (0, 1)."""
     from mapie.risk_control import BinaryClassificationController
 
     for name, value in (("risk", risk), ("delta", delta)):
@@ -111,15 +124,18 @@ def risk_threshold(confidence, correct, risk: float, delta: float = 0.1, fwer: F
     if fwer not in ("bonferroni_holm", "bonferroni"):
         raise ValueError(f"unknown family-wise error control {fwer!r}; choose bonferroni_holm or bonferroni")
     conf, ok = _arrays(confidence, correct)
+    grid = threshold_grid(2) if grid is None else np.asarray(grid, dtype=np.float64)
     # A threshold above every calibration confidence answers nothing: its p-value is 1 (MAPIE gives NaN,
-    # which breaks Holm's ordering). Testing only the others at level delta * kept / len(GRID) rejects a
+    # which breaks Holm's ordering). Testing only the others at level delta * kept / len(grid) rejects a
     # subset of what the whole grid at level delta would: the guarantee is kept.
-    kept = GRID[conf.max() >= GRID]
+    kept = grid[grid <= conf.max()]
+    if kept.size == 0:
+        return _at(None, conf, ok)
     controller = BinaryClassificationController(
         predict_function=lambda x: np.concatenate([1.0 - x, x], axis=1),
         risk="precision",
         target_level=1.0 - risk,
-        confidence_level=1.0 - delta * kept.size / GRID.size,
+        confidence_level=1.0 - delta * kept.size / grid.size,
         list_predict_params=kept,
         fwer_method=fwer,
     )
