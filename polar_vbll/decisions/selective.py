@@ -16,8 +16,9 @@ error rate among the answered (Geifman & El-Yaniv 2017).
   ``[1/K, 1)``) is a hypothesis "selective risk > r", tested with the binary Hoeffding-Bentkus p-value on
   the calibration questions it answers, under family-wise error control (Bonferroni-Holm by default); the
   lowest rejected threshold (the most answers) is returned. MAPIE's ``BinaryClassificationController``
-  (risk ``precision``: the accuracy of the answered, at least ``1 - r``) does the testing. The guarantee is for new questions
-  exchangeable with the calibration ones; it says nothing about out-of-distribution questions.
+  (risk ``precision``: the accuracy of the answered, at least ``1 - r``) does the testing. The guarantee
+  is for new questions exchangeable with the calibration ones; it says nothing about out-of-distribution
+  questions.
 - :func:`coverage_threshold`: the threshold answering a target fraction of the calibration questions
   (no risk guarantee: the calibration set's risk at it is reported instead).
 """
