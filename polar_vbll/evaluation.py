@@ -129,7 +129,7 @@ def decision_block(
         "val_coverage": rule.threshold.coverage, "val_risk": rule.threshold.risk,
         "coverage": float(answered.mean()),
         "selective_risk": float(wrong[torch.as_tensor(answered)].double().mean()) if answered.any() else None,
-        "lac": set_metrics(dec.sets["lac"], ev.labels), "aps": set_metrics(dec.sets["aps"], ev.labels),
+        **{s: set_metrics(dec.sets[s], ev.labels) if s in dec.sets else None for s in ("lac", "aps")},
         "ood_score": rule.ood_score, "ood_flagged": flagged,
     }  # fmt: skip
 

@@ -97,15 +97,17 @@ def format_summary(s: dict[str, Any]) -> str:
     lines = [
         f"{n} questions: {s['answer']} answered ({pct(s['answer'])}), {s['abstain']} abstained "
         f"({pct(s['abstain'])}), {s['escalate']} flagged out-of-distribution ({pct(s['escalate'])})",
-        f"answer sets: mean size {s['mean_set_size_lac']:.2f} (LAC), {s['mean_set_size_aps']:.2f} (APS)",
+        "answer sets: mean size " + ", ".join(f"{s[f'mean_set_size_{k}']:.2f} ({k.upper()})" for k in ("lac", "aps")
+                                              if s[f"mean_set_size_{k}"] is not None),
     ]
     if s["with_answer"]:
         risk = s["risk_of_answered"]
         lines.append(
             f"on the {s['with_answer']} rows with an answer: accuracy {100 * s['accuracy']:.1f}%, ECE "
             f"{100 * s['ece']:.1f}%; risk of the answered {'-' if risk is None else f'{100 * risk:.1f}%'} "
-            f"({s['answered_with_answer']} answered); set coverage {100 * s['coverage_lac']:.1f}% (LAC), "
-            f"{100 * s['coverage_aps']:.1f}% (APS)"
+            f"({s['answered_with_answer']} answered); set coverage "
+            + ", ".join(f"{100 * s[f'coverage_{k}']:.1f}% ({k.upper()})" for k in ("lac", "aps")
+                        if s[f"coverage_{k}"] is not None)
         )
     return "\n".join(lines)
 
@@ -126,6 +128,8 @@ def format_rule(rule) -> str:
         answer = (f"answer when confidence >= {t.tau:.3f}: on the calibration questions {100 * t.coverage:.1f}% "
                   f"answered, risk {risk}")  # fmt: skip
     sets = ", ".join(f"{k.upper()} quantile {c.quantile:.4f}" for k, c in rule.sets.items())
+    if "aps" not in rule.sets:
+        sets += " (APS: not for two-choice questions, where LAC's sets are the same family)"
     temp = rule.meta.get("temperature")
     return "\n".join([
         f"calibrated on {n} questions: {rule.meta.get('source')}"

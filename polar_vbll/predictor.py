@@ -221,7 +221,7 @@ def record(q: Question, i: int, probs: torch.Tensor, d: Decisions, rule: Decisio
         "entropy": float(d.entropy[i]),
         "epistemic": float(d.epistemic[i]),
         "ood_scores": {"msp": float(d.msp[i]), "epistemic": float(d.epistemic[i])},
-        **{f"set_{s}": [letters[j] for j in range(k) if d.sets[s][i, j]] for s in SCORES},
+        **{f"set_{s}": [letters[j] for j in range(k) if d.sets[s][i, j]] if s in d.sets else None for s in SCORES},
     }
     if q.has_answer:
         y = q.example.answer
@@ -238,8 +238,9 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"questions": n}
     for name in ("answer", "abstain", "escalate"):
         out[name] = sum(r["decision"] == name for r in records)
+    has = {s: bool(records) and records[0][f"set_{s}"] is not None for s in SCORES}
     for s in SCORES:
-        out[f"mean_set_size_{s}"] = sum(len(r[f"set_{s}"]) for r in records) / n if n else None
+        out[f"mean_set_size_{s}"] = sum(len(r[f"set_{s}"]) for r in records) / n if has[s] else None
     labelled = [r for r in records if "label" in r]
     out["with_answer"] = len(labelled)
     if labelled:
@@ -252,5 +253,7 @@ def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         out["answered_with_answer"] = len(answered)
         out["risk_of_answered"] = (1 - sum(r["correct"] for r in answered) / len(answered)) if answered else None
         for s in SCORES:
-            out[f"coverage_{s}"] = sum(r["label"] in r[f"set_{s}"] for r in labelled) / len(labelled)
+            out[f"coverage_{s}"] = (
+                sum(r["label"] in r[f"set_{s}"] for r in labelled) / len(labelled) if has[s] else None
+            )
     return out

@@ -61,7 +61,7 @@ class DecisionMetrics(_Model):
     coverage: float
     selective_risk: float | None
     lac: SetMetrics
-    aps: SetMetrics
+    aps: SetMetrics | None  # None: two-choice calibration labels, where MAPIE offers LAC only
     ood_score: str
     ood_flagged: dict[str, float]
 
@@ -222,8 +222,9 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         if dec["selective_risk"] is not None:
             out["test_selective_risk"] = float(dec["selective_risk"])
         for score in ("lac", "aps"):
-            out[f"test_{score}_coverage"] = float(dec[score]["coverage"])
-            out[f"test_{score}_set_size"] = float(dec[score]["mean_size"])
+            if dec.get(score):
+                out[f"test_{score}_coverage"] = float(dec[score]["coverage"])
+                out[f"test_{score}_set_size"] = float(dec[score]["mean_size"])
     if m.get("chance"):
         out["chance_acc"] = float(m["chance"]["chance_acc"])
         out["at_chance"] = float(m["chance"]["at_chance"])

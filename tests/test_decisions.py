@@ -182,3 +182,14 @@ def test_rule_files_round_trip_and_refuse_edits(tmp_path):
     (tmp_path / "decision" / "rule.json").write_text(json.dumps(saved))
     with pytest.raises(CheckpointError, match="does not reproduce"):
         DecisionRule.load(tmp_path)
+
+
+def test_two_choice_questions_get_lac_sets_only():
+    """MAPIE offers APS only beyond two classes; a binary rule keeps LAC and reports no APS sets."""
+    rng = np.random.default_rng(3)
+    p, y = _synthetic(100, 2, rng)
+    data = CalibrationData(torch.tensor(p), torch.tensor(y), torch.full((100,), 2), torch.zeros(100))
+    rule = DecisionRule.fit(data, RuleSettings(coverage=0.8))
+    assert set(rule.sets) == {"lac"} and set(rule.summary()["conformal"]) == {"lac"}
+    d = rule.decide(data.probs[:10], data.epistemic[:10], data.n_choices[:10])
+    assert set(d.sets) == {"lac"}

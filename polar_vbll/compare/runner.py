@@ -61,8 +61,9 @@ def _with_decision(split: dict[str, Any], decision: dict[str, Any] | None) -> di
     if decision:
         out.update({"answered": decision["coverage"], "selective_risk": decision["selective_risk"]})
         for score in ("lac", "aps"):
-            out[f"{score}_coverage"] = decision[score]["coverage"]
-            out[f"{score}_size"] = decision[score]["mean_size"]
+            if decision.get(score):
+                out[f"{score}_coverage"] = decision[score]["coverage"]
+                out[f"{score}_size"] = decision[score]["mean_size"]
     return out
 
 

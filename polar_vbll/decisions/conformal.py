@@ -21,6 +21,9 @@ APS nor risk control. MAPIE expects a fitted scikit-learn classifier; :class:`Pr
 "classifier" whose input *is* the predictive (N, K), so any method's probabilities (a VBLL head's, an
 ensemble's mixture, a temperature-scaled softmax) go through MAPIE unchanged.
 
+With two choices (calibration labels of two classes) MAPIE offers LAC only: APS's sets are then the same
+family (both choices when the top probability is low), and the APS fields are None.
+
 Padded classes (questions with fewer choices than the head's width carry probability exactly 0) are never
 in a set: the true answer is always a real choice, so removing them keeps the guarantee.
 """
@@ -37,6 +40,11 @@ import torch
 
 Score = Literal["lac", "aps"]
 SCORES: tuple[Score, ...] = ("lac", "aps")
+
+
+class UnsupportedScore(ValueError):
+    """MAPIE offers APS only for more than two classes among the calibration labels: with two choices its
+    sets are the same family as LAC's (both choices when the top probability is low), so LAC serves."""
 
 
 def _passthrough_class():
@@ -109,6 +117,9 @@ class ConformalSets:
         y = np.asarray(torch.as_tensor(labels).cpu().numpy()).astype(np.int64).reshape(-1)
         if y.shape[0] != p.shape[0] or p.shape[0] == 0:
             raise ValueError(f"calibration needs N > 0 rows of probs and labels, got {p.shape[0]} and {y.shape[0]}")
+        if score == "aps" and np.unique(y).size <= 2:
+            raise UnsupportedScore("APS sets need calibration labels of more than two classes (MAPIE: binary "
+                                   "targets take LAC only)")  # fmt: skip
         need = math.ceil(max(1.0 / alpha, 1.0 / (1.0 - alpha)) - 1e-9)
         if p.shape[0] < need:  # MAPIE's own limit
             raise ValueError(f"{p.shape[0]} calibration questions are too few for alpha {alpha:g}: conformal sets "

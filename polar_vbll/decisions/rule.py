@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from polar_vbll.decisions.conformal import SCORES, ConformalSets
+from polar_vbll.decisions.conformal import SCORES, ConformalSets, UnsupportedScore
 from polar_vbll.decisions.selective import (
     Threshold,
     confidence_and_correct,
@@ -132,7 +132,7 @@ class Decisions:
     """The decision fields of N questions (arrays; see docs/predict.md): ``answer`` index (N,),
     ``confidence`` = max p, ``entropy`` of the predictive and its ``epistemic`` part (nats), the OOD
     scores ``msp`` and ``epistemic`` (``ood_score`` names the one flagged on), ``abstain`` and ``ood``
-    flags, and the answer ``sets`` per conformity score ((N, K) bool)."""
+    flags, and the answer ``sets`` per conformity score ((N, K) bool; only the scores the rule has)."""
 
     answer: np.ndarray
     confidence: np.ndarray
@@ -166,7 +166,12 @@ class DecisionRule:
             thr = risk_threshold(conf, correct, settings.risk, settings.delta, settings.fwer, grid)  # type: ignore[arg-type]
         else:
             thr = coverage_threshold(conf, correct, settings.coverage)  # type: ignore[arg-type]
-        sets = {s: ConformalSets.calibrate(data.probs, data.labels, settings.alpha, s, settings.seed) for s in SCORES}
+        sets = {}
+        for s in SCORES:
+            try:
+                sets[s] = ConformalSets.calibrate(data.probs, data.labels, settings.alpha, s, settings.seed)
+            except UnsupportedScore:  # APS on two-choice questions: LAC only (see polar_vbll.decisions.conformal)
+                continue
         name = ood_score_name(data.epistemic)
         q = conformal_quantile(ood_scores(data.probs, data.epistemic)[name], settings.ood_pass)
         return cls(settings, thr, sets, name, q, data, dict(meta or {}))
