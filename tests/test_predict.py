@@ -233,3 +233,34 @@ def test_every_run_reports_the_decision_metrics(run):
     expected = float((wrong.cumsum(0) / torch.arange(1, len(ye) + 1)).mean())
     assert m["eval"]["aurc"] == pytest.approx(expected)
     assert (run / "risk_coverage.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("method", ["polar_mle", "laplace", "mc_dropout", "ensemble"])
+def test_every_kind_of_run_decides_with_its_own_predictive(tmp_path, method):
+    """Deterministic heads (with their temperature), a post-hoc Laplace head (refitted as the run did), MC
+    dropout (seeded passes) and an ensemble (members swapped in) all give the run's own test predictive."""
+    from polar_vbll.temperature import apply_temperature
+
+    res = _invoke("train", "--config", "tiny", "--no-progress", "--no-track", "--set", f"output_dir={tmp_path}",
+                  "--set", f"method={method}", "--set", "data.val_limit=40", "--set", "eval.ensemble_members=2",
+                  "--set", "eval.mc_dropout_samples=3")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "tiny"
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0
+    ex = load_task("arc_easy", "test", seed=0, limit=32)
+    q = _write(tmp_path / "q.jsonl", [{"question": e.question, "choices": list(e.choices), "answer": e.answer}
+                                      for e in ex])  # fmt: skip
+    out = tmp_path / "d.jsonl"
+    res = _invoke("predict", run, "-i", q, "-o", out, "--no-progress", "--batch-size", "32")
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    own = load_file(str(run / "predictions.safetensors"))["eval_probs"]
+    scaled = json.loads((run / "results.json").read_text())["metrics"]["temperature_scaled"]
+    if scaled:  # the MLE methods decide with their validation-fitted temperature
+        own = apply_temperature(own, scaled["temperature"])
+    for i, r in enumerate(recs):
+        np.testing.assert_allclose(r["probs"], own[i, : len(ex[i].choices)].numpy(), atol=1e-5)
+    has_epistemic = method in ("laplace", "mc_dropout", "ensemble")
+    assert any(r["epistemic"] > 0 for r in recs) == has_epistemic
+    rule = json.loads((run / "decision" / "rule.json").read_text())
+    assert rule["ood"]["score"] == ("epistemic" if has_epistemic else "msp")
