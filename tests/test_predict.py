@@ -264,3 +264,11 @@ def test_every_kind_of_run_decides_with_its_own_predictive(tmp_path, method):
     assert any(r["epistemic"] > 0 for r in recs) == has_epistemic
     rule = json.loads((run / "decision" / "rule.json").read_text())
     assert rule["ood"]["score"] == ("epistemic" if has_epistemic else "msp")
+
+
+def test_too_few_calibration_questions_for_alpha_says_so(calibrated):
+    run, _ = calibrated
+    res = _invoke("calibrate", run, "--no-progress", "--coverage", "0.5", "--alpha", "0.01")
+    assert res.exit_code == 2, res.output
+    assert "40 calibration questions are too few for alpha 0.01: conformal sets need at least 100" in res.output
+    assert json.loads((run / "decision" / "rule.json").read_text())["conformal"]["lac"]["alpha"] != 0.01
