@@ -61,11 +61,13 @@ class ChunkPredictor:
     """A Ray Data actor: the run's predictor and the driver's rule; one chunk of questions per call."""
 
     def __init__(self, run: str, settings: dict[str, Any], meta: dict[str, Any], tensors: dict[str, Any]):
+        import numpy as np
         import torch
 
         rule = DecisionRule.fit(
-            CalibrationData(**{k: torch.as_tensor(v) for k, v in tensors.items()}), RuleSettings(**settings), meta
-        )
+            CalibrationData(**{k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}),
+            RuleSettings(**settings), meta,
+        )  # fmt: skip
         self.predictor = Predictor.from_run(run, need_rule=False)
         self.predictor.rule = rule
 
@@ -104,7 +106,7 @@ def decide_on_ray(
             fn_constructor_kwargs={"run": str(Path(run).resolve()), "settings": asdict(rule.settings),
                                    "meta": rule.meta, "tensors": tensors},  # fmt: skip
             batch_size=1,
-            concurrency=workers,
+            compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
         )
         pending: dict[int, list[dict[str, Any]]] = {}

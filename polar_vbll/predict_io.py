@@ -90,11 +90,11 @@ def write_records(output: Path, records: Iterator[list[dict[str, Any]]], total: 
     return done
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    """The closing lines of ``predict``."""
+def format_summary(s: dict[str, Any], rule=None) -> str:
+    """The closing lines of ``predict`` (the rule's description first, warnings included)."""
     n = s["questions"]
     pct = lambda k: f"{100 * k / n:.1f}%" if n else "-"  # noqa: E731
-    lines = [
+    lines = (rule.describe() if rule is not None else []) + [
         f"{n} questions: {s['answer']} answered ({pct(s['answer'])}), {s['abstain']} abstained "
         f"({pct(s['abstain'])}), {s['escalate']} flagged out-of-distribution ({pct(s['escalate'])})",
         "answer sets: mean size " + ", ".join(f"{s[f'mean_set_size_{k}']:.2f} ({k.upper()})" for k in ("lac", "aps")
@@ -138,9 +138,7 @@ def format_rule(rule) -> str:
         answer,
         f"conformal sets at alpha {s.alpha:g}: {sets}",
         (f"OOD flag: {rule.ood_score} score above {rule.ood_threshold:.4g} ({100 * s.ood_pass:g}% of "
-         "in-distribution questions pass)") if math.isfinite(rule.ood_threshold) else
-        (f"OOD flag: off: a {100 * s.ood_pass:g}% pass rate needs at least "
-         f"{math.ceil(s.ood_pass / (1 - s.ood_pass) - 1e-9)} calibration questions"),
+         "in-distribution questions pass)") if math.isfinite(rule.ood_threshold) else rule.describe()[-1],
     ])  # fmt: skip
 
 

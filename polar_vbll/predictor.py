@@ -142,9 +142,15 @@ class Predictor:
         file_sha256: str | None = None, temperature: bool = True, progress: bool = False,
     ) -> DecisionRule:  # fmt: skip
         """Fit, store (``<run>/decision/``) and return the decision rule, on ``examples`` (held-out questions
-        with answers) or, by default, the run's validation split. ``temperature``: use the run's fitted
-        temperature where it has one."""
+        with answers: ``MCExample`` rows or dicts as in a JSONL file) or, by default, the run's validation
+        split. ``temperature``: use the run's fitted temperature where it has one. Raises ``DataError`` for
+        a bad row, ``UserInputError`` when the data cannot calibrate (too few questions for alpha)."""
+        from polar_vbll.tasks.jsonl import parse_row
+
         cfg = self.folder.cfg
+        if examples is not None:
+            examples = [e if isinstance(e, MCExample) else parse_row(e, f"calibration question {i}", i + 1, "api")
+                        for i, e in enumerate(examples)]  # fmt: skip
         if examples is None:
             d = cfg.data
             examples = load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit)

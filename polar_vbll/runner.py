@@ -203,7 +203,27 @@ def write_artifacts(
         f"{results['label']}: {ortho}{training['steps']} steps; {results['passes_per_example']} backbone "
         f"pass(es) per example; wall time {results['timings'].get('total_s', 0.0):.0f} s."
     )
+    md += ["", decision_line(results["metrics"])]
     (directory / "results.md").write_text("\n".join(md) + "\n")
+
+
+def decision_line(metrics: dict[str, Any]) -> str:
+    """One line on the run's decisions (results.md and the console): AURC, and the decision rule calibrated
+    on validation applied to the test split (docs/predict.md)."""
+    out = f"AURC {metrics['eval']['aurc']:.3f} (risk-coverage curve: risk_coverage.png)"
+    d = metrics.get("decision")
+    if not d:
+        return out + "; no decision rule (the validation split is missing or too small for decision.alpha)."
+    if d["tau"] is None:
+        out += (f"; decisions: no confidence threshold meets selective risk <= {d['risk_target']:g} "
+                f"(probability {1 - d['delta']:g}) on validation, so every test question is abstained on")
+    else:
+        risk = "-" if d["selective_risk"] is None else f"{100 * d['selective_risk']:.1f}%"
+        out += (f"; decisions at selective risk <= {d['risk_target']:g} (probability {1 - d['delta']:g}): "
+                f"{100 * d['coverage']:.1f}% of test questions answered, their error rate {risk}")
+    sets = "; ".join(f"{k.upper()} sets cover {100 * d[k]['coverage']:.1f}%, mean size {d[k]['mean_size']:.2f}"
+                     for k in ("lac", "aps") if d.get(k))  # fmt: skip
+    return f"{out}; at alpha {d['alpha']:g}: {sets}."
 
 
 def build_results(

@@ -78,6 +78,8 @@ def check_run_folder(run: str | Path) -> RunFolder:
     """The cheap checks of a run folder (config, every member's adapter and readout); raises
     ``UserInputError`` naming what is missing."""
     run = Path(run)
+    if not run.exists():
+        raise UserInputError(f"{run} does not exist (give a run folder written by `polar-vbll train` or `compare`)")
     if not (run / "config.yaml").is_file():
         raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
     cfg = load_config(run / "config.yaml")

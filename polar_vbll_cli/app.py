@@ -303,6 +303,14 @@ OodPassOpt = Annotated[float | None, typer.Option(help="fraction of in-distribut
                                                        "pass (default 0.95)")]
 
 
+_REFIT = "for this prediction, refit the stored rule's calibration data to "
+PRiskOpt = Annotated[float | None, typer.Option("--risk", help=_REFIT + "this target selective risk")]
+PCoverageOpt = Annotated[float | None, typer.Option("--coverage", help=_REFIT + "answer this fraction")]
+PDeltaOpt = Annotated[float | None, typer.Option("--delta", help=_REFIT + "this delta")]
+PAlphaOpt = Annotated[float | None, typer.Option("--alpha", help=_REFIT + "this conformal alpha")]
+POodPassOpt = Annotated[float | None, typer.Option("--ood-pass", help=_REFIT + "this OOD pass rate")]
+
+
 @app.command()
 def calibrate(
     run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train` or `compare`")],
@@ -347,15 +355,15 @@ def predict(
     input_: Annotated[Path, typer.Option("--input", "-i", help="questions, one JSON object per line")],
     output: Annotated[Path, typer.Option("--output", "-o", help="decisions, one JSON object per input line")],
     batch_size: Annotated[int, typer.Option(help="questions predicted together (the output does not depend "
-                                                 "on --workers)")] = 64,
+                                                 "on --workers; on this, only at float rounding)")] = 64,
     workers: Annotated[int | None, typer.Option(help="predict on N Ray Data actors, each holding the model "
                                                      "(needs the `dist` extra)")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (implies --workers 2)")] = None,
-    risk: RiskOpt = None,
-    coverage: CoverageOpt = None,
-    delta: DeltaOpt = None,
-    alpha: AlphaOpt = None,
-    ood_pass: OodPassOpt = None,
+    risk: PRiskOpt = None,
+    coverage: PCoverageOpt = None,
+    delta: PDeltaOpt = None,
+    alpha: PAlphaOpt = None,
+    ood_pass: POodPassOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Decide on new questions with a run's calibrated rule: answer, abstain, or flag as out-of-distribution,
@@ -393,7 +401,7 @@ def predict(
                 ) from None
             records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address)
         s = predict_file(questions, out, records, progress)
-    print(format_summary(s))
+    print(format_summary(s, rule))
     print(f"decisions: {out.resolve()}")
 
 

@@ -160,6 +160,19 @@ def test_ood_threshold_passes_the_target_fraction_of_in_distribution_questions()
     assert np.mean(passes) >= 0.95 - 0.01
 
 
+def test_a_rule_with_its_ood_flag_off_is_strict_json(tmp_path):
+    rule = DecisionRule.fit(_calibration(12, True), RuleSettings(coverage=0.5))  # 12 < 19: flag off
+    rule.save(tmp_path)
+
+    def refuse(name):
+        raise AssertionError(f"rule.json holds {name}, not strict JSON")
+
+    saved = json.loads((tmp_path / "decision" / "rule.json").read_text(), parse_constant=refuse)
+    assert saved["ood"]["threshold"] is None
+    assert "OOD flag off" in rule.describe()[-1]
+    assert DecisionRule.load(tmp_path).ood_threshold == math.inf
+
+
 def test_a_deterministic_head_flags_by_max_probability():
     rule = DecisionRule.fit(_calibration(200, False), RuleSettings(coverage=0.5))
     assert rule.ood_score == "msp" and rule.threshold.coverage == pytest.approx(0.5)

@@ -167,6 +167,7 @@ def test_calibrate_on_a_users_file_records_its_hash(calibrated, tmp_path):
     [
         ([{"question": "q", "choices": ["a", "b"]}, {"choices": ["a", "b"]}], "line 2, field 'question': missing"),
         ([{"question": "q"}], "line 1, field 'choices': missing"),
+        ([{"question": "q", "choice": ["a", "b"]}], "field 'choice': unknown key (did you mean 'choices'?)"),
         ([{"question": "q", "choices": ["a", "b"], "answr": 1}], "field 'answr': unknown key (did you mean 'answer'?)"),
         ([{"question": "q", "choices": list("abcdefg")}], "7 choices, but the run's head reads 5 answer letters"),
     ],
@@ -272,3 +273,31 @@ def test_too_few_calibration_questions_for_alpha_says_so(calibrated):
     assert res.exit_code == 2, res.output
     assert "40 calibration questions are too few for alpha 0.01: conformal sets need at least 100" in res.output
     assert json.loads((run / "decision" / "rule.json").read_text())["conformal"]["lac"]["alpha"] != 0.01
+
+
+def test_a_rule_that_answers_nothing_is_said_at_predict_time(calibrated, questions, tmp_path):
+    run, _ = calibrated
+    res = _invoke("predict", run, "-i", questions, "-o", tmp_path / "d.jsonl", "--no-progress", "--risk", "0.01")
+    assert res.exit_code == 0, res.output
+    assert "warning: the rule abstains on every question" in res.output and "0 answered" in res.output
+
+
+def test_a_missing_run_folder_says_it_does_not_exist(tmp_path, questions):
+    res = _invoke("predict", tmp_path / "nope", "-i", questions, "-o", tmp_path / "d.jsonl", "--no-progress")
+    assert res.exit_code == 2 and "nope does not exist" in res.output
+
+
+def test_the_api_calibrates_on_dicts(calibrated):
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.errors import DataError
+    from polar_vbll.predictor import Predictor
+
+    run, _ = calibrated
+    ex = load_task("arc_easy", "validation", seed=0, limit=40)
+    rows = [{"question": e.question, "choices": list(e.choices), "answer": e.answer} for e in ex]
+    p = Predictor.from_run(run, need_rule=False)
+    rule = p.calibrate(RuleSettings(coverage=0.5), rows)
+    assert rule.threshold.n == 40 and rule.meta["source"] == "questions given through the Python API"
+    with pytest.raises(DataError, match="calibration question 1, field 'answer': missing"):
+        p.calibrate(RuleSettings(coverage=0.5), [rows[0], {"question": "q", "choices": ["a", "b"]}])
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore

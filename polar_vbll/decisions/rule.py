@@ -188,6 +188,24 @@ class DecisionRule:
         base.update({k: v for k, v in changes.items() if v is not None})
         return DecisionRule.fit(self.calibration, RuleSettings(**base), self.meta)
 
+    def describe(self) -> list[str]:
+        """What the rule does, in a few lines, with a warning line first when it answers nothing or its OOD
+        flag is off."""
+        s, t = self.settings, self.threshold
+        target = (f"selective risk <= {s.risk:g} with probability {1 - s.delta:g}" if s.risk is not None
+                  else f"{100 * s.coverage:g}% answered")  # fmt: skip
+        lines = []
+        if t.tau is None:
+            lines.append(f"warning: the rule abstains on every question: no confidence threshold met its target "
+                         f"({target}) on its {t.n} calibration questions; recalibrate with a looser --risk, a "
+                         "larger --delta or more questions, or pass --risk/--coverage to predict")  # fmt: skip
+        else:
+            lines.append(f"rule: answer when confidence >= {t.tau:.3f} ({target}; calibrated on {t.n} questions)")
+        if not math.isfinite(self.ood_threshold):
+            lines.append(f"OOD flag off: a {100 * s.ood_pass:g}% pass rate needs at least "
+                         f"{math.ceil(s.ood_pass / (1 - s.ood_pass) - 1e-9)} calibration questions")  # fmt: skip
+        return lines
+
     def decide(self, probs: torch.Tensor, epistemic: torch.Tensor, n_choices: torch.Tensor) -> Decisions:
         """The decisions of N new questions: ``probs`` (N, K) (K may be narrower than the calibration
         width: padded with zeros), ``epistemic`` (N,), ``n_choices`` (N,)."""
@@ -217,7 +235,9 @@ class DecisionRule:
             "settings": asdict(self.settings),
             "threshold": asdict(self.threshold),
             "conformal": {s: {"alpha": c.alpha, "quantile": c.quantile, "n": c.n} for s, c in self.sets.items()},
-            "ood": {"score": self.ood_score, "threshold": self.ood_threshold, "pass": self.settings.ood_pass},
+            # null when the flag is off (too few calibration questions for the pass rate): strict JSON
+            "ood": {"score": self.ood_score, "threshold": self.ood_threshold if math.isfinite(self.ood_threshold)
+                    else None, "pass": self.settings.ood_pass},  # fmt: skip
             "calibration": {"n": int(self.calibration.labels.numel()), "digest": self.calibration.digest(),
                             **self.meta},  # fmt: skip
         }

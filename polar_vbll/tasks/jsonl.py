@@ -104,9 +104,10 @@ def resolve_answer(answer: str, choices: list[str]) -> int:
     )
 
 
-def parse_row(row: Any, where: str, lineno: int, source: str) -> MCExample:
+def parse_row(row: Any, where: str, lineno: int, source: str, required: tuple[str, ...] = REQUIRED_KEYS) -> MCExample:
     """Turn one parsed JSONL value into an ``MCExample`` (``where`` is "file, line n" for errors; the default
-    id is ``line-<n>``)."""
+    id is ``line-<n>``). ``required``: the keys a row must have (a question to predict needs no answer: it
+    is then 0, a placeholder the caller knows of)."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
     unknown = [key for key in row if key not in ALLOWED_KEYS]
@@ -115,9 +116,12 @@ def parse_row(row: Any, where: str, lineno: int, source: str) -> MCExample:
         close = difflib.get_close_matches(key, ALLOWED_KEYS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(f"{where}, field '{key}': unknown key{hint}; allowed keys are {list(ALLOWED_KEYS)}")
-    for key in REQUIRED_KEYS:
+    for key in required:
         if key not in row:
-            raise DataError(f"{where}, field '{key}': missing (required: {list(REQUIRED_KEYS)})")
+            optional = [k for k in ALLOWED_KEYS if k not in required]
+            raise DataError(f"{where}, field '{key}': missing (required: {list(required)}; optional: {optional})")
+    if "answer" not in required and row.get("answer") is None:
+        row = {**row, "answer": 0}
 
     choices = row["choices"]
     if not isinstance(choices, list):
@@ -191,14 +195,8 @@ def parse_question_row(row: Any, where: str, lineno: int, source: str) -> tuple[
     """A row of a file of questions to predict (``polar-vbll predict``): the same fields as a training row
     (:func:`parse_row`) but ``answer`` optional. Returns the example (answer 0 when the row has none) and
     whether the row had an answer. Raises ``DataError`` (file, line, field)."""
-    if isinstance(row, dict):
-        for key in QUESTION_KEYS:
-            if key not in row:
-                raise DataError(f"{where}, field '{key}': missing (required: {list(QUESTION_KEYS)}; "
-                                "'answer', 'context' and 'id' are optional)")  # fmt: skip
-        if "answer" not in row or row["answer"] is None:
-            return parse_row({**row, "answer": 0}, where, lineno, source), False
-    return parse_row(row, where, lineno, source), True
+    has_answer = isinstance(row, dict) and row.get("answer") is not None
+    return parse_row(row, where, lineno, source, required=QUESTION_KEYS), has_answer
 
 
 def iter_questions(path: str | os.PathLike[str]) -> Iterator[tuple[int, MCExample, bool]]:
