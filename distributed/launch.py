@@ -31,7 +31,7 @@ from polar_vbll.protocols import StepHook
 from polar_vbll.runner import training_key, write_run_params
 from polar_vbll.session import validate_inputs
 from polar_vbll.support import EntryPoint, Refused, check_supported
-from polar_vbll.tracking import TrackingTarget
+from polar_vbll.tracking import TrackingTarget, credentials_note
 from polar_vbll.training import check_resumable
 
 #: What a run folder receives from the final checkpoint (the artifacts rank 0 wrote).
@@ -114,12 +114,12 @@ def ray_session(
 
 def worker_env(dist: DistConfig) -> dict[str, str]:
     """Environment the workers need: the model cache, DeepSpeed's accelerator, Ray Train's report
-    latency; passed through ``runtime_env`` so that it also reaches workers on other nodes."""
-    env = {
-        k: os.environ[k]
-        for k in ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE")
-        if k in os.environ
-    }
+    latency; passed through ``runtime_env`` so that it also reaches workers on other nodes. Never a
+    credential or the tracking URI (Ray's job API shows a runtime_env to anyone who can reach the cluster)."""
+    # never credentials: a runtime_env is shown by Ray's job API and dashboard. The tracking target (URI
+    # without credentials, run id) travels in the loop config; a node authenticates with its own environment.
+    keys = ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "HF_HUB_OFFLINE")
+    env = {k: os.environ[k] for k in keys if k in os.environ}
     if not dist.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
     if dist.health_check_interval_s is not None:
@@ -183,6 +183,8 @@ def train_distributed(
         ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env),
     ):
         target = logger.target if logger is not None else None
+        if target is not None and (note := credentials_note(target.uri)):
+            print(note, flush=True)
         results = run_in_session(cfg, dist, resume=resume, hooks=hooks, tracking=target)
     print(f"run folder: {folder}", flush=True)
     return results
@@ -250,7 +252,7 @@ def fit_run(
             "dist": dist.model_dump(mode="json"),
             "coordinator": coordinator,
             "hooks": list(hooks),
-            "tracking": dataclasses.asdict(tracking) if tracking is not None else None,
+            "tracking": dataclasses.asdict(tracking.shareable()) if tracking is not None else None,
             "entry_point": entry_point,
         },
         scaling_config=ScalingConfig(

@@ -174,12 +174,46 @@ def ensure_experiment(uri: str, name: str, artifact_location: str | None) -> str
         return exp.experiment_id
 
 
+def strip_credentials(uri: str) -> str:
+    """``uri`` without its user information (``user:password@``) and without secret query values (token,
+    password, signature, ...): what may travel to other processes and nodes. A process that needs the
+    credentials reads them where it runs (MLflow's ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
+    / ``MLFLOW_TRACKING_TOKEN``)."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return mask_secrets(uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, v) for k, v in pairs if not (SECRET_KEY.search(k) or k.lower() in ("sig", "signature"))])
+    if netloc == parts.netloc and query == parts.query:
+        return uri
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def credentials_note(uri: str) -> str | None:
+    """A note for a distributed run whose tracking URI carries credentials (they stay on the driver), or
+    None."""
+    if strip_credentials(uri) == uri:
+        return None
+    return ("note: the credentials in MLFLOW_TRACKING_URI stay on this machine (Ray would show them to anyone "
+            "who can reach the cluster); workers log with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD "
+            "(or MLFLOW_TRACKING_TOKEN) from their own node's environment (docs/distributed.md)")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class TrackingTarget:
     """Which run to write to; small and picklable, so it travels to Ray workers in the loop config."""
 
     uri: str
     run_id: str
+
+    def shareable(self) -> TrackingTarget:
+        """The target with the URI's credentials removed (:func:`strip_credentials`), for Ray workers: the
+        node that logs authenticates with its own environment."""
+        return TrackingTarget(strip_credentials(self.uri), self.run_id)
 
 
 class RunLogger:

@@ -365,3 +365,23 @@ def _retry(fn, tries: int):
             return out
         time.sleep(3)
     return out
+
+
+def test_no_credential_reaches_the_runtime_environment(monkeypatch):
+    """MLFLOW_TRACKING_URI with a password (and the password variables) set on the driver: the workers'
+    runtime environment, read back through Ray's state API, holds the model cache and no credential."""
+    from ray.util.state import list_jobs
+
+    from distributed.launch import ray_session, worker_env
+
+    secret = "s3cret-pw-4711"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{secret}@127.0.0.1:1/")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+    monkeypatch.setenv("POLAR_VBLL_CACHE", os.environ.get("POLAR_VBLL_CACHE", "/tmp/polar-vbll-cache"))
+    env = worker_env(DistConfig())
+    assert "MLFLOW_TRACKING_URI" not in env and secret not in json.dumps(env)
+    with ray_session(None, num_cpus=1, env=env):
+        jobs = list_jobs(detail=True)
+    envs = [json.dumps(getattr(j, "runtime_env", None) or {}) for j in jobs]
+    assert any("POLAR_VBLL_CACHE" in e for e in envs)  # the readback sees what was passed
+    assert not any(secret in e for e in envs)

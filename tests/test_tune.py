@@ -91,6 +91,19 @@ def test_mask_uri_hides_passwords_and_secret_query_values():
     assert mask_uri("sqlite:////tmp/a/mlflow.db") == "sqlite:////tmp/a/mlflow.db"
 
 
+def test_strip_credentials_removes_user_information_and_secret_query_values():
+    from polar_vbll.tracking import TrackingTarget, credentials_note, strip_credentials
+
+    assert strip_credentials("https://alice:s3cret@mlflow.example.com:5000/x") == "https://mlflow.example.com:5000/x"
+    assert strip_credentials("https://ghp_abcdef@host/") == "https://host/"
+    stripped = strip_credentials("https://host/api?token=abc123&experiment=7")
+    assert "abc123" not in stripped and "token" not in stripped and "experiment=7" in stripped
+    for clean in ("sqlite:////tmp/a/mlflow.db", "http://127.0.0.1:5000", "file:///tmp/mlruns"):
+        assert strip_credentials(clean) == clean and credentials_note(clean) is None
+    assert credentials_note("https://alice:s3cret@h/") is not None
+    assert TrackingTarget("https://a:b@h/", "r1").shareable() == TrackingTarget("https://h/", "r1")
+
+
 def test_secrets_never_reach_params():
     params = safe_params(
         {

@@ -39,10 +39,12 @@ from polar_vbll.tracking import (
     TrackingTarget,
     check_reachable,
     client_for,
+    credentials_note,
     ensure_experiment,
     mask_secrets,
     mask_uri,
     resolve_store,
+    strip_credentials,
 )
 from tune_spaces.spaces import ParamSpace, describe, get_space
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
@@ -227,8 +229,10 @@ def run_search(
     check_same_search(folder, cfg, settings, space)
     concurrency = settings.concurrency or default_concurrency(dist)
     parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency)
+    if note := credentials_note(parent["uri"]):
+        print(note, flush=True)
     tracking = {
-        "uri": parent["uri"],
+        "uri": strip_credentials(parent["uri"]),  # trials authenticate with their node's environment
         "experiment_id": parent["experiment_id"],
         "parent_run_id": parent["parent_run_id"],
         "search": cfg.name,
