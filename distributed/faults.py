@@ -2,11 +2,13 @@
 
 A hook is any picklable callable ``hook(trainer, step) -> None`` (``trainer`` is the rank's
 ``polar_vbll.training.Trainer``) that the worker calls after every completed optimizer step, after
-that step's checkpoint if one was due. Two fault injectors ship, for checking that a cluster really
+that step's checkpoint if one was due. Three fault injectors ship, for checking that a cluster really
 recovers and that the replica check really fires:
 
 - :class:`KillOnce` SIGKILLs one worker process, once per marker file: the run must resume from its last
   checkpoint and end exactly where an uninterrupted run ends;
+- :class:`KillCoordinatorOnce` kills the head-coordinator actor: Ray restarts it and the run must resume
+  from its last checkpoint and end exactly where an uninterrupted run ends;
 - :class:`CorruptOnce` nudges one Stiefel factor on one rank: the next replica check must stop the run
   with an error naming that parameter.
 """
@@ -47,6 +49,23 @@ class KillOnce:
             return
         if _first_time(self.marker, f"killed rank {self.rank} after step {step}, pid {os.getpid()}\n"):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class KillCoordinatorOnce:
+    """Kill the head-coordinator actor's process right after step ``step`` (rank 0 does it, the first time
+    only): Ray restarts the actor empty and the run must continue from its last checkpoint."""
+
+    step: int
+    marker: str
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        import ray
+
+        if trainer.backend.rank != 0 or step != self.step:
+            return
+        if _first_time(self.marker, f"killed the coordinator after step {step}\n"):
+            ray.kill(trainer.coordinator.handle, no_restart=False)
 
 
 @dataclass(frozen=True)

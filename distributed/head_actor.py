@@ -112,11 +112,17 @@ class HeadCoordinatorService:
         return self._fatal
 
 
+#: How often Ray restarts a dead coordinator actor (a crashed or killed process, a lost node). A restarted
+#: actor starts empty; the worker group, restarted by Ray Train from its last checkpoint, hands it that
+#: checkpoint's head state (``CoordinatorClient.start``), so the run continues where the checkpoint was.
+COORDINATOR_RESTARTS = 3
+
+
 def head_coordinator_actor():
     """The Ray actor class (created lazily so that importing this module does not need Ray)."""
     import ray
 
-    return ray.remote(num_cpus=0, max_restarts=0)(HeadCoordinatorService)
+    return ray.remote(num_cpus=0, max_restarts=COORDINATOR_RESTARTS)(HeadCoordinatorService)
 
 
 class CoordinatorClient:

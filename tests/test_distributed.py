@@ -28,7 +28,7 @@ pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
 from distributed.config import DistConfig  # noqa: E402
-from distributed.faults import CorruptOnce, KillOnce  # noqa: E402
+from distributed.faults import CorruptOnce, KillCoordinatorOnce, KillOnce  # noqa: E402
 from distributed.launch import DistributedRunError, train_distributed  # noqa: E402
 from polar_vbll.config import (  # noqa: E402
     RunConfig,
@@ -83,6 +83,10 @@ class Runs:
         self.done: dict[str, tuple[dict[str, Any], Path, float]] = {}
         self.specs: dict[str, Callable[[], tuple[dict[str, Any], RunConfig]]] = {
             "z3w2": lambda: self._dist("z3w2", PER_ROUND, 2, _dist(3)),
+            "z3w2_coordinator_killed": lambda: self._dist(
+                "z3w2_coordinator_killed", PER_ROUND, 2, _dist(3),
+                [KillCoordinatorOnce(step=3, marker=str(root / "coordinator_killed"))],
+            ),
             "z3w2_killed": lambda: self._dist(
                 "z3w2_killed", PER_ROUND, 2, _dist(3), [KillOnce(rank=1, step=3, marker=str(root / "killed"))]
             ),
@@ -236,6 +240,18 @@ def test_killed_worker_resumes_from_the_last_checkpoint_and_finishes_identically
     # bitwise the same final state
     assert killed["distributed"]["replica_digests"] == straight["distributed"]["replica_digests"]
     assert [h["loss"] for h in killed["training"]["history"]] == [h["loss"] for h in straight["training"]["history"]]
+
+
+@pytest.mark.slow
+def test_a_killed_coordinator_is_restarted_and_the_run_finishes_identically(runs):
+    """Ray restarts the head-coordinator actor; the worker group, restarted from its last checkpoint,
+    hands it that checkpoint's head state: no traceback, no restart loop, the same final state."""
+    straight, _, _ = runs.get("z3w2")
+    killed, run_dir, _ = runs.get("z3w2_coordinator_killed")
+    assert (run_dir.parent / "coordinator_killed").is_file()  # the actor really was killed after step 3
+    assert killed["training"]["resumed_from_step"] == 2
+    assert killed["metrics"] == straight["metrics"]
+    assert killed["distributed"]["replica_digests"] == straight["distributed"]["replica_digests"]
 
 
 @pytest.mark.slow
