@@ -201,7 +201,10 @@ def run_in_session(
 ) -> dict[str, Any]:
     """:func:`train_distributed` inside an existing Ray session (what a search trial runs): writes the run
     folder's params, fits, copies the final artifacts into the run folder, returns the final results."""
+    from distributed.cluster import check_cluster
+
     cfg = prepare_run(cfg, dist)
+    check_cluster(cfg, tracking.uri if tracking is not None else None)  # multi-node: shared storage, files, server
     storage = cfg.output_dir
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     if run_dir is not None:
