@@ -95,7 +95,7 @@ def format_summary(s: dict[str, Any], rule=None) -> str:
     n = s["questions"]
     pct = lambda k: f"{100 * k / n:.1f}%" if n else "-"  # noqa: E731
     lines = (rule.describe() if rule is not None else []) + [
-        f"{n} questions: {s['answer']} answered ({pct(s['answer'])}), {s['abstain']} abstained "
+        f"{n} question{'s' if n != 1 else ''}: {s['answer']} answered ({pct(s['answer'])}), {s['abstain']} abstained "
         f"({pct(s['abstain'])}), {s['escalate']} flagged out-of-distribution ({pct(s['escalate'])})",
         "answer sets: mean size " + ", ".join(f"{s[f'mean_set_size_{k}']:.2f} ({k.upper()})" for k in ("lac", "aps")
                                               if s[f"mean_set_size_{k}"] is not None),
