@@ -9,6 +9,7 @@ docs/distributed.md.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -401,3 +402,18 @@ def test_no_credential_reaches_the_runtime_environment(monkeypatch):
     envs = [json.dumps(getattr(j, "runtime_env", None) or {}) for j in jobs]
     assert any("POLAR_VBLL_CACHE" in e for e in envs)  # the readback sees what was passed
     assert not any(secret in e for e in envs)
+
+
+def test_bf16_backbone_under_deepspeed_keeps_the_stiefel_factors_and_the_head_in_fp32(tmp_path):
+    """model.dtype bfloat16 on 2 CPU workers (ZeRO-3, DeepSpeed's bf16 mode): the run finishes with a
+    finite loss, U and V stay float32 and orthonormal, the head is float32, the dtype is in the params."""
+    cfg = _cfg(tmp_path, "bf16", "model.dtype=bfloat16")
+    res = train_distributed(cfg, workers=2, dist=_dist(3))
+    assert res["params"]["model.dtype"] == "bfloat16"
+    assert res["training"]["loss"] is not None and math.isfinite(res["training"]["loss"])
+    assert res["training"]["orthogonality_error"] < 1e-5
+    adapter = load_file(str(cfg.run_dir() / "adapter" / "adapter_model.safetensors"))
+    groups = [v for k, v in adapter.items() if ".polar_groups." in k]
+    assert groups and all(v.dtype == torch.float32 for v in groups)
+    head = load_file(str(cfg.run_dir() / "head.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in head.items() if v.is_floating_point())
