@@ -153,6 +153,10 @@ class TrainConfig(_Strict):
     )
     round_steps: int = Field(20, gt=0, description="T, adapter steps per round (per_round)")
     final_head_refit: bool = Field(True, description="refit the head once more on the final features")
+    activation_checkpointing: bool = Field(
+        False, description="[choice] recompute the adapted blocks' activations in the backward pass instead of "
+        "keeping them (less memory, about one more forward of the adapted blocks per step)",
+    )  # fmt: skip
 
 
 class HeadFitConfig(_Strict):

@@ -83,9 +83,15 @@ def load_splits(
 
 
 def build_adapter(cfg: RunConfig, model: nn.Module) -> AdapterModel:
-    """Inject the method's adapter kind into ``model`` (in place), from its config section."""
+    """Inject the method's adapter kind into ``model`` (in place), from its config section; with
+    ``train.activation_checkpointing`` the adapted blocks are checkpointed (``polar_vbll.checkpointing``)."""
     kind = METHODS[cfg.method].adapter_kind
-    return kind.inject(model, kind.settings(cfg))
+    adapter = kind.inject(model, kind.settings(cfg))
+    if cfg.train.activation_checkpointing:
+        from polar_vbll.checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
+    return adapter
 
 
 def build_head(cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int):

@@ -84,6 +84,9 @@ class Runs:
         self.done: dict[str, tuple[dict[str, Any], Path, float]] = {}
         self.specs: dict[str, Callable[[], tuple[dict[str, Any], RunConfig]]] = {
             "z3w2": lambda: self._dist("z3w2", PER_ROUND, 2, _dist(3)),
+            "z3w2_ckpt": lambda: self._dist(
+                "z3w2_ckpt", [*PER_ROUND, "train.activation_checkpointing=true"], 2, _dist(3)
+            ),
             "z3w2_coordinator_killed": lambda: self._dist(
                 "z3w2_coordinator_killed", PER_ROUND, 2, _dist(3),
                 [KillCoordinatorOnce(step=3, marker=str(root / "coordinator_killed"))],
@@ -205,6 +208,15 @@ def test_zero3_matches_the_single_process_trainer(runs):
     res, run_dir, _ = runs.get("z3w2")
     ref, ref_dir, _ = runs.get("ref_round")
     _assert_same_model(res, ref, run_dir, ref_dir, atol=2e-5)
+
+
+def test_activation_checkpointing_under_zero3_trains_the_same_model(runs):
+    """The adapted blocks recomputed in the backward (parameters gathered by ZeRO-3 again): the same
+    metrics, replicas and adapter as without."""
+    plain, plain_dir, _ = runs.get("z3w2")
+    ckpt, ckpt_dir, _ = runs.get("z3w2_ckpt")
+    assert ckpt["params"]["train.activation_checkpointing"] is True
+    _assert_same_model(ckpt, plain, ckpt_dir, plain_dir, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- ZeRO-0, 1 vs 2 workers

@@ -127,6 +127,7 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "head.laplace.mc_seed": (1, ALL),
     "eval.mc_dropout_samples": (5, ALL),
     "eval.ensemble_members": (2, ALL),
+    "train.activation_checkpointing": (True, ALL),
     "decision.risk": (0.2, ALL),
     "decision.delta": (0.05, ALL),
     "decision.fwer": ("bonferroni", ALL),

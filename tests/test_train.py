@@ -152,3 +152,46 @@ def test_landing_method_trains(tmp_path):
     # PoLAR's own settings (lr 4e-3, lambda 5e-3): the factors drift slightly off the manifold
     trainer = _train(tmp_path, steps=10, method="landing", lr=4e-3)
     assert 1e-6 < trainer.adapter.orthogonality_error() < 0.2  # measured 0.05 after 10 steps
+
+
+@pytest.mark.parametrize("cheap", [True, False])
+def test_activation_checkpointing_trains_the_same_model(tmp_path, cheap):
+    """Checkpointed adapted blocks (recomputed in the backward) give the same loss history and adapter as
+    kept activations, on the cheap path (cached prefix) and the full one; only adapted blocks are wrapped."""
+    from safetensors.torch import load_file
+
+    from polar_vbll.checkpointing import adapted_blocks, enable_activation_checkpointing
+    from polar_vbll.config import load_config, resolve_config
+    from polar_vbll.runner import run_training
+
+    out = {}
+    for flag in (False, True):
+        cfg = load_config(resolve_config("tiny", "run"), [
+            f"output_dir={tmp_path}", f"name=ckpt-{flag}", f"train.activation_checkpointing={str(flag).lower()}",
+            f"train.cache_frozen_prefix={str(cheap).lower()}", "method=polar_vbll"])  # fmt: skip
+        out[flag] = run_training(cfg, resume=False, progress=False, track=False)
+    a, b = out[False], out[True]
+    assert [h["loss"] for h in a["training"]["history"]] == pytest.approx(
+        [h["loss"] for h in b["training"]["history"]], abs=1e-6)  # fmt: skip
+    ta = load_file(str(tmp_path / "ckpt-False" / "adapter" / "adapter_model.safetensors"))
+    tb = load_file(str(tmp_path / "ckpt-True" / "adapter" / "adapter_model.safetensors"))
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], atol=1e-6, rtol=0, msg=k)
+    # the wrapper: only the adapted (last) block of the tiny 2-block model
+    from polar_vbll.models import load_backbone
+    from polar_vbll.session import build_adapter
+
+    model, _ = load_backbone(cfg.model)
+    block = model.model.layers[1]
+    calls = []
+    inner = block.forward
+    block.forward = lambda *args, **kw: (calls.append(torch.is_grad_enabled()), inner(*args, **kw))[1]
+    build_adapter(cfg, model)
+    assert adapted_blocks(model) == [1] and getattr(block, "_polar_vbll_checkpointed", False)
+    assert not getattr(model.model.layers[0], "_polar_vbll_checkpointed", False)
+    assert enable_activation_checkpointing(model) == [1]  # idempotent
+    ids = torch.randint(0, 100, (2, 7))
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+    assert len(calls) == 2  # the forward, and its recomputation in the backward
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
