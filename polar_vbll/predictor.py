@@ -64,13 +64,14 @@ def check_width(folder: RunFolder, questions: Sequence[Question], where: str) ->
 class Predictor:
     """A trained run, ready to predict and decide. Build with :meth:`from_run`."""
 
-    def __init__(self, loaded: LoadedRun, rule: DecisionRule | None, batch_size: int):
+    def __init__(self, loaded: LoadedRun, rule: DecisionRule | None, batch_size: int,
+                 train: list[MCExample] | None = None):  # fmt: skip
         self.loaded = loaded
         self.folder = loaded.folder
         self.rule = rule
         self.batch_size = batch_size
         cfg = self.folder.cfg
-        self._train = None
+        self._train = train  # the run's training split, read once (a post-hoc head refits on it)
         self._members = None
         # new questions: the frozen-prefix states live in memory only (the disk cache is for the run's data)
         self._source_new = FeatureSource.for_config(loaded.adapter.base_model, loaded.tokenizer.pad_token_id,
@@ -83,8 +84,8 @@ class Predictor:
         to make one when there is none), before the model. Raises ``UserInputError`` for a bad run folder."""
         folder = check_run_folder(run)
         rule = DecisionRule.load(folder.path) if need_rule else None
-        n_train = len(cls._train_examples(folder))
-        return cls(load_run(folder, n_train), rule, batch_size)
+        train = cls._train_examples(folder)
+        return cls(load_run(folder, len(train)), rule, batch_size, train)
 
     @staticmethod
     def _train_examples(folder: RunFolder) -> list[MCExample]:
@@ -107,7 +108,9 @@ class Predictor:
             if self.folder.method.head_kind.posthoc is None:
                 self._members = run.members
             else:
-                train = self._encode("train", self._train_examples(self.folder))
+                if self._train is None:
+                    self._train = self._train_examples(self.folder)
+                train = self._encode("train", self._train)
                 self._members = posthoc_members(cfg, run.source, run.adapter, run.members, train)
         return self._members
 
