@@ -15,6 +15,7 @@ import json
 import sys
 import warnings
 
+import torch
 from common import (
     SMALL,
     AdapterSpec,
@@ -39,7 +40,7 @@ def main(spec: dict) -> dict:
     for key in ("targets", "layers"):
         if adapter_spec.get(key) is not None:
             adapter_spec[key] = tuple(adapter_spec[key])
-    model = build_llama(shape)
+    model = build_llama(shape, dtype=getattr(torch, spec.get("dtype", "float32")))
     adapter = attach_adapter(model, AdapterSpec(**adapter_spec))
     step = TrainStep(adapter, make_head(model, spec.get("head", "det")), OptimSpec(**spec.get("opt", {})))
     batch = make_batch(int(spec.get("batch", 8)), int(spec.get("seq", 64)), shape.vocab)

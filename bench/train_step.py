@@ -1,5 +1,6 @@
 """Item 1 of issue #6: one training step of PoLAR(-VBLL) against PEFT LoRA, same model, rank, targets,
-batch and sequence length (fp32, CPU): step time and peak memory ratios, and where the time goes.
+batch and sequence length (CPU; fp32 backbone, or ``--dtype bfloat16``): step time and peak memory ratios,
+and where the time goes.
 
 Configurations (each on its own copy of the same random backbone):
 
@@ -12,13 +13,14 @@ Configurations (each on its own copy of the same random backbone):
 Timing: round-robin over the configurations (``common.interleaved``), ratios are medians of per-round
 ratios. Memory: one fresh subprocess per configuration (``bench/memprobe.py``).
 
-    python bench/train_step.py [--threads 2] [--reps 10] [--profile] [--out bench/out]
+    python bench/train_step.py [--threads 2] [--reps 10] [--profile] [--dtype bfloat16] [--out bench/out]
 """
 
 from __future__ import annotations
 
 import warnings
 
+import torch
 from common import (
     PHASES,
     AdapterSpec,
@@ -39,6 +41,7 @@ from common import (
     set_threads,
 )
 
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONFIGS = {  # name -> (adapter kind, head kind)
     "lora": ("lora", "det"),
     "polar": ("polar", "det"),
@@ -79,17 +82,20 @@ def main() -> None:
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--targets", default="q_proj,k_proj,v_proj,up_proj,down_proj")
     p.add_argument("--clock", choices=["cpu", "wall"], default="cpu", help="clock of the table and ratios")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="backbone dtype (adapters, factors and heads stay fp32 either way)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     set_threads(args.threads)
     shape = Shape.from_args(args)
     targets = tuple(args.targets.split(","))
-    rep = Report("train_step", "1. Training step: PoLAR(-VBLL) vs PEFT LoRA")
+    suffix = "" if args.dtype == "float32" else "_bf16"
+    rep = Report(f"train_step{suffix}", f"1. Training step: PoLAR(-VBLL) vs PEFT LoRA ({args.dtype} backbone)")
 
     batch = make_batch(args.batch, args.seq, shape.vocab)
     steps: dict[str, TrainStep] = {}
     for name, (kind, head) in CONFIGS.items():
-        model = build_llama(shape)
+        model = build_llama(shape, dtype=DTYPE[args.dtype])
         adapter = attach_adapter(model, AdapterSpec(kind, r=args.rank, targets=targets))
         steps[name] = TrainStep(adapter, make_head(model, head), OptimSpec())
     n_layers = len(steps["polar"].adapter.theta_parameters())
@@ -113,7 +119,8 @@ def main() -> None:
     tok = args.batch * args.seq
 
     rep.add(
-        f"Setup: {shape.describe()}; fp32; batch {args.batch} x {args.seq} tokens; rank {args.rank} on "
+        f"Setup: {shape.describe()}; backbone {args.dtype}; batch {args.batch} x {args.seq} tokens; "
+        f"rank {args.rank} on "
         f"{', '.join(targets)} of every block ({n_layers} adapted linears); {args.warmup} warmup + "
         f"{args.reps} timed steps per configuration, interleaved. Times: median (IQR) in ms of {args.clock} "
         "time (CPU time of the process with one torch thread: the work done, little affected by the other "
@@ -157,6 +164,7 @@ def main() -> None:
                 "batch": args.batch,
                 "seq": args.seq,
                 "threads": args.threads,
+                "dtype": args.dtype,
             }
             mem[name] = probe_memory(spec)
         base = mem["lora"]

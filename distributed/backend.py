@@ -20,7 +20,7 @@ What it does differently from the one-process ``LocalBackend`` (docs/design.md, 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +51,7 @@ class DeepSpeedBackend:
     def __init__(
         self, cfg: RunConfig, dist_cfg: DistConfig, backbone: nn.Module, theta: Sequence[nn.Parameter],
         pad_id: int, micro_batch: int,
+        fingerprint_chunks: Callable[[torch.Tensor], Iterable[torch.Tensor]] | None = None,
     ) -> None:  # fmt: skip
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dist_cfg = dist_cfg
@@ -58,7 +59,7 @@ class DeepSpeedBackend:
         self.theta = list(theta)
         ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.engine, self.source = build_engine(
-            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train
+            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train, fingerprint_chunks
         )
 
     @property

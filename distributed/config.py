@@ -35,6 +35,12 @@ class DistConfig(BaseModel):
         ge=0,
         description="ZeRO-3: parameters with fewer elements stay unpartitioned (None: DeepSpeed's 1e5)",
     )
+    sharded_load: bool = Field(
+        True,
+        description="ZeRO-3: build the backbone partitioned (zero.Init) and read each rank's partition straight "
+        "from the safetensors files, in model.dtype (distributed.loading); false: every worker loads the whole "
+        "model first and DeepSpeed partitions it (peak memory: the whole model on every worker)",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
     cpus_per_worker: float = Field(1.0, gt=0)
     health_check_interval_s: float | None = Field(

@@ -19,7 +19,7 @@ import copy
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -111,16 +111,18 @@ def build_engine(
     config: dict[str, Any],
     pad_id: int,
     train_cfg: TrainConfig,
+    fingerprint_chunks: Callable[[torch.Tensor], Iterable[torch.Tensor]] | None = None,
 ):
     """``deepspeed.initialize`` over :class:`FeatureModel` with the Theta optimizer (a collective), then
     the feature source; returns ``(engine, source)``. The frozen prefix's weight hash (the disk cache's
     key) is taken before ``initialize``, while every rank still holds the whole weights (ZeRO-3
-    partitions them)."""
+    partitions them), or, for a backbone loaded partitioned, from its checkpoint file through
+    ``fingerprint_chunks`` (``ShardedCheckpoint.chunks``)."""
     deepspeed = import_deepspeed()
     fingerprint = None
     lowest = lowest_adapted_block(backbone)
     if train_cfg.cache_frozen_prefix and lowest:
-        fingerprint = prefix_fingerprint(decoder_of(backbone), lowest)
+        fingerprint = prefix_fingerprint(decoder_of(backbone), lowest, fingerprint_chunks)
     params = [p for g in theta_optimizer.param_groups for p in g["params"]]
     module = FeatureModel(backbone)
     engine, _, _, _ = deepspeed.initialize(

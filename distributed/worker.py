@@ -27,12 +27,14 @@ import torch.distributed as dist
 from distributed.backend import DeepSpeedBackend
 from distributed.checkpoints import RayCheckpoints
 from distributed.config import DistConfig, check_batch_layout
-from distributed.engine import local_parameter_bytes
+from distributed.engine import deepspeed_config, local_parameter_bytes
 from distributed.head_actor import CoordinatorClient
+from distributed.loading import ShardedCheckpoint, load_backbone_zero3
+from polar_vbll.backbone import answer_head_weight
 from polar_vbll.config import ModelConfig, RunConfig
 from polar_vbll.errors import RunFailure, UserInputError
 from polar_vbll.evaluation import Member
-from polar_vbll.models import load_backbone
+from polar_vbll.models import load_backbone, model_dir
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import finish_run, training_summary, zero_shot_for
 from polar_vbll.session import build_session
@@ -53,13 +55,51 @@ def _memory_status() -> dict[str, int]:
     return out
 
 
-def _load_backbone_node_by_node(model_cfg: ModelConfig):
-    """``load_backbone`` on each node's local rank 0 first, then on the others: the first load may
-    convert the bundled model into the node's cache, and two processes must not build it at once."""
+def _node_id() -> str | None:
+    """The Ray node this rank runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 (a report field only)
+        return None
+
+
+def _node_first(fn):
+    """``fn()`` on each node's local rank 0 first, then on the others: the first call may convert the bundled
+    model (or write the tiny one) into the node's cache, and two processes must not build it at once."""
     first = int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0
-    loaded = load_backbone(model_cfg) if first else None
+    done = fn() if first else None
     dist.barrier()
-    return loaded if loaded is not None else load_backbone(model_cfg)
+    return done if first else fn()
+
+
+class BackboneLoad:
+    """How this rank gets its backbone. Under ZeRO-3 with ``dist.sharded_load`` (the default) the model is
+    built partitioned and each rank reads only its partition from the checkpoint
+    (:func:`distributed.loading.load_backbone_zero3`); the LM head's answer rows and the frozen prefix's
+    fingerprint are then read from the file (``checkpoint``). Otherwise every rank loads the whole model."""
+
+    def __init__(self, cfg: RunConfig, dist_cfg: DistConfig, micro_batch: int) -> None:
+        self.sharded = dist_cfg.zero_stage == 3 and dist_cfg.sharded_load
+        self.ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
+        self.checkpoint: ShardedCheckpoint | None = None
+
+    def __call__(self, model_cfg: ModelConfig):
+        if not self.sharded:
+            return _node_first(lambda: load_backbone(model_cfg))
+        _node_first(lambda: model_dir(model_cfg))  # converted or written once per node, before every rank reads
+        model, tokenizer, self.checkpoint = load_backbone_zero3(model_cfg, self.ds_config)
+        return model, tokenizer
+
+    def head_rows(self, model, answer_ids):
+        if self.checkpoint is not None:
+            return self.checkpoint.answer_head_weight(model, answer_ids)
+        return answer_head_weight(model, answer_ids)
+
+    @property
+    def fingerprint_chunks(self):
+        return self.checkpoint.chunks if self.checkpoint is not None else None
 
 
 def run_worker(
@@ -75,17 +115,23 @@ def run_worker(
     write the final checkpoint with the artifacts; returns ``results.json``'s content (the same on every
     rank)."""
     t0 = time.perf_counter()
+    before_load = _memory_status().get("rss", 0)
     rank, world = dist.get_rank(), dist.get_world_size()
     micro = check_batch_layout(cfg, dist_cfg, world)
-    session = build_session(cfg, load=_load_backbone_node_by_node, rank=rank)
+    loader = BackboneLoad(cfg, dist_cfg, micro)
+    session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows)
     state = store.latest()
     if state is not None:
         load_weights(session.adapter, session.head, state, cfg)  # before DeepSpeed keeps master copies
     adapter = session.adapter
     backend = DeepSpeedBackend(
-        cfg, dist_cfg, adapter.base_model, adapter.theta_parameters(), session.tokenizer.pad_token_id, micro
-    )
-    memory = {"rank": rank, **local_parameter_bytes(adapter.base_model), **_memory_status()}
+        cfg, dist_cfg, adapter.base_model, adapter.theta_parameters(), session.tokenizer.pad_token_id, micro,
+        loader.fingerprint_chunks,
+    )  # fmt: skip
+    # bytes: the parameters this rank holds (``local``, ``full``), RSS before the backbone loads, and RSS and
+    # its peak after DeepSpeed's init; ``peak_rss_run`` (below) is the peak over training too
+    memory = {"rank": rank, "node": _node_id(), **local_parameter_bytes(adapter.base_model),
+              "rss_before_load": before_load, **_memory_status()}  # fmt: skip
     coordinator.start(session.head if rank == 0 else None, cfg.head.fit, state["coordinator"] if state else None)
     logger = RunLogger(tracking) if tracking is not None and rank == 0 else None  # only rank 0 logs
     trainer = Trainer(
@@ -103,10 +149,12 @@ def run_worker(
     trainer.fit(checkpoint_at_end=False)  # the final checkpoint is written with the artifacts
     timings["train_s"] = time.perf_counter() - t
     digest = trainer.verify("at the end of training")
+    memory["peak_rss_run"] = _memory_status().get("peak_rss", 0)
     training = training_summary(trainer)
     distributed = {
         "world_size": world,
         "zero_stage": dist_cfg.zero_stage,
+        "sharded_load": loader.sharded,
         "memory": backend.all_gather_object(memory),
         "replica_digests": backend.all_gather_object(digest),
     }

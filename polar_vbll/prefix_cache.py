@@ -23,10 +23,11 @@ Deleting the folder is always safe.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -48,10 +49,17 @@ def default_root() -> Path:
     return Path(os.environ.get("POLAR_VBLL_CACHE", Path.home() / ".cache" / "polar-vbll")).expanduser() / "prefix"
 
 
-def prefix_fingerprint(decoder: nn.Module, split: int) -> str:
+def prefix_fingerprint(
+    decoder: nn.Module, split: int, chunks: Callable[[torch.Tensor], Iterable[torch.Tensor]] | None = None,
+) -> str:  # fmt: skip
     """sha256 (hex) of everything the frozen prefix of ``decoder`` computes with: the class name, the config
     (minus its source path) and the bytes of every parameter and buffer outside blocks ``split..`` and the
-    final norm. Reads every frozen weight once (about a second for a 135M-parameter model)."""
+    final norm. Reads every frozen weight once (about a second for a 135M-parameter model).
+
+    ``chunks(tensor)``: where a tensor's values come from, in consecutive pieces of its flattened bytes (a
+    ZeRO-3 rank holds only a partition, and reads the rest from the checkpoint file:
+    ``distributed.loading.ShardedCheckpoint.chunks``); by default the tensor itself. Pieces hash to the same
+    value as the whole. A tensor's dtype and shape are those of the values read (``ds_shape`` under ZeRO-3)."""
     h = hashlib.sha256()
     h.update(type(decoder).__name__.encode())
     config = getattr(decoder, "config", None)
@@ -65,10 +73,14 @@ def prefix_fingerprint(decoder: nn.Module, split: int) -> str:
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         if name.startswith(skip):
             continue
+        shape = tuple(getattr(t, "ds_shape", t.shape))
+        pieces = iter(chunks(t)) if chunks is not None else iter([t.detach()])
+        first = next(pieces)
         h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(str(first.dtype).encode())
+        h.update(str(shape).encode())
+        for piece in itertools.chain([first], pieces):
+            h.update(piece.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -131,6 +131,7 @@ class Training(_Model):
 class Distributed(_Model):
     world_size: int
     zero_stage: int
+    sharded_load: bool = False  # ZeRO-3 backbone built partitioned, each rank reading its partition
     memory: list[dict[str, Any]]
     replica_digests: list[str | None]
 

@@ -94,10 +94,15 @@ def build_adapter(cfg: RunConfig, model: nn.Module) -> AdapterModel:
     return adapter
 
 
-def build_head(cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int):
+HeadRows = Callable[[nn.Module, list[int]], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def build_head(
+    cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int, head_rows: HeadRows = answer_head_weight
+):  # fmt: skip
     """The method's head as it trains, started from the LM head's answer-token rows (so training starts
     at the zero-shot model); ``n_train`` weights a Bayesian head's KL (1/N)."""
-    weight, bias = answer_head_weight(model, answer_ids)
+    weight, bias = head_rows(model, answer_ids)
     return METHODS[cfg.method].head_kind.build(cfg, weight, bias, n_train)
 
 
@@ -107,18 +112,20 @@ def build_session(
     answer_ids: list[int] | None = None,
     load: Callable[[Any], tuple[nn.Module, Any]] = load_backbone,
     rank: int = 0,
+    head_rows: HeadRows = answer_head_weight,
 ) -> Session:
     """Build a run's objects. ``splits``/``answer_ids``: already tokenized splits to share (a comparison
     shares them, and their cached frozen-prefix states, across methods and seeds). ``load``: how to load
-    the backbone (workers load node by node). The data is read and validated before the model loads, so a
-    bad row or task name fails in a second, not after the load. The global RNG is seeded with
-    ``train.seed + rank`` (adapter dropout draws from it)."""
+    the backbone (workers load node by node; under ZeRO-3 partitioned). ``head_rows``: how to read the LM
+    head's answer rows (a partitioned model reads them from its checkpoint file). The data is read and
+    validated before the model loads, so a bad row or task name fails in a second, not after the load. The
+    global RNG is seeded with ``train.seed + rank`` (adapter dropout draws from it)."""
     examples = load_examples(cfg) if splits is None or answer_ids is None else None  # data errors first
     torch.manual_seed(cfg.train.seed + rank)
     model, tokenizer = load(cfg.model)
     adapter = build_adapter(cfg, model)
     if splits is None or answer_ids is None:
         splits, answer_ids = load_splits(cfg, tokenizer, examples)
-    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]))
-    zero_shot_head = DeterministicHead(*answer_head_weight(model, answer_ids))
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]), head_rows=head_rows)
+    zero_shot_head = DeterministicHead(*head_rows(model, answer_ids))
     return Session(cfg, METHODS[cfg.method], model, tokenizer, adapter, head, zero_shot_head, splits, answer_ids)

@@ -159,6 +159,56 @@ def test_bank_groups_by_shape_and_factors_are_views(tiny_llama):
         torch.testing.assert_close(after - q.base_layer(x), -(before - q.base_layer(x)))
 
 
+def test_a_group_gradient_arrives_once_per_backward_and_equals_the_per_factor_gradient():
+    """The unbind fix (issue #14, item 6): every factor of a group read in one forward feeds ONE gradient
+    into the group (counted as the autograd nodes feeding the group's AccumulateGrad; with ``group[idx]``
+    each factor's SelectBackward fed it a zero-padded full ``(G, n, r)`` gradient), equal in float64 to the
+    gradient through plain per-factor indexing, including across two forwards before one backward, after
+    an in-place step, and after ``p.data`` is replaced."""
+    from polar_vbll.adapters.bank import StiefelBank
+
+    g = torch.Generator().manual_seed(0)
+    names = [f"f{i}" for i in range(7)]
+    bank = StiefelBank.build([(n, 9, 3) for n in names], generator=g)
+    group = bank.polar_groups["n9_r3"]
+    weights = torch.randn(len(names), 9, 3, generator=g)
+
+    def loss(read) -> torch.Tensor:
+        return sum((read(n) * weights[i]).square().sum() for i, n in enumerate(names))
+
+    def feeders(root: torch.Tensor) -> int:
+        """Autograd nodes whose output goes straight into ``group``'s gradient accumulator."""
+        seen, stack, found = set(), [root.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for nxt, _ in node.next_functions:
+                if nxt is not None and getattr(nxt, "variable", None) is group:
+                    found.add(node)
+                stack.append(nxt)
+        return len(found)
+
+    for change in ("none", "in-place step", "data replaced"):
+        if change == "in-place step":
+            with torch.no_grad():
+                group.mul_(1.5)
+        elif change == "data replaced":
+            group.data = group.data.clone() * 0.5
+        reference = group.detach().double().requires_grad_(True)
+        expected = torch.autograd.grad(2 * loss(lambda n, r=reference: r[bank.slots[n][1]]), reference)[0]
+        group.grad = None
+        total = loss(bank.factor) + loss(bank.factor)  # two forwards (micro-batches), one backward
+        assert feeders(total) == 1, change
+        total.backward()
+        torch.testing.assert_close(group.grad.double(), expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert bank.factor("f3").grad_fn is None and torch.equal(bank.factor("f3"), group[3])
+    clone = copy.deepcopy(bank)  # the cached views are not copied (they belong to this bank's graph)
+    assert torch.equal(clone.factor("f2"), bank.factor("f2")) and clone.factor("f2").data_ptr() != group[2].data_ptr()
+
+
 def test_bank_is_not_a_submodule_of_the_base_model(tiny_llama):
     pm = inject_polar(tiny_llama, PolarConfig(r=R))
     names = [n for n, _ in pm.base_model.named_parameters()]

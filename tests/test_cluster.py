@@ -120,3 +120,88 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_two_nodes_with_a_tracking_server(tmp_path):
+    """Issue #14's acceptance: a 2-node Ray cluster on this machine (two raylets, each with its own temp
+    folder and one CPU, so the two workers land on different nodes), an ``mlflow server`` on 127.0.0.1, and
+    ``ray job submit`` of ``train --workers 2`` at ZeRO-3. Checks: ranks on two nodes and bitwise identical;
+    the run folder printed (absolute) at start and end; the final adapter read back through Ray Train's
+    storage API equals the one in the run folder; the server holds the run with rank 0's per-step metrics."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+    from ray.train import Result
+
+    bin_dir = Path(sys.executable).parent
+    tmp = Path(tempfile.mkdtemp(prefix="r2"))  # short: Ray's socket paths live under --temp-dir
+    port, dash, mport = _free_port(), _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    uri = f"http://127.0.0.1:{mport}"
+    repo = Path(__file__).resolve().parents[1]
+    runtime_env = tmp / "runtime_env.yaml"
+    runtime_env.write_text(
+        f"working_dir: {repo}\nexcludes: [.git, .venv, .cache, runs, mlruns, '*.safetensors', '*.gguf']\n"
+        f"env_vars:\n  MLFLOW_TRACKING_URI: '{uri}'\n  HF_HUB_OFFLINE: '1'\n"
+    )
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    common = ["--num-cpus=1", "--object-store-memory=100000000", "--block"]
+    procs = [
+        subprocess.Popen([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mport),
+                          "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                          "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"], **quiet),
+        subprocess.Popen([str(bin_dir / "ray"), "start", "--head", f"--port={port}", f"--temp-dir={tmp / 'h'}",
+                          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                          *common], **quiet),
+    ]  # fmt: skip
+    runs = tmp_path / "runs"
+    try:
+        time.sleep(8)
+        procs.append(subprocess.Popen([str(bin_dir / "ray"), "start", f"--address=127.0.0.1:{port}",
+                                       f"--temp-dir={tmp / 'w'}", *common], **quiet))  # fmt: skip
+        time.sleep(5)
+        cmd = [
+            str(bin_dir / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}",
+            f"--runtime-env={runtime_env}", "--",
+            str(bin_dir / "polar-vbll"), "train", "--config", "tiny", "--workers", "2", "--zero-stage", "3",
+            "--track", "--no-progress", "--dist-set", "health_check_interval_s=0.1",
+            "--set", f"output_dir={runs}", "--set", "name=two-nodes",
+        ]  # fmt: skip
+        out = None
+        for _ in range(20):  # the dashboard's job API and the second node take a few seconds to come up
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=repo)
+            if out.returncode == 0 or "Connection" not in out.stdout + out.stderr:
+                break
+            time.sleep(3)
+        assert out is not None and out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        run_dir = runs / "two-nodes"
+        assert out.stdout.count(f"run folder: {run_dir}") == 2, out.stdout[-3000:]
+
+        results = json.loads((run_dir / "results.json").read_text())
+        d = results["distributed"]
+        assert d["world_size"] == 2 and d["zero_stage"] == 3 and d["sharded_load"] is True
+        assert len({m["node"] for m in d["memory"]}) == 2, d["memory"]  # one worker per node
+        assert d["replica_digests"][0] is not None and len(set(d["replica_digests"])) == 1
+
+        # the final adapter, read back through Ray Train's storage API, is the run folder's
+        result = Result.from_path(str(run_dir))
+        with result.checkpoint.as_directory() as ckpt:
+            stored = Path(ckpt) / "artifacts" / "adapter" / "adapter_model.safetensors"
+            assert stored.read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("polar-vbll-runs")
+        assert experiment is not None
+        (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'two-nodes'")
+        assert run.info.status == "FINISHED"
+        steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+        assert len(steps) >= 2, steps  # per-step metrics, logged by rank 0 on its node
+        assert "test_accuracy" in run.data.metrics and run.data.params["method"] == results["method"]
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(timeout=60)
+        subprocess.run([str(bin_dir / "ray"), "stop", "--force"], capture_output=True, env=env)
+        shutil.rmtree(tmp, ignore_errors=True)

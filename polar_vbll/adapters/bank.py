@@ -148,12 +148,33 @@ class StiefelBank(nn.Module):
 
     def factor(self, name: str) -> torch.Tensor:
         """The ``(n, r)`` factor of slot ``name``: a view into its group parameter (autograd flows into
-        the group tensor; modifying the group changes what every reader sees)."""
+        the group tensor; modifying the group changes what every reader sees).
+
+        With autograd recording, the view is one of ``group.unbind(0)``, computed once per group and reused
+        by every layer until the group changes (an optimizer step, a load, ``requires_grad``): the backward
+        of an ``unbind`` stacks the G slices' gradients once, where ``group[idx]`` costs a zero ``(G, n, r)``
+        gradient per factor, ``O(G^2 n r)`` per group per backward (bench/fixes.py, fix 2; issue #14).
+        """
         try:
             key, idx = self._slots[name]
         except KeyError:
             raise KeyError(f"StiefelBank has no slot {name!r}") from None
-        return self.polar_groups[key][idx]
+        group = self.polar_groups[key]
+        if not (torch.is_grad_enabled() and group.requires_grad):
+            return group[idx]
+        stamp = (group._version, group.data_ptr())
+        views = self.__dict__.setdefault("_unbound", {})
+        cached = views.get(key)
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, group.unbind(0))
+            views[key] = cached
+        return cached[1][idx]
+
+    def __getstate__(self) -> dict:
+        # the cached views belong to this bank's autograd graph: never copied or pickled with it
+        state = self.__dict__.copy()
+        state.pop("_unbound", None)
+        return state
 
     def groups(self) -> Iterator[tuple[str, nn.Parameter]]:
         """``(key, (G, n, r) parameter)`` for every shape group, in sorted key order (stable across

@@ -1,0 +1,244 @@
+"""Sharded, typed loading of the frozen backbone under ZeRO-3: no rank ever holds the whole model.
+
+A plain load (``polar_vbll.models.load_backbone``) materialises every weight on every rank and leaves
+partitioning to ``deepspeed.initialize``: the peak memory of a worker is the whole model, whatever the
+number of workers. Here instead (issue #14, item 1):
+
+1. the model is constructed inside DeepSpeed's ``zero.Init`` in the configured dtype, with transformers'
+   weight initialisation switched off (``no_init_weights``) and RoPE buffers kept in their own dtype
+   (transformers' ``prevent_arange_dtype_change``): each module's parameters are partitioned as soon as
+   the module exists, so a rank holds ``1/N`` of each (its ``ds_tensor``) plus one module at a time;
+2. each rank reads *its own partition* of every parameter straight from the safetensors checkpoint:
+   ZeRO-3 flattens a parameter, pads it to a multiple of N and gives rank ``r`` the elements
+   ``[r * P, (r + 1) * P)`` with ``P = ceil(numel / N)``; the rows of the stored tensor that cover that range
+   are read with ``safe_open(...).get_slice`` (memory-mapped, nothing else is read) and cast to the
+   configured dtype. No collective, no rank 0 holding the full state dict (transformers' own ZeRO-3 load
+   reads the whole checkpoint on rank 0).
+
+What needs full weights before the engine exists is read from the file too, never gathered: the LM-head
+rows of the answer letters (the heads' start, :meth:`ShardedCheckpoint.answer_head_weight`) and the
+frozen prefix's fingerprint (the disk cache key, :meth:`ShardedCheckpoint.chunks`, hashed row block by row
+block to the same value as a full load's).
+
+Supported: checkpoints whose tensor names are the model's (what ``save_pretrained`` writes; a missing
+``base_model_prefix`` is tolerated), single-file or sharded (``model.safetensors.index.json``). Anything
+else raises :class:`~polar_vbll.errors.ModelLoadError` naming the tensor; ``dist.sharded_load=false`` falls
+back to the plain load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from polar_vbll.config import ModelConfig
+from polar_vbll.errors import ModelLoadError
+from polar_vbll.models import DTYPES, load_tokenizer, model_dir
+
+#: Rows read per block when hashing a partitioned tensor from the file (bounded memory for huge tensors).
+_HASH_BLOCK_ELEMENTS = 1 << 24
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (it carries ``ds_tensor``, its local partition)."""
+    return hasattr(p, "ds_tensor")
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole parameter (``ds_shape`` under ZeRO-3, where ``p.shape`` is empty)."""
+    return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
+
+
+def checkpoint_index(directory: Path) -> dict[str, Path]:
+    """``tensor name -> safetensors file`` of a model folder (one file, several, or an index)."""
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: directory / f for k, f in weight_map.items()}
+    out: dict[str, Path] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: f for k in h.keys()})  # noqa: SIM118 (a safe_open handle, not a dict)
+    if not out:
+        raise ModelLoadError(f"model path {directory} holds no *.safetensors weights")
+    return out
+
+
+class ShardedCheckpoint:
+    """Reads parts of a safetensors checkpoint: flat element ranges (a rank's partition), rows, blocks.
+
+    ``keys``: ``id(parameter) -> tensor name`` for the model it was matched to (:meth:`match`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files = checkpoint_index(directory)
+        self.keys: dict[int, str] = {}
+        self._handles: dict[Path, Any] = {}
+        self._stack = contextlib.ExitStack()
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._stack.close()
+
+    def _slice(self, key: str):
+        from safetensors import safe_open
+
+        f = self.files[key]
+        if f not in self._handles:
+            self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+        return self._handles[f].get_slice(key)
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._slice(key).get_shape())
+
+    def match(self, model: nn.Module) -> None:
+        """Find each parameter's tensor in the checkpoint (tied parameters appear once); shapes must agree.
+        Raises :class:`ModelLoadError` naming the first parameter without a tensor or with another shape."""
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        for name, p in model.named_parameters():
+            candidates = [name]
+            if prefix and name.startswith(prefix + "."):
+                candidates.append(name[len(prefix) + 1 :])
+            elif prefix:
+                candidates.append(f"{prefix}.{name}")
+            key = next((c for c in candidates if c in self.files), None)
+            if key is None:
+                raise ModelLoadError(
+                    f"{self.directory}: no tensor {name!r} in the checkpoint, so the sharded ZeRO-3 load cannot "
+                    "fill it (set dist.sharded_load=false to load the whole model on every worker)"
+                )
+            if self.stored_shape(key) != full_shape(p):
+                raise ModelLoadError(
+                    f"{self.directory}: tensor {key!r} has shape {self.stored_shape(key)}, the model's "
+                    f"parameter {name!r} has {full_shape(p)}"
+                )
+            self.keys[id(p)] = key
+
+    def key_of(self, p: torch.Tensor) -> str:
+        return self.keys[id(p)]
+
+    def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``[start, stop)`` of the row-major flattened tensor ``key`` (only covering rows are read)."""
+        shape = self.stored_shape(key)
+        if not shape:  # a scalar: read it whole
+            return self._slice(key)[...].reshape(-1)[start:stop]
+        row = math.prod(shape[1:])
+        r0, r1 = start // row, -(-stop // row)
+        block = self._slice(key)[r0:r1].reshape(-1)
+        return block[start - r0 * row : stop - r0 * row]
+
+    def rows(self, key: str, index: Sequence[int]) -> torch.Tensor:
+        """Rows ``index`` of tensor ``key`` (each read alone)."""
+        return torch.stack([self._slice(key)[i : i + 1][0] for i in index])
+
+    def chunks(self, p: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The whole of parameter ``p`` in row blocks, in the parameter's dtype, for hashing: a partitioned
+        parameter is read from the file (the blocks concatenate to what a full load holds); any other tensor
+        is yielded as it is."""
+        if not is_partitioned(p):
+            yield p.detach()
+            return
+        key, dtype = self.key_of(p), p.ds_tensor.dtype
+        numel = math.prod(full_shape(p))
+        if numel == 0:
+            yield torch.empty(0, dtype=dtype)
+        for start in range(0, numel, _HASH_BLOCK_ELEMENTS):
+            yield self.read_flat(key, start, min(numel, start + _HASH_BLOCK_ELEMENTS)).to(dtype)
+
+    def answer_head_weight(
+        self, model: nn.Module, answer_ids: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``polar_vbll.backbone.answer_head_weight`` for a partitioned model: the LM-head rows of the answer
+        tokens, read from the file and rounded through the model's dtype (as a full load holds them), fp32."""
+        head = model.get_output_embeddings()
+
+        def rows(p: torch.Tensor) -> torch.Tensor:
+            dtype = p.ds_tensor.dtype if is_partitioned(p) else p.dtype
+            if not is_partitioned(p):
+                return p.detach()[list(answer_ids)].to(torch.float32).clone()
+            return self.rows(self.key_of(p), answer_ids).to(dtype).to(torch.float32)
+
+        bias = rows(head.bias) if getattr(head, "bias", None) is not None else None
+        return rows(head.weight), bias
+
+    def fill_partitions(self, model: nn.Module) -> int:
+        """Copy this rank's partition of every parameter from the file (padding zeroed); returns the number
+        of elements read. Every parameter must be partitioned (built under ``zero.Init``)."""
+        read = 0
+        for name, p in model.named_parameters():
+            if not is_partitioned(p):
+                raise ModelLoadError(f"parameter {name!r} was not partitioned by zero.Init")
+            part = p.ds_tensor
+            size = part.ds_numel
+            rank = dist.get_rank(group=p.ds_process_group)
+            start, numel = rank * size, p.ds_numel
+            stop = min(numel, start + size)
+            with torch.no_grad():
+                if start < stop:
+                    part.data[: stop - start].copy_(self.read_flat(self.key_of(p), start, stop))
+                    read += stop - start
+                part.data[max(0, stop - start) :].zero_()
+        return read
+
+
+def _zero3_construction(ds_config: dict[str, Any]):
+    """The contexts transformers itself uses to build a ZeRO-3 model, minus its weight initialisation."""
+    from transformers import initialization as hf_init
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    from distributed.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
+    stack = contextlib.ExitStack()
+    stack.enter_context(hf_init.no_init_weights())
+    stack.enter_context(prevent_arange_dtype_change())  # before zero.Init (transformers' note)
+    # the dtype comes from the config (bf16 on or off): zero.Init's own ``dtype`` argument is overridden by
+    # bf16 on accelerators without fp16 (DeepSpeed 0.19's _set_dtype), the CPU among them
+    stack.enter_context(deepspeed.zero.Init(config_dict_or_path=ds_config))
+    return stack
+
+
+def load_backbone_zero3(cfg: ModelConfig, ds_config: dict[str, Any]) -> tuple[nn.Module, Any, ShardedCheckpoint]:
+    """``polar_vbll.models.load_backbone`` under ZeRO-3: build the causal LM of ``cfg`` partitioned, in
+    ``cfg.dtype``, and fill this rank's partitions from its safetensors files. Returns ``(model, tokenizer,
+    checkpoint)``, the model frozen, in eval mode, its pad token set. Every rank must call it (partition sizes
+    depend on the world size); ``ds_config``'s bf16 setting must match ``cfg.dtype``.
+
+    Raises :class:`ModelLoadError` for a folder transformers cannot build a model from, or a checkpoint
+    whose tensors do not match the model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = model_dir(cfg)
+    tokenizer = load_tokenizer(cfg)
+    dtype = DTYPES[cfg.dtype]
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not read the model config in {directory}: {exc}") from exc
+    with _zero3_construction(ds_config):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    got = {p.ds_tensor.dtype for p in model.parameters() if is_partitioned(p)}
+    if got != {dtype}:
+        raise ModelLoadError(
+            f"zero.Init built the backbone in {sorted(map(str, got))}, not {dtype}: the DeepSpeed config's bf16 "
+            "setting must match model.dtype"
+        )
+    model.tie_weights()  # as transformers does after its own zero.Init construction (tied heads share one tensor)
+    checkpoint = ShardedCheckpoint(directory)
+    checkpoint.match(model)
+    checkpoint.fill_partitions(model)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer, checkpoint
