@@ -198,7 +198,8 @@ def test_ray_job_submit_on_two_nodes_with_a_tracking_server(tmp_path):
         assert run.info.status == "FINISHED"
         steps = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
         assert len(steps) >= 2, steps  # per-step metrics, logged by rank 0 on its node
-        assert "test_accuracy" in run.data.metrics and run.data.params["method"] == results["method"]
+        assert run.data.metrics["test_acc"] == pytest.approx(results["metrics"]["eval"]["acc"])
+        assert run.data.params["train.steps"] == "6" and run.data.tags["polar_vbll.method"] == "polar_mle"
     finally:
         for p in reversed(procs):
             p.terminate()
