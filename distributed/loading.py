@@ -10,15 +10,15 @@ number of workers. Here instead (issue #14, item 1):
    the module exists, so a rank holds ``1/N`` of each (its ``ds_tensor``) plus one module at a time;
 2. each rank reads *its own partition* of every parameter straight from the safetensors checkpoint:
    ZeRO-3 flattens a parameter, pads it to a multiple of N and gives rank ``r`` the elements
-   ``[r * P, (r + 1) * P)`` with ``P = ceil(numel / N)``; the rows of the stored tensor that cover that range
-   are read with ``safe_open(...).get_slice`` (memory-mapped, nothing else is read) and cast to the
-   configured dtype. No collective, no rank 0 holding the full state dict (transformers' own ZeRO-3 load
-   reads the whole checkpoint on rank 0).
+   ``[r * P, (r + 1) * P)`` with ``P = ceil(numel / N)``; exactly those bytes are read from the safetensors
+   file with positioned reads (no memory map, see :class:`ShardedCheckpoint`) and cast to the configured
+   dtype. No collective, and no rank holds the full state dict (transformers' own ZeRO-3 load reads the
+   whole checkpoint on rank 0).
 
 What needs full weights before the engine exists is read from the file too, never gathered: the LM-head
 rows of the answer letters (the heads' start, :meth:`ShardedCheckpoint.answer_head_weight`) and the
-frozen prefix's fingerprint (the disk cache key, :meth:`ShardedCheckpoint.chunks`, hashed row block by row
-block to the same value as a full load's).
+frozen prefix's fingerprint (the disk cache key, :meth:`ShardedCheckpoint.chunks`, hashed block by block
+to the same value as a full load's).
 
 Supported: checkpoints whose tensor names are the model's (what ``save_pretrained`` writes; a missing
 ``base_model_prefix`` is tolerated), single-file or sharded (``model.safetensors.index.json``). Anything
@@ -31,7 +31,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import struct
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +60,64 @@ def full_shape(p: torch.Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if is_partitioned(p) else tuple(p.shape)
 
 
-def checkpoint_index(directory: Path) -> dict[str, Path]:
-    """``tensor name -> safetensors file`` of a model folder (one file, several, or an index)."""
-    from safetensors import safe_open
+#: safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, "Format")
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
 
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file: ``[begin, end)`` from the file's start."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensor table of a safetensors file: an 8-byte little-endian header length, a JSON header of
+    ``name -> {dtype, shape, data_offsets}`` (offsets relative to the end of the header)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise ModelLoadError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this loader does not read")
+        a, b = info["data_offsets"]
+        out[key] = StoredTensor(path, _ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + a, 8 + n + b)
+    return out
+
+
+def checkpoint_index(directory: Path) -> dict[str, StoredTensor]:
+    """``tensor name -> where it is stored`` for a model folder (one safetensors file, several, or an index)."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: directory / f for k, f in weight_map.items()}
-    out: dict[str, Path] = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: f for k in h.keys()})  # noqa: SIM118 (a safe_open handle, not a dict)
-    if not out:
+        files = sorted({directory / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
         raise ModelLoadError(f"model path {directory} holds no *.safetensors weights")
+    out: dict[str, StoredTensor] = {}
+    for f in files:
+        out.update(_read_header(f))
     return out
 
 
 class ShardedCheckpoint:
     """Reads parts of a safetensors checkpoint: flat element ranges (a rank's partition), rows, blocks.
+
+    Reads are positioned reads of exactly the bytes wanted (``os.pread``), not a memory map: pages of a
+    mapped file count in the resident set of every process that touches them, so each worker would appear to
+    hold what it only read once (and the frozen prefix's fingerprint reads most of the model). With reads,
+    they stay in the node's page cache, shared and reclaimable.
 
     ``keys``: ``id(parameter) -> tensor name`` for the model it was matched to (:meth:`match`)."""
 
@@ -83,23 +125,18 @@ class ShardedCheckpoint:
         self.directory = directory
         self.files = checkpoint_index(directory)
         self.keys: dict[int, str] = {}
-        self._handles: dict[Path, Any] = {}
-        self._stack = contextlib.ExitStack()
+        self._fds: dict[Path, int] = {}
 
     def close(self) -> None:
-        self._handles.clear()
-        self._stack.close()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
-    def _slice(self, key: str):
-        from safetensors import safe_open
-
-        f = self.files[key]
-        if f not in self._handles:
-            self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-        return self._handles[f].get_slice(key)
+    def __del__(self) -> None:
+        self.close()
 
     def stored_shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._slice(key).get_shape())
+        return self.files[key].shape
 
     def match(self, model: nn.Module) -> None:
         """Find each parameter's tensor in the checkpoint (tied parameters appear once); shapes must agree.
@@ -128,18 +165,33 @@ class ShardedCheckpoint:
         return self.keys[id(p)]
 
     def read_flat(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements ``[start, stop)`` of the row-major flattened tensor ``key`` (only covering rows are read)."""
-        shape = self.stored_shape(key)
-        if not shape:  # a scalar: read it whole
-            return self._slice(key)[...].reshape(-1)[start:stop]
-        row = math.prod(shape[1:])
-        r0, r1 = start // row, -(-stop // row)
-        block = self._slice(key)[r0:r1].reshape(-1)
-        return block[start - r0 * row : stop - r0 * row]
+        """Elements ``[start, stop)`` of the row-major flattened tensor ``key``, in its stored dtype (only
+        those bytes are read)."""
+        t = self.files[key]
+        numel = math.prod(t.shape)
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"elements [{start}, {stop}) are outside tensor {key!r} of {numel}")
+        size = t.dtype.itemsize
+        fd = self._fds.get(t.file)
+        if fd is None:
+            fd = self._fds[t.file] = os.open(t.file, os.O_RDONLY)
+        want = (stop - start) * size
+        buf = bytearray(want)
+        view, got = memoryview(buf), 0
+        while got < want:  # pread may return fewer bytes than asked
+            n = os.preadv(fd, [view[got:]], t.begin + start * size + got)
+            if n <= 0:
+                raise ModelLoadError(f"{t.file}: tensor {key!r} is truncated")
+            got += n
+        if not buf:
+            return torch.empty(0, dtype=t.dtype)
+        return torch.frombuffer(buf, dtype=t.dtype)
 
     def rows(self, key: str, index: Sequence[int]) -> torch.Tensor:
         """Rows ``index`` of tensor ``key`` (each read alone)."""
-        return torch.stack([self._slice(key)[i : i + 1][0] for i in index])
+        shape = self.stored_shape(key)
+        row = math.prod(shape[1:])
+        return torch.stack([self.read_flat(key, i * row, (i + 1) * row).reshape(shape[1:]) for i in index])
 
     def chunks(self, p: torch.Tensor) -> Iterator[torch.Tensor]:
         """The whole of parameter ``p`` in row blocks, in the parameter's dtype, for hashing: a partitioned

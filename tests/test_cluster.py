@@ -114,6 +114,21 @@ def test_two_raylets_on_this_machine(tmp_path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def test_an_output_dir_in_a_submitted_jobs_temporary_working_dir_is_refused_before_anything_is_written(tmp_path):
+    """``ray job submit --runtime-env`` unpacks the working_dir into Ray's session folder, so a relative
+    output_dir lands there and is deleted with the session: refused before Ray starts, nothing created."""
+    from distributed.config import DistConfig
+    from distributed.launch import prepare_run
+
+    job_dir = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    cfg = _cfg(tmp_path).model_copy(update={"output_dir": str(job_dir / "runs")})
+    with pytest.raises(UserInputError, match=r"inside Ray's temporary copy of this job's working_dir.*"
+                                             r"set an absolute output_dir"):  # fmt: skip
+        prepare_run(cfg, DistConfig(workers=2))
+    assert not job_dir.exists()
+    prepare_run(_cfg(tmp_path), DistConfig(workers=2))  # an ordinary folder passes
+
+
 def _free_port() -> int:
     import socket
 
