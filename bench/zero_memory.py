@@ -7,7 +7,8 @@ Each configuration is one ``polar-vbll train --workers N`` (a fresh local Ray, C
 its peak RSS over loading, DeepSpeed's init, the zero-shot evaluation and training (``peak_rss_run``, Linux
 VmHWM). ZeRO-3 is measured with the sharded load (the default) and, at 2 workers, with
 ``dist.sharded_load=false`` (every worker loads the whole model, then DeepSpeed partitions it: the state
-before issue #14).
+before issue #14). Every run starts with an empty frozen-prefix cache, so each computes its prefix states
+(under ZeRO-3 that pass gathers the embedding, the largest single parameter, on every rank).
 
 The larger model is written once, tensor by tensor, from a config instantiated on the meta device (random
 normal weights, std 0.02; norms 1), with the bundled tokenizer: no process ever holds it whole while writing.
@@ -97,7 +98,9 @@ def run_one(model_args: list[str], workers: int, stage: int, sharded: bool, out:
         cmd += ["--set", s]
     t = time.time()
     load = load_average()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix="prefix-cache-") as cache:  # cold: every run computes its prefix
+        env = {**os.environ, "POLAR_VBLL_PREFIX_CACHE": cache}
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     mem = json.loads((out / name / "results.json").read_text())["distributed"]["memory"]

@@ -117,7 +117,8 @@ def build_engine(
     the feature source; returns ``(engine, source)``. The frozen prefix's weight hash (the disk cache's
     key) is taken before ``initialize``, while every rank still holds the whole weights (ZeRO-3
     partitions them), or, for a backbone loaded partitioned, from its checkpoint file through
-    ``fingerprint_chunks`` (``ShardedCheckpoint.chunks``)."""
+    ``fingerprint_chunks`` (``ShardedCheckpoint.chunks``). Under ZeRO-3 the cheap path's prefix view looks
+    token rows up from the embedding's partitions (``distributed.embedding``) instead of gathering it."""
     deepspeed = import_deepspeed()
     fingerprint = None
     lowest = lowest_adapted_block(backbone)
@@ -129,6 +130,10 @@ def build_engine(
         model=module, optimizer=theta_optimizer, model_parameters=params, config=config
     )
     source = FeatureSource.for_config(backbone, pad_id, train_cfg, fingerprint=fingerprint)
+    if source.split is not None:  # ZeRO-3: the prefix pass looks up rows, never gathers the embedding
+        from distributed.embedding import install
+
+        install(source.split.prefix)
     module.attach(source)
     return engine, source
 

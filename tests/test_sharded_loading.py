@@ -131,3 +131,35 @@ def test_flat_ranges_read_from_the_file_equal_the_flattened_tensor(tmp_path):
             assert torch.equal(checkpoint.read_flat(key, a, b), flat[a:b]), (key, a, b)
     assert torch.equal(checkpoint.rows("m", [6, 0, 3]), tensors["m"][[6, 0, 3]])
     checkpoint.close()
+
+
+def _embedding_rows(rank: int, world: int) -> dict:
+    import deepspeed
+
+    from distributed.embedding import PartitionedEmbedding
+    from distributed.engine import import_deepspeed
+
+    import_deepspeed()
+    out = {}
+    for dtype, bf16 in ((torch.float32, False), (torch.bfloat16, True)):
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}, "bf16": {"enabled": bf16}}
+        g = torch.Generator().manual_seed(0)
+        values = torch.randn(37, 10, generator=g).to(dtype)  # 370 elements: padded over 3 ranks
+        values[5, 3], values[7, 0] = -0.0, float("nan")  # the bits must survive, not just the values
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            emb = torch.nn.Embedding(37, 10)
+        with deepspeed.zero.GatheredParameters([emb.weight], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                emb.weight.copy_(values)
+        ids = torch.tensor([[5, 0, 36, 7], [7, 7, 1, 20]])
+        got = PartitionedEmbedding(emb)(ids)
+        want = torch.nn.functional.embedding(ids, values)
+        out[str(dtype)] = bool(torch.equal(got.view(torch.int16 if bf16 else torch.int32),
+                                           want.view(torch.int16 if bf16 else torch.int32)))  # fmt: skip
+        out[f"{dtype} partitioned"] = emb.weight.data.numel() == 0  # never gathered by the lookup
+    return out
+
+
+def test_a_partitioned_embedding_looks_rows_up_bit_for_bit_without_gathering(tmp_path):
+    for rank in _spawn(_embedding_rows, tmp_path, 3):
+        assert all(rank.values()), rank

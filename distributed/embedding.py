@@ -1,0 +1,65 @@
+"""The frozen prefix's token embedding under ZeRO-3, read row by row from the partitions, never gathered.
+
+A ZeRO-3 forward gathers each module's whole parameters on every rank. For the input embedding (the
+largest single tensor of a small or mid-sized LLM: 21% of SmolLM2-135M's parameters) that means the full
+``(V, d)`` matrix, plus the all-gather's flat buffer, on every rank at every prefix pass, which sets the
+worker's peak memory (bench/zero_memory.py). A lookup needs only the rows of the batch's token ids: here
+each rank copies the elements of those rows that lie in its own partition into a zero buffer, and a
+bitwise-OR all-reduce over their bytes assembles the rows exactly (each element is set on exactly one
+rank; the others contribute all-zero bits), so the result equals ``F.embedding`` on the gathered weight
+bit for bit, signed zeros and NaNs included. Memory: ``(tokens, d)`` per rank; one all-reduce per call.
+
+Installed on the cheap path's frozen-prefix view only (:func:`install`), which runs without gradients;
+the decoder itself, and DeepSpeed's hooks on it, are untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class PartitionedEmbedding(nn.Module):
+    """``nn.Embedding``'s forward over a ZeRO-3-partitioned weight, without gathering it (module docstring).
+
+    ``forward(ids)``: int64 ids of any shape -> ``(*ids.shape, d)`` in the weight's dtype. A collective:
+    every rank of the weight's process group must call it with ids of the same shape. The weight is held as
+    a plain attribute (not a parameter), so no engine hook fetches it."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        if not hasattr(embedding.weight, "ds_tensor"):
+            raise ValueError("PartitionedEmbedding needs a ZeRO-3 partitioned embedding weight")
+        object.__setattr__(self, "_weight", embedding.weight)
+        self.num_embeddings, self.embedding_dim = embedding.weight.ds_shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        w = self._weight
+        part = w.ds_tensor
+        group = w.ds_process_group
+        start = dist.get_rank(group=group) * part.ds_numel
+        stop = min(start + part.ds_numel, w.ds_numel)
+        d = self.embedding_dim
+        flat = ids.reshape(-1).to(torch.int64)
+        if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        element = flat[:, None] * d + torch.arange(d)[None, :]  # (n, d) flat index of every wanted element
+        mine = (element >= start) & (element < stop)
+        size = part.element_size()
+        out = torch.zeros(flat.numel(), d, size, dtype=torch.uint8)  # the bytes of each element
+        out[mine] = part.data.view(torch.uint8).view(-1, size)[element[mine] - start]
+        dist.all_reduce(out, op=dist.ReduceOp.BOR, group=group)
+        return out.view(flat.numel(), d * size).view(part.dtype).view(*ids.shape, d)
+
+
+def install(prefix_view: nn.Module) -> bool:
+    """Give the frozen-prefix view (``SplitDecoder.prefix``, a shallow copy of the decoder with its own
+    module dict) a :class:`PartitionedEmbedding` in place of ``embed_tokens``; returns whether it did (only
+    when the embedding is partitioned). The decoder's own ``embed_tokens`` stays as it is."""
+    embedding = prefix_view._modules.get("embed_tokens")
+    if not isinstance(embedding, nn.Embedding) or not hasattr(embedding.weight, "ds_tensor"):
+        return False
+    prefix_view._modules = dict(prefix_view._modules)  # the view's own dict: never the decoder's
+    prefix_view._modules["embed_tokens"] = PartitionedEmbedding(embedding)
+    return True
