@@ -41,6 +41,14 @@ class DistConfig(BaseModel):
         "from the safetensors files, in model.dtype (distributed.loading); false: every worker loads the whole "
         "model first and DeepSpeed partitions it (peak memory: the whole model on every worker)",
     )
+    malloc_mmap_threshold: int | None = Field(
+        131072,
+        ge=0,
+        description="ZeRO-3 workers' glibc M_MMAP_THRESHOLD (MALLOC_MMAP_THRESHOLD_, bytes): larger allocations "
+        "go back to the OS when freed, so a worker's resident memory follows what it holds while gathered "
+        "blocks come and go every forward; None: glibc's adaptive threshold, which keeps freed gathers resident "
+        "(measured: bench/zero_memory.py)",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
     cpus_per_worker: float = Field(1.0, gt=0)
     health_check_interval_s: float | None = Field(

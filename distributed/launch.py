@@ -128,6 +128,8 @@ def worker_env(dist: DistConfig) -> dict[str, str]:
         env["DS_ACCELERATOR"] = "cpu"
     if dist.health_check_interval_s is not None:
         env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(dist.health_check_interval_s)
+    if dist.zero_stage == 3 and dist.malloc_mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(dist.malloc_mmap_threshold)
     return env
 
 

@@ -147,8 +147,10 @@ def test_zero3_two_workers_train_and_stay_bitwise_identical(runs):
     assert all(h["orthogonality_error"] <= 1e-5 for h in training["history"])
     assert training["refits"] == 4  # head refitted before steps 0, 2, 4 and on the final adapters
     assert training["resumed_from_step"] is None
+    assert d["sharded_load"] is True  # each rank read only its partition (tests/test_sharded_loading.py)
     for m in d["memory"]:  # ZeRO-3 holds half of the backbone on each of the two ranks
         assert m["local"] * 2 == pytest.approx(m["full"], rel=0.01)
+        assert m["malloc_mmap_threshold"] == "131072"  # reached the worker processes via the runtime env
     thetas = {k: v for k, v in _adapter(run_dir).items() if k.endswith("polar_theta")}
     assert thetas and all(v.shape == (4, 4) and v.abs().max() > 0 for v in thetas.values())
 
