@@ -89,12 +89,14 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def run_one(model_args: list[str], workers: int, stage: int, sharded: bool, out: Path, name: str) -> dict:
+def run_one(
+    model_args: list[str], workers: int, stage: int, sharded: bool, out: Path, name: str, ckpt: bool = False
+) -> dict:
     cmd = [str(Path(sys.executable).parent / "polar-vbll"), "train", "--config", "cpu", "--workers", str(workers),
            "--zero-stage", str(stage), "--no-track", "--no-progress",
            "--dist-set", "health_check_interval_s=0.1", "--dist-set", f"sharded_load={str(sharded).lower()}",
            "--set", f"output_dir={out}", "--set", f"name={name}"]  # fmt: skip
-    for s in RUN + model_args:
+    for s in RUN + model_args + (["train.activation_checkpointing=true"] if ckpt else []):
         cmd += ["--set", s]
     t = time.time()
     load = load_average()
@@ -107,6 +109,7 @@ def run_one(model_args: list[str], workers: int, stage: int, sharded: bool, out:
     mib = 2**20
     return {
         "name": name, "workers": workers, "zero_stage": stage, "sharded_load": sharded and stage == 3,
+        "activation_checkpointing": ckpt,
         "wall_s": round(time.time() - t, 1), "load_average_start": load,
         "held_mib": max(m["local"] for m in mem) / mib, "full_mib": mem[0]["full"] / mib,
         "rss_before_load_mib": max(m["rss_before_load"] for m in mem) / mib,
@@ -122,11 +125,18 @@ def table(rows: list[dict]) -> str:
         "| peak − before load | peak / ZeRO-0 same N |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    zero0 = {(r["model"], r["workers"]): r for r in rows if r["zero_stage"] == 0}
+    zero0 = {(r["model"], r["workers"]): r for r in rows
+             if r["zero_stage"] == 0 and not r.get("activation_checkpointing")}  # fmt: skip
     for r in rows:
         ref = zero0.get((r["model"], r["workers"]))
         ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref and r is not ref else "—"
+        if r.get("activation_checkpointing"):  # against ZeRO-0 with checkpointing too, when measured
+            same = [x for x in rows if x["model"] == r["model"] and x["workers"] == r["workers"]
+                    and x["zero_stage"] == 0 and x.get("activation_checkpointing")]  # fmt: skip
+            ratio = f"{r['peak_mib'] / same[0]['peak_mib']:.2f} (vs ZeRO-0 + ckpt)" if same and same[0] is not r else "—"  # noqa: E501
         load = "sharded" if r["sharded_load"] else "whole, then partitioned" if r["zero_stage"] == 3 else "whole"
+        if r.get("activation_checkpointing"):
+            load += " + activation checkpointing"
         lines.append(
             f"| {r['model']} | {r['workers']} | {r['zero_stage']} | {load} | {r['held_mib']:,.0f} of "
             f"{r['full_mib']:,.0f} | {r['rss_before_load_mib']:,.0f} | {r['peak_mib']:,.0f} | "
@@ -139,6 +149,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zero_memory")
     ap.add_argument("--only", choices=["smollm2", "llama430m"])
+    ap.add_argument("--only-checkpointing", action="store_true",
+                    help="only the rows with train.activation_checkpointing (ZeRO-0 and ZeRO-3 at 2 workers)")
+    ap.add_argument("--append", action="store_true", help="add the rows to an existing zero_memory.json")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     from polar_vbll.models import cache_root
@@ -152,13 +165,17 @@ def main() -> None:
     for model, model_args in models.items():
         if args.only and model != args.only:
             continue
-        grid = [(w, s, True) for w, s in GRID] + [(2, 3, False)]
-        for workers, stage, sharded in grid:
-            name = f"{model}-w{workers}-z{stage}{'' if sharded else '-wholeload'}"
-            row = {"model": model, **run_one(model_args, workers, stage, sharded, runs, name)}
+        grid = [(w, s, True, False) for w, s in GRID] + [(2, 3, False, False), (2, 0, True, True), (2, 3, True, True)]
+        if args.only_checkpointing:
+            grid = [g for g in grid if g[3]]
+        for workers, stage, sharded, ckpt in grid:
+            name = f"{model}-w{workers}-z{stage}{'' if sharded else '-wholeload'}{'-ckpt' if ckpt else ''}"
+            row = {"model": model, **run_one(model_args, workers, stage, sharded, runs, name, ckpt)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(runs / name, ignore_errors=True)
+    if args.append and (args.out / "zero_memory.json").is_file():
+        rows = json.loads((args.out / "zero_memory.json").read_text()) + rows
     (args.out / "zero_memory.json").write_text(json.dumps(rows, indent=1))
     (args.out / "zero_memory.md").write_text(table(rows) + "\n")
     print(table(rows))
