@@ -130,7 +130,8 @@ def run_worker(
     )  # fmt: skip
     # bytes: the parameters this rank holds (``local``, ``full``), RSS before the backbone loads, and RSS and
     # its peak after DeepSpeed's init; ``peak_rss_run`` (below) is the peak over training too
-    memory = {"rank": rank, "node": _node_id(), "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+    threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    memory = {"rank": rank, "node": _node_id(), "malloc_mmap_threshold": int(threshold) if threshold else None,
               **local_parameter_bytes(adapter.base_model),
               "rss_before_load": before_load, **_memory_status()}  # fmt: skip
     coordinator.start(session.head if rank == 0 else None, cfg.head.fit, state["coordinator"] if state else None)

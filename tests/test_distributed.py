@@ -150,7 +150,7 @@ def test_zero3_two_workers_train_and_stay_bitwise_identical(runs):
     assert d["sharded_load"] is True  # each rank read only its partition (tests/test_sharded_loading.py)
     for m in d["memory"]:  # ZeRO-3 holds half of the backbone on each of the two ranks
         assert m["local"] * 2 == pytest.approx(m["full"], rel=0.01)
-        assert m["malloc_mmap_threshold"] == "131072"  # reached the worker processes via the runtime env
+        assert m["malloc_mmap_threshold"] == 131072  # reached the worker processes via the runtime env
     thetas = {k: v for k, v in _adapter(run_dir).items() if k.endswith("polar_theta")}
     assert thetas and all(v.shape == (4, 4) and v.abs().max() > 0 for v in thetas.values())
 
