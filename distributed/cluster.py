@@ -56,22 +56,6 @@ def worker_files(cfg: RunConfig) -> list[str]:
     return files
 
 
-def check_output_dir_outlives_the_job(output_dir: str) -> None:
-    """Refuse an ``output_dir`` inside Ray's temporary copy of a submitted job's ``working_dir``
-    (``<session>/runtime_resources/working_dir_files/...``, where a relative ``output_dir`` of a job
-    submitted with ``ray job submit --runtime-env ...`` lands): Ray deletes it with its session, and with it
-    the run folder and every checkpoint. Raises ``UserInputError`` saying what to set."""
-    if "://" in output_dir:
-        return
-    parts = Path(output_dir).expanduser().resolve().parts
-    if "runtime_resources" in parts and "working_dir_files" in parts:
-        raise UserInputError(
-            f"output_dir {output_dir} is inside Ray's temporary copy of this job's working_dir, which Ray deletes "
-            "with its session (the run folder and its checkpoints with it); set an absolute output_dir on "
-            "storage that outlives the job, e.g. --set output_dir=/shared/runs, or a URI such as s3://bucket/runs"
-        )
-
-
 def check_cluster(
     cfg: RunConfig, tracking_uri: str | None, nodes: list[dict] | None = None, probe: Probe | None = None
 ) -> None:

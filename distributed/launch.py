@@ -69,11 +69,8 @@ def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, k
     folder, which must outlive a submitted job and must not hold another ``kind`` of output, the data: every
     row read and validated), and the config the workers receive: ``output_dir`` made absolute (it is Ray
     Train's storage path)."""
-    from distributed.cluster import check_output_dir_outlives_the_job
-
     check_supported(cfg, entry)
     check_batch_layout(cfg, dist)
-    check_output_dir_outlives_the_job(cfg.output_dir)
     check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name", kind)
     validate_inputs(cfg)  # a bad task name, data row or model path fails here, before Ray starts
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())

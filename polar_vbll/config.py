@@ -450,12 +450,30 @@ def dump_config(cfg: RunConfig, path: str | Path) -> None:
 FOLDER_MARKERS = {"run": "params.json", "comparison": "compare_config.json", "search": "search.json"}
 
 
+def check_outlives_the_job(path: str | Path, what: str = "output_dir") -> None:
+    """Refuse a path inside Ray's temporary copy of a submitted job's ``working_dir``
+    (``<session>/runtime_resources/working_dir_files/...``), where a relative path lands when a command runs
+    under ``ray job submit --runtime-env ...``: Ray deletes it with its session, and with it what was written
+    there. Raises :class:`ConfigError` saying what to set."""
+    if "://" in str(path):
+        return
+    parts = Path(path).expanduser().resolve().parts
+    if "runtime_resources" in parts and "working_dir_files" in parts:
+        raise ConfigError(
+            f"{what} {path} is inside Ray's temporary copy of this job's working_dir, which Ray deletes with its "
+            "session (and what is written there with it); set an absolute output_dir / --output on storage that "
+            "outlives the job, e.g. --set output_dir=/shared/runs, or a URI such as s3://bucket/runs"
+        )
+
+
 def check_output_folder(folder: str | Path, what: str = "output_dir", kind: str | None = None) -> None:
-    """Refuse, before any work, a folder path that runs into an existing file (``output_dir`` naming a
-    file, or a run name that is a file inside it), or (``kind``: run, comparison, search) a folder that
-    already holds the output of another kind of command: a run, a comparison and a search never share one."""
+    """Refuse, before any work, a folder that Ray deletes with a submitted job (:func:`check_outlives_the_job`),
+    a folder path that runs into an existing file (``output_dir`` naming a file, or a run name that is a file
+    inside it), or (``kind``: run, comparison, search) a folder that already holds the output of another kind
+    of command: a run, a comparison and a search never share one."""
     if "://" in str(folder):
         return
+    check_outlives_the_job(folder, what)
     path = Path(folder).expanduser()
     for p in (path, *path.parents):
         if p.exists():

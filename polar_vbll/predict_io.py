@@ -20,6 +20,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from polar_vbll.config import check_outlives_the_job
 from polar_vbll.errors import UserInputError
 from polar_vbll.predictor import Question, check_width, summary
 from polar_vbll.saved import RunFolder
@@ -59,8 +60,10 @@ def chunked(questions: Sequence[Question], size: int) -> list[Sequence[Question]
 
 
 def check_output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
-    """The output path, refused when it is an input or its folder does not exist."""
+    """The output path, refused when it is an input, its folder does not exist, or Ray deletes it with a
+    submitted job (:func:`polar_vbll.config.check_outlives_the_job`)."""
     out = Path(output)
+    check_outlives_the_job(out, "--output")
     for p in inputs:
         if Path(p).exists() and out.exists() and out.resolve() == Path(p).resolve():
             raise UserInputError(f"--output {out} is the input file; write the decisions elsewhere")

@@ -200,3 +200,27 @@ def test_train_is_tracked_in_the_run_folders_mlflow_store(tmp_path, monkeypatch)
     assert _train(tmp_path, "--set", "method=polar_vbll", track=True).exit_code == 0  # resumes
     runs = client.search_runs([client.get_experiment_by_name("polar-vbll-runs").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "predict"])
+def test_an_output_in_a_submitted_jobs_temporary_working_dir_is_refused_by_every_command(tmp_path, command):
+    """``ray job submit --runtime-env`` unpacks the working_dir into Ray's session folder, which Ray deletes:
+    a relative output lands there. Every command that writes refuses it in one line, exit 2, nothing
+    written (the distributed entry points: tests/test_cluster.py)."""
+    job = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    if command == "predict":
+        from polar_vbll.errors import UserInputError
+        from polar_vbll.predict_io import check_output
+
+        job.mkdir(parents=True)
+        with pytest.raises(UserInputError, match="inside Ray's temporary copy of this job's working_dir"):
+            check_output(job / "decisions.jsonl", [])
+        assert list(job.iterdir()) == []
+        return
+    args = [command, "--config", "tiny", "--no-track", "--set", f"output_dir={job / 'runs'}"]
+    if command == "train":
+        args.insert(3, "--no-progress")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "inside Ray's temporary copy of this job's working_dir" in result.output
+    assert not job.exists()
