@@ -44,7 +44,7 @@ from torch import nn
 
 from polar_vbll.config import ModelConfig
 from polar_vbll.errors import ModelLoadError
-from polar_vbll.models import DTYPES, load_tokenizer, model_dir
+from polar_vbll.models import DTYPES, frozen, load_tokenizer, model_dir
 
 #: Rows read per block when hashing a partitioned tensor from the file (bounded memory for huge tensors).
 _HASH_BLOCK_ELEMENTS = 1 << 24
@@ -154,9 +154,10 @@ class ShardedCheckpoint:
                     f"{self.directory}: no tensor {name!r} in the checkpoint, so the sharded ZeRO-3 load cannot "
                     "fill it (set dist.sharded_load=false to load the whole model on every worker)"
                 )
-            if self.stored_shape(key) != full_shape(p):
+            stored = self.stored_shape(key)
+            if stored != full_shape(p):
                 raise ModelLoadError(
-                    f"{self.directory}: tensor {key!r} has shape {self.stored_shape(key)}, the model's "
+                    f"{self.directory}: tensor {key!r} has shape {stored}, the model's "
                     f"parameter {name!r} has {full_shape(p)}"
                 )
             self.keys[id(p)] = key
@@ -215,10 +216,9 @@ class ShardedCheckpoint:
         head = model.get_output_embeddings()
 
         def rows(p: torch.Tensor) -> torch.Tensor:
-            dtype = p.ds_tensor.dtype if is_partitioned(p) else p.dtype
             if not is_partitioned(p):
                 return p.detach()[list(answer_ids)].to(torch.float32).clone()
-            return self.rows(self.key_of(p), answer_ids).to(dtype).to(torch.float32)
+            return self.rows(self.key_of(p), answer_ids).to(p.ds_tensor.dtype).to(torch.float32)
 
         bias = rows(head.bias) if getattr(head, "bias", None) is not None else None
         return rows(head.weight), bias
@@ -270,8 +270,8 @@ def load_backbone_zero3(cfg: ModelConfig, ds_config: dict[str, Any]) -> tuple[nn
     whose tensors do not match the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    directory = model_dir(cfg)
     tokenizer = load_tokenizer(cfg)
+    directory = model_dir(cfg, tokenizer)
     dtype = DTYPES[cfg.dtype]
     try:
         config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
@@ -289,8 +289,4 @@ def load_backbone_zero3(cfg: ModelConfig, ds_config: dict[str, Any]) -> tuple[nn
     checkpoint = ShardedCheckpoint(directory)
     checkpoint.match(model)
     checkpoint.fill_partitions(model)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, tokenizer, checkpoint
+    return frozen(model, tokenizer), tokenizer, checkpoint

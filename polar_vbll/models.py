@@ -196,10 +196,11 @@ def _no_loading_bar() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def tiny_model_dir(cfg: ModelConfig) -> Path:
+def tiny_model_dir(cfg: ModelConfig, tokenizer=None) -> Path:
     """The tiny random Llama of ``cfg`` as a safetensors folder in the cache (written once, atomically), so
-    that it loads like any model folder: in the configured dtype, and sharded under ZeRO-3."""
-    tokenizer = load_tokenizer(cfg)
+    that it loads like any model folder: in the configured dtype, and sharded under ZeRO-3. ``tokenizer``:
+    already loaded (its size is the vocabulary's)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     key = json.dumps([cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_seed, len(tokenizer)])
     target = cache_root() / "tiny" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
@@ -210,11 +211,12 @@ def tiny_model_dir(cfg: ModelConfig) -> Path:
     return target
 
 
-def model_dir(cfg: ModelConfig) -> Path:
+def model_dir(cfg: ModelConfig, tokenizer=None) -> Path:
     """The safetensors folder a model config loads from: ``model.path``, the bundled model's converted copy,
-    or the tiny model's cached folder (each created once on first use). Raises :class:`ModelLoadError`."""
+    or the tiny model's cached folder (each created once on first use; ``tokenizer``: already loaded, for the
+    tiny model's vocabulary). Raises :class:`ModelLoadError`."""
     if cfg.source == "tiny":
-        path = tiny_model_dir(cfg)
+        path = tiny_model_dir(cfg, tokenizer)
     else:
         path = bundled_model_dir() if cfg.source == "smollm2" else Path(cfg.path or "").expanduser()
     _check_model_dir(path)
@@ -229,7 +231,7 @@ def load_backbone(cfg: ModelConfig):
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(cfg)
-    path = model_dir(cfg)
+    path = model_dir(cfg, tokenizer)
     try:
         with _no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(
@@ -237,11 +239,17 @@ def load_backbone(cfg: ModelConfig):
             )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
+    return frozen(model, tokenizer), tokenizer
+
+
+def frozen(model: nn.Module, tokenizer) -> nn.Module:
+    """``model`` as every loader returns it: the tokenizer's pad token set, eval mode, no parameter
+    requiring a gradient."""
     model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model, tokenizer
+    return model
 
 
 def describe_model_dir(path: Path) -> dict:

@@ -80,7 +80,7 @@ def prefix_fingerprint(
         h.update(str(first.dtype).encode())
         h.update(str(shape).encode())
         for piece in itertools.chain([first], pieces):
-            h.update(piece.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(piece.cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 
