@@ -56,6 +56,11 @@ class DeepSpeedBackend:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dist_cfg = dist_cfg
         self.sync_check_every = dist_cfg.sync_check_every
+        self.sync_every_step = not dist_cfg.use_gpu  # on GPUs the loss is checked at logging steps only
+        # where collectives' tensors live: nccl reduces CUDA tensors only, gloo host ones
+        self.comm_device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         self.theta = list(theta)
         ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.engine, self.source = build_engine(
@@ -71,7 +76,7 @@ class DeepSpeedBackend:
         """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path). The
         states are read from the disk cache only when every rank has them (under ZeRO-3 the prefix pass is
         a collective: all ranks run it or none does)."""
-        hit = torch.tensor([int(self.source.on_disk(enc))], dtype=torch.int64)
+        hit = torch.tensor([int(self.source.on_disk(enc))], dtype=torch.int64).to(self.comm_device)
         dist.all_reduce(hit, op=dist.ReduceOp.MIN)
         with torch.no_grad():
             self.engine(enc, None, prepare_batch_size=batch_size, use_disk=bool(hit.item()))
@@ -84,14 +89,14 @@ class DeepSpeedBackend:
 
     @torch.no_grad()
     def shard_features(self, enc: EncodedSplit, batch_size: int) -> torch.Tensor:
-        """``phi`` of this rank's contiguous shard of ``enc`` (adapter dropout as set), ``(n_shard, d)``;
-        padded batches keep every rank's forward passes in lockstep."""
+        """``phi`` of this rank's contiguous shard of ``enc`` (adapter dropout as set), ``(n_shard, d)`` fp32
+        on the backbone's device; padded batches keep every rank's forward passes in lockstep."""
         self.prepare(enc, batch_size)
         rows = [
-            self.engine(enc, batch.idx)[: batch.n_real].detach().to("cpu", torch.float32)
+            self.engine(enc, batch.idx)[: batch.n_real].detach().to(torch.float32)
             for batch in lockstep_batches(len(enc), self.rank, self.world, batch_size)
         ]
-        return torch.cat(rows) if rows else torch.zeros(0)
+        return torch.cat(rows) if rows else torch.zeros(0, device=self.comm_device)
 
     def split_features(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> torch.Tensor:
         """All rows of ``enc`` on every rank: each rank's shard, gathered in rank order (a collective)."""

@@ -60,7 +60,8 @@ def _question(d: dict[str, Any]) -> Question:
 class ChunkPredictor:
     """A Ray Data actor: the run's predictor and the driver's rule; one chunk of questions per call."""
 
-    def __init__(self, run: str, settings: dict[str, Any], meta: dict[str, Any], tensors: dict[str, Any]):
+    def __init__(self, run: str, settings: dict[str, Any], meta: dict[str, Any], tensors: dict[str, Any],
+                 device: str = "cpu"):  # fmt: skip
         import numpy as np
         import torch
 
@@ -68,7 +69,8 @@ class ChunkPredictor:
             CalibrationData(**{k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}),
             RuleSettings(**settings), meta,
         )  # fmt: skip
-        self.predictor = Predictor.from_run(run, need_rule=False)
+        # "cuda" is this actor's own GPU: Ray sets CUDA_VISIBLE_DEVICES to the one it reserved for it
+        self.predictor = Predictor.from_run(run, need_rule=False, device=device)
         self.predictor.rule = rule
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -81,12 +83,27 @@ class ChunkPredictor:
         return {"index": np.asarray(batch["index"]), "records": np.asarray(out, dtype=object)}
 
 
+def actor_device(device: str | None, cluster_gpus: float) -> str:
+    """The device of every prediction actor: ``cuda`` (one reserved GPU each) for a CUDA ``device``, or for
+    ``auto`` / None on a cluster with GPUs; ``cpu`` otherwise. ``cuda:N`` cannot name an actor's GPU (Ray
+    picks it) and is refused, as is a CUDA request on a cluster without GPUs (``UserInputError``)."""
+    if device is not None and device.startswith("cuda:"):
+        raise UserInputError(f"--device {device}: with --workers each actor gets one GPU that Ray picks; "
+                             "use --device cuda")  # fmt: skip
+    if device == "cuda" and cluster_gpus < 1:
+        raise UserInputError("--device cuda with --workers, but the Ray cluster has no GPU; use --device cpu")
+    if device == "cpu" or (device in (None, "auto") and cluster_gpus < 1):
+        return "cpu"
+    return "cuda"
+
+
 def decide_on_ray(
-    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, *, workers: int, address: str | None = None
+    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, *, workers: int, address: str | None = None,
+    device: str | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Every chunk's decision records, in order, computed by ``workers`` actors on ``address`` (or
-    ``RAY_ADDRESS``, or a local Ray started here and stopped at the end). An unreachable address fails
-    before anything starts."""
+    ``RAY_ADDRESS``, or a local Ray started here and stopped at the end); on GPUs (one per actor) where
+    :func:`actor_device` says so. An unreachable address fails before anything starts."""
     import ray
 
     from distributed.launch import ray_session
@@ -100,14 +117,16 @@ def decide_on_ray(
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
+        where = actor_device(device, ray.cluster_resources().get("GPU", 0.0))
         items = [{"index": i, "payload": json.dumps([_question_dict(q) for q in c])} for i, c in enumerate(chunks)]
         ds = ray.data.from_items(items).map_batches(
             ChunkPredictor,
             fn_constructor_kwargs={"run": str(Path(run).resolve()), "settings": asdict(rule.settings),
-                                   "meta": rule.meta, "tensors": tensors},  # fmt: skip
+                                   "meta": rule.meta, "tensors": tensors, "device": where},  # fmt: skip
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=1,
+            num_gpus=1 if where == "cuda" else 0,
         )
         pending: dict[int, list[dict[str, Any]]] = {}
         nxt = 0

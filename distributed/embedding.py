@@ -44,12 +44,16 @@ class PartitionedEmbedding(nn.Module):
         flat = ids.reshape(-1).to(torch.int64)
         if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
-        element = flat[:, None] * d + torch.arange(d)[None, :]  # (n, d) flat index of every wanted element
+        flat = flat.to(part.device)
+        element = flat[:, None] * d + torch.arange(d, device=part.device)[None, :]  # (n, d) flat index of each
         mine = (element >= start) & (element < stop)
         size = part.element_size()
-        out = torch.zeros(flat.numel(), d, size, dtype=torch.uint8)  # the bytes of each element
+        out = torch.zeros(flat.numel(), d, size, dtype=torch.uint8, device=part.device)  # each element's bytes
         out[mine] = part.data.view(torch.uint8).view(-1, size)[element[mine] - start]
-        dist.all_reduce(out, op=dist.ReduceOp.BOR, group=group)
+        # one rank holds each element, the others contribute zero bytes: OR, or (nccl has no bitwise ops) MAX
+        # of unsigned bytes, is that rank's bytes exactly
+        op = dist.ReduceOp.MAX if dist.get_backend(group) == "nccl" else dist.ReduceOp.BOR
+        dist.all_reduce(out, op=op, group=group)
         return out.view(flat.numel(), d * size).view(part.dtype).view(*ids.shape, d)
 
 

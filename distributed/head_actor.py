@@ -15,6 +15,7 @@ hits an error no restart can fix (replicas diverged, loss non-finite, bad input)
 from __future__ import annotations
 
 import asyncio
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,8 @@ class CoordinatorClient:
 
         from distributed.collectives import broadcast_object
 
+        if head is not None:  # the actor fits on the CPU (and may run where no GPU is): a CPU copy travels
+            head = copy.deepcopy(head).to("cpu")
         gen = ray.get(self.handle.start.remote(head, fit, state)) if self.rank == 0 else None
         self.generation = int(broadcast_object(gen))  # type: ignore[arg-type]
         self.refits = int(state["refits"]) if state is not None else 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed.config import DistConfig, check_batch_layout, dist_config_from
+from distributed.devices import driver_config
 from distributed.worker import train_loop_per_worker
 from polar_vbll.checkpoint import load_checkpoint
 from polar_vbll.config import RunConfig, check_output_folder
@@ -59,20 +60,25 @@ WORKERS = EntryPoint(
             "zero_shot trains nothing to distribute and an ensemble trains its members one after another; "
             "run these with `polar-vbll train` (one process) or `polar-vbll compare`",
             allowed=_runs_on_workers,
-        )
+        ),
+        "train.compile": Refused(
+            "torch.compile of blocks that DeepSpeed ZeRO-3 partitions and gathers is not supported here; "
+            "compile one-process runs (polar-vbll train, compare)"
+        ),
     },
 )
 
 
 def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, kind: str = "run") -> RunConfig:
     """Everything checked before Ray starts (the fields ``entry`` refuses, the batch layout, the output
-    folder, which must outlive a submitted job and must not hold another ``kind`` of output, the data: every
-    row read and validated), and the config the workers receive: ``output_dir`` made absolute (it is Ray
-    Train's storage path)."""
+    folder, which must outlive a submitted job and must not hold another ``kind`` of output, the workers'
+    device (``distributed.devices``), the data: every row read and validated), and the config the workers
+    receive: ``output_dir`` made absolute (it is Ray Train's storage path), ``model.dtype`` resolved."""
     check_supported(cfg, entry)
     check_batch_layout(cfg, dist)
     check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name", kind)
-    validate_inputs(cfg)  # a bad task name, data row or model path fails here, before Ray starts
+    cfg = driver_config(cfg, dist)  # model.device checked for the workers, model.dtype as they will run it
+    validate_inputs(cfg, device=False)  # a bad task name, data row or model path fails here, before Ray starts
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     return cfg.model_copy(update={"output_dir": storage})
 

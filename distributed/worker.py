@@ -27,6 +27,7 @@ import torch.distributed as dist
 from distributed.backend import DeepSpeedBackend
 from distributed.checkpoints import RayCheckpoints
 from distributed.config import DistConfig, check_batch_layout
+from distributed.devices import worker_placement
 from distributed.engine import deepspeed_config, local_parameter_bytes
 from distributed.head_actor import CoordinatorClient
 from distributed.loading import ShardedCheckpoint, load_backbone_zero3
@@ -35,6 +36,7 @@ from polar_vbll.config import ModelConfig, RunConfig
 from polar_vbll.errors import RunFailure, UserInputError
 from polar_vbll.evaluation import Member
 from polar_vbll.models import load_backbone, model_dir
+from polar_vbll.placement import Placement, resolved
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import finish_run, training_summary, zero_shot_for
 from polar_vbll.session import build_session
@@ -85,9 +87,9 @@ class BackboneLoad:
         self.ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.checkpoint: ShardedCheckpoint | None = None
 
-    def __call__(self, model_cfg: ModelConfig):
+    def __call__(self, model_cfg: ModelConfig, placement: Placement | None = None):
         if not self.sharded:
-            return _node_first(lambda: load_backbone(model_cfg))
+            return _node_first(lambda: load_backbone(model_cfg, placement))
         _node_first(lambda: model_dir(model_cfg))  # converted or written once per node, before every rank reads
         model, tokenizer, self.checkpoint = load_backbone_zero3(model_cfg, self.ds_config)
         return model, tokenizer
@@ -117,9 +119,11 @@ def run_worker(
     t0 = time.perf_counter()
     before_load = _memory_status().get("rss", 0)
     rank, world = dist.get_rank(), dist.get_world_size()
+    placement = worker_placement(cfg, dist_cfg)  # this rank's GPU (made current) or the CPU
+    cfg = resolved(cfg, placement)
     micro = check_batch_layout(cfg, dist_cfg, world)
     loader = BackboneLoad(cfg, dist_cfg, micro)
-    session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows)
+    session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows, placement=placement)
     state = store.latest()
     if state is not None:
         load_weights(session.adapter, session.head, state, cfg)  # before DeepSpeed keeps master copies

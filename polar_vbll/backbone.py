@@ -57,8 +57,9 @@ def answer_head_weight(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The LM-head rows of the answer tokens (fp32 copies): the deterministic class-logit head."""
     head = model.get_output_embeddings()
-    weight = head.weight[list(answer_ids)].detach().to(torch.float32).clone()
-    bias = head.bias[list(answer_ids)].detach().to(torch.float32).clone() if head.bias is not None else None
+    rows = torch.tensor(list(answer_ids), dtype=torch.long).to(head.weight.device)
+    weight = head.weight[rows].detach().to(torch.float32).clone()
+    bias = head.bias[rows].detach().to(torch.float32).clone() if head.bias is not None else None
     return weight, bias
 
 

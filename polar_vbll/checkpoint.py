@@ -78,22 +78,31 @@ def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states (torch's as a tensor)."""
+    """Python, numpy and torch RNG states (torch's as a tensor; with CUDA, every visible device's generator
+    too: adapter dropout on a GPU draws from it)."""
     py = random.getstate()
     np_state = np.random.get_state()
-    return {
+    out = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        out["cuda"] = list(torch.cuda.get_rng_state_all())
+    return out
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states; the CUDA generators only where the same number of devices is
+    visible (a run resumed on another machine continues with its own CUDA streams of random numbers)."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
     np.random.set_state((npst[0], npst[1].numpy().astype(np.uint32), *npst[2:]))
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def save_checkpoint(directory: str | Path, state: dict[str, Any]) -> Path:

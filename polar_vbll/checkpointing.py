@@ -50,3 +50,15 @@ def enable_activation_checkpointing(model: nn.Module) -> list[int]:
         block.forward = checkpointed
         setattr(block, _FLAG, True)
     return done
+
+
+def compile_blocks(model: nn.Module) -> list[int]:
+    """``train.compile``: compile every decoder block of ``model`` with ``torch.compile`` (in place; regional
+    compilation, so the frozen-prefix and adapted-suffix views of the cheap path, which share the blocks,
+    run the compiled code too; dynamic shapes, since batches differ in length). Returns the blocks'
+    indices. The first steps pay the compilation; with activation checkpointing the compiled block is the
+    one recomputed."""
+    layers = decoder_of(model).layers
+    for block in layers:
+        block.compile(dynamic=True)
+    return list(range(len(layers)))

@@ -37,12 +37,30 @@ class ModelConfig(_Strict):
 
     source: Literal["smollm2", "path", "tiny"] = "smollm2"
     path: str | None = Field(None, description="local Hugging Face model directory (source: path)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field(
+        "auto",
+        description="where the backbone runs (polar_vbll.placement): auto (the first CUDA device when there is "
+        "one, else the CPU), cpu, cuda or cuda:N; everything else follows it",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="the backbone's compute dtype: auto (bfloat16 on a CUDA device that supports it, float32 "
+        "otherwise; a run records what it resolved to); U, V, Theta and the heads stay float32",
+    )
     add_bos: bool = Field(False, description="prepend BOS explicitly (transformers 4 and 5 disagree)")
     max_length: int = Field(300, gt=8, description="prompts longer than this keep their last tokens")
     tiny_hidden: int = Field(64, gt=0)
     tiny_layers: int = Field(2, gt=0)
     tiny_seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        from polar_vbll.placement import DEVICE_PATTERN
+
+        if not DEVICE_PATTERN.match(v):
+            raise ValueError("not a device; use auto, cpu, cuda or cuda:N")
+        return v
 
     @field_validator("path")
     @classmethod
@@ -156,6 +174,10 @@ class TrainConfig(_Strict):
     activation_checkpointing: bool = Field(
         False, description="[choice] recompute the adapted blocks' activations in the backward pass instead of "
         "keeping them (less memory, about one more forward of the adapted blocks per step)",
+    )  # fmt: skip
+    compile: bool = Field(
+        False, description="[choice] torch.compile every decoder block (regional, dynamic shapes; one process): "
+        "off until measured on a GPU (bench/gpu_check.py); the first steps pay the compilation",
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ process and on workers (where every rank computes its shard and the rows are gat
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,7 +192,10 @@ def posthoc_members(
         finally:
             if saved is not None:
                 adapter.load_adapter_state_dict(saved, where="the adapter's own state")
-        out.append(Member(fit(cfg, m.head, phi, train.labels, train.n_choices), m.adapter_state))
+        # the float64 fit runs on the CPU (docs/method-choices.md, "Where the head fits run"), on a copy of
+        # the trained head: the member's own head stays where it trains
+        head = copy.deepcopy(m.head).to("cpu")
+        out.append(Member(fit(cfg, head, phi.cpu(), train.labels, train.n_choices), m.adapter_state))
     return out
 
 

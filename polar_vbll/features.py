@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
 from polar_vbll.errors import ConfigError
+from polar_vbll.placement import to_device
 from polar_vbll.prefix_cache import DTYPES, PrefixCache, ids_digest, prefix_fingerprint, prefix_key
 from polar_vbll.tokens import pad_batch, tokenize_prompts
 
@@ -206,12 +207,12 @@ class FeatureSource:
             batches, desc=f"frozen blocks 0-{self.split.split - 1} on {enc.name}", disable=not progress
         ):
             ids, mask = pad_batch([enc.ids[i] for i in idx], self.pad_id, side="left")
-            hidden = self.split.prefix_states(ids.to(self.device), mask.to(self.device))
+            hidden = self.split.prefix_states(to_device(ids, self.device), to_device(mask, self.device))
             self._check_range(hidden)
+            host = hidden.to("cpu", self.store_dtype)  # the cache lives in RAM (and on disk): one copy per batch
             for row, i in enumerate(idx):
                 n = len(enc.ids[i])
-                # the cache lives in RAM (and on disk), in the storage dtype
-                states[i] = hidden[row, hidden.shape[1] - n :].to("cpu", self.store_dtype, copy=True)
+                states[i] = host[row, host.shape[1] - n :].clone()
         enc.states, enc.states_key = states, key  # type: ignore[assignment]
         if self.disk is not None:
             self.disk.save(key, enc.states)  # type: ignore[arg-type]
@@ -230,37 +231,41 @@ class FeatureSource:
             )
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
-        """``phi`` for the examples ``idx`` of ``enc`` (gradients flow into adapters when enabled)."""
+        """``phi`` ``(B, d)`` fp32 on the backbone's device for the examples ``idx`` of ``enc`` (gradients flow
+        into adapters when enabled). Token ids, masks and cached states are padded on the host and moved
+        once per batch (pinned, asynchronous on CUDA)."""
         seqs = [enc.ids[i] for i in idx]
         ids, mask = pad_batch(seqs, self.pad_id, side="left")
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = to_device(ids, self.device), to_device(mask, self.device)
         if self.split is None:
             return last_token_features(self.model, ids, mask).to(torch.float32)
         if enc.states is None or enc.states_key != self.key(enc):  # normally done up front by the caller
             self.prepare(enc, batch_size=32, progress=False)
         width = ids.shape[1]
         first = enc.states[idx[0]]
-        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=self.compute_dtype, device=self.device)
+        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=self.compute_dtype)  # host, left-padded
         for row, i in enumerate(idx):
             s = enc.states[i]
             states[row, width - s.shape[0] :] = s
-        return self.split.features(states, mask).to(torch.float32)
+        return self.split.features(to_device(states, self.device), mask).to(torch.float32)
 
     @torch.no_grad()
     def split_features(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> torch.Tensor:
-        """``phi`` ``(N, d)`` float32 on the CPU for a whole split in its original order, one pass per
-        example (length-sorted batches; adapted blocks only on the cached-prefix path). Adapter dropout
-        acts as it is set (off outside training steps; on for the MC-dropout predictive)."""
+        """``phi`` ``(N, d)`` float32 on the backbone's device for a whole split in its original order, one
+        pass per example (length-sorted batches; adapted blocks only on the cached-prefix path). Adapter
+        dropout acts as it is set (off outside training steps; on for the MC-dropout predictive)."""
         self.prepare(enc, batch_size, progress=progress)
         if not len(enc):
             raise ValueError(f"split {enc.name!r} is empty")
-        rows: list[torch.Tensor | None] = [None] * len(enc)
+        out: torch.Tensor | None = None
         batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
         for idx in tqdm(batches, desc=f"features of {enc.name}", disable=not progress):
-            phi = self.features(enc, idx).to("cpu", torch.float32)
-            for row, i in enumerate(idx):
-                rows[i] = phi[row]
-        return torch.stack(rows)  # type: ignore[arg-type]
+            phi = self.features(enc, idx)
+            if out is None:
+                out = torch.empty((len(enc), phi.shape[1]), dtype=torch.float32, device=phi.device)
+            out[to_device(torch.tensor(idx), phi.device)] = phi
+        assert out is not None
+        return out
 
 
 @torch.no_grad()

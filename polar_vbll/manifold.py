@@ -219,9 +219,14 @@ def _cholqr2(xb: torch.Tensor, max_cond: float | None) -> tuple[torch.Tensor, to
     q, l2, bad2 = _cholqr_pass(q1, gram2, limit)
     rr = (l1 @ l2).transpose(-2, -1)  # X = Q L2^T L1^T
     bad |= bad2 | ~torch.isfinite(q).flatten(1).all(-1)
-    if bool(bad.any()):  # one host sync; the fallback is rare
-        q[bad], rr[bad] = _qr_positive(xb[bad])
-    return q, rr
+    if xb.device.type == "cpu":
+        if bool(bad.any()):  # the fallback is rare: QR only for the factors that need it (a sync is free here)
+            q[bad], rr[bad] = _qr_positive(xb[bad])
+        return q, rr
+    # on an accelerator, no host sync inside an optimizer step: the QR of every factor, kept where CholQR2
+    # failed (the QR costs about what CholQR2 does; both are small next to the backbone's step)
+    q_fb, rr_fb = _qr_positive(xb)
+    return torch.where(bad[:, None, None], q_fb, q), torch.where(bad[:, None, None], rr_fb, rr)
 
 
 def _cholqr_pass(

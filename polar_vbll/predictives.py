@@ -39,6 +39,7 @@ from polar_vbll.adapters.dropout import adapter_dropout, seeded_rng
 from polar_vbll.features import EncodedSplit, length_sorted_batches
 from polar_vbll.heads.predictive import mutual_information
 from polar_vbll.metrics import CalibrationAccumulator
+from polar_vbll.placement import to_device
 from polar_vbll.protocols import FeatureProvider
 
 #: Samples (= backbone passes) per example in the BLoB protocol.
@@ -87,16 +88,27 @@ def head_outputs(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``(probs (N, K), {"logit_var": (N,), "epistemic": (N,)})`` of a head over a split's features, in
     length-sorted batches; a head without ``uncertainty`` (a single deterministic model) scores 0."""
-    probs = torch.zeros((len(enc), head.num_classes), dtype=torch.float32)
-    extras = {k: torch.zeros(len(enc), dtype=torch.float32) for k in ("logit_var", "epistemic")}
+    device = head_device(head)
+    phi = phi.to(device)  # a head predicts where it lives: the backbone's device, or the CPU (float64 post-hoc heads)
+    probs = torch.zeros((len(enc), head.num_classes), dtype=torch.float32, device=device)
+    extras = {k: torch.zeros(len(enc), dtype=torch.float32, device=device) for k in ("logit_var", "epistemic")}
     scorer = getattr(head, "uncertainty", None) if uncertainty else None
-    for idx in length_sorted_batches([len(s) for s in enc.ids], batch_size):
-        c = enc.n_choices[idx].to(phi.device)
-        probs[idx] = head.predict_proba(phi[idx], c).to(torch.float32).cpu()
+    n_choices = to_device(enc.n_choices, device)
+    for batch in length_sorted_batches([len(s) for s in enc.ids], batch_size):
+        idx = to_device(torch.tensor(batch), device)
+        c = n_choices[idx]
+        probs[idx] = head.predict_proba(phi[idx], c).to(torch.float32)
         if scorer is not None:
             for k, v in scorer(phi[idx], c).items():
-                extras[k][idx] = v.to(torch.float32).cpu()
-    return probs, extras
+                extras[k][idx] = v.to(torch.float32)
+    return probs.cpu(), {k: v.cpu() for k, v in extras.items()}
+
+
+def head_device(head) -> torch.device:
+    """Where a head's parameters (or buffers) live; the CPU for a head that holds no tensor."""
+    for t in (*head.parameters(), *head.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from polar_vbll.errors import DataError, UserInputError
 from polar_vbll.evaluation import PredictContext, posthoc_members
 from polar_vbll.features import FeatureSource, encode_examples
 from polar_vbll.metrics import summarize
+from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
 from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run
 from polar_vbll.tasks import load_task
@@ -79,13 +80,18 @@ class Predictor:
         self._source_new.disk = None
 
     @classmethod
-    def from_run(cls, run: str | Path, *, need_rule: bool = True, batch_size: int = DEFAULT_BATCH) -> Predictor:
-        """Load ``run``. With ``need_rule`` the calibrated rule is loaded first (``CheckpointError`` saying how
-        to make one when there is none), before the model. Raises ``UserInputError`` for a bad run folder."""
+    def from_run(
+        cls, run: str | Path, *, need_rule: bool = True, batch_size: int = DEFAULT_BATCH, device: str | None = None
+    ) -> Predictor:
+        """Load ``run`` on ``device`` (default: the run's ``model.device``; ``auto``, ``cpu``, ``cuda``,
+        ``cuda:N``). With ``need_rule`` the calibrated rule is loaded first (``CheckpointError`` saying how to
+        make one when there is none), before the model. Raises ``UserInputError`` for a bad run folder and
+        ``ConfigError`` for a device this process does not have, both before the model loads."""
         folder = check_run_folder(run)
+        placement_for(folder.cfg.model, device)
         rule = DecisionRule.load(folder.path) if need_rule else None
         train = cls._train_examples(folder)
-        return cls(load_run(folder, len(train)), rule, batch_size, train)
+        return cls(load_run(folder, len(train), device), rule, batch_size, train)
 
     @staticmethod
     def _train_examples(folder: RunFolder) -> list[MCExample]:

@@ -99,6 +99,9 @@ class Backend(FeatureProvider, Protocol):
     rank: int
     world: int
     sync_check_every: int  # compare replicas every N steps (0: never; one process has nothing to compare)
+    # check every step's loss on the host before anything moves (True on the CPU, where a sync is free);
+    # False: at logging, validation and checkpoint steps only, so a step never waits for the device
+    sync_every_step: bool
 
     def micro_batches(self, batch: Sequence[int]) -> list[list[int]]: ...
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from polar_vbll.config import RunConfig
 from polar_vbll.methods import METHODS
+from polar_vbll.placement import effective_dtype
 
 #: Optimizer settings that act on Stiefel factors only (an adapter without them ignores them).
 _STIEFEL_OPTIM = ("optim.method", "optim.retraction", "optim.second_moment", "optim.lr_stiefel",
@@ -52,7 +53,8 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
     schedule, and (for a head the eta-phase fits) the head's and the eta-phase's settings. Not in it: how
     the model is evaluated (evaluation data, predictive, post-hoc head), where it is written, and how the
     work is batched or cached (``eval_batch_size``, ``cache_frozen_prefix``, checkpointing), except the
-    precision of cached prefix states, which the adapted blocks train on."""
+    precision of cached prefix states, which the adapted blocks train on; and not where it runs
+    (``model.device``: a run resumes on another device), but the backbone's dtype as ``auto`` resolves here."""
     method = METHODS[cfg.method]
     flat = flatten(cfg.model_dump(mode="json"))
     section = method.adapter_kind.section
@@ -66,7 +68,9 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
             keep += ["train.alternation", "train.round_steps", "train.final_head_refit"]
     out = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keep)}
     drop = _PREDICTION_ONLY + (() if method.adapter_kind.stiefel else _STIEFEL_OPTIM)
-    out = {k: v for k, v in out.items() if k not in drop}
+    out = {k: v for k, v in out.items() if k not in drop and k != "model.device"}  # a run resumes on any device
+    if "model.dtype" in out:  # what the backbone computes in, with `auto` resolved as it resolves here
+        out["model.dtype"] = effective_dtype(cfg.model)
     if method.trains and cfg.train.cache_frozen_prefix:  # the adapted blocks train on states of this precision
         out["train.prefix_cache_dtype"] = cfg.train.prefix_cache_dtype
     out["method.trains"] = method.trains

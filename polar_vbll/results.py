@@ -154,6 +154,9 @@ class RunResults(_Model):
     training: Training
     ensemble_members: list[Training] | None = None
     distributed: Distributed | None = None
+    # where it ran (polar_vbll.placement): the device resolved from model.device, its name, the backbone's
+    # dtype, and the fp32 adapters and heads; None in results written before devices were recorded
+    placement: dict[str, Any] | None = None
     timings: dict[str, float]
     machine: dict[str, Any]
     params: dict[str, Any]

@@ -37,6 +37,7 @@ from polar_vbll.evaluation import Evaluation, Member, evaluate
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
+from polar_vbll.placement import Placement, resolved
 from polar_vbll.plots import reliability_diagrams, risk_coverage_plot
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore
@@ -87,10 +88,15 @@ def member_config(cfg: RunConfig, i: int) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
-def write_run_params(cfg: RunConfig, run_dir: Path) -> None:
+def write_run_params(cfg: RunConfig, run_dir: Path, placement: Placement | None = None) -> None:
+    """``config.yaml`` (the config, ``model.dtype`` resolved) and ``params.json`` (every value flat, and
+    where the run computes: ``placement.device``, ``placement.dtype``, ...)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    (run_dir / "params.json").write_text(json.dumps(cfg.flat_params(), indent=2, sort_keys=True))
+    params = cfg.flat_params()
+    if placement is not None:
+        params.update({f"placement.{k}": v for k, v in placement.describe().items()})
+    (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
 
 
 def local_backend(session: Session) -> LocalBackend:
@@ -234,6 +240,7 @@ def build_results(
     trainings: list[dict[str, Any]],
     timings: dict[str, float],
     distributed: dict[str, Any] | None = None,
+    placement: Placement | None = None,
 ) -> dict[str, Any]:
     """The ``results.json`` content (validated against ``polar_vbll.results.RunResults``)."""
     method = METHODS[cfg.method]
@@ -253,6 +260,7 @@ def build_results(
             "training": trainings[0],
             "ensemble_members": trainings if len(trainings) > 1 else None,
             "distributed": distributed,
+            "placement": placement.describe() if placement is not None else None,
             "timings": timings,
             "machine": machine_info(),
             "params": cfg.flat_params(),
@@ -294,7 +302,7 @@ def finish_run(
     timings["test_s"] = ev.seconds.get("eval", 0.0)
     if t0 is not None:
         timings["total_s"] = time.perf_counter() - t0
-    results = build_results(cfg, entry_point, ev, session.splits, trainings, timings, distributed)
+    results = build_results(cfg, entry_point, ev, session.splits, trainings, timings, distributed, session.placement)
     staged: Path | None = None
     with backend.gathered(session.adapter.theta_parameters()):  # every rank gathers; rank 0 writes
         if backend.rank == 0:
@@ -386,6 +394,7 @@ def run_method(
     ``resume``: see :func:`_open_member`. ``zero_shot``: also predict the zero-shot model on the evaluation
     split (before training)."""
     t0 = time.perf_counter()
+    cfg = resolved(cfg)  # what trains is recorded: model.dtype as this process's device resolves it
     n_members = METHODS[cfg.method].predictive_kind.members(cfg)
     timings = {"load_s": 0.0, "zero_shot_eval_s": 0.0, "train_s": 0.0}
     members: list[Member] = []
@@ -401,7 +410,8 @@ def run_method(
         splits, answer_ids = session.splits, session.answer_ids
         timings["load_s"] += time.perf_counter() - t
         if i == 0:
-            write_run_params(cfg, cfg.run_dir())  # after the resume check: a refused resume changes nothing
+            # after the resume check: a refused resume changes nothing
+            write_run_params(cfg, cfg.run_dir(), session.placement)
             if zero_shot:
                 t = time.perf_counter()
                 zero = zero_shot_for(session, backend, state, progress, one_process=True)
@@ -440,6 +450,7 @@ def run_training(
     from polar_vbll.tracking import tracked
 
     check_supported(cfg, TRAIN)
+    cfg = resolved(cfg)  # model.dtype as this process's device resolves it (ConfigError: no such device)
     run_dir = cfg.run_dir()
     check_output_folder(run_dir, "output_dir/name", "run")
     validate_inputs(cfg)

@@ -27,6 +27,7 @@ from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
 from polar_vbll.models import load_backbone
+from polar_vbll.placement import Placement, placement_for
 from polar_vbll.predictives import predict
 from polar_vbll.readout import Readout, check_readout, check_width, load_readout
 from polar_vbll.results import Metrics
@@ -105,21 +106,25 @@ class LoadedRun:
     source: FeatureSource
 
 
-def load_run(folder: RunFolder, n_train: int) -> LoadedRun:
+def load_run(folder: RunFolder, n_train: int, device: str | None = None) -> LoadedRun:
     """Load the backbone, verify the readout against its tokenizer, and load every member's adapter (hash
-    verified) and head (``n_train``: the training split's size, which the head's KL scaling records)."""
+    verified) and head (``n_train``: the training split's size, which the head's KL scaling records).
+    ``device``: where to run (``eval --device``, ``predict --device``; default the run's ``model.device``);
+    raises :class:`~polar_vbll.errors.ConfigError` for a device this process does not have."""
     cfg, method = folder.cfg, folder.method
-    model, tokenizer = load_backbone(cfg.model)
+    placement = placement_for(cfg.model, device)
+    model, tokenizer = load_backbone(cfg.model, placement)
     check_readout(folder.readout, tokenizer, str(folder.path))
     kind = method.adapter_kind
     adapter = kind.load(model, folder.folders[0] / "adapter")
     members = []
     for i, where in enumerate(folder.folders):
-        head = build_head(cfg, model, folder.readout.answer_token_ids, n_train=n_train)
+        head = build_head(cfg, model, folder.readout.answer_token_ids, n_train=n_train, device=placement.device)
         head.load_state_dict(_load_head_state(where / "head.safetensors"))
         state = None
-        if len(folder.folders) > 1:  # each member's verified weights, read through a backbone of its own
-            own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model)[0], where / "adapter")
+        if len(folder.folders) > 1:  # each member's verified weights, read through a host backbone of its own
+            host = Placement(torch.device("cpu"), placement.dtype)
+            own_adapter = adapter if i == 0 else kind.load(load_backbone(cfg.model, host)[0], where / "adapter")
             state = own_adapter.adapter_state_dict()
         members.append(Member(head, state))
     source = FeatureSource.for_config(adapter.base_model, tokenizer.pad_token_id, cfg.train)
@@ -132,12 +137,15 @@ def evaluate_saved_run(
     split: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """The metrics block (``results.json``'s ``metrics``: ``eval`` with the zero-shot model beside it, and
     on the run's own splits ``validation`` and the OOD sets; on another task ``validation`` is None) of the
     run's saved model on ``task``/``split`` (the run's evaluation split by default). Everything cheap is
-    checked before the model loads. Prints the table; the caller prints the block as JSON."""
+    checked before the model loads (the device first). ``device``: see :func:`load_run`. Prints the table;
+    the caller prints the block as JSON."""
     folder = check_run_folder(run)
+    placement_for(folder.cfg.model, device)
     run, cfg, method, readout = folder.path, folder.cfg, folder.method, folder.readout
 
     own = task is None and split is None and limit is None
@@ -148,7 +156,7 @@ def evaluate_saved_run(
         examples = {"train": examples["train"], "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}
     check_width(readout, max(num_classes(exs) for exs in examples.values()), f"{task or cfg.data.task}")
 
-    loaded = load_run(folder, n_train=len(examples["train"]))
+    loaded = load_run(folder, n_train=len(examples["train"]), device=device)
     model, tokenizer, adapter, members, source = (loaded.model, loaded.tokenizer, loaded.adapter, loaded.members,
                                                   loaded.source)  # fmt: skip
     answer_ids = readout.answer_token_ids

@@ -21,6 +21,7 @@ from polar_vbll.features import EncodedSplit, encode_examples
 from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS, Method
 from polar_vbll.models import check_model_source, load_backbone
+from polar_vbll.placement import Placement, placement_for
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
 from polar_vbll.tokens import answer_token_ids
@@ -40,6 +41,7 @@ class Session:
     zero_shot_head: DeterministicHead
     splits: dict[str, EncodedSplit]
     answer_ids: list[int]
+    placement: Placement | None = None
 
 
 def load_examples(cfg: RunConfig) -> dict[str, list]:
@@ -55,9 +57,13 @@ def load_examples(cfg: RunConfig) -> dict[str, list]:
     return examples
 
 
-def validate_inputs(cfg: RunConfig) -> None:
+def validate_inputs(cfg: RunConfig, device: bool = True) -> None:
     """Everything a run reads that is cheap to check, checked before anything is loaded, resumed or
-    written: every data row of every split (task names, files, fields) and the model's folder."""
+    written: the device (``model.device``: a CUDA request without CUDA is refused here; ``device=False``
+    where the work runs elsewhere, e.g. on Ray workers), every data row of every split (task names, files,
+    fields) and the model's folder."""
+    if device:
+        placement_for(cfg.model)
     check_model_source(cfg.model)
     load_examples(cfg)
 
@@ -84,13 +90,18 @@ def load_splits(
 
 def build_adapter(cfg: RunConfig, model: nn.Module) -> AdapterModel:
     """Inject the method's adapter kind into ``model`` (in place), from its config section; with
-    ``train.activation_checkpointing`` the adapted blocks are checkpointed (``polar_vbll.checkpointing``)."""
+    ``train.activation_checkpointing`` the adapted blocks are checkpointed, with ``train.compile`` every block
+    is compiled (``polar_vbll.checkpointing``)."""
     kind = METHODS[cfg.method].adapter_kind
     adapter = kind.inject(model, kind.settings(cfg))
     if cfg.train.activation_checkpointing:
         from polar_vbll.checkpointing import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
+    if cfg.train.compile:
+        from polar_vbll.checkpointing import compile_blocks
+
+        compile_blocks(model)
     return adapter
 
 
@@ -98,34 +109,52 @@ HeadRows = Callable[[nn.Module, list[int]], tuple[torch.Tensor, torch.Tensor | N
 
 
 def build_head(
-    cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int, head_rows: HeadRows = answer_head_weight
+    cfg: RunConfig, model: nn.Module, answer_ids: list[int], n_train: int, head_rows: HeadRows = answer_head_weight,
+    device: torch.device | None = None,
 ):  # fmt: skip
     """The method's head as it trains, started from the LM head's answer-token rows (so training starts
-    at the zero-shot model); ``n_train`` weights a Bayesian head's KL (1/N)."""
+    at the zero-shot model), in fp32 on ``device`` (the backbone's: the head's loss is part of the step);
+    ``n_train`` weights a Bayesian head's KL (1/N)."""
     weight, bias = head_rows(model, answer_ids)
-    return METHODS[cfg.method].head_kind.build(cfg, weight, bias, n_train)
+    head = METHODS[cfg.method].head_kind.build(cfg, weight.cpu(), None if bias is None else bias.cpu(), n_train)
+    return head.to(device) if device is not None else head
+
+
+def zero_shot_head(
+    model: nn.Module, answer_ids: list[int], head_rows: HeadRows = answer_head_weight,
+    device: torch.device | None = None,
+) -> DeterministicHead:  # fmt: skip
+    """The zero-shot head (the LM head's answer-token rows, fp32) on ``device``."""
+    head = DeterministicHead(*head_rows(model, answer_ids))
+    return head.to(device) if device is not None else head
 
 
 def build_session(
     cfg: RunConfig,
     splits: dict[str, EncodedSplit] | None = None,
     answer_ids: list[int] | None = None,
-    load: Callable[[Any], tuple[nn.Module, Any]] = load_backbone,
+    load: Callable[[Any, Placement], tuple[nn.Module, Any]] | None = None,
     rank: int = 0,
     head_rows: HeadRows = answer_head_weight,
+    placement: Placement | None = None,
 ) -> Session:
     """Build a run's objects. ``splits``/``answer_ids``: already tokenized splits to share (a comparison
     shares them, and their cached frozen-prefix states, across methods and seeds). ``load``: how to load
-    the backbone (workers load node by node; under ZeRO-3 partitioned). ``head_rows``: how to read the LM
+    the backbone (default :func:`~polar_vbll.models.load_backbone`; workers load node by node, under ZeRO-3
+    partitioned). ``head_rows``: how to read the LM
     head's answer rows (a partitioned model reads them from its checkpoint file). The data is read and
     validated before the model loads, so a bad row or task name fails in a second, not after the load. The
-    global RNG is seeded with ``train.seed + rank`` (adapter dropout draws from it)."""
+    global RNG is seeded with ``train.seed + rank`` (adapter dropout draws from it). ``placement``: where
+    the backbone runs and in which dtype (default: :func:`~polar_vbll.placement.placement_for` the config);
+    the adapter follows the backbone's weights and the heads are put on its device, in fp32."""
+    placement = placement or placement_for(cfg.model)
     examples = load_examples(cfg) if splits is None or answer_ids is None else None  # data errors first
     torch.manual_seed(cfg.train.seed + rank)
-    model, tokenizer = load(cfg.model)
+    model, tokenizer = (load or load_backbone)(cfg.model, placement)
     adapter = build_adapter(cfg, model)
     if splits is None or answer_ids is None:
         splits, answer_ids = load_splits(cfg, tokenizer, examples)
-    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]), head_rows=head_rows)
-    zero_shot_head = DeterministicHead(*head_rows(model, answer_ids))
-    return Session(cfg, METHODS[cfg.method], model, tokenizer, adapter, head, zero_shot_head, splits, answer_ids)
+    device = placement.device
+    head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]), head_rows=head_rows, device=device)
+    zero = zero_shot_head(model, answer_ids, head_rows, device)
+    return Session(cfg, METHODS[cfg.method], model, tokenizer, adapter, head, zero, splits, answer_ids, placement)

@@ -404,6 +404,8 @@ def log_final(
     from polar_vbll.results import flat_metrics
 
     step = int(results["training"]["steps"])
+    if results.get("placement"):  # where it ran, as the device this process resolved (model.device may be auto)
+        logger.log_params({f"placement.{k}": v for k, v in results["placement"].items()})
     logger.log_metrics(flat_metrics(dict(results)), step)
     logger.log_metrics({"orthogonality_error": results["training"]["orthogonality_error"]}, step)
     shortened = {

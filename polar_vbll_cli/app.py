@@ -36,6 +36,10 @@ SetOpt = Annotated[
     typer.Option("--set", "-s", help="override a config value, e.g. --set train.steps=50 (repeatable)"),
 ]
 ProgressOpt = Annotated[bool, typer.Option(help="show progress bars")]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="where the model runs: auto, cpu, cuda or cuda:N (default: the run's model.device)"),
+]
 TrackOpt = Annotated[
     bool,
     typer.Option(
@@ -196,6 +200,10 @@ def tune(
     ] = None,
     seed: Annotated[int, typer.Option(help="seed of the random search")] = 0,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
+    dist_set: Annotated[
+        list[str] | None,
+        typer.Option("--dist-set", help="distributed setting of every trial, e.g. --dist-set use_gpu=true"),
+    ] = None,
 ) -> None:
     """Ray Tune search (ASHA, objective: validation NLL) with MLflow tracking; resumable; writes the best
     configuration as a ready-to-use YAML (best_config.yaml in the search folder)."""
@@ -211,7 +219,8 @@ def tune(
         settings = driver.search_settings(
             space=space, trials=trials, concurrency=concurrency, grace_steps=grace_steps, seed=seed
         )
-        dist = dist_config_from({"workers": workers, "zero_stage": zero_stage, "health_check_interval_s": 0.5})
+        dist = dist_config_from({"workers": workers, "zero_stage": zero_stage, "health_check_interval_s": 0.5},
+                                dist_set or [])
         outcome = driver.run_search(cfg, settings, dist, address=address)
     print(driver.format_trials(outcome.rows))
     if outcome.interrupted:
@@ -265,13 +274,14 @@ def evaluate(
     task: Annotated[str | None, typer.Option(help="evaluate on this task instead of the run's")] = None,
     split: Annotated[str | None, typer.Option(help="split to evaluate (default: the run's eval split)")] = None,
     limit: Annotated[int | None, typer.Option(help="first N examples only")] = None,
+    device: DeviceOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a trained run's adapter and head (and the zero-shot model beside it) on a task split."""
     from polar_vbll.saved import evaluate_saved_run
 
     with _one_line_errors():
-        results = evaluate_saved_run(run, task=task, split=split, limit=limit, progress=progress)
+        results = evaluate_saved_run(run, task=task, split=split, limit=limit, progress=progress, device=device)
     print(json.dumps(results["metrics"], indent=2))
 
 
@@ -323,6 +333,7 @@ def calibrate(
     alpha: AlphaOpt = None,
     ood_pass: OodPassOpt = None,
     temperature: Annotated[bool, typer.Option(help="use the run's fitted temperature, where it has one")] = True,
+    device: DeviceOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Calibrate a run's decision rule on held-out questions: the confidence threshold for a target risk,
@@ -342,7 +353,7 @@ def calibrate(
             ood_pass=given["ood_pass"] or d.ood_pass, thresholds=d.thresholds,
         )  # fmt: skip
         examples, sha = read_calibration(data, folder) if data is not None else (None, None)
-        predictor = Predictor.from_run(run, need_rule=False)
+        predictor = Predictor.from_run(run, need_rule=False, device=device)
         rule = predictor.calibrate(settings, examples, source=str(data) if data else None, file_sha256=sha,
                                    temperature=temperature, progress=progress)  # fmt: skip
     print(format_rule(rule))
@@ -364,12 +375,14 @@ def predict(
     delta: PDeltaOpt = None,
     alpha: PAlphaOpt = None,
     ood_pass: POodPassOpt = None,
+    device: DeviceOpt = None,
     progress: ProgressOpt = True,
 ) -> None:
     """Decide on new questions with a run's calibrated rule: answer, abstain, or flag as out-of-distribution,
     with conformal answer sets (docs/predict.md). --risk/--alpha/... refit the stored rule's calibration data
     with other targets for this prediction (no model pass; the stored rule is unchanged)."""
     from polar_vbll.decisions.rule import DecisionRule
+    from polar_vbll.placement import placement_for
     from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
     from polar_vbll.predictor import Predictor
     from polar_vbll.saved import check_run_folder
@@ -379,6 +392,8 @@ def predict(
         if workers is not None and workers < 1:
             raise UserInputError(f"--workers must be at least 1, got {workers}")
         folder = check_run_folder(run)
+        if workers is None and address is None:
+            placement_for(folder.cfg.model, device)  # a device this machine lacks: refused before any work
         rule = DecisionRule.load(folder.path)
         if any(v is not None for v in given.values()):
             try:
@@ -389,7 +404,7 @@ def predict(
         questions = read_questions(input_, folder)
         chunks = chunked(questions, batch_size)
         if workers is None and address is None:
-            predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size)
+            predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size, device=device)
             predictor.rule = rule
             records = (predictor.decide_chunk(c) for c in chunks)
         else:
@@ -399,7 +414,7 @@ def predict(
                 raise UserInputError(
                     f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}"
                 ) from None
-            records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address)
+            records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address, device=device)
         s = predict_file(questions, out, records, progress)
     print(format_summary(s, rule))
     print(f"decisions: {out.resolve()}")

@@ -34,6 +34,7 @@ from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
 from polar_vbll.methods import METHODS
 from polar_vbll.models import load_tokenizer
+from polar_vbll.placement import resolved
 from polar_vbll.plots import reliability_diagrams
 from polar_vbll.predictives import Predictions
 from polar_vbll.provenance import differences, digest
@@ -130,7 +131,8 @@ class CompareRunner:
         if c.ood is not None and task == c.ood.train_task:
             mapping.setdefault("data", {})["ood_tasks"] = list(c.ood.eval_tasks)
             mapping["data"]["ood_limit"] = c.ood.limit
-        return parse_config(mapping, f"compare method {method} on {task} (seed {seed})")
+        # model.dtype resolved for this process's device (a ConfigError for a device it lacks, before any work)
+        return resolved(parse_config(mapping, f"compare method {method} on {task} (seed {seed})"))
 
     # ----------------------------------------------------------------- one run
     def run_method(self, method: str, task: str, seed: int, ctx: TaskContext, parent=None) -> dict[str, Any]:
@@ -157,7 +159,7 @@ class CompareRunner:
 
         c = self.ccfg
         params = {f"compare.{k}": v for k, v in c.model_dump(mode="json").items() if k != "base"}
-        params.update({f"base.{k}": v for k, v in parse_config(c.base_for(c.tasks[0])).flat_params().items()})
+        params.update({f"base.{k}": v for k, v in resolved(parse_config(c.base_for(c.tasks[0]))).flat_params().items()})
         tags = {"polar_vbll.role": "compare"}
         with tracked(self.out, f"polar-vbll-compare-{c.name}", c.name, params, tags, enabled=self.track) as parent:
             records = self._run_all(parent.target if parent is not None else None)

@@ -36,7 +36,9 @@ class HeadCoordinator:
     """
 
     def __init__(self, head: nn.Module, cfg: HeadFitConfig):
-        self.head = head
+        # the head's fits run on the CPU whatever device the backbone is on (docs/method-choices.md, "Where the
+        # head fits run"): ``head`` is the coordinator's own copy, moved here once
+        self.head = head.to("cpu")
         self.cfg = cfg
         params = [p for p in head.parameters() if p.requires_grad]
         # no weight decay: it would fight the head's prior, which the ELBO already contains
@@ -149,7 +151,7 @@ class LocalCoordinator:
     treats both alike (features in; the new head state and the refit count out)."""
 
     def __init__(self, head: nn.Module, cfg: HeadFitConfig, state: dict[str, Any] | None = None) -> None:
-        self.inner = HeadCoordinator(copy.deepcopy(head), cfg)
+        self.inner = HeadCoordinator(copy.deepcopy(head), cfg)  # its own copy, on the CPU
         if state is not None:
             self.inner.load_state_dict(state)
 

@@ -27,8 +27,11 @@ from polar_vbll.training.optimizers import build_theta_optimizer
 
 
 class LocalBackend:
-    """One process, one rank. ``theta_params``: the Euclidean adapter parameters (Theta, or LoRA's A, B),
-    stepped by AdamW built from ``optim`` (clipped to ``optim.max_grad_norm`` when set)."""
+    """One process, one rank, on the backbone's device. ``theta_params``: the Euclidean adapter parameters
+    (Theta, or LoRA's A, B), stepped by AdamW built from ``optim`` (fused on CUDA; clipped to
+    ``optim.max_grad_norm`` when set). ``sync_every_step``: on the CPU the trainer checks every step's loss
+    before anything moves (a sync costs nothing there); on an accelerator it checks at logging steps, so
+    the host never waits for the device inside a step (``Trainer.train_step``)."""
 
     rank = 0
     world = 1
@@ -39,6 +42,7 @@ class LocalBackend:
         self.theta_params = list(theta_params)
         self.theta_optimizer = build_theta_optimizer(self.theta_params, optim)
         self.max_grad_norm = optim.max_grad_norm
+        self.sync_every_step = source.device.type == "cpu"
 
     @property
     def model(self) -> nn.Module:
@@ -102,7 +106,7 @@ class LocalBackend:
         return None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "local", "world_size": 1}
+        return {"kind": "local", "world_size": 1, "device": str(self.source.device)}
 
 
 class LocalCheckpoints:

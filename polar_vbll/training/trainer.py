@@ -44,7 +44,9 @@ from polar_vbll.checkpoint import rng_state, set_rng_state
 from polar_vbll.config import RunConfig
 from polar_vbll.errors import CheckpointError, TrainingDiverged
 from polar_vbll.features import EncodedSplit
+from polar_vbll.heads.checks import check_labels, inputs_checked
 from polar_vbll.methods import METHODS
+from polar_vbll.placement import to_device
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore, Coordinator, StepHook
 from polar_vbll.training.optimizers import build_stiefel_optimizer
@@ -143,6 +145,9 @@ class Trainer:
         )
         self.refits = coordinator.refits
         self.state = TrainState()
+        # losses (and regularizers) of steps taken without a host sync, checked at the next sync point
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        check_labels(self.train_split, getattr(head, "num_classes", None))
 
     @classmethod
     def local(
@@ -293,9 +298,30 @@ class Trainer:
                 g["lr"] = self.cfg.head.linear.lr * f
         return f
 
+    def _check_pending(self) -> None:
+        """The losses of the steps taken without a host sync since the last check, checked in one sync: a
+        non-finite one stops the run, naming the step it first appeared at (the parameters have moved since,
+        so no group is named; checkpoints are written only after this check, so the last one is good)."""
+        if not self._pending:
+            return
+        steps = [s for s, _ in self._pending]
+        losses = torch.stack([loss.reshape(()) for _, loss in self._pending])
+        self._pending.clear()
+        finite = torch.isfinite(losses).cpu()  # the one host sync of a logging interval
+        if bool(finite.all()):
+            return
+        bad = int((~finite).nonzero()[0, 0])
+        raise TrainingDiverged(
+            f"loss became {float(losses[bad])} at step {steps[bad]} (found at step {self.state.step}: on an "
+            f"accelerator the loss is checked at each logging step, not after every step). Lower "
+            f"optim.lr_stiefel / optim.lr_theta (now {self.cfg.optim.lr_stiefel:g} / {self.cfg.optim.lr_theta:g}) "
+            "or set optim.max_grad_norm; the last good checkpoint is intact."
+        )
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Before anything moves: a non-finite loss stops the run, naming the parameter groups that are
         non-finite (a collective on workers: every rank sees the same averaged loss)."""
+        self._check_pending()
         if torch.isfinite(loss).all():
             return
         theta = self.adapter.theta_parameters()
@@ -314,11 +340,16 @@ class Trainer:
             f"{self.cfg.optim.lr_theta:g}) or set optim.max_grad_norm; the last good checkpoint is intact."
         )
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, sync: bool = True) -> dict[str, float]:
         """One optimizer step (see the module docstring); returns ``{"loss", "lr_factor"}`` and, for a head
         with a prior, ``loss_data`` (the VBLL head's expected negative log-likelihood bound, or the
         cross-entropy) and ``loss_regularizer`` (``(KL - log p(sigma)) / N``, or a MAP head's penalty / N),
-        taken before the step: ``loss`` is their sum (for VBLL the negative ELBO per example)."""
+        taken before the step: ``loss`` is their sum (for VBLL the negative ELBO per example).
+
+        ``sync``: check the loss finite before anything moves and return floats (a host sync). Without it
+        the step never waits for the device: the values are returned as 0-dim tensors on it and the loss is
+        checked at the next synced step (:meth:`fit` syncs at logging, validation and checkpoint steps, and
+        every step on a backend whose ``sync_every_step`` is true: the CPU, where a sync costs nothing)."""
         step, t, split = self.state.step, self.tcfg, self.train_split
         if head_refit_due(step, self.refits, self.refitted, t):
             self.refit_head()
@@ -328,16 +359,20 @@ class Trainer:
         for mb in micro:
             with adapter_dropout(self.backend.model, True):  # adapter dropout (if configured) while training
                 phi = self.backend.features(split, mb)
-            labels, n_choices = split.labels[mb].to(phi.device), split.n_choices[mb].to(phi.device)
-            loss = self.head.loss(phi, labels, n_choices)
+            labels, n_choices = to_device(split.labels[mb], phi.device), to_device(split.n_choices[mb], phi.device)
+            with inputs_checked():  # the split's labels were checked once (check_labels): no sync per step
+                loss = self.head.loss(phi, labels, n_choices)
             self.backend.backward(loss)
             losses.append(loss.detach())
             phis.append(phi.detach())
         loss = self.backend.mean(torch.stack(losses).mean())
-        self._check_finite(loss)
+        if sync:
+            self._check_finite(loss)
+        else:
+            self._pending.append((step, loss))
         regularizer = getattr(self.head, "regularizer", None)  # a Bayesian or MAP head: the loss's two parts
         with torch.no_grad():
-            reg = float(regularizer()) if regularizer is not None else None  # before anything moves
+            reg = regularizer().detach().clone() if regularizer is not None else None  # before anything moves
         if self.stiefel_opt is not None:
             self.backend.reduce_gradients(self.adapter.stiefel_parameters())
             self.stiefel_opt.step()
@@ -351,11 +386,11 @@ class Trainer:
             idx = [i for mb in micro for i in mb]
             self._refit(torch.cat(phis), split.labels[idx], split.n_choices[idx], steps=1)
         self.state.step += 1
-        logs = {"loss": float(loss.item()), "lr_factor": lr_f}
+        logs = {"loss": loss, "lr_factor": lr_f}
         if reg is not None:
             logs["loss_regularizer"] = reg  # (KL - log p(sigma)) / N, or the MAP penalty / N
-            logs["loss_data"] = logs["loss"] - reg
-        return logs
+            logs["loss_data"] = loss - reg
+        return {k: float(v) for k, v in logs.items()} if sync else logs
 
     # ------------------------------------------------------------------------------------ monitoring
     def stable_rank_mean(self) -> float:
@@ -408,8 +443,12 @@ class Trainer:
         bar = tqdm(total=total, initial=min(self.state.step, total), desc="training", disable=not self.progress)
         t0 = time.perf_counter()
         log_every = max(1, total // 20)
+        every_step = getattr(self.backend, "sync_every_step", True)
         while self.state.step < total:
-            logs = self.train_step()
+            nxt = self.state.step + 1
+            due = every_step or nxt % log_every == 0 or nxt == total or any(
+                n and nxt % n == 0 for n in (t.eval_every, t.checkpoint_every))  # fmt: skip
+            logs = self.train_step(sync=due)
             step = self.state.step
             val = self.validate() if t.eval_every and step % t.eval_every == 0 and step < total else {}
             if step % log_every == 0 or step == total or val:
@@ -427,11 +466,13 @@ class Trainer:
                 self.store.report({"step": step, **val})
             for hook in self.hooks:
                 hook(self, step)
-            parts = {"data": f"{logs['loss_data']:.3f}", "reg": f"{logs['loss_regularizer']:.3f}"} if (
-                "loss_regularizer" in logs) else {}  # fmt: skip
-            bar.set_postfix(loss=f"{logs['loss']:.3f}", **parts)
+            if due:  # the bar shows the last synced values (a device value would cost a sync per step)
+                parts = {"data": f"{logs['loss_data']:.3f}", "reg": f"{logs['loss_regularizer']:.3f}"} if (
+                    "loss_regularizer" in logs) else {}  # fmt: skip
+                bar.set_postfix(loss=f"{logs['loss']:.3f}", **parts)
             bar.update(1)
         bar.close()
+        self._check_pending()
         if final_refit_due(self.refits, self.refitted, t) and self.method.trains:
             self.refit_head()  # the head matches the final adapters
         if checkpoint_at_end:
