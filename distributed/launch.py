@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from distributed.config import DistConfig, check_batch_layout, dist_config_from
 from distributed.devices import driver_config
 from distributed.worker import train_loop_per_worker
 from polar_vbll.checkpoint import load_checkpoint
-from polar_vbll.config import RunConfig, check_output_folder
+from polar_vbll.config import RunConfig, check_output_folder, check_plain_name
 from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
+from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import training_key, write_run_params
@@ -180,13 +182,16 @@ def train_distributed(
     dist = dist or DistConfig()
     if workers is not None:
         dist = dist_config_from({**dist.model_dump(), "workers": workers})
+    check_plain_name(cfg.name)
     cfg = prepare_run(cfg, dist)
     env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
     num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
     folder = Path(cfg.output_dir) / cfg.name if "://" not in cfg.output_dir else Path(cfg.name)
     print(f"run folder: {folder}", flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
+    lock = FolderLock(folder, "polar-vbll train --workers") if "://" not in cfg.output_dir else nullcontext()
     with (
+        lock,  # one writer per run folder, taken before anything is written
         tracked(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
                 settings=training_key(cfg), fresh=not resume) as logger,
         ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env),

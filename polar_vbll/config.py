@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -285,6 +286,33 @@ class DecisionConfig(_Strict):
                             "questions the OOD flag lets pass (its threshold's quantile)")
 
 
+#: One folder name: no separator, no control character, not only whitespace.
+_NAME_PART = re.compile(r"^(?=.*\S)[^/\\\x00-\x1f\x7f]+$")
+
+
+def check_name(name: str, what: str = "name", nested: bool = False) -> str:
+    """A run, comparison or search name is a folder name under ``output_dir``: no ``/`` or ``\\``, no control
+    character, never ``.`` or ``..``, never empty or absolute, so that nothing is written outside
+    ``output_dir``. ``nested``: ``/``-separated parts are allowed (the names a comparison or an ensemble
+    composes, ``<comparison>/<task>/<method>/seed0``); a name a user gives is one plain part. Raises
+    ``ValueError`` saying what is wrong."""
+    parts = name.split("/") if nested else [name]
+    if any(not _NAME_PART.match(p) or p in (".", "..") for p in parts):
+        raise ValueError(
+            f"{what} {name!r} must be a plain folder name (no '/', '\\', '..', control characters or absolute "
+            "path: it names a folder under output_dir)"
+        )
+    return name
+
+
+def check_plain_name(name: str, what: str = "name") -> None:
+    """:func:`check_name` for a name a user gives (one plain part), as a :class:`ConfigError`."""
+    try:
+        check_name(name, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class RunConfig(_Strict):
     """One run: everything needed to reproduce it."""
 
@@ -314,6 +342,11 @@ class RunConfig(_Strict):
             if method is not None and method.defaults:
                 return deep_merge(dict(method.defaults), data)
         return data
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        return check_name(v, nested=True)  # composed names nest; entry points refuse nesting in a user's name
 
     @field_validator("method")
     @classmethod

@@ -26,6 +26,7 @@ from polar_vbll.decisions.rule import CalibrationData, DecisionRule, Decisions, 
 from polar_vbll.errors import DataError, UserInputError
 from polar_vbll.evaluation import PredictContext, posthoc_members
 from polar_vbll.features import FeatureSource, encode_examples
+from polar_vbll.locking import FolderLock
 from polar_vbll.metrics import summarize
 from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
@@ -154,6 +155,10 @@ class Predictor:
         with answers: ``MCExample`` rows or dicts as in a JSONL file) or, by default, the run's validation
         split. ``temperature``: use the run's fitted temperature where it has one. Raises ``DataError`` for
         a bad row, ``UserInputError`` when the data cannot calibrate (too few questions for alpha)."""
+        with FolderLock(self.folder.path, "polar-vbll calibrate"):  # not while the run (or another) writes it
+            return self._calibrate(settings, examples, source, file_sha256, temperature, progress)
+
+    def _calibrate(self, settings, examples, source, file_sha256, temperature, progress) -> DecisionRule:
         from polar_vbll.tasks.jsonl import parse_row
 
         cfg = self.folder.cfg

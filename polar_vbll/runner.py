@@ -30,11 +30,12 @@ import torch
 from safetensors.torch import save_file
 
 from polar_vbll.adapters.state import adapters_off
-from polar_vbll.config import RunConfig, check_output_folder, dump_config
+from polar_vbll.config import RunConfig, check_output_folder, check_plain_name, dump_config
 from polar_vbll.decisions.selective import confidence_and_correct
 from polar_vbll.errors import CheckpointError
 from polar_vbll.evaluation import Evaluation, Member, evaluate
 from polar_vbll.features import EncodedSplit, FeatureSource
+from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
 from polar_vbll.placement import Placement, resolved
@@ -393,8 +394,13 @@ def run_method(
     cache of trained members by :func:`training_key` (a comparison's), reused instead of training again.
     ``resume``: see :func:`_open_member`. ``zero_shot``: also predict the zero-shot model on the evaluation
     split (before training)."""
-    t0 = time.perf_counter()
     cfg = resolved(cfg)  # what trains is recorded: model.dtype as this process's device resolves it
+    with FolderLock(cfg.run_dir(), f"polar-vbll {entry_point}"):  # re-entrant in the process that holds it
+        return _run_method(cfg, entry_point, splits, answer_ids, trained, resume, zero_shot, tracker, progress)
+
+
+def _run_method(cfg, entry_point, splits, answer_ids, trained, resume, zero_shot, tracker, progress) -> RunOutcome:
+    t0 = time.perf_counter()
     n_members = METHODS[cfg.method].predictive_kind.members(cfg)
     timings = {"load_s": 0.0, "zero_shot_eval_s": 0.0, "train_s": 0.0}
     members: list[Member] = []
@@ -450,14 +456,18 @@ def run_training(
     from polar_vbll.tracking import tracked
 
     check_supported(cfg, TRAIN)
+    check_plain_name(cfg.name)
     cfg = resolved(cfg)  # model.dtype as this process's device resolves it (ConfigError: no such device)
     run_dir = cfg.run_dir()
     check_output_folder(run_dir, "output_dir/name", "run")
     validate_inputs(cfg)
     print(f"run folder: {run_dir.resolve()}", flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
-    with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
-                 settings=training_key(cfg), fresh=not resume) as tracker:  # fmt: skip
+    with (
+        FolderLock(run_dir, "polar-vbll train"),  # one writer, taken before anything is written
+        tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
+                settings=training_key(cfg), fresh=not resume) as tracker,
+    ):  # fmt: skip
         outcome = run_method(cfg, entry_point="train", resume=resume, tracker=tracker, progress=progress)
     print("\n" + (run_dir / "results.md").read_text(), flush=True)
     print(f"run folder: {run_dir.resolve()}", flush=True)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -87,6 +89,57 @@ def safe_params(params: Mapping[str, Any]) -> dict[str, str]:
         text = MASK if SECRET_KEY.search(key) else mask_secrets(str(value))
         out[key] = text if len(text) <= PARAM_VALUE_MAX else text[: PARAM_VALUE_MAX - 3] + "..."
     return out
+
+
+class _MaskedStream:
+    """A text stream that masks credentials (:func:`mask_secrets`) in everything written through it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._stream.write(mask_secrets(text))
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding...
+        return getattr(self._stream, name)
+
+
+class _MaskingFilter(logging.Filter):
+    """Masks credentials in a log record's message (MLflow's own loggers write through handlers that hold
+    the original streams, beyond :func:`masked_console`'s reach)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask_secrets(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+_FILTER = _MaskingFilter()
+
+
+@contextlib.contextmanager
+def masked_console() -> Iterator[None]:
+    """Inside the block, everything written to stdout and stderr (by this package or a library: MLflow's
+    "View run ... at: <tracking URI>" lines) and every record of the ``mlflow`` loggers has its
+    credentials masked. Re-entrant; the streams are restored afterwards."""
+    for handler in logging.getLogger("mlflow").handlers + logging.getLogger().handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+    if isinstance(sys.stdout, _MaskedStream):
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _MaskedStream(out), _MaskedStream(err)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
 
 
 # ------------------------------------------------------------------------------------------- the store
@@ -231,7 +284,8 @@ class RunLogger:
     def _call(self, fn, *args, **kwargs) -> None:
         t0 = time.perf_counter()
         try:
-            fn(*args, **kwargs)
+            with masked_console():  # MLflow prints the tracking URI (e.g. when a run ends)
+                fn(*args, **kwargs)
         except Exception as exc:  # pragma: no cover - depends on the store failing mid-run
             if not self._warned:
                 print(
@@ -350,23 +404,24 @@ def tracked(
         print("note: mlflow is not installed (the `track` extra); this run is not tracked", flush=True)
         yield None
         return
-    folder = Path(folder).expanduser().resolve()
-    target = None if fresh else _reopen(folder, parent, settings)
-    if target is None:
-        target = open_run(folder, experiment, run_name, params, tags, parent)
-        folder.mkdir(parents=True, exist_ok=True)
-        record = {"run_id": target.run_id, "tracking_uri": mask_uri(target.uri), "settings": settings}
-        (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
-    logger = RunLogger(target)
-    status = "FAILED"
-    try:
-        yield logger
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        logger.end(status)
+    with masked_console():  # nothing printed while a tracked run is open shows a credential
+        folder = Path(folder).expanduser().resolve()
+        target = None if fresh else _reopen(folder, parent, settings)
+        if target is None:
+            target = open_run(folder, experiment, run_name, params, tags, parent)
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"run_id": target.run_id, "tracking_uri": mask_uri(target.uri), "settings": settings}
+            (folder / RUN_RECORD).write_text(json.dumps(record, indent=2))
+        logger = RunLogger(target)
+        status = "FAILED"
+        try:
+            yield logger
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            logger.end(status)
 
 
 def _reopen(folder: Path, parent: TrackingTarget | None, settings: str | None) -> TrackingTarget | None:

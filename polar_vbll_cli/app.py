@@ -382,6 +382,7 @@ def predict(
     with conformal answer sets (docs/predict.md). --risk/--alpha/... refit the stored rule's calibration data
     with other targets for this prediction (no model pass; the stored rule is unchanged)."""
     from polar_vbll.decisions.rule import DecisionRule
+    from polar_vbll.locking import FolderLock
     from polar_vbll.placement import placement_for
     from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
     from polar_vbll.predictor import Predictor
@@ -415,7 +416,8 @@ def predict(
                     f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}"
                 ) from None
             records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address, device=device)
-        s = predict_file(questions, out, records, progress)
+        with FolderLock(out, "polar-vbll predict", is_file=True):  # one writer of the output file
+            s = predict_file(questions, out, records, progress)
     print(format_summary(s, rule))
     print(f"decisions: {out.resolve()}")
 

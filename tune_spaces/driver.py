@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distributed.config import DistConfig
 from distributed.launch import WORKERS, first_error_line, prepare_run, ray_session, worker_env
-from polar_vbll.config import RunConfig
+from polar_vbll.config import RunConfig, check_plain_name, parse_config
 from polar_vbll.errors import ConfigError, RunFailure
+from polar_vbll.locking import FolderLock
 from polar_vbll.provenance import differences
 from polar_vbll.support import EntryPoint, check_supported
 from polar_vbll.tracking import (
@@ -218,15 +219,22 @@ def run_search(
     object_store_mb: int = 256,
 ) -> SearchOutcome:
     """Run (or resume) the search ``cfg.name`` over ``settings.space``; see the module docstring."""
-    from ray.tune.search.sample import Domain
-
     dist = dist or DistConfig()
+    check_plain_name(cfg.name, "the search name")
     space = get_space(settings.space)
     cfg = _prepare_base(prepare_run(cfg, dist, TRIAL, kind="search"))
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name)
     check_same_search(folder, cfg, settings, space)
+    with FolderLock(folder, "polar-vbll tune"):  # one writer per search folder, taken before anything is written
+        return _search(cfg, settings, dist, space, folder, base, address, object_store_mb)
+
+
+def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: ParamSpace, folder: Path, base,
+            address: str | None, object_store_mb: int) -> SearchOutcome:  # fmt: skip
+    from ray.tune.search.sample import Domain
+
     concurrency = settings.concurrency or default_concurrency(dist)
     parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency)
     if note := credentials_note(parent["uri"]):
@@ -249,7 +257,7 @@ def run_search(
     try:
         with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=worker_env(dist)):
             grid = _tune(cfg, settings, space, dist, base, tracking, folder, concurrency)
-        rows, errors = _rows(grid, space, cfg.train.steps)
+        rows, errors, configs = _rows(grid, space, cfg.train.steps)
         if grid.num_terminated + grid.num_errors < settings.trials:
             # Ctrl-C / SIGTERM: Tune saved its state and returned. Leave the runs open for the resume.
             status = "KILLED"
@@ -260,7 +268,7 @@ def run_search(
                 folder, rows, None, None, parent["uri"], parent["parent_run_id"], errors, interrupted=True
             )
         _close_children(tracking, rows, errors)
-        outcome = _finish(cfg, folder, rows, errors, parent, base)
+        outcome = _finish(cfg, folder, rows, errors, parent, base, configs)
         status = "FINISHED"
         return outcome
     finally:
@@ -311,14 +319,17 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
     return tuner.fit()
 
 
-def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict]]:
+    """Per trial: its table row (searched values, status, metrics), its first error line, and every value
+    of the space it ran with (the constant entries too, e.g. a space's ``method``)."""
     from ray.tune.search.sample import Domain
 
     searched = [k for k, v in space.items() if isinstance(v, Domain)]
-    rows, errors = [], {}
+    rows, errors, configs = [], {}, {}
     for result in grid:
         m = dict(result.metrics or {})
         trial_id = m.get("trial_id") or Path(result.path).name.removeprefix("trial_")
+        configs[trial_id] = dict(result.config or {})
         row: dict[str, Any] = {"trial": trial_id}
         row.update({k: result.config.get(k) for k in searched})
         row.update({k: m.get(k) for k in TABLE_METRICS})
@@ -329,7 +340,7 @@ def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], di
         else:
             row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early by ASHA"
         rows.append(row)
-    return rows, errors
+    return rows, errors, configs
 
 
 def _close_children(tracking: dict[str, Any], rows: list[dict[str, Any]], errors: dict[str, str]) -> None:
@@ -361,7 +372,20 @@ def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     return min(pool, key=lambda r: r[OBJECTIVE]) if pool else None
 
 
-def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base) -> SearchOutcome:
+def best_trial_config(cfg: RunConfig, folder: Path, trial: str, params: dict[str, Any], base) -> RunConfig:
+    """The complete config the best trial trained with, renamed ``<search>-best`` in ``output_dir``: its run
+    folder's ``config.yaml`` (what it trained, ``model.dtype`` resolved), else the base with every value
+    of the space it ran with (searched and constant alike)."""
+    saved = folder / "trials" / trial / "config.yaml"
+    if saved.is_file():
+        data = yaml.safe_load(saved.read_text())
+    else:
+        data = trial_config(base, params, "best", cfg.output_dir).model_dump(mode="json")
+    data.update(name=f"{cfg.name}-best", output_dir=cfg.output_dir)
+    return parse_config(data, f"the best trial {trial}")
+
+
+def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs) -> SearchOutcome:
     if rows and len(errors) == len(rows):
         lines = "\n".join(f"  trial {t}: {e}" for t, e in sorted(errors.items()))
         raise SearchFailed(f"all {len(rows)} trials of search {cfg.name!r} failed:\n{lines}")
@@ -377,7 +401,7 @@ def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base) -> SearchO
     logger = RunLogger(TrackingTarget(parent["uri"], parent["parent_run_id"]))
     if best is not None:
         searched = {k: v for k, v in best.items() if k not in ("trial", "status", *TABLE_METRICS)}
-        best_cfg = trial_config(base, searched, f"{cfg.name}-best", cfg.output_dir)
+        best_cfg = best_trial_config(cfg, folder, best["trial"], {**searched, **configs.get(best["trial"], {})}, base)
         best_path = folder / "best_config.yaml"
         header = (
             f"# Best trial {best['trial']} of search {cfg.name!r} ({OBJECTIVE} = {best[OBJECTIVE]:.4f}; "

@@ -91,6 +91,13 @@ class CompareConfig(BaseModel):
     )
     ood: OODConfig | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        from polar_vbll.config import check_name
+
+        return check_name(v, "the comparison name")
+
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, v: list[str]) -> list[str]:

@@ -32,6 +32,7 @@ from polar_vbll.compare.report import (
 )
 from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
+from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.models import load_tokenizer
 from polar_vbll.placement import resolved
@@ -108,6 +109,7 @@ class CompareRunner:
         check_output_folder(self.out, "output_dir/name", "comparison")
         for task in ccfg.tasks:  # every task's data read and validated before any model loads
             load_examples(self.run_config(ccfg.methods[0], task, ccfg.seeds[0]))
+        self.lock = FolderLock(self.out, "polar-vbll compare").acquire()  # one writer, before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"
         (self.out / "compare_config.json").write_text(ccfg.model_dump_json(indent=2))
@@ -280,4 +282,8 @@ def _ordered(records: list[dict[str, Any]], ccfg: CompareConfig) -> list[dict[st
 
 
 def run_compare(ccfg: CompareConfig, progress: bool = True, track: bool = True) -> list[dict[str, Any]]:
-    return CompareRunner(ccfg, progress, track).run()
+    runner = CompareRunner(ccfg, progress, track)
+    try:
+        return runner.run()
+    finally:
+        runner.lock.release()
