@@ -307,3 +307,24 @@ def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch)
     names = _artifact_paths(client, run.info.run_id)
     assert {"model/head.safetensors", "plots/reliability_test.png", "results.json"} <= names
     assert results["timings"]["tracking_train_s"] >= 0.0
+
+
+def test_training_the_best_config_reproduces_the_best_trial(search, tmp_path):
+    """best_config.yaml is the best trial's complete config (the space's constants too: ``priors`` runs
+    ``polar_vbll`` on the tiny config's ``polar_mle`` base), and training it gives the trial's metrics."""
+    from distributed.launch import train_distributed
+
+    cfg, settings, dist, outcome, seconds = search
+    best = load_config(outcome.best_config_path, [f"output_dir={tmp_path}"])
+    trial_dir = outcome.folder / "trials" / outcome.best["trial"]
+    trial = load_config(trial_dir / "config.yaml", [])
+    assert best.method == "polar_vbll" and cfg.method == "polar_mle"
+    skip = ("name", "output_dir")
+    assert {k: v for k, v in best.flat_params().items() if k not in skip} == {
+        k: v for k, v in trial.flat_params().items() if k not in skip
+    }
+    results = train_distributed(best, dist=dist)
+    want = json.loads((trial_dir / "results.json").read_text())["metrics"]
+    for split in ("validation", "eval"):
+        for key in ("acc", "nll", "ece"):
+            assert results["metrics"][split][key] == pytest.approx(want[split][key], rel=1e-6, abs=1e-9), (split, key)
