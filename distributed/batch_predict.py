@@ -23,6 +23,7 @@ from typing import Any
 
 from polar_vbll.decisions.rule import CalibrationData, DecisionRule, RuleSettings
 from polar_vbll.errors import UserInputError
+from polar_vbll.extras import require
 from polar_vbll.predictor import Predictor, Question
 from polar_vbll.tasks.example import MCExample
 
@@ -103,14 +104,24 @@ def decide_on_ray(
 ) -> Iterator[list[dict[str, Any]]]:
     """Every chunk's decision records, in order, computed by ``workers`` actors on ``address`` (or
     ``RAY_ADDRESS``, or a local Ray started here and stopped at the end); on GPUs (one per actor) where
-    :func:`actor_device` says so. An unreachable address fails before anything starts."""
+    :func:`actor_device` says so. A missing Ray, a ``cuda:N`` device and an unreachable address fail here,
+    when called, before anything starts (the records come from the iterator)."""
+    require("distributed.batch_predict.decide_on_ray")
+    actor_device(device, float("inf"))  # the checks that need no cluster: cuda:N is refused now
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        check_reachable(target)
+    return _decide(run, chunks, rule, workers, address, device)
+
+
+def _decide(
+    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, workers: int, address: str | None,
+    device: str | None,
+) -> Iterator[list[dict[str, Any]]]:
     import ray
 
     from distributed.launch import ray_session
 
-    target = address or os.environ.get("RAY_ADDRESS")
-    if target:
-        check_reachable(target)
     env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
     tensors = {k: v.numpy() for k, v in rule.calibration.tensors().items()}
     with ray_session(address, num_cpus=max(workers, os.cpu_count() or 1), env=env):

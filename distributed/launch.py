@@ -28,6 +28,7 @@ from distributed.worker import train_loop_per_worker
 from polar_vbll.checkpoint import load_checkpoint
 from polar_vbll.config import RunConfig, check_output_folder, check_plain_name
 from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
+from polar_vbll.extras import require
 from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
@@ -179,6 +180,7 @@ def train_distributed(
     """
     from polar_vbll.tracking import tracked
 
+    require("distributed.launch.train_distributed")  # Ray and DeepSpeed: one line naming the `dist` extra
     dist = dist or DistConfig()
     if workers is not None:
         dist = dist_config_from({**dist.model_dump(), "workers": workers})

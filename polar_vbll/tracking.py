@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from polar_vbll.errors import UserInputError
+from polar_vbll.extras import MissingExtra, installed, require
 
 #: Param keys whose values are never logged (matched anywhere in the dotted key, case-insensitive).
 SECRET_KEY = re.compile(r"(token|password|passwd|secret|api[_-]?key|credential|auth)", re.IGNORECASE)
@@ -48,7 +49,8 @@ PARAM_BATCH, METRIC_BATCH = 100, 1000
 
 
 class TrackingError(UserInputError):
-    """The tracking store cannot be used (unreachable server, missing ``mlflow``); says which and why."""
+    """The tracking store cannot be used (unreachable server, unusable store); says which and why. A missing
+    ``mlflow`` is :class:`polar_vbll.extras.MissingExtra`."""
 
 
 def mask_uri(uri: str) -> str:
@@ -165,13 +167,10 @@ def resolve_store(folder: Path) -> tuple[str, str | None]:
 def _import_mlflow():
     import logging
 
-    try:
-        import mlflow  # noqa: F401
-        from mlflow.tracking import MlflowClient
-    except ImportError as exc:
-        raise TrackingError(
-            f"MLflow tracking needs the `track` extra (pip install -e '.[track]'): {exc}"
-        ) from None
+    require("polar_vbll.tracking")  # one line naming the `track` extra (polar_vbll.extras)
+    import mlflow  # noqa: F401
+    from mlflow.tracking import MlflowClient
+
     # After the import: mlflow configures its own logger (level INFO) when first imported, so a level set
     # before it is overwritten. Its INFO lines ("Updating database tables" ...) are noise in a user's log.
     logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -196,7 +195,7 @@ def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(timeout_s))
     try:
         client_for(uri).search_experiments(max_results=1)
-    except TrackingError:
+    except (TrackingError, MissingExtra):
         raise
     except Exception as exc:  # any failure of the store is a reason not to start
         first = mask_secrets(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
@@ -374,9 +373,7 @@ RUN_RECORD = "mlflow_run.json"
 
 
 def mlflow_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("mlflow") is not None
+    return installed("mlflow")
 
 
 @contextlib.contextmanager
@@ -440,7 +437,7 @@ def _reopen(folder: Path, parent: TrackingTarget | None, settings: str | None) -
         client = client_for(uri)
         client.get_run(record["run_id"])
         client.update_run(record["run_id"], status="RUNNING")
-    except TrackingError:
+    except (TrackingError, MissingExtra):
         raise
     except Exception:  # the store was replaced or the record is damaged: start a new run
         return None

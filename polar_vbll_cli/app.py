@@ -7,7 +7,10 @@ job (Ray's ``RAY_ADDRESS`` makes it join the cluster). Packaged configs are reso
 
 Bad input of any kind (config, data, model path, checkpoint) and run-time failures (a diverged loss, a head
 refit gone non-finite, a distributed run that failed for good) end with one readable line and exit status
-2: never a traceback from deep inside. Ctrl-C ends with status 130 and says how to resume.
+2: never a traceback from deep inside. So does a missing optional package: each command first asks
+``polar_vbll.extras.require`` for what it needs (``--workers``: Ray and DeepSpeed, ``tune``: those and
+MLflow, ...), which names the extra to install, before it reads or writes anything. Ctrl-C ends with
+status 130 and says how to resume.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import errno
 import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -24,6 +27,7 @@ from typing import Annotated
 import typer
 
 from polar_vbll.errors import RunFailure, UserInputError
+from polar_vbll.extras import require
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
@@ -41,9 +45,11 @@ DeviceOpt = Annotated[
     typer.Option(help="where the model runs: auto, cpu, cuda or cuda:N (default: the run's model.device)"),
 ]
 TrackOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        help="record in MLflow: the folder's local store, or MLFLOW_TRACKING_URI (needs the `track` extra)"
+        help="record in MLflow: the folder's local store, or MLFLOW_TRACKING_URI (the `track` extra; by "
+        "default only when it is installed, --track insists on it)",
+        show_default=False,
     ),
 ]
 
@@ -84,24 +90,10 @@ def _one_line_errors(resume_hint: str | None = None) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _import_distributed() -> Callable:
-    """The distributed layer, imported only when asked for (it needs the `dist` extra)."""
-    try:
-        from distributed.launch import train_distributed
-    except ImportError as exc:
-        raise UserInputError(f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}") from None
-    return train_distributed
-
-
-def _import_tune():
-    """The search layer, imported only when asked for (it needs the `dist` and `track` extras)."""
-    try:
-        from tune_spaces import driver, runs
-    except ImportError as exc:
-        raise UserInputError(
-            f"searches need the dist and track extras (pip install -e '.[dist,track]'): {exc}"
-        ) from None
-    return driver, runs
+def _optional(command: str, **flags: bool) -> list[str]:
+    """The entries of ``polar_vbll.extras.ENTRIES`` a command needs: the command, and each given flag
+    (``--workers``, ``--track``) that is on."""
+    return [command] + [f"{command} --{flag}" for flag, on in flags.items() if on]
 
 
 @app.command()
@@ -110,7 +102,7 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option(help="continue from the run folder's latest checkpoint")] = True,
     progress: ProgressOpt = True,
-    track: TrackOpt = True,
+    track: TrackOpt = None,
     workers: Annotated[
         int | None,
         typer.Option(
@@ -129,24 +121,26 @@ def train(
 ) -> None:
     """Zero-shot evaluation, fine-tuning with the config's method, evaluation again; writes the run folder
     (its path is printed at the start and the end)."""
-    from polar_vbll.config import load_config, resolve_config
-
+    distributed = workers is not None or address is not None
     with _one_line_errors("rerun the same command to resume from the last checkpoint"):
+        require(*_optional("polar-vbll train", workers=distributed, track=track is True))
+        from polar_vbll.config import load_config, resolve_config
+
         cfg = load_config(resolve_config(config, "run"), set_ or [])
-        if workers is None and address is None:
+        if not distributed:
             if zero_stage is not None or dist_set:
                 flag = "--zero-stage" if zero_stage is not None else "--dist-set"
                 raise UserInputError(f"{flag} needs --workers N (or --address): one process has no ZeRO stage")
             from polar_vbll.runner import run_training
 
-            run_training(cfg, resume=resume, progress=progress, track=track)
+            run_training(cfg, resume=resume, progress=progress, track=track is not False)
             return
-        train_distributed = _import_distributed()
         from distributed.config import dist_config_from
+        from distributed.launch import train_distributed
 
         values = {"workers": workers or 2, "zero_stage": 3 if zero_stage is None else zero_stage}
         dist = dist_config_from(values, dist_set or [])
-        results = train_distributed(cfg, address=address, dist=dist, resume=resume, track=track)
+        results = train_distributed(cfg, address=address, dist=dist, resume=resume, track=track is not False)
         summary = {k: results["metrics"][k] for k in ("eval", "validation")}
         print(json.dumps({"step": results["training"]["steps"], "method": results["method"], **summary}, indent=2))
 
@@ -166,18 +160,19 @@ def compare(
     ],
     set_: CompareSetOpt = None,
     progress: ProgressOpt = True,
-    track: TrackOpt = True,
+    track: TrackOpt = None,
 ) -> None:
     """Train and evaluate methods x tasks x seeds; writes a Markdown table, a CSV and reliability diagrams.
 
     Resumable: finished runs are kept in the output folder's records.jsonl and skipped on a rerun."""
-    from polar_vbll.compare.config import load_compare_config
-    from polar_vbll.compare.runner import run_compare
-    from polar_vbll.config import resolve_config
-
     with _one_line_errors("rerun the same command to resume the comparison"):
+        require(*_optional("polar-vbll compare", track=track is True))
+        from polar_vbll.compare.config import load_compare_config
+        from polar_vbll.compare.runner import run_compare
+        from polar_vbll.config import resolve_config
+
         ccfg = load_compare_config(resolve_config(config, "compare"), set_ or [])
-        run_compare(ccfg, progress=progress, track=track)
+        run_compare(ccfg, progress=progress, track=track is not False)
 
 
 @app.command()
@@ -207,11 +202,11 @@ def tune(
 ) -> None:
     """Ray Tune search (ASHA, objective: validation NLL) with MLflow tracking; resumable; writes the best
     configuration as a ready-to-use YAML (best_config.yaml in the search folder)."""
-    from polar_vbll.config import load_config, resolve_config
-
     with _one_line_errors("rerun the same command to resume the search"):
-        driver, _ = _import_tune()
+        require("polar-vbll tune")
         from distributed.config import dist_config_from
+        from polar_vbll.config import load_config, resolve_config
+        from tune_spaces import driver
 
         cfg = load_config(resolve_config(config, "run"), set_ or [])
         if name is not None or cfg.name == "run":
@@ -255,7 +250,8 @@ def runs(
     import os
 
     with _one_line_errors():
-        _, runs_mod = _import_tune()
+        require("polar-vbll runs")
+        from tune_spaces import runs as runs_mod
         if search is not None and not (search / "search.json").is_file() and search.is_dir():
             header, rows = runs_mod.list_searches_under(search)  # e.g. `polar-vbll runs runs/`
         elif search is not None:
@@ -278,9 +274,10 @@ def evaluate(
     progress: ProgressOpt = True,
 ) -> None:
     """Evaluate a trained run's adapter and head (and the zero-shot model beside it) on a task split."""
-    from polar_vbll.saved import evaluate_saved_run
-
     with _one_line_errors():
+        require("polar-vbll eval")
+        from polar_vbll.saved import evaluate_saved_run
+
         results = evaluate_saved_run(run, task=task, split=split, limit=limit, progress=progress, device=device)
     print(json.dumps(results["metrics"], indent=2))
 
@@ -338,12 +335,13 @@ def calibrate(
 ) -> None:
     """Calibrate a run's decision rule on held-out questions: the confidence threshold for a target risk,
     conformal answer sets and the OOD flag; stored in the run folder (decision/) for `polar-vbll predict`."""
-    from polar_vbll.decisions.rule import RuleSettings
-    from polar_vbll.predict_io import format_rule, read_calibration
-    from polar_vbll.predictor import Predictor
-    from polar_vbll.saved import check_run_folder
-
     with _one_line_errors():
+        require("polar-vbll calibrate")
+        from polar_vbll.decisions.rule import RuleSettings
+        from polar_vbll.predict_io import format_rule, read_calibration
+        from polar_vbll.predictor import Predictor
+        from polar_vbll.saved import check_run_folder
+
         given = _decision_options(risk, coverage, delta, alpha, ood_pass)
         folder = check_run_folder(run)
         d = folder.cfg.decision
@@ -381,14 +379,16 @@ def predict(
     """Decide on new questions with a run's calibrated rule: answer, abstain, or flag as out-of-distribution,
     with conformal answer sets (docs/predict.md). --risk/--alpha/... refit the stored rule's calibration data
     with other targets for this prediction (no model pass; the stored rule is unchanged)."""
-    from polar_vbll.decisions.rule import DecisionRule
-    from polar_vbll.locking import FolderLock
-    from polar_vbll.placement import placement_for
-    from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
-    from polar_vbll.predictor import Predictor
-    from polar_vbll.saved import check_run_folder
-
+    distributed = workers is not None or address is not None
     with _one_line_errors():
+        require(*_optional("polar-vbll predict", workers=distributed))
+        from polar_vbll.decisions.rule import DecisionRule
+        from polar_vbll.locking import FolderLock
+        from polar_vbll.placement import placement_for
+        from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
+        from polar_vbll.predictor import Predictor
+        from polar_vbll.saved import check_run_folder
+
         given = _decision_options(risk, coverage, delta, alpha, ood_pass)
         if workers is not None and workers < 1:
             raise UserInputError(f"--workers must be at least 1, got {workers}")
@@ -404,17 +404,13 @@ def predict(
         out = check_output(output, [input_])
         questions = read_questions(input_, folder)
         chunks = chunked(questions, batch_size)
-        if workers is None and address is None:
+        if not distributed:
             predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size, device=device)
             predictor.rule = rule
             records = (predictor.decide_chunk(c) for c in chunks)
         else:
-            try:
-                from distributed.batch_predict import decide_on_ray
-            except ImportError as exc:
-                raise UserInputError(
-                    f"--workers needs the distributed extra (pip install -e '.[dist]'): {exc}"
-                ) from None
+            from distributed.batch_predict import decide_on_ray
+
             records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address, device=device)
         with FolderLock(out, "polar-vbll predict", is_file=True):  # one writer of the output file
             s = predict_file(questions, out, records, progress)

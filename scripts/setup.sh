@@ -17,7 +17,8 @@ stamp=.venv/.polar-vbll-installed
 hash=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 want=$hash-$EXTRAS
 if [ -f "$stamp" ]; then
-  # Done already when the same files installed these extras, or more (main.sh's dev,track covers test.sh's dev).
+  # Done already when the same files installed these extras, or more (test.sh's dev,dist,track covers
+  # main.sh's dev,track).
   have=$(cat "$stamp")
   if [ "${have%%-*}" = "$hash" ]; then
     missing=0
@@ -32,6 +33,8 @@ if [ -f "$stamp" ]; then
 fi
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# DeepSpeed (the dist extra) is a source package on PyPI: build none of its C++/CUDA ops at install time
+export DS_BUILD_OPS="${DS_BUILD_OPS:-0}"
 echo "[setup] installing torch (CPU build pinned first, so nothing later pulls a CUDA build)"
 python -m pip install -q "torch==2.13.0"
 echo "[setup] installing polar-vbll[$EXTRAS]"

@@ -5,6 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.optional import skip_marked
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.extras(...)`` are skipped, naming the extra, when a package is missing."""
+    skip_marked(items)
+
 
 def make_tiny_llama(seed: int = 0, vocab_size: int = 128, hidden: int = 64, layers: int = 2):
     """A tiny random LlamaForCausalLM in fp32 (hidden 64, 2 layers, 4 heads, 2 KV heads)."""

@@ -172,10 +172,10 @@ def test_eval_of_a_folder_that_is_no_run(tmp_path):
     _assert_clean_error(result, "not a run folder")
 
 
+@pytest.mark.extras("mlflow")
 def test_train_is_tracked_in_the_run_folders_mlflow_store(tmp_path, monkeypatch):
     """Single-process `train` writes the same MLflow layout as searches: params, metric histories,
     final metrics, plots, the adapter, the head and results.json; a rerun continues the same MLflow run."""
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from polar_vbll.tracking import local_store

@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-
-from distributed.cluster import check_cluster  # noqa: E402
-from polar_vbll.config import load_config, resolve_config  # noqa: E402
-from polar_vbll.errors import UserInputError  # noqa: E402
+from distributed.cluster import check_cluster
+from polar_vbll.config import load_config, resolve_config
+from polar_vbll.errors import UserInputError
 
 NODES = [{"NodeID": "a" * 56, "NodeManagerAddress": "10.0.0.1"}, {"NodeID": "b" * 56, "NodeManagerAddress": "10.0.0.2"}]
 
@@ -75,6 +73,7 @@ def test_a_data_file_missing_on_a_node_is_named(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extras("ray")
 def test_two_raylets_on_this_machine(tmp_path):
     """A real two-node cluster (two raylets with their own temp folders): the probe reaches both nodes, a
     shared output_dir passes, a SQLite tracking store is refused."""
@@ -138,6 +137,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.extras("ray", "deepspeed", "mlflow")
 def test_ray_job_submit_on_two_nodes_with_a_tracking_server(tmp_path):
     """Issue #14's acceptance: a 2-node Ray cluster on this machine (two raylets, each with its own temp
     folder and one CPU, so the two workers land on different nodes), an ``mlflow server`` on 127.0.0.1, and

@@ -96,8 +96,8 @@ def test_passes_per_example_and_shared_training(compared):
     assert by[("polar_vbll", 0)]["head_fits"] and by[("polar_vbll", 0)]["chance"]["chance_acc"] > 0
 
 
+@pytest.mark.extras("mlflow")
 def test_compare_is_one_mlflow_parent_run_with_a_child_per_task_method_seed(compared):
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from polar_vbll.tracking import local_store

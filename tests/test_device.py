@@ -311,6 +311,7 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ workers
+@pytest.mark.extras("ray", "deepspeed")
 @pytest.mark.parametrize(
     ("device", "use_gpu", "message"),
     [
@@ -320,7 +321,6 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path):
     ],
 )
 def test_workers_refuse_a_device_they_cannot_honour_before_ray_starts(device, use_gpu, message, tmp_path):
-    pytest.importorskip("deepspeed")
     extra = ["--dist-set", "use_gpu=true"] if use_gpu else []
     result = _cli("train", "--config", "tiny", "--workers", "2", *extra, "--no-track", "--no-progress",
                   "--set", f"model.device={device}", "--set", f"output_dir={tmp_path}")  # fmt: skip
@@ -330,10 +330,10 @@ def test_workers_refuse_a_device_they_cannot_honour_before_ray_starts(device, us
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.extras("deepspeed")
 def test_the_workers_dtype_is_decided_on_the_driver():
     """``auto`` is bfloat16 for GPU workers and float32 for CPU workers, without asking the driver's CUDA;
     an explicit dtype is kept; the workers' config records it."""
-    pytest.importorskip("deepspeed")
     from distributed.config import DistConfig
     from distributed.devices import driver_config, worker_dtype
 

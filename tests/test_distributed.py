@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("ray")
-pytest.importorskip("deepspeed")
+from tests.optional import skip_module_unless
+
+skip_module_unless("ray", "deepspeed")
 
 from safetensors.torch import load_file  # noqa: E402
 

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("deepspeed")
+from tests.optional import skip_module_unless
+
+skip_module_unless("deepspeed")
 
 from distributed.config import DistConfig, check_batch_layout  # noqa: E402
 from distributed.head_actor import HeadCoordinatorService, StaleGeneration  # noqa: E402
@@ -21,10 +23,7 @@ from distributed.sharding import lockstep_batches, shard_bounds, step_micro_batc
 from polar_vbll.config import HeadFitConfig, parse_config  # noqa: E402
 from polar_vbll.errors import ConfigError  # noqa: E402
 from polar_vbll.heads import VBLLHead  # noqa: E402
-from polar_vbll.training import (
-    HeadCoordinator,  # noqa: E402
-    batch_indices,  # noqa: E402
-)
+from polar_vbll.training import HeadCoordinator, batch_indices  # noqa: E402
 
 from .conftest import make_tiny_llama  # noqa: E402
 

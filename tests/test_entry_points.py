@@ -23,9 +23,12 @@ from typer.testing import CliRunner
 from polar_vbll.config import RunConfig, packaged_config
 from polar_vbll.support import config_fields, field_value
 from polar_vbll_cli.app import app
+from tests.optional import for_entry
 
 H, R = "honoured", "refused"
 ENTRIES = ("train", "workers", "compare", "tune")
+#: The entry points that need optional packages: their names in polar_vbll.extras.ENTRIES.
+NEEDS = {"workers": "polar-vbll train --workers", "tune": "polar-vbll tune"}
 ALL = {e: H for e in ENTRIES}
 NOT_COMPARE = {**ALL, "compare": R}  # set by the comparison for every run (tasks, seeds, methods, names)
 
@@ -178,8 +181,6 @@ def _spies(monkeypatch, entry: str) -> None:
 
         monkeypatch.setattr(CompareRunner, "run_config", seam)
     elif entry == "workers":
-        pytest.importorskip("ray")
-        pytest.importorskip("deepspeed")
         import distributed.launch as launch
 
         real = launch.prepare_run
@@ -189,8 +190,6 @@ def _spies(monkeypatch, entry: str) -> None:
 
         monkeypatch.setattr(launch, "prepare_run", seam)
     else:  # tune: the base config every trial starts from, after every check of the search
-        pytest.importorskip("ray")
-        pytest.importorskip("mlflow")
         import tune_spaces.driver as driver
         from tune_spaces import spaces
 
@@ -242,7 +241,12 @@ def test_the_table_covers_every_field():
     assert not same, f"these TABLE values equal the tiny config's, so they prove nothing: {same}"
 
 
-@pytest.mark.parametrize("entry", ENTRIES)
+def _marked(entries):
+    """The entry points as parameters, each marked with the optional packages it needs."""
+    return [pytest.param(e, marks=for_entry(NEEDS[e])) if e in NEEDS else e for e in entries]
+
+
+@pytest.mark.parametrize("entry", _marked(ENTRIES))
 def test_every_field_is_honoured_or_refused(entry, tmp_path, monkeypatch):
     _spies(monkeypatch, entry)
     problems = []
@@ -261,7 +265,7 @@ def test_every_field_is_honoured_or_refused(entry, tmp_path, monkeypatch):
     assert not problems, f"{entry}:\n" + "\n".join(problems)
 
 
-@pytest.mark.parametrize("entry", ["workers", "tune"])
+@pytest.mark.parametrize("entry", _marked(["workers", "tune"]))
 @pytest.mark.parametrize("method", ["zero_shot", "ensemble"])
 def test_methods_the_workers_do_not_run_are_refused_in_one_line(entry, method, tmp_path, monkeypatch):
     _spies(monkeypatch, entry)

@@ -11,6 +11,9 @@ import yaml
 from typer.testing import CliRunner
 
 from polar_vbll_cli.app import app
+from tests.optional import for_entry
+
+WORKERS = for_entry("polar-vbll train --workers")
 
 runner = CliRunner()
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -97,11 +100,10 @@ def test_case03_a_rerun_with_changed_settings_reruns_what_changed_and_never_mixe
     assert again.exit_code == 0 and "-- arc_easy" not in again.output  # nothing runs: the records match
 
 
+@for_entry("polar-vbll tune")
 def test_case03_kind_a_search_resumes_only_with_its_own_settings(tmp_path, monkeypatch):
     """The same kind in searches: a rerun of a search folder with another base config is refused, naming
     the key, before Ray starts (the restored trials would mix two searches)."""
-    pytest.importorskip("ray")
-    pytest.importorskip("mlflow")
     import tune_spaces.driver as driver
     from polar_vbll.config import load_config, packaged_config
 
@@ -227,14 +229,12 @@ def test_case15_kind_out_of_memory_is_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--workers", "2", "--zero-stage", "5"], "zero_stage"),
-        (["--workers", "-1"], "workers"),
+        pytest.param(["--workers", "2", "--zero-stage", "5"], "zero_stage", marks=WORKERS),
+        pytest.param(["--workers", "-1"], "workers", marks=WORKERS),
         (["--zero-stage", "0"], "--zero-stage needs --workers"),  # never silently ignored
     ],
 )
 def test_bad_distributed_settings_are_one_line(tmp_path, args, fragment):
-    pytest.importorskip("ray")
-    pytest.importorskip("deepspeed")
     result = runner.invoke(app, ["train", "--config", "tiny", "--no-track", "--set", f"output_dir={tmp_path}", *args])
     _one_line_error(result, fragment)
     assert not (tmp_path / "tiny").exists()
@@ -385,8 +385,8 @@ def test_eval_on_another_task_reports_no_validation_of_the_runs_own(tmp_path):
     assert metrics["validation"] is None and metrics["eval"]["n"] == 8
 
 
+@pytest.mark.extras("mlflow")
 def test_no_resume_starts_a_new_mlflow_run_and_a_resume_continues_the_same(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     from polar_vbll.tracking import local_store
@@ -403,6 +403,7 @@ def test_no_resume_starts_a_new_mlflow_run_and_a_resume_continues_the_same(tmp_p
     assert len(runs) == 2 and {r.data.params["train.steps"] for r in runs} == {"6", "8"}
 
 
+@pytest.mark.extras("mlflow")
 def test_opening_a_fresh_mlflow_store_logs_no_info_lines(tmp_path):
     """mlflow sets its own logger to INFO when first imported, so quieting it before the import did
     nothing ("Creating initial MLflow database tables..." in every run's log). A fresh process, as a user
@@ -410,7 +411,6 @@ def test_opening_a_fresh_mlflow_store_logs_no_info_lines(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("mlflow")
     code = (
         "import pathlib, sys; from polar_vbll import tracking; "
         "uri, _ = tracking.local_store(pathlib.Path(sys.argv[1])); "

@@ -101,10 +101,8 @@ def test_calibrate_and_predict_refuse_a_locked_run_or_output(holder, tmp_path_fa
     assert f"pid {p2.pid}" in line
 
 
+@pytest.mark.extras("ray", "deepspeed", "mlflow")
 def test_a_search_refuses_a_folder_another_process_writes(holder, tmp_path):
-    pytest.importorskip("ray")
-    pytest.importorskip("deepspeed")
-    pytest.importorskip("mlflow")
     p = holder(tmp_path / "s1")
     line = _one_line(runner.invoke(app, ["tune", "--space", "priors", "--config", "tiny", "--trials", "1",
                                          "--name", "s1", "--set", f"output_dir={tmp_path}"]), notes=True)  # fmt: skip

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from polar_vbll.decisions.conformal import ConformalSets, set_metrics
 from polar_vbll.tasks import load_task
 from polar_vbll_cli.app import app
+from tests.optional import for_entry
 
 runner = CliRunner()
 
@@ -122,6 +123,7 @@ def test_the_python_api_gives_the_cli_records(calibrated, questions, tmp_path):
         assert a == b
 
 
+@for_entry("polar-vbll predict --workers")
 def test_workers_on_ray_data_give_the_one_process_output(calibrated, questions, tmp_path):
     run, _ = calibrated
     one, ray = tmp_path / "one.jsonl", tmp_path / "ray.jsonl"
@@ -201,6 +203,7 @@ def test_targets_outside_the_unit_interval_exit_2(calibrated, questions, tmp_pat
     assert not (tmp_path / "d.jsonl").exists()
 
 
+@for_entry("polar-vbll predict --workers")
 def test_an_unreachable_ray_address_fails_before_any_work(calibrated, questions, tmp_path):
     run, _ = calibrated
     t = time.perf_counter()

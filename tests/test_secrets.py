@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.extras("mlflow")
+
 SECRET = "pa55-Wd-4711"
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,8 +29,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``mlflow server`` on 127.0.0.1 (the test's own store); its URI with credentials in it."""
-    pytest.importorskip("mlflow")
-    pytest.importorskip("flask")
+    pytest.importorskip("flask")  # a dev dependency: `mlflow server` needs it beside mlflow-skinny
     tmp = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     proc = subprocess.Popen(
@@ -67,9 +68,8 @@ def test_a_tracked_run_never_prints_the_tracking_password(server, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extras("ray", "deepspeed", "mlflow")
 def test_a_tracked_run_on_workers_never_prints_the_tracking_password(server, tmp_path):
-    pytest.importorskip("ray")
-    pytest.importorskip("deepspeed")
     proc = _run(["train", "--config", "tiny", "--workers", "2", "--track", "--dist-set",
                  "health_check_interval_s=0.1"], server, tmp_path)  # fmt: skip
     out = proc.stdout + proc.stderr

@@ -14,11 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from distributed.loading import ShardedCheckpoint
-from polar_vbll.config import load_config, packaged_config
-from polar_vbll.errors import ModelLoadError
-from polar_vbll.models import build_tiny_llama, load_tokenizer
-from tests.test_distributed_units import _spawn
+from tests.optional import skip_module_unless
+
+skip_module_unless("deepspeed")  # the ranks are spawned DeepSpeed processes (tests/test_distributed_units.py)
+
+from distributed.loading import ShardedCheckpoint  # noqa: E402
+from polar_vbll.config import load_config, packaged_config  # noqa: E402
+from polar_vbll.errors import ModelLoadError  # noqa: E402
+from polar_vbll.models import build_tiny_llama, load_tokenizer  # noqa: E402
+from tests.test_distributed_units import _spawn  # noqa: E402
 
 ANSWER_IDS = [5, 17, 300]
 

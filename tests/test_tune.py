@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray")
-pytest.importorskip("deepspeed")
-pytest.importorskip("mlflow")
+from tests.optional import skip_module_unless
+
+skip_module_unless("ray", "deepspeed", "mlflow")
 
 from typer.testing import CliRunner  # noqa: E402
 

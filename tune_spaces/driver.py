@@ -32,6 +32,7 @@ from distributed.config import DistConfig
 from distributed.launch import WORKERS, first_error_line, prepare_run, ray_session, worker_env
 from polar_vbll.config import RunConfig, check_plain_name, parse_config
 from polar_vbll.errors import ConfigError, RunFailure
+from polar_vbll.extras import require
 from polar_vbll.locking import FolderLock
 from polar_vbll.provenance import differences
 from polar_vbll.support import EntryPoint, check_supported
@@ -219,6 +220,7 @@ def run_search(
     object_store_mb: int = 256,
 ) -> SearchOutcome:
     """Run (or resume) the search ``cfg.name`` over ``settings.space``; see the module docstring."""
+    require("tune_spaces.driver.run_search")  # Ray, DeepSpeed, MLflow: one line naming the extras
     dist = dist or DistConfig()
     check_plain_name(cfg.name, "the search name")
     space = get_space(settings.space)

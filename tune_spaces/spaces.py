@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ray import tune
+from polar_vbll.extras import require
+
+require("tune_spaces.spaces")  # without Ray, importing the searches is one line naming the `dist` extra
+from ray import tune  # noqa: E402
 
 ParamSpace = dict[str, Any]
 

@@ -53,6 +53,7 @@ from polar_vbll.adapters.state import (
 from polar_vbll.adapters.state import names_preview as _names_preview
 from polar_vbll.checkpoint import sha256_file
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
+from polar_vbll.extras import require
 
 #: Our side file in a saved LoRA adapter directory (peft writes ``adapter_config.json`` and
 #: ``adapter_model.safetensors``; this one records the :class:`LoraConfig` that selected the layers).
@@ -65,12 +66,9 @@ ADAPTER_NAME = "default"
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _require_peft():
-    try:
-        import peft
-    except ImportError:  # pragma: no cover - depends on the environment
-        raise UserInputError(
-            "LoRA adapters need the `peft` package (pip install 'peft>=0.13'; polar-vbll depends on it)"
-        ) from None
+    require("polar_vbll.adapters.lora")  # peft: a core dependency, imported lazily (polar_vbll.extras)
+    import peft
+
     return peft
 
 

@@ -38,6 +38,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from polar_vbll.extras import require
+
 Score = Literal["lac", "aps"]
 SCORES: tuple[Score, ...] = ("lac", "aps")
 
@@ -107,6 +109,7 @@ class ConformalSets:
         """Fit on calibration ``probs`` (N, K) and ``labels`` (N,). Raises ``ValueError`` for ``alpha``
         outside (0, 1), an unknown score, mismatched shapes, or fewer than
         ``max(1 / alpha, 1 / (1 - alpha))`` questions (MAPIE's limit)."""
+        require("polar_vbll.decisions")  # MAPIE: a core dependency, imported lazily
         from mapie.classification import SplitConformalClassifier
 
         if not 0.0 < alpha < 1.0:
@@ -148,6 +151,7 @@ def set_metrics(sets: np.ndarray, labels: torch.Tensor | np.ndarray) -> dict[str
     """Empirical ``coverage`` (fraction of rows whose set holds the label) and ``mean_size`` (choices per
     set) of answer sets (N, K), by MAPIE's ``classification_coverage_score`` and
     ``classification_mean_width_score``."""
+    require("polar_vbll.decisions")  # MAPIE: a core dependency, imported lazily
     from mapie.metrics.classification import classification_coverage_score, classification_mean_width_score
 
     y = np.asarray(torch.as_tensor(labels).cpu().numpy()).astype(np.int64).reshape(-1)

@@ -33,6 +33,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from polar_vbll.extras import require
+
 FWER = Literal["bonferroni_holm", "bonferroni"]
 #: Thresholds Learn-then-Test tests by default (``decision.thresholds``).
 DEFAULT_THRESHOLDS = 10
@@ -80,6 +82,7 @@ def risk_coverage_curve(confidence, correct) -> tuple[np.ndarray, np.ndarray]:
 
 def aurc(confidence, correct) -> float:
     """Area under the risk-coverage curve (fraction; lower is better), ``1 - AUARC`` by MAPIE."""
+    require("polar_vbll.decisions")  # MAPIE: a core dependency, imported lazily
     from mapie.metrics.uncertainty import auarc
 
     conf, ok = _arrays(confidence, correct)
@@ -117,6 +120,7 @@ def risk_threshold(
     """The Learn-then-Test threshold for selective risk at most ``risk`` with probability ``1 - delta``
     (see the module docstring) over ``grid`` (default: :func:`threshold_grid` of a binary head). Raises
     ``ValueError`` for ``risk`` or ``delta`` outside (0, 1)."""
+    require("polar_vbll.decisions")  # MAPIE: a core dependency, imported lazily
     from mapie.risk_control import BinaryClassificationController
 
     for name, value in (("risk", risk), ("delta", delta)):
