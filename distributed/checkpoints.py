@@ -14,7 +14,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from polar_vbll.checkpoint import load_checkpoint, save_checkpoint
+from polar_vbll.checkpoint import load_checkpoint, newest_intact, save_checkpoint
+
+
+def siblings(checkpoint) -> list[Any]:
+    """``checkpoint`` and the other ``checkpoint_*`` directories of its run in its storage (local or not,
+    through the checkpoint's own filesystem), oldest first, ``checkpoint`` last."""
+    import posixpath
+
+    import pyarrow.fs
+    import ray.train
+
+    fs, path = checkpoint.filesystem, checkpoint.path
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(posixpath.dirname(path)))
+    except OSError:
+        return [checkpoint]
+    older = sorted(i.path for i in infos if i.type == pyarrow.fs.FileType.Directory
+                   and posixpath.basename(i.path).startswith("checkpoint_") and i.path < path)  # fmt: skip
+    return [ray.train.Checkpoint(p, filesystem=fs) for p in older] + [checkpoint]
+
+
+def _load_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as d:
+        return load_checkpoint(Path(d) / "state")
 
 
 class RayCheckpoints:
@@ -24,13 +47,15 @@ class RayCheckpoints:
         self.rank = rank
 
     def latest(self) -> dict[str, Any] | None:
+        """The state of the checkpoint Ray Train hands this group, or, when that one is damaged (truncated,
+        edited), of the newest intact older one in the same storage, with a warning: as in one process
+        (:func:`polar_vbll.checkpoint.newest_intact`). Every rank reads the same, in the same order."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as d:
-            return load_checkpoint(Path(d) / "state")
+        return newest_intact(siblings(checkpoint), _load_state)
 
     def report(self, metrics: dict[str, Any]) -> None:
         import ray.train

@@ -159,6 +159,28 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
     return join_tensors(meta["state"], tensors)
 
 
+def newest_intact(candidates: list[Any], load) -> dict[str, Any] | None:
+    """The state of the newest candidate that ``load`` reads without a :class:`CheckpointError`
+    (``candidates`` oldest first); a damaged newer one is skipped with a warning naming it (an interrupted
+    copy or a full disk must not block a resume that an older checkpoint can serve). None without
+    candidates; the newest one's error when every one is damaged. One rule for one process and workers."""
+    import warnings
+
+    damaged: list[CheckpointError] = []
+    for candidate in reversed(candidates):
+        try:
+            state = load(candidate)
+        except CheckpointError as exc:
+            damaged.append(exc)
+            continue
+        if damaged:
+            warnings.warn(f"{damaged[0]}; resuming from the older intact {candidate} instead", stacklevel=2)
+        return state
+    if damaged:
+        raise damaged[0]
+    return None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints ``checkpoint-<step>`` of a run, oldest first."""
     run = Path(run_dir)

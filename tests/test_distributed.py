@@ -432,3 +432,34 @@ def test_bf16_backbone_under_deepspeed_keeps_the_stiefel_factors_and_the_head_in
     assert groups and all(v.dtype == torch.float32 for v in groups)
     head = load_file(str(cfg.run_dir() / "head.safetensors"))
     assert all(v.dtype == torch.float32 for k, v in head.items() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_falls_back_to_the_older_intact_one_on_workers(tmp_path):
+    """Distributed resume behaves like one process (issue #21, item 6): the latest Ray checkpoint truncated,
+    the rerun resumes from the older intact one with a warning (the driver's check and every worker agree),
+    and trains the remaining steps."""
+    cfg = _cfg(tmp_path, "fallback", "train.steps=4", "train.checkpoint_every=2")
+    first = train_distributed(cfg, workers=2, dist=_dist(3))
+    assert first["training"]["steps"] == 4
+    run = tmp_path / "fallback"
+    found = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(found) == 2
+    state = found[-1] / "state" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # the newest one truncated
+    with pytest.warns(UserWarning, match="resuming from the older intact"):
+        again = train_distributed(cfg, workers=2, dist=_dist(3))
+    assert again["training"]["resumed_from_step"] == 2 and again["training"]["steps"] == 4
+
+
+@pytest.mark.slow
+def test_no_resume_on_workers_starts_over_replacing_the_old_checkpoints(tmp_path, capsys):
+    """``--no-resume`` on a folder with Ray checkpoints starts over (as the README says and one process
+    does), even with other training settings, instead of being refused."""
+    cfg = _cfg(tmp_path, "over", "train.steps=2")
+    train_distributed(cfg, workers=2, dist=_dist(3))
+    other = _cfg(tmp_path, "over", "train.steps=2", "optim.lr_theta=0.01")
+    res = train_distributed(other, workers=2, dist=_dist(3), resume=False)
+    assert "starting over in" in capsys.readouterr().out
+    assert res["training"]["resumed_from_step"] is None and res["params"]["optim.lr_theta"] == 0.01
+    assert len([p for p in (tmp_path / "over").glob("checkpoint_*") if p.is_dir()]) == 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_vbll.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint
+from polar_vbll.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    newest_intact,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from polar_vbll.config import OptimConfig
-from polar_vbll.errors import CheckpointError
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.training.optimizers import build_theta_optimizer
 
@@ -119,19 +123,7 @@ class LocalCheckpoints:
     def latest(self) -> dict[str, Any] | None:
         """The newest intact checkpoint; a damaged newer one is skipped with a warning naming it (an
         interrupted copy or a full disk must not block a resume that an older checkpoint can serve)."""
-        damaged: list[CheckpointError] = []
-        for path in reversed(list_checkpoints(self.run_dir)):
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as exc:
-                damaged.append(exc)
-                continue
-            if damaged:
-                warnings.warn(f"{damaged[0]}; resuming from the older intact {path} instead", stacklevel=2)
-            return state
-        if damaged:
-            raise damaged[0]
-        return None
+        return newest_intact(list_checkpoints(self.run_dir), load_checkpoint)
 
     def clear(self) -> int:
         """Remove every checkpoint of the run folder (a fresh start); returns how many there were."""
