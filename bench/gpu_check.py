@@ -284,7 +284,7 @@ def product_step(method: str, args, model, split, batch: int, dtype: str, compil
     cfg = product_config(method, args, batch, dtype, compiled)
     splits = {"train": split, "validation": split, "eval": split}
     session = build_session(cfg, splits=splits, answer_ids=[10, 11, 12, 13], load=lambda m, p: (model, _Tok()),
-                            placement=placement_for(cfg.model))  # fmt: skip
+                            placement=placement_for(cfg.model), memory_check=False)  # fmt: skip
     backend = local_backend(session)
     trainer = Trainer(cfg, session.adapter, session.head, session.splits, backend,
                       LocalCoordinator(session.head, cfg.head.fit), LocalCheckpoints(cfg.run_dir(), 1),
@@ -461,7 +461,8 @@ def section_zero3(args, work: Path, device: torch.device, share_s: float) -> Cal
             base = peak_reset(device)
             t = time.perf_counter()
             session = build_session(cfg, splits=splits, answer_ids=[10, 11, 12, 13], load=loader,
-                                    head_rows=loader.head_rows, placement=placement_for(cfg.model))  # fmt: skip
+                                    head_rows=loader.head_rows, placement=placement_for(cfg.model),
+                                    memory_check=False)  # fmt: skip
             backend = DeepSpeedBackend(cfg, dist_cfg, session.adapter.base_model, session.adapter.theta_parameters(),
                                        session.tokenizer.pad_token_id, batch, loader.fingerprint_chunks)  # fmt: skip
             load_s = time.perf_counter() - t

@@ -56,6 +56,7 @@ class DeepSpeedBackend:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dist_cfg = dist_cfg
         self.sync_check_every = dist_cfg.sync_check_every
+        self.grad_accum = dist_cfg.grad_accum
         self.sync_every_step = not dist_cfg.use_gpu  # on GPUs the loss is checked at logging steps only
         # where collectives' tensors live: nccl reduces CUDA tensors only, gloo host ones
         self.comm_device = (

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from distributed.launch import check_reachable
 from polar_vbll.decisions.rule import CalibrationData, DecisionRule, RuleSettings
 from polar_vbll.errors import UserInputError
 from polar_vbll.extras import require
@@ -29,22 +29,6 @@ from polar_vbll.tasks.example import MCExample
 
 #: Environment the actors need (model and prefix caches, offline hub); never credentials.
 _ENV_KEYS = ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "HF_HUB_OFFLINE")
-
-
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail at once, before any work, when a Ray address's host:port does not accept a connection
-    (``UserInputError``); ``auto`` and ``local`` are left to Ray."""
-    if address in ("auto", "local"):
-        return
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserInputError(f"--address {address!r}: expected host:port (or ray://host:port, or auto)")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise UserInputError(f"cannot reach a Ray cluster at {address} ({exc}); start one with `ray start "
-                             "--head`, or check the address (docs/distributed.md)") from None  # fmt: skip
 
 
 def _question_dict(q: Question) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from distributed.devices import driver_config
 from distributed.worker import train_loop_per_worker
 from polar_vbll.checkpoint import load_checkpoint, newest_intact
 from polar_vbll.config import RunConfig, check_output_folder, check_plain_name
-from polar_vbll.errors import CheckpointError, RunFailure
+from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
 from polar_vbll.extras import require
 from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
@@ -86,6 +87,22 @@ def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, k
     return cfg.model_copy(update={"output_dir": storage})
 
 
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, before any work, when a Ray address's host:port does not accept a connection
+    (``UserInputError``); ``auto`` and ``local`` are left to Ray."""
+    if address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserInputError(f"--address {address!r}: expected host:port (or ray://host:port, or auto)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise UserInputError(f"cannot reach a Ray cluster at {address} ({exc}); start one with `ray start "
+                             "--head`, or check the address (docs/distributed.md)") from None  # fmt: skip
+
+
 @contextlib.contextmanager
 def ray_session(
     address: str | None, num_cpus: int, object_store_mb: int = 256, env: dict[str, str] | None = None
@@ -99,6 +116,7 @@ def ray_session(
         return
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
+        check_reachable(target)  # a malformed or unreachable address: one line within seconds, never a hang
         # Inside a submitted job the job's runtime_env is already in os.environ, and Ray refuses a driver
         # runtime_env that repeats any of its keys: pass only what the job did not set.
         extra = {k: v for k, v in (env or {}).items() if k not in os.environ}
@@ -205,6 +223,8 @@ def train_distributed(
     if workers is not None:
         dist = dist_config_from({**dist.model_dump(), "workers": workers})
     check_plain_name(cfg.name)
+    if target := address or os.environ.get("RAY_ADDRESS"):
+        check_reachable(target)  # before any work: a bad address is one line in seconds
     cfg = prepare_run(cfg, dist)
     env = worker_env(dist)  # reaches the workers and Ray Train's controller through runtime_env
     num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))

@@ -123,7 +123,8 @@ def run_worker(
     cfg = resolved(cfg, placement)
     micro = check_batch_layout(cfg, dist_cfg, world)
     loader = BackboneLoad(cfg, dist_cfg, micro)
-    session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows, placement=placement)
+    session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows, placement=placement,
+                            memory_check=False)  # fmt: skip
     state = store.latest()
     if state is not None:
         load_weights(session.adapter, session.head, state, cfg)  # before DeepSpeed keeps master copies

@@ -14,6 +14,7 @@ inside the comparison, a run's ensemble members) is re-entrant.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -75,6 +76,7 @@ class FolderLock:
         self.path = target.with_name(target.name + ".lock") if is_file else target / LOCK_NAME
         self.what = what or " ".join(Path(sys.argv[0]).name.split() + sys.argv[1:3])
         self.held = False
+        self.created: Path | None = None  # the folder this lock created (removed again if left empty)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -83,7 +85,10 @@ class FolderLock:
             return {}
 
     def acquire(self) -> FolderLock:
-        """Take the lock, or raise :class:`FolderBusy` naming the holder. Creates the folder if needed."""
+        """Take the lock, or raise :class:`FolderBusy` naming the holder. Creates the folder if needed (and
+        removes it on release if the command left it empty: a refused run writes nothing)."""
+        if not self.path.parent.exists():
+            self.created = self.path.parent
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.what, "time": time.time()}
         for _ in range(3):
@@ -122,6 +127,9 @@ class FolderLock:
             if holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+            if self.created is not None:
+                with contextlib.suppress(OSError):  # only when nothing else was written into it
+                    self.created.rmdir()
 
     def __enter__(self) -> FolderLock:
         return self.acquire()

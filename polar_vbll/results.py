@@ -116,6 +116,7 @@ class Training(_Model):
 
     steps: int
     resumed_from_step: int | None
+    batch_size: int | None = None  # examples per step (train.batch_size, clamped to the training split)
     refits: int
     loss: float | None
     orthogonality_error: float

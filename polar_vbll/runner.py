@@ -141,6 +141,7 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         ranks = {k: float(v) for k, v in adapter.stable_ranks().items()}
     return {
         "steps": trainer.state.step,
+        "batch_size": trainer.batch_size,  # examples per step: train.batch_size, clamped to the split
         "resumed_from_step": trainer.state.resumed_from,
         "refits": trainer.refits,
         "loss": history[-1]["loss"] if history else None,

@@ -17,10 +17,11 @@ from torch import nn
 
 from polar_vbll.backbone import answer_head_weight
 from polar_vbll.config import RunConfig
+from polar_vbll.errors import DataError
 from polar_vbll.features import EncodedSplit, encode_examples
 from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS, Method
-from polar_vbll.models import check_model_source, load_backbone
+from polar_vbll.models import check_model_source, load_backbone, load_tokenizer
 from polar_vbll.placement import Placement, placement_for
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
@@ -65,7 +66,25 @@ def validate_inputs(cfg: RunConfig, device: bool = True) -> None:
     if device:
         placement_for(cfg.model)
     check_model_source(cfg.model)
-    load_examples(cfg)
+    check_split_sizes(cfg, load_examples(cfg))
+
+
+def check_split_sizes(cfg: RunConfig, examples: dict[str, list]) -> None:
+    """Refuse splits too small for what the method does with them (:class:`~polar_vbll.errors.DataError`):
+    a head that reads standardised features needs at least 2 training examples (their mean and standard
+    deviation); every split a run predicts needs at least one."""
+    method = METHODS[cfg.method]
+    need = 2 if "features" in method.head_kind.settings else 1
+    n = len(examples["train"])
+    if n < need:
+        raise DataError(
+            f"the training split ({cfg.data.task}, {cfg.data.train_split}) has {n} example(s); {cfg.method} needs "
+            f"at least {need} (its head standardises the features with the training set's mean and standard "
+            "deviation): raise data.train_limit or use more data"
+        )
+    for name, rows in examples.items():
+        if not rows:
+            raise DataError(f"the {name} split of {cfg.data.task} is empty; check data.*_split and data.*_limit")
 
 
 def load_splits(
@@ -137,6 +156,7 @@ def build_session(
     rank: int = 0,
     head_rows: HeadRows = answer_head_weight,
     placement: Placement | None = None,
+    memory_check: bool = True,
 ) -> Session:
     """Build a run's objects. ``splits``/``answer_ids``: already tokenized splits to share (a comparison
     shares them, and their cached frozen-prefix states, across methods and seeds). ``load``: how to load
@@ -146,14 +166,19 @@ def build_session(
     validated before the model loads, so a bad row or task name fails in a second, not after the load. The
     global RNG is seeded with ``train.seed + rank`` (adapter dropout draws from it). ``placement``: where
     the backbone runs and in which dtype (default: :func:`~polar_vbll.placement.placement_for` the config);
-    the adapter follows the backbone's weights and the heads are put on its device, in fp32."""
+    the adapter follows the backbone's weights and the heads are put on its device, in fp32. ``memory_check``:
+    refuse, before the backbone loads, a run whose estimated peak exceeds the device's free memory
+    (``polar_vbll.memory``; workers, whose weights ZeRO shards, skip it)."""
     placement = placement or placement_for(cfg.model)
-    examples = load_examples(cfg) if splits is None or answer_ids is None else None  # data errors first
+    if splits is None or answer_ids is None:  # data errors first, then the prompts' lengths for the memory check
+        splits, answer_ids = load_splits(cfg, load_tokenizer(cfg.model), load_examples(cfg))
+    if memory_check:
+        from polar_vbll.memory import check_session_fits
+
+        check_session_fits(cfg, splits, placement, None)  # before the backbone loads (polar_vbll.memory)
     torch.manual_seed(cfg.train.seed + rank)
     model, tokenizer = (load or load_backbone)(cfg.model, placement)
     adapter = build_adapter(cfg, model)
-    if splits is None or answer_ids is None:
-        splits, answer_ids = load_splits(cfg, tokenizer, examples)
     device = placement.device
     head = build_head(cfg, model, answer_ids, n_train=len(splits["train"]), head_rows=head_rows, device=device)
     zero = zero_shot_head(model, answer_ids, head_rows, device)

@@ -80,14 +80,42 @@ def _one_line_errors(resume_hint: str | None = None) -> Iterator[None]:
         _fail(f"out of accelerator memory ({str(exc).splitlines()[0][:200]}); lower train.batch_size / "
               "train.eval_batch_size or use model.dtype: bfloat16")  # fmt: skip
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        _fail(f"no space left on the device while writing {exc.filename or 'a file'}; free space and rerun "
-              "(the last complete checkpoint is intact)")  # fmt: skip
+        _fail(os_error_line(exc))
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":  # safetensors' own error type for a failed write or read
+            text = str(exc)
+            if "No space left" in text:
+                _fail(f"no space left on the device while writing a safetensors file ({text.splitlines()[0][:200]}); "
+                      "free space and rerun (the last complete checkpoint is intact: checkpoints are written to a "
+                      "temporary folder and renamed into place)")  # fmt: skip
+            _fail(f"a safetensors file could not be written or read: {text.splitlines()[0][:300]}")
+        raise
     except KeyboardInterrupt:
         hint = f"; {resume_hint}" if resume_hint else ""
         typer.secho(f"interrupted{hint}", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free space and rerun (the last complete checkpoint is intact: checkpoints are written to a "
+    "temporary folder and renamed into place)",
+    errno.EDQUOT: "the disk quota is exhausted: free space and rerun (the last complete checkpoint is intact)",
+    errno.EROFS: "the file system is read-only: choose a writable output_dir (--set output_dir=...)",
+    errno.EACCES: "no permission: choose a folder you can write (--set output_dir=...), or fix its permissions",
+    errno.EPERM: "no permission: choose a folder you can write (--set output_dir=...), or fix its permissions",
+    errno.ENOENT: "it does not exist (was it moved or deleted while the command ran?)",
+    errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an operating-system error: what failed, on which file, and what to do."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f" on {exc.filename}" if exc.filename else ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    hint = _OS_HINTS.get(exc.errno or -1)
+    return f"{what}{where}" + (f"; {hint}" if hint else "")
 
 
 def _optional(command: str, **flags: bool) -> list[str]:

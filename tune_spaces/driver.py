@@ -29,10 +29,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from distributed.config import DistConfig
-from distributed.launch import WORKERS, first_error_line, prepare_run, ray_session, worker_env
+from distributed.launch import (
+    WORKERS,
+    first_error_line,
+    prepare_run,
+    ray_session,
+    worker_env,
+)
+from distributed.launch import check_reachable as check_ray_address
 from polar_vbll.config import RunConfig, check_plain_name, parse_config
 from polar_vbll.errors import ConfigError, RunFailure
 from polar_vbll.extras import require
+from polar_vbll.files import read_json
 from polar_vbll.locking import FolderLock
 from polar_vbll.provenance import differences
 from polar_vbll.support import EntryPoint, check_supported
@@ -156,7 +164,7 @@ def _open_parent(
     record_path = folder / "search.json"
     client = client_for(uri)
     if record_path.is_file():
-        record = json.loads(record_path.read_text())
+        record = read_json(record_path, "the search record", SEARCH_FIX)
         if record.get("tracking_uri") == mask_uri(uri):
             try:
                 client.get_run(record["parent_run_id"])
@@ -196,13 +204,17 @@ def search_provenance(cfg: RunConfig, settings: SearchSettings, space: ParamSpac
     return {**base, **searched, **how}
 
 
+#: What to do about a damaged search.json.
+SEARCH_FIX = "start a new search under another name (--name), or delete the folder to start this one afresh"
+
+
 def check_same_search(folder: Path, cfg: RunConfig, settings: SearchSettings, space: ParamSpace) -> None:
     """A rerun resumes a search only with the settings it was started with; otherwise exit 2 naming what
     changed and how to start a new one (its trials would mix two searches)."""
     record_path = folder / "search.json"
     if not record_path.is_file():
         return
-    old = json.loads(record_path.read_text()).get("settings")
+    old = read_json(record_path, "the search record", SEARCH_FIX).get("settings")
     new = search_provenance(cfg, settings, space)
     if old is not None and old != json.loads(json.dumps(new, default=str)):
         raise ConfigError(
@@ -223,6 +235,8 @@ def run_search(
     require("tune_spaces.driver.run_search")  # Ray, DeepSpeed, MLflow: one line naming the extras
     dist = dist or DistConfig()
     check_plain_name(cfg.name, "the search name")
+    if target := address or os.environ.get("RAY_ADDRESS"):
+        check_ray_address(target)  # before any work: a bad address is one line in seconds
     space = get_space(settings.space)
     cfg = _prepare_base(prepare_run(cfg, dist, TRIAL, kind="search"))
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from polar_vbll.errors import UserInputError
+from polar_vbll.files import read_json
 from polar_vbll.tracking import client_for, local_store, mask_uri
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH
 
@@ -23,7 +24,7 @@ def store_of(folder: Path) -> tuple[str, dict[str, Any]]:
     record_path = Path(folder) / "search.json"
     if not record_path.is_file():
         raise UserInputError(f"{folder} is not a search folder (no search.json); run `polar-vbll tune` first")
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path, "the search record", "rerun the search (polar-vbll tune) to rewrite it")
     local_uri, _ = local_store(folder)
     if record.get("tracking_uri") == mask_uri(local_uri):
         return local_uri, record

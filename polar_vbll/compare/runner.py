@@ -32,6 +32,7 @@ from polar_vbll.compare.report import (
 )
 from polar_vbll.config import RunConfig, check_output_folder, parse_config
 from polar_vbll.features import EncodedSplit
+from polar_vbll.files import read_records
 from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.models import load_tokenizer
@@ -118,7 +119,7 @@ class CompareRunner:
     def load_records(self) -> list[dict[str, Any]]:
         if not self.records_path.is_file():
             return []
-        return [json.loads(line) for line in self.records_path.read_text().splitlines() if line.strip()]
+        return read_records(self.records_path, "the comparison's records")
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.records_path, "a") as f:

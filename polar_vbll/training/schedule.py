@@ -27,6 +27,15 @@ def lr_factor(step: int, total: int, warmup_ratio: float, schedule: str) -> floa
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def effective_batch_size(batch_size: int, n: int, multiple: int = 1) -> int:
+    """The batch a step takes: ``train.batch_size``, but never more than the training split (a larger one
+    would repeat every example many times in one step, and its memory with it), rounded down to a multiple
+    of ``multiple`` (workers x gradient accumulation), and at least ``multiple``."""
+    if batch_size <= n:
+        return batch_size
+    return max(multiple, (n // multiple) * multiple)
+
+
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> list[int]:
     """The examples of step ``step``: consecutive slices of per-epoch seeded permutations, so that the
     order depends only on (seed, step) and a resumed run sees the same batches."""

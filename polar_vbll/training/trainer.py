@@ -53,6 +53,7 @@ from polar_vbll.training.optimizers import build_stiefel_optimizer
 from polar_vbll.training.schedule import (
     batch_indices,
     check_resumable,
+    effective_batch_size,
     final_refit_due,
     head_refit_due,
     lr_factor,
@@ -145,6 +146,11 @@ class Trainer:
         )
         self.refits = coordinator.refits
         self.state = TrainState()
+        multiple = backend.world * getattr(backend, "grad_accum", 1)
+        self.batch_size = effective_batch_size(self.tcfg.batch_size, len(self.train_split), multiple)
+        if self.batch_size != self.tcfg.batch_size and backend.rank == 0:
+            print(f"note: train.batch_size={self.tcfg.batch_size} is larger than the training split "
+                  f"({len(self.train_split)} examples); each step takes {self.batch_size}", flush=True)  # fmt: skip
         # losses (and regularizers) of steps taken without a host sync, checked at the next sync point
         self._pending: list[tuple[int, torch.Tensor]] = []
         check_labels(self.train_split, getattr(head, "num_classes", None))
@@ -354,7 +360,7 @@ class Trainer:
         if head_refit_due(step, self.refits, self.refitted, t):
             self.refit_head()
         lr_f = self._set_lr(step)
-        micro = self.backend.micro_batches(batch_indices(step, len(split), t.batch_size, t.seed))
+        micro = self.backend.micro_batches(batch_indices(step, len(split), self.batch_size, t.seed))
         losses, phis = [], []
         for mb in micro:
             with adapter_dropout(self.backend.model, True):  # adapter dropout (if configured) while training
