@@ -83,5 +83,10 @@ def dist_config_from(data: dict[str, Any] | None, overrides: list[str] | None = 
     try:
         return DistConfig.model_validate(merged)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid distributed config:\n" + "\n".join(lines)) from None
+        lines = [f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+                 for e in exc.errors()]  # fmt: skip
+        flag = {"workers": "--workers", "zero_stage": "--zero-stage"}
+        if len(lines) == 1:  # one line: name the flag the value came from
+            key = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else ""
+            raise ConfigError(f"invalid distributed setting {flag.get(key, '--dist-set ' + key)}: {lines[0]}") from None
+        raise ConfigError("invalid distributed config:\n" + "\n".join(f"  {ln}" for ln in lines)) from None

@@ -35,7 +35,7 @@ from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import training_key, write_run_params
 from polar_vbll.session import validate_inputs
-from polar_vbll.support import EntryPoint, Refused, check_supported
+from polar_vbll.support import EntryPoint, Refused, check_supported, unused_note
 from polar_vbll.tracking import TrackingTarget, credentials_note
 from polar_vbll.training import check_resumable
 
@@ -230,6 +230,8 @@ def train_distributed(
     num_cpus = max(1, int(round(dist.workers * dist.cpus_per_worker)))
     folder = Path(cfg.output_dir) / cfg.name if "://" not in cfg.output_dir else Path(cfg.name)
     print(f"run folder: {folder}", flush=True)
+    if note := unused_note(cfg):
+        print(note, flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
     lock = FolderLock(folder, "polar-vbll train --workers") if "://" not in cfg.output_dir else nullcontext()
     with (

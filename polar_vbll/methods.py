@@ -98,6 +98,12 @@ class HeadKind:
     posthoc: Callable[[RunConfig, Head, torch.Tensor, torch.Tensor, torch.Tensor], Head] | None = None
     trains_as: str | None = None  # the kind whose training this one shares (laplace: linear)
     settings: tuple[str, ...] = ()  # the head.* sections that change what is trained
+    post_settings: tuple[str, ...] = ()  # the head.* sections its post-hoc step reads (not what is trained)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every head.* section this kind reads, in training or after it (``polar_vbll.support``)."""
+        return self.settings + self.post_settings
 
     @property
     def training_kind(self) -> str:
@@ -168,9 +174,10 @@ HEADS: Mapping[str, HeadKind] = MappingProxyType(
         "vbll": HeadKind("vbll", _vbll, "eta", settings=("features", "vbll", "fit")),
         # last-layer Laplace on the trained linear head's final features (head.laplace.mean: map refit or as trained)
         "laplace": HeadKind("laplace", _linear, "theta", posthoc=_fit_laplace, trains_as="linear",
-                            settings=("features", "linear")),  # fmt: skip
+                            settings=("features", "linear"), post_settings=("laplace", "fit")),  # fmt: skip
         # a MAP linear head fitted once on the final (for a method that does not train: frozen) features
-        "probe": HeadKind("probe", _linear, "frozen", posthoc=_fit_probe, settings=("features",)),
+        "probe": HeadKind("probe", _linear, "frozen", posthoc=_fit_probe, settings=("features",),
+                          post_settings=("laplace", "fit")),  # fmt: skip
     }
 )
 

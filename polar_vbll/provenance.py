@@ -16,10 +16,8 @@ from typing import Any
 from polar_vbll.config import RunConfig
 from polar_vbll.methods import METHODS
 from polar_vbll.placement import effective_dtype
+from polar_vbll.support import STIEFEL_OPTIM as _STIEFEL_OPTIM  # settings an adapter without U, V ignores
 
-#: Optimizer settings that act on Stiefel factors only (an adapter without them ignores them).
-_STIEFEL_OPTIM = ("optim.method", "optim.retraction", "optim.second_moment", "optim.lr_stiefel",
-                  "optim.landing_lambda")  # fmt: skip
 #: Head settings that act only when predicting (not on what is trained).
 _PREDICTION_ONLY = ("head.vbll.predictive", "head.vbll.mc_samples", "head.vbll.mc_seed",
                     "head.vbll.allow_large_dense")  # fmt: skip

@@ -158,6 +158,8 @@ class RunResults(_Model):
     # where it ran (polar_vbll.placement): the device resolved from model.device, its name, the backbone's
     # dtype, and the fp32 adapters and heads; None in results written before devices were recorded
     placement: dict[str, Any] | None = None
+    # settings the run was given that its method does not read (polar_vbll.support.unused_settings)
+    unused_settings: dict[str, Any] | None = None
     timings: dict[str, float]
     machine: dict[str, Any]
     params: dict[str, Any]

@@ -46,6 +46,7 @@ from polar_vbll.provenance import digest, training_settings
 from polar_vbll.readout import Readout, make_readout, save_readout
 from polar_vbll.results import flat_metrics, machine_info, validate_results
 from polar_vbll.session import Session, build_session, validate_inputs
+from polar_vbll.support import unused_note, unused_settings
 from polar_vbll.training import (
     LocalBackend,
     LocalCheckpoints,
@@ -97,6 +98,7 @@ def write_run_params(cfg: RunConfig, run_dir: Path, placement: Placement | None 
     params = cfg.flat_params()
     if placement is not None:
         params.update({f"placement.{k}": v for k, v in placement.describe().items()})
+    params["unused_settings"] = sorted(unused_settings(cfg))  # given, but not read by the method
     (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
 
 
@@ -263,6 +265,7 @@ def build_results(
             "ensemble_members": trainings if len(trainings) > 1 else None,
             "distributed": distributed,
             "placement": placement.describe() if placement is not None else None,
+            "unused_settings": unused_settings(cfg),
             "timings": timings,
             "machine": machine_info(),
             "params": cfg.flat_params(),
@@ -463,6 +466,8 @@ def run_training(
     check_output_folder(run_dir, "output_dir/name", "run")
     validate_inputs(cfg)
     print(f"run folder: {run_dir.resolve()}", flush=True)
+    if note := unused_note(cfg):
+        print(note, flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
     with (
         FolderLock(run_dir, "polar-vbll train"),  # one writer, taken before anything is written

@@ -59,6 +59,71 @@ def field_value(cfg: BaseModel, path: str) -> Any:
     return value
 
 
+#: Optimizer settings that act on Stiefel factors only.
+STIEFEL_OPTIM = ("optim.method", "optim.retraction", "optim.second_moment", "optim.lr_stiefel",
+                 "optim.landing_lambda")  # fmt: skip
+#: Settings that act only on the eta-phase's schedule (a head the coordinator refits).
+REFIT_SCHEDULE = ("train.alternation", "train.round_steps", "train.final_head_refit")
+#: Settings of the training loop (a method that does not train reads none of them).
+TRAINING_ONLY = ("train.steps", "train.batch_size", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.eval_every", "train.activation_checkpointing", "train.compile")  # fmt: skip
+
+
+def used_by(method: str, path: str) -> bool:
+    """Whether ``method`` (a name in ``polar_vbll.methods.METHODS``) reads the config field ``path``: decided
+    by the registry (its adapter kind's section, its head kind's sections, its predictive's settings,
+    whether it trains and whether its head is refitted), one rule for every field."""
+    from polar_vbll.methods import METHODS
+
+    m = METHODS[method]
+    section, _, rest = path.partition(".")
+    if section in ("polar", "lora"):
+        return section == m.adapter_kind.section
+    if section == "optim":
+        return m.trains and (m.adapter_kind.stiefel or path not in STIEFEL_OPTIM)
+    if section == "head":
+        return rest.split(".")[0] in m.head_kind.reads
+    if path == "eval.mc_dropout_samples":
+        return m.predictive == "mc_dropout"
+    if path == "eval.ensemble_members":
+        return m.predictive == "ensemble"
+    if path in REFIT_SCHEDULE:
+        return m.trains and m.head_kind.refitted
+    if path in TRAINING_ONLY:
+        return m.trains
+    return True
+
+
+def explicit_fields(cfg: BaseModel, prefix: str = "") -> list[str]:
+    """The dotted paths of the fields a config was given (a YAML file's keys, ``--set`` overrides, a
+    method's defaults), not those left at their defaults."""
+    out: list[str] = []
+    for name in sorted(cfg.model_fields_set):
+        value = getattr(cfg, name)
+        if isinstance(value, BaseModel):
+            out += explicit_fields(value, f"{prefix}{name}.")
+        else:
+            out.append(f"{prefix}{name}")
+    return out
+
+
+def unused_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings ``cfg`` was given that its method does not read (:func:`used_by`), with their values: what
+    a run records as unused (``results.json`` ``unused_settings``, ``params.json``) and warns about once."""
+    return {p: field_value(cfg, p) for p in explicit_fields(cfg) if not used_by(cfg.method, p)}
+
+
+def unused_note(cfg: RunConfig) -> str | None:
+    """The one line a run prints about :func:`unused_settings` (None when there are none)."""
+    unused = unused_settings(cfg)
+    if not unused:
+        return None
+    shown = ", ".join(f"{k}={v!r}" for k, v in list(unused.items())[:8])
+    more = f" (+{len(unused) - 8} more)" if len(unused) > 8 else ""
+    return (f"note: {cfg.method} does not use {shown}{more}; recorded as unused (results.json unused_settings) "
+            "and without effect on this run")  # fmt: skip
+
+
 def check_supported(cfg: RunConfig, entry: EntryPoint) -> None:
     """Refuse, with one line, the first field of ``cfg`` that ``entry`` does not run."""
     default = RunConfig(method=cfg.method)

@@ -166,7 +166,7 @@ def train(
         from distributed.config import dist_config_from
         from distributed.launch import train_distributed
 
-        values = {"workers": workers or 2, "zero_stage": 3 if zero_stage is None else zero_stage}
+        values = {"workers": 2 if workers is None else workers, "zero_stage": 3 if zero_stage is None else zero_stage}
         dist = dist_config_from(values, dist_set or [])
         results = train_distributed(cfg, address=address, dist=dist, resume=resume, track=track is not False)
         summary = {k: results["metrics"][k] for k in ("eval", "validation")}
