@@ -466,15 +466,13 @@ def run_training(
     check_output_folder(run_dir, "output_dir/name", "run")
     validate_inputs(cfg)
     print(f"run folder: {run_dir.resolve()}", flush=True)
-    if note := unused_note(cfg):
-        print(note, flush=True)
     tags = {"polar_vbll.role": "run", "polar_vbll.method": cfg.method}
-    with (
-        FolderLock(run_dir, "polar-vbll train"),  # one writer, taken before anything is written
-        tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
-                settings=training_key(cfg), fresh=not resume) as tracker,
-    ):  # fmt: skip
-        outcome = run_method(cfg, entry_point="train", resume=resume, tracker=tracker, progress=progress)
+    with FolderLock(run_dir, "polar-vbll train"):  # one writer, taken before anything is written
+        if note := unused_note(cfg):
+            print(note, flush=True)
+        with tracked(run_dir, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
+                     settings=training_key(cfg), fresh=not resume) as tracker:  # fmt: skip
+            outcome = run_method(cfg, entry_point="train", resume=resume, tracker=tracker, progress=progress)
     print("\n" + (run_dir / "results.md").read_text(), flush=True)
     print(f"run folder: {run_dir.resolve()}", flush=True)
     return outcome.results

@@ -110,6 +110,13 @@ _OS_HINTS = {
 
 def os_error_line(exc: OSError) -> str:
     """One line for an operating-system error: what failed, on which file, and what to do."""
+    import shutil
+
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+        src, dst, why = exc.args[0][0]  # a copy of a folder: the first file that failed
+        full = "No space left" in str(why)
+        hint = _OS_HINTS[errno.ENOSPC] if full else "check the folder and rerun"
+        return f"could not copy {src} to {dst} ({str(why).split(':')[0]}); {hint}"
     what = exc.strerror or str(exc) or type(exc).__name__
     where = f" on {exc.filename}" if exc.filename else ""
     if exc.filename2:

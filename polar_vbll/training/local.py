@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -162,8 +163,28 @@ class LocalCheckpoints:
 
 
 def _replace(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` so that a failure (a full disk while copying) leaves ``dst`` as it was: moved in
+    under a temporary name first, then renamed over ``dst`` (a folder: the old one renamed aside, then
+    removed)."""
+    incoming = dst.with_name(dst.name + ".incoming")
+    _remove(incoming)
+    try:
+        shutil.move(str(src), str(incoming))
+    except BaseException:
+        _remove(incoming)
+        raise
     if dst.is_dir():
-        shutil.rmtree(dst)
-    elif dst.exists():
-        dst.unlink()
-    shutil.move(str(src), str(dst))
+        old = dst.with_name(dst.name + ".old")
+        _remove(old)
+        os.replace(dst, old)
+        os.replace(incoming, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(incoming, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
