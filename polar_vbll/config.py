@@ -290,7 +290,7 @@ class DecisionConfig(_Strict):
 _NAME_PART = re.compile(r"^(?=.*\S)[^/\\\x00-\x1f\x7f]+$")
 
 
-def check_name(name: str, what: str = "name", nested: bool = False) -> str:
+def check_name(name: str, what: str | None = None, nested: bool = False) -> str:
     """A run, comparison or search name is a folder name under ``output_dir``: no ``/`` or ``\\``, no control
     character, never ``.`` or ``..``, never empty or absolute, so that nothing is written outside
     ``output_dir``. ``nested``: ``/``-separated parts are allowed (the names a comparison or an ensemble
@@ -298,14 +298,15 @@ def check_name(name: str, what: str = "name", nested: bool = False) -> str:
     ``ValueError`` saying what is wrong."""
     parts = name.split("/") if nested else [name]
     if any(not _NAME_PART.match(p) or p in (".", "..") for p in parts):
+        subject = f"{what} {name!r} " if what else ""  # a config field's error names the field and value itself
         raise ValueError(
-            f"{what} {name!r} must be a plain folder name (no '/', '\\', '..', control characters or absolute "
-            "path: it names a folder under output_dir)"
+            f"{subject}must be a plain folder name under output_dir (no '/', '\\', '..', control characters or "
+            "absolute path)"
         )
     return name
 
 
-def check_plain_name(name: str, what: str = "name") -> None:
+def check_plain_name(name: str, what: str = "the name") -> None:
     """:func:`check_name` for a name a user gives (one plain part), as a :class:`ConfigError`."""
     try:
         check_name(name, what)
