@@ -96,7 +96,7 @@ class CompareConfig(BaseModel):
     def _plain_name(cls, v: str) -> str:
         from polar_vbll.config import check_name
 
-        return check_name(v, "the comparison name")
+        return check_name(v)
 
     @field_validator("methods")
     @classmethod
