@@ -61,8 +61,8 @@ def test_a_read_only_run_folder_is_one_line_for_calibrate(trained, monkeypatch):
     assert "Read-only file system on" in line and "rule.json" in line
 
 
+@pytest.mark.extras("mlflow")
 def test_a_read_only_tracking_store_is_one_line(tmp_path, monkeypatch):
-    pytest.importorskip("mlflow")
     import polar_vbll.tracking as tracking
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
