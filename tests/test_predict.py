@@ -398,3 +398,27 @@ def test_choices_that_differ_only_in_case_are_different_answers_on_every_reader(
     assert p.calibrate(RuleSettings(coverage=0.5), rows).threshold.n == 12
     assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
 
+
+def test_a_single_class_calibration_set_is_warned_about_and_calibrates(calibrated, tmp_path):
+    """Decision calibration still holds for questions drawn like these, so one answer class is a warning
+    (naming the file, the count and the class), not a refusal; two classes are not warned about."""
+    import warnings as _warnings
+
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.predictor import Predictor
+
+    run, _ = calibrated
+    ex = [e for e in load_task("arc_easy", "validation", seed=0) if e.answer == 1][:15]
+    rows = [{"question": e.question, "choices": list(e.choices), "answer": e.answer} for e in ex]
+    f = _write(tmp_path / "all_b.jsonl", rows)
+    with pytest.warns(UserWarning, match=f"^{f}: all 15 calibration questions are answered B; "):
+        res = _invoke("calibrate", run, "--data", f, "--no-progress", "--coverage", "0.5", "--alpha", "0.2")
+    assert res.exit_code == 0 and "calibrated on 15 questions" in res.output, res.output
+    p = Predictor.from_run(run, need_rule=False)
+    with pytest.warns(UserWarning, match="^questions given through the Python API: all 15 calibration questions"):
+        p.calibrate(RuleSettings(coverage=0.5, alpha=0.2), rows)
+    mixed = rows[:14] + [{"question": "Which is even?", "choices": ["1", "2", "3"], "answer": 0}]
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        p.calibrate(RuleSettings(coverage=0.5, alpha=0.2), mixed)
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
