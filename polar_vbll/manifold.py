@@ -145,6 +145,40 @@ def landing_field(x: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
     return g @ gram - x @ gtx + lam * (x @ (gram - _eye_like(x)))
 
 
+def safe_landing_step(x: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
+    """Keep a landing step inside the safe region ``||X^T X - I||_F <= bound``, per factor.
+
+    ``x``: the factors before the step (inside the region); ``y``: after the unguarded step ``y = x - D``.
+    A factor whose ``y`` is inside keeps it unchanged. For one that would leave:
+
+    1. ``x`` first takes the landing field's normal step, ``x_p = x - mu x (x^T x - I)`` with
+       ``mu = 1 / (2 max(1, d))`` (``d = ||x^T x - I||_F``): for ``d <= 1`` the Newton-Schulz step, the normal
+       term at ``lambda * step = 1/2``, which maps every eigenvalue ``e`` of ``x^T x - I`` to
+       ``-3/4 e^2 + 1/4 e^3``, so ``d`` to at most ``d^2`` (the normal component of Xiong, Gao & Absil's
+       landing); damped beyond, so that a factor far off is contracted too;
+    2. then the largest fraction ``s`` in ``[0, 1]`` of ``D`` that provably stays inside: with ``A = x_p^T
+       x_p - I``, ``B = x_p^T D + D^T x_p`` and ``C = D^T D``, ``||(x_p - s D)^T (x_p - s D) - I||_F =
+       ||A - s B + s^2 C||_F <= ||A|| + s ||B|| + s^2 ||C||``, so ``s`` is the positive root of ``||C|| s^2 +
+       ||B|| s = bound - ||A||`` (the safe step of Ablin & Peyre 2022 and Ablin, Vary, Gao & Absil 2024, for
+       any direction, here the AdamW-normalised one).
+
+    Only ``r x r`` products and ``n x r`` updates; no host sync (a per-factor ``torch.where``).
+    """
+    eye = _eye_like(x)
+    delta = x - y
+    inside = torch.linalg.matrix_norm(_gram(y) - eye, keepdim=True) <= bound
+    e = _gram(x) - eye
+    d = torch.linalg.matrix_norm(e, keepdim=True)
+    xp = x - (0.5 / d.clamp_min(1.0)) * (x @ e)
+    room = (bound - torch.linalg.matrix_norm(_gram(xp) - eye, keepdim=True)).clamp_min(0.0)
+    cross = xp.transpose(-2, -1) @ delta
+    b = torch.linalg.matrix_norm(cross + cross.transpose(-2, -1), keepdim=True)
+    c = torch.linalg.matrix_norm(_gram(delta), keepdim=True)
+    denom = b + torch.sqrt(b * b + 4.0 * c * room)
+    s = torch.where(denom > 0, 2.0 * room / denom.clamp_min(torch.finfo(x.dtype).tiny), 1.0).clamp(max=1.0)
+    return torch.where(inside, y, xp - s * delta)
+
+
 # ------------------------------------------------------------------------------------------ retractions
 def retract_qr(x: torch.Tensor) -> torch.Tensor:
     """Q factor of ``X = QR`` with signs fixed so that ``diag(R) > 0`` (a zero diagonal counts as +).

@@ -19,7 +19,7 @@ from polar_vbll.placement import effective_dtype
 
 #: Optimizer settings that act on Stiefel factors only (an adapter without them ignores them).
 _STIEFEL_OPTIM = ("optim.method", "optim.retraction", "optim.second_moment", "optim.lr_stiefel",
-                  "optim.landing_lambda")  # fmt: skip
+                  "optim.landing_lambda", "optim.landing_safe_distance")  # fmt: skip
 #: Head settings that act only when predicting (not on what is trained).
 _PREDICTION_ONLY = ("head.vbll.predictive", "head.vbll.mc_samples", "head.vbll.mc_seed",
                     "head.vbll.allow_large_dense")  # fmt: skip
