@@ -151,7 +151,7 @@ def safe_landing_step(x: torch.Tensor, y: torch.Tensor, bound: float) -> torch.T
     ``x``: the factors before the step (inside the region); ``y``: after the unguarded step ``y = x - D``.
     A factor whose ``y`` is inside keeps it unchanged. For one that would leave:
 
-    1. ``x`` first takes the landing field's normal step, ``x_p = x - mu x (x^T x - I)`` with
+    1. ``x`` first takes the landing field's normal step, ``x_p = x - mu x (x^T x - I) = x M`` with
        ``mu = 1 / (2 max(1, d))`` (``d = ||x^T x - I||_F``): for ``d <= 1`` the Newton-Schulz step, the normal
        term at ``lambda * step = 1/2``, which maps every eigenvalue ``e`` of ``x^T x - I`` to
        ``-3/4 e^2 + 1/4 e^3``, so ``d`` to at most ``d^2`` (the normal component of Xiong, Gao & Absil's
@@ -162,21 +162,25 @@ def safe_landing_step(x: torch.Tensor, y: torch.Tensor, bound: float) -> torch.T
        ||B|| s = bound - ||A||`` (the safe step of Ablin & Peyre 2022 and Ablin, Vary, Gao & Absil 2024, for
        any direction, here the AdamW-normalised one).
 
-    Only ``r x r`` products and ``n x r`` updates; no host sync (a per-factor ``torch.where``).
+    Four ``n x r^2`` products (``x^T x``, ``x^T D``, ``D^T D`` and ``x M``; every other quantity is an ``r x r``
+    expression in them, e.g. ``y^T y = x^T x - x^T D - D^T x + D^T D``), no host sync (a per-factor
+    ``torch.where``).
     """
     eye = _eye_like(x)
     delta = x - y
-    inside = torch.linalg.matrix_norm(_gram(y) - eye, keepdim=True) <= bound
     e = _gram(x) - eye
+    p = x.transpose(-2, -1) @ delta
+    c_mat = _gram(delta)
+    inside = torch.linalg.matrix_norm(e - p - p.transpose(-2, -1) + c_mat, keepdim=True) <= bound
     d = torch.linalg.matrix_norm(e, keepdim=True)
-    xp = x - (0.5 / d.clamp_min(1.0)) * (x @ e)
-    room = (bound - torch.linalg.matrix_norm(_gram(xp) - eye, keepdim=True)).clamp_min(0.0)
-    cross = xp.transpose(-2, -1) @ delta
-    b = torch.linalg.matrix_norm(cross + cross.transpose(-2, -1), keepdim=True)
-    c = torch.linalg.matrix_norm(_gram(delta), keepdim=True)
+    m = eye - (0.5 / d.clamp_min(1.0)) * e  # x_p = x m
+    room = (bound - torch.linalg.matrix_norm(m @ (e + eye) @ m - eye, keepdim=True)).clamp_min(0.0)
+    mp = m @ p  # x_p^T D
+    b = torch.linalg.matrix_norm(mp + mp.transpose(-2, -1), keepdim=True)
+    c = torch.linalg.matrix_norm(c_mat, keepdim=True)
     denom = b + torch.sqrt(b * b + 4.0 * c * room)
     s = torch.where(denom > 0, 2.0 * room / denom.clamp_min(torch.finfo(x.dtype).tiny), 1.0).clamp(max=1.0)
-    return torch.where(inside, y, xp - s * delta)
+    return torch.where(inside, y, x @ m - s * delta)
 
 
 # ------------------------------------------------------------------------------------------ retractions
