@@ -124,6 +124,14 @@ class OptimConfig(_Strict):
     lr_stiefel: float = Field(4e-3, gt=0)
     lr_theta: float = Field(4e-3, gt=0)
     landing_lambda: float = Field(5e-3, ge=0)
+    landing_safe_distance: float | None = Field(
+        0.1,
+        ge=1e-3,
+        le=1.0,
+        description="[choice] landing's safeguard: the bound on ||X^T X - I||_F that every landing step keeps "
+        "(a step that would leave it takes the normal Newton-Schulz step and the largest safe fraction of the "
+        "AdamW step); null: PoLAR's unguarded landing",
+    )
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     theta_weight_decay: float = Field(0.0, ge=0)

@@ -145,6 +145,44 @@ def landing_field(x: torch.Tensor, g: torch.Tensor, lam: float) -> torch.Tensor:
     return g @ gram - x @ gtx + lam * (x @ (gram - _eye_like(x)))
 
 
+def safe_landing_step(x: torch.Tensor, y: torch.Tensor, bound: float) -> torch.Tensor:
+    """Keep a landing step inside the safe region ``||X^T X - I||_F <= bound``, per factor.
+
+    ``x``: the factors before the step (inside the region); ``y``: after the unguarded step ``y = x - D``.
+    A factor whose ``y`` is inside keeps it unchanged. For one that would leave:
+
+    1. ``x`` first takes the landing field's normal step, ``x_p = x - mu x (x^T x - I) = x M`` with
+       ``mu = 1 / (2 max(1, d))`` (``d = ||x^T x - I||_F``): for ``d <= 1`` the Newton-Schulz step, the normal
+       term at ``lambda * step = 1/2``, which maps every eigenvalue ``e`` of ``x^T x - I`` to
+       ``-3/4 e^2 + 1/4 e^3``, so ``d`` to at most ``d^2`` (the normal component of Xiong, Gao & Absil's
+       landing); damped beyond, so that a factor far off is contracted too;
+    2. then the largest fraction ``s`` in ``[0, 1]`` of ``D`` that provably stays inside: with ``A = x_p^T
+       x_p - I``, ``B = x_p^T D + D^T x_p`` and ``C = D^T D``, ``||(x_p - s D)^T (x_p - s D) - I||_F =
+       ||A - s B + s^2 C||_F <= ||A|| + s ||B|| + s^2 ||C||``, so ``s`` is the positive root of ``||C|| s^2 +
+       ||B|| s = bound - ||A||`` (the safe step of Ablin & Peyre 2022 and Ablin, Vary, Gao & Absil 2024, for
+       any direction, here the AdamW-normalised one).
+
+    Four ``n x r^2`` products (``x^T x``, ``x^T D``, ``D^T D`` and ``x M``; every other quantity is an ``r x r``
+    expression in them, e.g. ``y^T y = x^T x - x^T D - D^T x + D^T D``), no host sync (a per-factor
+    ``torch.where``).
+    """
+    eye = _eye_like(x)
+    delta = x - y
+    e = _gram(x) - eye
+    p = x.transpose(-2, -1) @ delta
+    c_mat = _gram(delta)
+    inside = torch.linalg.matrix_norm(e - p - p.transpose(-2, -1) + c_mat, keepdim=True) <= bound
+    d = torch.linalg.matrix_norm(e, keepdim=True)
+    m = eye - (0.5 / d.clamp_min(1.0)) * e  # x_p = x m
+    room = (bound - torch.linalg.matrix_norm(m @ (e + eye) @ m - eye, keepdim=True)).clamp_min(0.0)
+    mp = m @ p  # x_p^T D
+    b = torch.linalg.matrix_norm(mp + mp.transpose(-2, -1), keepdim=True)
+    c = torch.linalg.matrix_norm(c_mat, keepdim=True)
+    denom = b + torch.sqrt(b * b + 4.0 * c * room)
+    s = torch.where(denom > 0, 2.0 * room / denom.clamp_min(torch.finfo(x.dtype).tiny), 1.0).clamp(max=1.0)
+    return torch.where(inside, y, x @ m - s * delta)
+
+
 # ------------------------------------------------------------------------------------------ retractions
 def retract_qr(x: torch.Tensor) -> torch.Tensor:
     """Q factor of ``X = QR`` with signs fixed so that ``diag(R) > 0`` (a zero diagonal counts as +).

@@ -14,6 +14,7 @@ on its chunk, so the same input gives the same output in one process or on Ray D
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,21 @@ class Question:
     example: MCExample
     has_answer: bool = True
     line: int | None = None
+
+
+def warn_one_class(examples: Sequence[MCExample], source: str) -> None:
+    """Warn when every calibration question has the same answer: the rule still holds for questions like
+    these (Learn-then-Test and the conformal sets need only exchangeability), but nothing in them tells how
+    the model errs on questions with other answers (docs/predict.md)."""
+    classes = {e.answer for e in examples}
+    if len(examples) > 1 and len(classes) == 1:
+        letter = chr(ord("A") + next(iter(classes)))
+        warnings.warn(
+            f"{source}: all {len(examples)} calibration questions are answered {letter}; the rule is fitted to "
+            "one answer class and says nothing of questions with other answers; calibrate on questions "
+            "drawn like the ones you will predict",
+            stacklevel=3,
+        )
 
 
 def check_width(folder: RunFolder, questions: Sequence[Question], where: str) -> None:
@@ -169,6 +185,7 @@ class Predictor:
             d = cfg.data
             examples = load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit)
             source = source or f"{d.task}:{d.val_split} (the run's validation split)"
+        warn_one_class(examples, source or "questions given through the Python API")
         t = self.folder.temperature() if temperature else None
         preds, n_choices = self.predictive(examples, temperature=t, name="calibration", cache=True, progress=progress)
         data = CalibrationData(preds.probs, preds.labels, n_choices, preds.epistemic)

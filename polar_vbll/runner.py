@@ -22,6 +22,7 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from polar_vbll.training import (
     check_same_data,
     load_weights,
 )
+from polar_vbll.training.optimizers import off_manifold_warning
 
 
 @dataclass
@@ -141,6 +143,10 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
     adapter = trainer.adapter
     with trainer.backend.gathered(adapter.theta_parameters()):
         ranks = {k: float(v) for k, v in adapter.stable_ranks().items()}
+    orthogonality = float(adapter.orthogonality_error())
+    warning = off_manifold_warning(trainer.cfg.optim, orthogonality, trainer.state.step)
+    if warning is not None and trainer.backend.rank == 0:
+        warnings.warn(warning, stacklevel=2)
     return {
         "steps": trainer.state.step,
         "batch_size": trainer.batch_size,  # examples per step: train.batch_size, clamped to the split
@@ -150,7 +156,7 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "loss_data": history[-1].get("loss_data") if history else None,
         "loss_regularizer": history[-1].get("loss_regularizer") if history else None,
         "head_fits": trainer.state.head_fits,
-        "orthogonality_error": float(adapter.orthogonality_error()),
+        "orthogonality_error": orthogonality,
         "stable_rank_mean": sum(ranks.values()) / len(ranks) if ranks else None,
         "stable_ranks": ranks,
         "history": history,

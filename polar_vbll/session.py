@@ -46,16 +46,45 @@ class Session:
 
 
 def load_examples(cfg: RunConfig) -> dict[str, list]:
-    """The examples of every split a run reads: ``train``, ``validation``, ``eval`` and ``ood:<task>``."""
+    """The examples of every split a run reads: ``train``, ``validation``, ``eval`` and ``ood:<task>``; a
+    training split of one answer class is refused (:func:`check_training_classes`)."""
     d = cfg.data
     examples = {
         "train": load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit),
         "validation": load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit),
         "eval": load_task(d.task, d.eval_split, seed=d.split_seed, limit=d.eval_limit),
     }
+    check_training_classes(cfg, examples["train"])
     for task in d.ood_tasks:
         examples[f"ood:{task}"] = load_task(task, d.ood_split, seed=d.split_seed, limit=d.ood_limit)
     return examples
+
+
+def learns_from_labels(method: str) -> bool:
+    """Whether ``method`` fits anything to the training answers: every method but the zero-shot model
+    (the linear probe trains no adapter but fits its head to them)."""
+    m = METHODS[method]
+    return m.trains or m.head != "deterministic"
+
+
+def check_training_classes(cfg: RunConfig, train: list) -> None:
+    """Refuse (``DataError``, one line) a training split whose answers are all one class, for a method that
+    learns from them: it can only learn to answer that class, and its calibration measures nothing.
+    Checked by every entry point before any work (:func:`validate_inputs`, a comparison's data check)."""
+    classes = {e.answer for e in train}
+    if len(classes) != 1 or not learns_from_labels(cfg.method):
+        return
+    d, k = cfg.data, next(iter(classes))
+    texts = {e.choices[k] for e in train}
+    text = f" ({next(iter(texts))!r})" if len(texts) == 1 else ""
+    limit = f", data.train_limit={d.train_limit}" if d.train_limit is not None else ""
+    raise DataError(
+        f"data.task={d.task}: the training split {d.train_split!r} (data.split_seed={d.split_seed}{limit}) holds "
+        + (f"{len(train)} questions, all answered " if len(train) > 1 else "1 question, answered ")
+        + f"{chr(ord('A') + k)}{text}: a model trained on one answer class learns only to give it; train on "
+        "questions with at least two different answers (more data, a larger data.train_limit, or another "
+        "data.split_seed)"
+    )
 
 
 def validate_inputs(cfg: RunConfig, device: bool = True) -> None:

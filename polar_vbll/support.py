@@ -61,7 +61,7 @@ def field_value(cfg: BaseModel, path: str) -> Any:
 
 #: Optimizer settings that act on Stiefel factors only.
 STIEFEL_OPTIM = ("optim.method", "optim.retraction", "optim.second_moment", "optim.lr_stiefel",
-                 "optim.landing_lambda")  # fmt: skip
+                 "optim.landing_lambda", "optim.landing_safe_distance")  # fmt: skip
 #: Settings that act only on the eta-phase's schedule (a head the coordinator refits).
 REFIT_SCHEDULE = ("train.alternation", "train.round_steps", "train.final_head_refit")
 #: Settings of the training loop (a method that does not train reads none of them).

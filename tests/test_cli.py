@@ -65,8 +65,8 @@ def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
 
 
 def test_user_jsonl_data_trains(tmp_path):
-    rows = [
-        {"question": f"What is {i} + 1?", "choices": [str(i + 1), str(i + 2), str(i)], "answer": 0}
+    rows = [  # the right answer's place rotates: a training split of one answer class is refused
+        {"question": f"What is {i} + 1?", "choices": [str(i + 1 + (k - i % 3) % 3) for k in range(3)], "answer": i % 3}
         for i in range(20)
     ]
     data = tmp_path / "mine.jsonl"
@@ -224,3 +224,62 @@ def test_an_output_in_a_submitted_jobs_temporary_working_dir_is_refused_by_every
     assert result.exit_code == 2, result.output
     assert "inside Ray's temporary copy of this job's working_dir" in result.output
     assert not job.exists()
+
+
+ONE_CLASS = "holds 6 questions, all answered B ('yes'): a model trained on one answer class learns only to give it"
+
+
+@pytest.mark.parametrize("entry", ["train", "compare", "train --workers", "search trial"])
+def test_a_single_class_training_split_is_refused_before_any_work(tmp_path, entry):
+    """Every entry point refuses, in one line naming the split, its size and its one class, before any
+    folder is made or a model loads; the zero-shot model, which learns nothing from the answers, runs."""
+    import yaml
+
+    data = tmp_path / "yes.jsonl"  # ten questions, all answered "yes": the 60% training split holds 6
+    data.write_text("".join(json.dumps({"question": f"Is {i} < {i + 1}?", "choices": ["no", "yes"], "answer": "yes"})
+                            + "\n" for i in range(10)))  # fmt: skip
+    sets = [f"data.task=jsonl:{data}", "data.train_limit=null", "data.val_limit=null", "data.eval_limit=null"]
+    out = tmp_path / "runs"
+    if entry == "train":
+        result = _train(out, *[a for s in sets for a in ("--set", s)])
+        _assert_clean_error(result, f"data.task=jsonl:{data}: the training split 'train' (data.split_seed=0)",
+                            ONE_CLASS)  # fmt: skip
+        assert len(result.output.strip().splitlines()) == 1
+    elif entry == "compare":
+        cfg = {"name": "c", "output_dir": str(out), "tasks": [f"jsonl:{data}"], "seeds": [0],
+               "methods": ["zero_shot", "polar_vbll"],
+               "base": {"model": {"source": "tiny", "tiny_hidden": 64, "tiny_layers": 2},
+                        "data": {"train_limit": None, "val_limit": None, "eval_limit": None}}}  # fmt: skip
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+        result = runner.invoke(app, ["compare", "--config", str(tmp_path / "c.yaml"), "--no-progress", "--no-track"])
+        _assert_clean_error(result, ONE_CLASS)
+        assert len(result.output.strip().splitlines()) == 1
+    else:
+        from distributed.config import DistConfig
+        from distributed.launch import WORKERS, prepare_run
+        from polar_vbll.config import load_config, resolve_config
+        from polar_vbll.errors import DataError
+
+        where = WORKERS
+        if entry == "search trial":
+            where = pytest.importorskip("tune_spaces.driver").TRIAL
+        cfg = load_config(resolve_config("tiny", "run"), [f"output_dir={out}", "method=polar_vbll", *sets])
+        with pytest.raises(DataError, match=ONE_CLASS.replace("(", r"\(").replace(")", r"\)")):
+            prepare_run(cfg, DistConfig(workers=2), where, kind="search" if entry == "search trial" else "run")
+    assert not out.exists()  # no run, comparison or search folder
+
+
+def test_a_one_class_training_split_is_fine_for_the_zero_shot_model_and_refused_for_the_probe(tmp_path):
+    """The check follows what a method learns from: the zero-shot model reads no training answers; the linear
+    probe trains no adapter but fits its head to them. A built-in task cut to one example is one class too."""
+    from polar_vbll.config import load_config, resolve_config
+    from polar_vbll.errors import DataError
+    from polar_vbll.session import validate_inputs
+
+    def cfg(method, *extra):
+        return load_config(resolve_config("tiny", "run"), [f"output_dir={tmp_path}", f"method={method}", *extra])
+
+    validate_inputs(cfg("zero_shot", "data.task=sst2", "data.train_limit=1"))
+    with pytest.raises(DataError, match=r"data.task=sst2: .* holds 1 question, answered B \('positive'\)"):
+        validate_inputs(cfg("linear_probe", "data.task=sst2", "data.train_limit=1"))
+    validate_inputs(cfg("linear_probe", "data.task=sst2", "data.train_limit=2"))  # seed 0's first two differ

@@ -64,7 +64,7 @@ def test_tracking_into_a_file_store_is_refused_on_several_nodes(tmp_path):
 
 def test_a_data_file_missing_on_a_node_is_named(tmp_path):
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(f'{{"question": "q{i}", "choices": ["a", "b"], "answer": 0}}\n' for i in range(20)))
+    data.write_text("".join(f'{{"question": "q{i}", "choices": ["a", "b"], "answer": {i % 2}}}\n' for i in range(20)))
     cfg = _cfg(tmp_path, f"data.task=jsonl:{data}", "data.train_limit=null", "data.val_limit=null",
                "data.eval_limit=null")  # fmt: skip
     blind_to_data = lambda node, paths: [not (node == "b" * 56 and p == str(data)) for p in paths]  # noqa: E731

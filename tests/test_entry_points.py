@@ -75,6 +75,7 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "optim.lr_stiefel": (0.01, ALL),
     "optim.lr_theta": (0.02, ALL),
     "optim.landing_lambda": (0.01, ALL),
+    "optim.landing_safe_distance": (0.05, ALL),
     "optim.betas": ([0.8, 0.99], ALL),
     "optim.eps": (1e-6, ALL),
     "optim.theta_weight_decay": (0.01, ALL),

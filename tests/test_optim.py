@@ -100,7 +100,7 @@ def test_landing_is_adamw_on_the_landing_field(weight_decay: float) -> None:
     ours = prob.x0.clone().requires_grad_()
     ref = prob.x0.clone().requires_grad_()
     kw = dict(lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=weight_decay)
-    opt = StiefelOptimizer([ours], method="landing", landing_lambda=0.5, **kw)
+    opt = StiefelOptimizer([ours], method="landing", landing_lambda=0.5, landing_safe_distance=None, **kw)
     opt_ref = torch.optim.AdamW([ref], foreach=False, **kw)
     for _ in range(8):
         prob.run(ours, opt, 1)
@@ -255,10 +255,15 @@ def test_stiefel_step_stats() -> None:
 
 
 # -------------------------------------------------------------------------------------------- acceptance
-def _fit_low_rank(method: str, retraction: str, lr: float, landing_lambda: float = 5e-3) -> dict[str, float]:
-    """Fit U Theta V^T to a random rank-6 target (4 factors of each shape, fp32) for 1000 steps.
+def _fit_low_rank(
+    method: str, retraction: str, lr: float, landing_lambda: float = 5e-3, safe: float | None = None,
+    steps: int = 1000,
+) -> dict[str, float]:  # fmt: skip
+    """Fit U Theta V^T to a random rank-6 target (4 factors of each shape, fp32) for ``steps`` steps.
 
-    Theta starts at 0 and gets plain Adam, as in PoLAR. Returns the loss ratio and orthogonality errors.
+    Theta starts at 0 and gets plain Adam, as in PoLAR. ``safe``: the landing safeguard's bound (None:
+    PoLAR's unguarded landing). Returns the loss ratio and orthogonality errors (``orth_every``: the largest
+    after every step, in float64).
     """
     gen = _gen(0)
     g, m, n, r = 4, 96, 64, 6
@@ -267,10 +272,11 @@ def _fit_low_rank(method: str, retraction: str, lr: float, landing_lambda: float
     u = random_stiefel(g, n=m, r=r, generator=gen).requires_grad_()
     v = random_stiefel(g, n=n, r=r, generator=gen).requires_grad_()
     theta = torch.zeros(g, r, r, requires_grad=True)
-    opt = StiefelOptimizer([u, v], lr=lr, method=method, retraction=retraction, landing_lambda=landing_lambda)
+    opt = StiefelOptimizer([u, v], lr=lr, method=method, retraction=retraction, landing_lambda=landing_lambda,
+                           landing_safe_distance=safe)  # fmt: skip
     opt_theta = torch.optim.Adam([theta], lr=1e-2)
-    first = late_max = 0.0
-    for step in range(1000):
+    first = late_max = every_max = 0.0
+    for step in range(steps):
         opt.zero_grad()
         opt_theta.zero_grad()
         loss = ((u @ theta @ v.mT - target) ** 2).mean()
@@ -278,11 +284,13 @@ def _fit_low_rank(method: str, retraction: str, lr: float, landing_lambda: float
         opt.step()
         opt_theta.step()
         first = first or loss.item()
+        err = stiefel_step_stats([u, v])["orth_err_max"]
+        every_max = max(every_max, err)
         if step >= 100 and step % 10 == 0:
-            late_max = max(late_max, stiefel_step_stats([u, v])["orth_err_max"])
+            late_max = max(late_max, err)
     final = ((u @ theta @ v.mT - target) ** 2).mean().item()
     orth_final = stiefel_step_stats([u, v])["orth_err_max"]
-    return {"loss_ratio": final / first, "orth_final": orth_final, "orth_late": late_max}
+    return {"loss_ratio": final / first, "orth_final": orth_final, "orth_late": late_max, "orth_every": every_max}
 
 
 @pytest.mark.parametrize("retraction", RETRACTIONS)
@@ -301,8 +309,106 @@ def test_landing_drift_stays_bounded(one_thread) -> None:
     step 200, 1.3e-4 at step 500, 5.5e-3 at step 1000 (Adam's jitter near convergence). Without the
     penalty (lambda = 0) the factors grow off the manifold to an error of ~4.
     """
-    out = _fit_low_rank("landing", "cholqr2", lr=4e-3)
+    out = _fit_low_rank("landing", "cholqr2", lr=4e-3, safe=None)
     assert out["loss_ratio"] < 0.05  # measured 0.017
     assert out["orth_late"] < 3e-2 and out["orth_final"] < 3e-2  # measured 9.3e-3 (max, steps 100+), 5.5e-3
     unpenalised = _fit_low_rank("landing", "cholqr2", lr=4e-3, landing_lambda=0.0)
     assert unpenalised["orth_final"] > 1.0  # measured 3.8
+    # the safeguard (bound 0.1) catches the early spike and the unpenalised drift alike, and trains as well
+    guarded = _fit_low_rank("landing", "cholqr2", lr=4e-3, safe=0.1)
+    assert guarded["orth_every"] <= 0.1 * (1 + 1e-4) and guarded["loss_ratio"] < 0.05
+    guarded = _fit_low_rank("landing", "cholqr2", lr=4e-3, landing_lambda=0.0, safe=0.1)
+    assert guarded["orth_every"] <= 0.1 * (1 + 1e-4) and guarded["loss_ratio"] < 0.05
+
+
+# ---------------------------------------------------------------------- the landing safeguard (issue 21)
+def _near_manifold(g: int, n: int, r: int, dist: float, seed: int, outward: bool = False) -> torch.Tensor:
+    """Factors at exactly ``||X^T X - I||_F = dist`` (a random symmetric direction; ``outward``: a positive
+    semi-definite one, so that any ``dist`` is reachable), float64."""
+    gen = _gen(seed)
+    q = random_stiefel(g, n=n, r=r, generator=gen, dtype=F64)
+    s = torch.randn(g, r, r, generator=gen, dtype=F64)
+    s = s @ s.mT if outward else s + s.mT
+    e = dist * s / torch.linalg.matrix_norm(s, keepdim=True)  # X^T X = I + e: X = Q (I + e)^(1/2)
+    w, vec = torch.linalg.eigh(torch.eye(r, dtype=F64) + e)
+    return q @ vec @ torch.diag_embed(w.sqrt()) @ vec.mT
+
+
+def test_safe_landing_step_keeps_the_bound_and_takes_the_largest_provably_safe_fraction():
+    """Against an independent computation in numpy: every factor ends within the bound; a step that stays
+    inside is returned untouched (bit for bit); one that would leave is the Newton-Schulz-pulled point minus
+    the fraction s of the step that solves ||A|| + s ||B|| + s^2 ||C|| = bound (numpy's polynomial roots)."""
+    import numpy as np
+
+    from polar_vbll.manifold import orthogonality_error, safe_landing_step
+
+    bound = 0.1
+    x = _near_manifold(6, n=40, r=5, dist=0.08, seed=3)
+    gen = _gen(4)
+    scale = torch.tensor([1e-4, 1e-3, 0.02, 0.05, 0.2, 1.0], dtype=F64).view(6, 1, 1)  # small to huge steps
+    y = x - scale * torch.randn(x.shape, generator=gen, dtype=F64)
+    out = safe_landing_step(x, y, bound)
+    assert (orthogonality_error(out) <= bound * (1 + 1e-12)).all()
+    eye = np.eye(5)
+    for i in range(6):
+        xi, yi = x[i].numpy(), y[i].numpy()
+        if np.linalg.norm(yi.T @ yi - eye) <= bound:
+            assert torch.equal(out[i], y[i])
+            continue
+        e = xi.T @ xi - eye
+        xp = xi - 0.5 / max(1.0, np.linalg.norm(e)) * xi @ e
+        delta = xi - yi
+        a = np.linalg.norm(xp.T @ xp - eye)
+        b = np.linalg.norm(xp.T @ delta + delta.T @ xp)
+        c = np.linalg.norm(delta.T @ delta)
+        s = min(1.0, max(r.real for r in np.roots([c, b, a - bound]) if abs(r.imag) < 1e-12))
+        np.testing.assert_allclose(out[i].numpy(), xp - s * delta, rtol=0, atol=1e-12)
+        assert a <= 0.08**2  # the Newton-Schulz step: d -> at most d^2
+    assert sum(not torch.equal(out[i], y[i]) for i in range(6)) >= 3  # the large steps were guarded
+
+
+def test_safe_landing_step_brings_a_far_factor_back():
+    """Factors far off (d = 3 and 8: singular values up to 2 and 3, where the plain Newton-Schulz step
+    diverges beyond sqrt(3)) are contracted step after step, not blown up, back within the bound."""
+    from polar_vbll.manifold import orthogonality_error, safe_landing_step
+
+    x = torch.cat([_near_manifold(1, n=30, r=4, dist=d, seed=5, outward=True) for d in (3.0, 8.0)])
+    assert torch.linalg.matrix_norm(x, ord=2).max() > 3**0.5
+    d = [float(orthogonality_error(x).max())]
+    for _ in range(12):
+        x = safe_landing_step(x, x.clone(), 0.1)
+        d.append(float(orthogonality_error(x).max()))
+    assert all(b < a for a, b in zip(d, d[1:], strict=False) if a > 0.1) and d[-1] <= 0.1, d
+
+
+@pytest.mark.parametrize("lr", [3e-2, 1e-1])
+@pytest.mark.parametrize("bound", [0.1, 0.02])
+def test_the_landing_safeguard_keeps_every_step_within_its_bound_and_trains(lr, bound, one_thread):
+    """The synthetic low-rank fit at lrs where PoLAR's unguarded landing leaves the manifold: with the
+    safeguard every step ends within the bound (checked in float64 after each step) and the fit converges."""
+    guarded = _fit_low_rank("landing", "cholqr2", lr=lr, safe=bound, steps=300)
+    assert guarded["orth_every"] <= bound * (1 + 1e-4), guarded
+    assert guarded["loss_ratio"] < 0.2, guarded
+    unguarded = _fit_low_rank("landing", "cholqr2", lr=lr, safe=None, steps=300)
+    assert unguarded["orth_every"] > 2 * bound, unguarded  # what the safeguard prevents
+
+
+def test_a_landing_step_that_stays_inside_is_polars_step_bit_for_bit():
+    """Where every step stays within the bound, the guarded optimizer's iterates and moments are PoLAR's."""
+    prob = _Problem()
+    a, b = prob.x0.clone().requires_grad_(), prob.x0.clone().requires_grad_()
+    kw = dict(lr=2e-3, method="landing", weight_decay=0.01)
+    opt_a = StiefelOptimizer([a], landing_safe_distance=0.5, **kw)
+    opt_b = StiefelOptimizer([b], landing_safe_distance=None, **kw)
+    for _ in range(10):
+        prob.run(a, opt_a, 1)
+        prob.run(b, opt_b, 1)
+    assert torch.equal(a, b) and torch.equal(opt_a.state[a]["exp_avg_sq"], opt_b.state[b]["exp_avg_sq"])
+    assert (a - prob.x0).abs().max() > 1e-3  # it moved
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, float("inf"), float("nan")])
+def test_a_landing_safe_distance_that_is_not_a_positive_number_is_refused(bad):
+    x = random_stiefel(n=8, r=2).requires_grad_()
+    with pytest.raises(ValueError, match="landing_safe_distance"):
+        StiefelOptimizer([x], method="landing", landing_safe_distance=bad)

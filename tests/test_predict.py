@@ -304,3 +304,124 @@ def test_the_api_calibrates_on_dicts(calibrated):
     with pytest.raises(DataError, match="calibration question 1, field 'answer': missing"):
         p.calibrate(RuleSettings(coverage=0.5), [rows[0], {"question": "q", "choices": ["a", "b"]}])
     assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
+
+
+# ------------------------------------------------------------ data that cannot mean what it says (#21)
+def _every_reader(run, tmp_path, choices):
+    """Feed one question with ``choices`` (line 3 of a file, after a good row and a blank line) to every
+    reader of multiple-choice rows; yields (reader, the one line it refused with or raised)."""
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.errors import DataError
+    from polar_vbll.predictor import Predictor
+    from polar_vbll.tasks import MCExample, load_jsonl
+
+    good = {"question": "Which is even?", "choices": ["1", "2"], "answer": 1}
+    bad = {"question": "Which one?", "choices": choices, "answer": 0}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")
+
+    def raised(fn):
+        with pytest.raises(DataError) as info:
+            fn()
+        return str(info.value)
+
+    yield "MCExample", raised(lambda: MCExample(uid="u", question="q", choices=tuple(choices), answer=0, source="t"))
+    yield "load_jsonl", raised(lambda: load_jsonl(path))
+    yield "load_task", raised(lambda: load_task(f"jsonl:{path}", "all"))
+    out = tmp_path / "d.jsonl"
+    for command, args in [("train", ["--config", "tiny", "--no-track", "--no-progress", "--set",
+                                     f"output_dir={tmp_path / 'runs'}", "--set", f"data.task=jsonl:{path}"]),
+                          ("predict", [run, "-i", path, "-o", out, "--no-progress"]),
+                          ("calibrate", [run, "--data", path, "--no-progress", "--coverage", "0.5"])]:  # fmt: skip
+        before = (run / "decision" / "rule.json").read_text()
+        res = _invoke(command, *args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+        assert not out.exists() and not (tmp_path / "runs").exists()  # nothing written, no run folder
+        assert (run / "decision" / "rule.json").read_text() == before
+        yield command, res.output.strip()
+    p = Predictor.from_run(run)
+    yield "Predictor.predict", raised(lambda: p.predict([good, bad]))
+    yield "Predictor.calibrate", raised(lambda: p.calibrate(RuleSettings(coverage=0.5), [good, bad]))
+
+
+FILE_READERS = ("load_jsonl", "load_task", "train", "predict", "calibrate")
+
+
+@pytest.mark.parametrize(
+    "choices, field, problem",
+    [
+        (["no", "yes\nC) maybe"], "choices[1]", "choice B holds a line break (U+000A) at character 4"),
+        (["no", "yes\r\nmaybe"], "choices[1]", "choice B holds a line break (U+000D)"),
+        (["no", "yes\u2028maybe"], "choices[1]", "choice B holds a line break (U+2028)"),
+        (["no\tway", "yes"], "choices[0]", "choice A holds a control character (U+0009) at character 3"),
+        (["AgNO3 \x02+ NaCl", "yes"], "choices[0]", "choice A holds a control character (U+0002)"),
+        (["no", "yes \x80\x93 sure"], "choices[1]", "choice B holds a control character (U+0080)"),  # C1
+    ],
+)
+def test_a_choice_with_a_control_character_is_refused_on_every_reader(calibrated, tmp_path, choices, field, problem):
+    run, _ = calibrated
+    for reader, message in _every_reader(run, tmp_path, choices):
+        where = f"{tmp_path / 'rows.jsonl'}, line 3, " if reader in FILE_READERS else ""
+        assert f"{where}field '{field}': {problem}" in message, (reader, message)
+        assert "\n" not in message, (reader, message)  # one line, the choice shown escaped
+
+
+@pytest.mark.parametrize(
+    "choices, shown",
+    [
+        (["cat", "dog", "cat"], "choices A and C are the same text 'cat'"),
+        (["New York", "Paris", " New  York "], "choices A and C are the same text ' New  York '"),  # whitespace
+        (["x\u00a0y", "x y"], "choices A and B are the same text 'x y'"),  # a no-break space (NFKC)
+        (["ＡＢ", "AB"], "choices A and B are the same text 'AB'"),  # full-width letters (NFKC)
+    ],
+)
+def test_duplicate_choices_are_refused_on_every_reader(calibrated, tmp_path, choices, shown):
+    run, _ = calibrated
+    for reader, message in _every_reader(run, tmp_path, choices):
+        where = f"{tmp_path / 'rows.jsonl'}, line 3, " if reader in FILE_READERS else ""
+        assert f"{where}field 'choices': {shown}" in message, (reader, message)
+
+
+def test_choices_that_differ_only_in_case_are_different_answers_on_every_reader(calibrated, tmp_path):
+    """Case counts (genotypes Rr / rr, numerals II / ii are different answers in the shipped benchmarks):
+    every reader accepts them."""
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.predictor import Predictor
+    from polar_vbll.tasks import MCExample, load_jsonl
+
+    run, _ = calibrated
+    rows = [{"question": f"Which genotype {i}?", "choices": ["Rr", "rr", "RR"], "answer": i % 3} for i in range(12)]
+    path = _write(tmp_path / "case.jsonl", rows)
+    assert MCExample(uid="u", question="q", choices=("II", "ii"), answer=1, source="t").choices == ("II", "ii")
+    assert [e.answer for e in load_jsonl(path)] == [i % 3 for i in range(12)]
+    res = _invoke("predict", run, "-i", path, "-o", tmp_path / "d.jsonl", "--no-progress")
+    assert res.exit_code == 0, res.output
+    p = Predictor.from_run(run)
+    assert len(p.predict(rows)) == 12
+    assert p.calibrate(RuleSettings(coverage=0.5), rows).threshold.n == 12
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
+
+
+def test_a_single_class_calibration_set_is_warned_about_and_calibrates(calibrated, tmp_path):
+    """Decision calibration still holds for questions drawn like these, so one answer class is a warning
+    (naming the file, the count and the class), not a refusal; two classes are not warned about."""
+    import warnings as _warnings
+
+    from polar_vbll.decisions.rule import RuleSettings
+    from polar_vbll.predictor import Predictor
+
+    run, _ = calibrated
+    ex = [e for e in load_task("arc_easy", "validation", seed=0) if e.answer == 1][:15]
+    rows = [{"question": e.question, "choices": list(e.choices), "answer": e.answer} for e in ex]
+    f = _write(tmp_path / "all_b.jsonl", rows)
+    with pytest.warns(UserWarning, match=f"^{f}: all 15 calibration questions are answered B; "):
+        res = _invoke("calibrate", run, "--data", f, "--no-progress", "--coverage", "0.5", "--alpha", "0.2")
+    assert res.exit_code == 0 and "calibrated on 15 questions" in res.output, res.output
+    p = Predictor.from_run(run, need_rule=False)
+    with pytest.warns(UserWarning, match="^questions given through the Python API: all 15 calibration questions"):
+        p.calibrate(RuleSettings(coverage=0.5, alpha=0.2), rows)
+    mixed = rows[:14] + [{"question": "Which is even?", "choices": ["1", "2", "3"], "answer": 0}]
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        p.calibrate(RuleSettings(coverage=0.5, alpha=0.2), mixed)
+    assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore

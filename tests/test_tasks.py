@@ -449,3 +449,99 @@ def test_data_dir_override(tmp_path):
         writer.write_table(bad)
     with pytest.raises(DataError, match=r"data-00000-of-00001\.arrow, row 1, field 'answer'"):
         load_task("winogrande", "train", data_dir=tmp_path)
+
+
+# ------------------------------------------------------- data that cannot mean what it says (issue 21)
+#: The shipped questions whose choices hold a line break or control character, or repeat a choice (46 in
+#: all; none in ARC, OpenBookQA, WinoGrande, BoolQ, SST-2, RTE, MRPC, CB): docs/data.md, "Oddities".
+SHIPPED_ODD = {
+    "business_ethics/test": 1, "electrical_engineering/test": 1, "elementary_mathematics/test": 1,
+    "elementary_mathematics/validation": 1, "high_school_biology/dev": 1, "high_school_chemistry/test": 1,
+    "high_school_computer_science/dev": 1, "high_school_computer_science/test": 1,
+    "high_school_macroeconomics/test": 1, "high_school_mathematics/validation": 1, "high_school_physics/test": 1,
+    "international_law/test": 1, "miscellaneous/validation": 1, "professional_law/test": 27,
+    "professional_law/validation": 4, "public_relations/test": 1, "sociology/test": 1,
+}  # fmt: skip
+
+
+def test_every_shipped_split_loads_and_warns_once_for_each_file_with_odd_choices(monkeypatch):
+    """Every split of every built-in task loads (its questions kept as published); exactly the files above
+    are warned about, once each per process, naming the file, the row and the field."""
+    import unicodedata
+    import warnings
+
+    from polar_vbll.tasks.example import choice_key
+
+    monkeypatch.setattr(builtin, "_WARNED", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = {(t, s): load_task(t, s) for t in available_tasks() for s in task_splits(t)}
+        assert len(caught) == len(SHIPPED_ODD)
+        for t, s in list(loaded)[:40]:
+            load_task(t, s)  # a second load does not warn again
+        assert len(caught) == len(SHIPPED_ODD)
+    warned = {}
+    for w in caught:
+        message = str(w.message)
+        path, rest = message.split(", row ", 1)
+        subject_split = "/".join(path.split("/")[-3:-1])
+        warned[subject_split] = message
+        assert rest.split(", ", 1)[1].startswith("field 'choices"), message
+        assert "[kept as published" in message and "docs/data.md" in message
+    assert set(warned) == set(SHIPPED_ODD)
+    # an independent count: the shipped questions whose choices hold a Cc/Zl/Zp character or repeat a text
+    odd = Counter()
+    for (task, split), examples in loaded.items():
+        for e in examples:
+            control = any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for c in e.choices for ch in c)
+            if control or len({choice_key(c) for c in e.choices}) < len(e.choices):
+                assert task.startswith("mmlu:"), (task, e.uid)
+                odd[f"{task[5:]}/{split}"] += 1
+    assert dict(odd) == SHIPPED_ODD
+    assert "as are 26 more questions of this file" in warned["professional_law/test"]
+
+
+def test_a_users_copy_of_a_shipped_file_keeps_odd_choices_and_warns_once(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    monkeypatch.setattr(builtin, "_WARNED", set())
+    target = tmp_path / "hf_datasets" / "winogrande" / "winogrande_xl" / "validation"
+    target.mkdir(parents=True)
+    option1 = ["x"] * 10
+    option2 = ["y"] * 10
+    option2[1], option1[3] = "x", "two\nlines"  # row 2: both options "x"; row 4: a newline
+    table = pa.table({"sentence": [f"S {i} _." for i in range(10)], "option1": option1, "option2": option2,
+                      "answer": ["1", "2"] * 5})  # fmt: skip
+    with open(target / builtin.ARROW_FILE, "wb") as fh, ipc.new_stream(fh, table.schema) as writer:
+        writer.write_table(table)
+    with pytest.warns(UserWarning) as caught:
+        examples = load_task("winogrande", "train", data_dir=tmp_path)
+        load_task("winogrande", "test", data_dir=tmp_path)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f"{target / builtin.ARROW_FILE}, row 2, field 'choices': choices A and B are the "
+                              "same text 'x'")  # fmt: skip
+    assert message.endswith("[kept as published, as is 1 more of this file: a shipped benchmark, docs/data.md]")
+    splits = ("train", "validation", "test")
+    everything = {e.uid: e for s in splits for e in load_task("winogrande", s, data_dir=tmp_path)}
+    assert everything["winogrande-val-00002"].choices == ("x", "x")  # kept as published
+    assert everything["winogrande-val-00004"].choices == ("two\nlines", "y")
+    assert examples
+
+
+def test_the_choice_rule_is_the_examples_own(tmp_path):
+    """``MCExample`` is the one place: an example built in Python is refused as a file's row is; a shipped
+    row (``shipped=True``) is kept; the rule does not reach the question or the passage, where line breaks
+    are ordinary (BoolQ passages, MMLU code)."""
+    fields = dict(uid="u", question="q?", answer=0, source="t")
+    with pytest.raises(DataError, match=r"example 'u', field 'choices\[1\]': choice B holds a line break"):
+        MCExample(choices=("a", "b\nC) c"), **fields)
+    assert MCExample(choices=("a", "a"), shipped=True, **fields).choices == ("a", "a")
+    ok = MCExample(uid="u", question="line 1\nline 2\tand\x02", choices=("a", "b"), answer=0, source="t",
+                   context="para 1\n\npara 2")  # fmt: skip
+    assert "Passage: para 1\n\npara 2" in format_prompt(ok)
+    # a text answer among duplicate choices is reported as the duplicates (an index cannot fix them)
+    path = _write(tmp_path, [json.dumps({"question": "q", "choices": ["a", "b", "a"], "answer": "a"})])
+    with pytest.raises(DataError, match=r"line 1, field 'choices': choices A and C are the same text 'a'"):
+        load_jsonl(path)

