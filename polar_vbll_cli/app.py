@@ -100,9 +100,12 @@ _OS_HINTS = {
     errno.ENOSPC: "free space and rerun (the last complete checkpoint is intact: checkpoints are written to a "
     "temporary folder and renamed into place)",
     errno.EDQUOT: "the disk quota is exhausted: free space and rerun (the last complete checkpoint is intact)",
-    errno.EROFS: "the file system is read-only: choose a writable output_dir (--set output_dir=...)",
-    errno.EACCES: "no permission: choose a folder you can write (--set output_dir=...), or fix its permissions",
-    errno.EPERM: "no permission: choose a folder you can write (--set output_dir=...), or fix its permissions",
+    errno.EROFS: "the file system is read-only: use a writable folder (a new run: --set output_dir=...; a saved "
+    "run to calibrate: a writable copy of it)",
+    errno.EACCES: "no permission: use a folder you can write (a new run: --set output_dir=...), or fix its "
+    "permissions",
+    errno.EPERM: "no permission: use a folder you can write (a new run: --set output_dir=...), or fix its "
+    "permissions",
     errno.ENOENT: "it does not exist (was it moved or deleted while the command ran?)",
     errno.EMFILE: "too many open files: raise the limit (ulimit -n) and rerun",
 }

@@ -50,7 +50,7 @@ def test_a_read_only_run_folder_is_one_line_for_train(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner_mod, "write_run_params", lambda cfg, d, p=None: _read_only(d / "config.yaml"))
     line = _one_error(_train(tmp_path))
-    assert "Read-only file system on" in line and "config.yaml" in line and "choose a writable output_dir" in line
+    assert "Read-only file system on" in line and "config.yaml" in line and "--set output_dir=" in line
 
 
 def test_a_read_only_run_folder_is_one_line_for_calibrate(trained, monkeypatch):
