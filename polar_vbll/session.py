@@ -46,14 +46,16 @@ class Session:
 
 
 def load_examples(cfg: RunConfig) -> dict[str, list]:
-    """The examples of every split a run reads: ``train``, ``validation``, ``eval`` and ``ood:<task>``; a
-    training split of one answer class is refused (:func:`check_training_classes`)."""
+    """The examples of every split a run reads: ``train``, ``validation``, ``eval`` and ``ood:<task>``; splits
+    too small for the method (:func:`check_split_sizes`) and a training split of one answer class
+    (:func:`check_training_classes`) are refused."""
     d = cfg.data
     examples = {
         "train": load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit),
         "validation": load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit),
         "eval": load_task(d.task, d.eval_split, seed=d.split_seed, limit=d.eval_limit),
     }
+    check_split_sizes(cfg, examples)  # too few examples first: one example is also one class
     check_training_classes(cfg, examples["train"])
     for task in d.ood_tasks:
         examples[f"ood:{task}"] = load_task(task, d.ood_split, seed=d.split_seed, limit=d.ood_limit)
@@ -95,7 +97,7 @@ def validate_inputs(cfg: RunConfig, device: bool = True) -> None:
     if device:
         placement_for(cfg.model)
     check_model_source(cfg.model)
-    check_split_sizes(cfg, load_examples(cfg))
+    load_examples(cfg)
 
 
 def check_split_sizes(cfg: RunConfig, examples: dict[str, list]) -> None:

@@ -279,7 +279,18 @@ def test_a_one_class_training_split_is_fine_for_the_zero_shot_model_and_refused_
     def cfg(method, *extra):
         return load_config(resolve_config("tiny", "run"), [f"output_dir={tmp_path}", f"method={method}", *extra])
 
-    validate_inputs(cfg("zero_shot", "data.task=sst2", "data.train_limit=1"))
-    with pytest.raises(DataError, match=r"data.task=sst2: .* holds 1 question, answered B \('positive'\)"):
+    import json
+
+    one = tmp_path / "one"
+    one.mkdir()
+    rows = [{"question": f"q{i}", "choices": ["negative", "positive"], "answer": 1} for i in range(3)]
+    (one / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for split in ("validation", "test"):
+        (one / f"{split}.jsonl").write_text(json.dumps({**rows[0], "answer": 0}) + "\n")
+    validate_inputs(cfg("zero_shot", f"data.task=jsonl:{one}"))
+    with pytest.raises(DataError, match=r"holds 3 questions, all answered B \('positive'\)"):
+        validate_inputs(cfg("linear_probe", f"data.task=jsonl:{one}"))
+    with pytest.raises(DataError, match=r"has 1 example\(s\); linear_probe needs at least 2"):  # too few: first
         validate_inputs(cfg("linear_probe", "data.task=sst2", "data.train_limit=1"))
+    validate_inputs(cfg("zero_shot", "data.task=sst2", "data.train_limit=1"))
     validate_inputs(cfg("linear_probe", "data.task=sst2", "data.train_limit=2"))  # seed 0's first two differ
