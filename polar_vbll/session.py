@@ -201,12 +201,14 @@ def build_session(
     refuse, before the backbone loads, a run whose estimated peak exceeds the device's free memory
     (``polar_vbll.memory``; workers, whose weights ZeRO shards, skip it)."""
     placement = placement or placement_for(cfg.model)
+    tokenizer = None
     if splits is None or answer_ids is None:  # data errors first, then the prompts' lengths for the memory check
-        splits, answer_ids = load_splits(cfg, load_tokenizer(cfg.model), load_examples(cfg))
+        tokenizer = load_tokenizer(cfg.model)
+        splits, answer_ids = load_splits(cfg, tokenizer, load_examples(cfg))
     if memory_check:
         from polar_vbll.memory import check_session_fits
 
-        check_session_fits(cfg, splits, placement, None)  # before the backbone loads (polar_vbll.memory)
+        check_session_fits(cfg, splits, placement, tokenizer)  # before the backbone loads (polar_vbll.memory)
     torch.manual_seed(cfg.train.seed + rank)
     model, tokenizer = (load or load_backbone)(cfg.model, placement)
     adapter = build_adapter(cfg, model)
