@@ -151,7 +151,7 @@ class Trainer:
         if self.batch_size != self.tcfg.batch_size and backend.rank == 0:
             print(f"note: train.batch_size={self.tcfg.batch_size} is larger than the training split "
                   f"({len(self.train_split)} examples); each step takes {self.batch_size}", flush=True)  # fmt: skip
-        # losses (and regularizers) of steps taken without a host sync, checked at the next sync point
+        # the losses of steps taken without a host sync, checked at the next sync point
         self._pending: list[tuple[int, torch.Tensor]] = []
         check_labels(self.train_split, getattr(head, "num_classes", None))
 
