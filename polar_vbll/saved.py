@@ -23,6 +23,7 @@ from polar_vbll.config import RunConfig, load_config
 from polar_vbll.errors import CheckpointError, UserInputError
 from polar_vbll.evaluation import Member, evaluate
 from polar_vbll.features import FeatureSource, encode_examples
+from polar_vbll.files import read_json
 from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
@@ -75,6 +76,19 @@ class RunFolder:
         return _run_temperature(self.path) if self.cfg.eval.temperature_scaling else None
 
 
+def pinned_snapshot(cfg: RunConfig, run: Path) -> RunConfig:
+    """``cfg`` with ``model.revision`` set to the Hugging Face snapshot the run trained on (``params.json``:
+    ``model_source.revision``) when the config names none, so a run named by hub id reloads that exact
+    snapshot even after the cache's ``main`` moved on (a one-line error if the cache no longer holds it)."""
+    params = run / "params.json"
+    if cfg.model.source != "path" or cfg.model.revision or not params.is_file():
+        return cfg
+    recorded = read_json(params, "the run's parameters", "run the training again").get("model_source.revision")
+    if not recorded:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"revision": recorded})})
+
+
 def check_run_folder(run: str | Path) -> RunFolder:
     """The cheap checks of a run folder (config, every member's adapter and readout); raises
     ``UserInputError`` naming what is missing."""
@@ -83,7 +97,7 @@ def check_run_folder(run: str | Path) -> RunFolder:
         raise UserInputError(f"{run} does not exist (give a run folder written by `polar-vbll train` or `compare`)")
     if not (run / "config.yaml").is_file():
         raise UserInputError(f"{run} is not a run folder: config.yaml is missing")
-    cfg = load_config(run / "config.yaml")
+    cfg = pinned_snapshot(load_config(run / "config.yaml"), run)
     n_members = METHODS[cfg.method].predictive_kind.members(cfg)
     folders = [run] if n_members == 1 else [run / f"member-{i}" for i in range(n_members)]
     for folder in folders:

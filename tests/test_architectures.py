@@ -189,7 +189,6 @@ def test_conv1d_layers_are_adapted_and_merge_exactly(tokenizer):
     assert {n.rsplit(".", 1)[-1] for n, _ in polar.polar_layers()} == {"c_attn", "c_fc", "c_proj"}
 
 
-@pytest.mark.extras("mlflow")
 @pytest.mark.parametrize("model_type", ["bart"])
 def test_a_decoder_whose_positions_ignore_padding_is_refused(model_type, tmp_path, tokenizer):
     """BART's decoder numbers positions from the first token, padding included, and takes no position ids:
@@ -199,6 +198,7 @@ def test_a_decoder_whose_positions_ignore_padding_is_refused(model_type, tmp_pat
     assert result.exit_code == 2 and "left-padded" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.extras("mlflow")
 def test_recurrent_model_without_a_mask_is_refused_and_the_failed_run_says_why(tmp_path, tokenizer, monkeypatch):
     """RWKV ignores the attention mask: refused in one line when it loads. The run's MLflow record, opened by
     then, is FAILED with the reason as a tag."""
@@ -216,6 +216,7 @@ def test_recurrent_model_without_a_mask_is_refused_and_the_failed_run_says_why(t
     assert run.info.status == "FAILED" and "ignores the attention mask" in run.data.tags[ERROR_TAG]
 
 
+@pytest.mark.extras("mlflow")
 def test_a_refused_architecture_writes_nothing(tmp_path, tokenizer):
     """Targets that match nothing are refused before a run folder or an MLflow run exists."""
     folder = build("gpt2", tmp_path / "gpt2", tokenizer)

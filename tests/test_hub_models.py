@@ -4,6 +4,7 @@ temporary folder, ``HF_HUB_OFFLINE=1``): nothing downloads. The run records the 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,6 @@ OLD = "fedcba9876543210fedcba9876543210fedcba98"
 def hub_cache(tmp_path, monkeypatch) -> Path:
     """A hub cache holding ``acme/tiny-llama`` at two commits (``main`` -> COMMIT, tag ``v1`` -> OLD), laid out
     as ``huggingface_hub`` writes it (``models--acme--tiny-llama/{refs,snapshots}``), files copied in."""
-    import shutil
-
     from polar_vbll.models import bundled_tokenizer_dir
 
     model = tiny_model_dir(ModelConfig(source="tiny"))
@@ -66,6 +65,16 @@ def test_train_by_hub_id_offline_records_the_snapshot(hub_cache, tmp_path):
     assert params["model_source.revision"] == COMMIT
     assert params["model_source.path"] == str(hub_cache / "snapshots" / COMMIT)
     assert params["model_source.model_type"] == "llama"
+
+    # the cache's main moves on: the run still reloads the snapshot it trained on, and says so when it is gone
+    from polar_vbll.saved import check_run_folder
+
+    (hub_cache / "refs" / "main").write_text(OLD)
+    folder = check_run_folder(tmp_path / "runs" / "tiny")
+    assert resolve_model_path(folder.cfg.model) == hub_cache / "snapshots" / COMMIT
+    shutil.rmtree(hub_cache / "snapshots" / COMMIT)
+    result = runner.invoke(app, ["eval", str(tmp_path / "runs" / "tiny"), "--no-progress"])
+    assert result.exit_code == 2 and COMMIT in result.output and "Traceback" not in result.output, result.output
 
 
 def test_an_id_absent_from_the_cache_is_one_line(hub_cache, tmp_path):

@@ -2,9 +2,9 @@
 
 Layout (what an optimizer or a distributed worker selects):
 
-- ``PolarModel.base_model`` — the HF model, modified in place: every targeted ``nn.Linear`` is replaced by
-  a :class:`PolarLinear` holding the frozen linear (``base_layer``) and ``polar_theta``. All other base
-  parameters are frozen.
+- ``PolarModel.base_model`` — the HF model, modified in place: every targeted linear layer (``nn.Linear``
+  or transformers' ``Conv1D``) is replaced by a :class:`PolarLinear` holding the frozen linear
+  (``base_layer``) and ``polar_theta``. All other base parameters are frozen.
 - ``PolarModel.polar_bank`` — the :class:`StiefelBank` holding every U and V. It is a child of the
   ``PolarModel`` (so ``.to(device)`` and ``state_dict`` of the wrapper cover it) but *not* of
   ``base_model``: hand ``base_model`` to DeepSpeed and step the bank yourself.
@@ -248,7 +248,7 @@ def _model_name_or_path(model: nn.Module) -> str | None:
 class PolarModel(nn.Module):
     """A Hugging Face model with PoLAR adapters injected in place.
 
-    ``PolarModel(model, config)`` freezes every base parameter, replaces each targeted ``nn.Linear`` by
+    ``PolarModel(model, config)`` freezes every base parameter, replaces each targeted linear layer by
     a :class:`PolarLinear`, and draws U, V for all of them into one :class:`StiefelBank` from a generator
     seeded with ``config.init_seed`` (slots in sorted module-name order, U before V), so the same model
     and config always give the same initial adapter.
