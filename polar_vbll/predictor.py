@@ -32,8 +32,8 @@ from polar_vbll.metrics import summarize
 from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
 from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run
-from polar_vbll.tasks import load_task
 from polar_vbll.tasks.example import MCExample
+from polar_vbll.tasks.registry import run_split
 from polar_vbll.temperature import apply_temperature
 
 #: Questions predicted together (one chunk; see the module docstring).
@@ -113,7 +113,7 @@ class Predictor:
     @staticmethod
     def _train_examples(folder: RunFolder) -> list[MCExample]:
         d = folder.cfg.data
-        return load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit)
+        return run_split(d, d.train_split, d.train_limit)
 
     # ------------------------------------------------------------------------------------ predictive
     @property
@@ -183,7 +183,7 @@ class Predictor:
                         for i, e in enumerate(examples)]  # fmt: skip
         if examples is None:
             d = cfg.data
-            examples = load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit)
+            examples = run_split(d, d.val_split, d.val_limit)
             source = source or f"{d.task}:{d.val_split} (the run's validation split)"
         warn_one_class(examples, source or "questions given through the Python API")
         t = self.folder.temperature() if temperature else None
