@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,16 +177,17 @@ def _choice_text(value: Any) -> Any:
 
 def examples_from_rows(
     rows: Iterable[Mapping[str, Any]], resolved: Resolved, source: str, where: str, *,
-    questions: bool = False, unique: bool = True,
+    questions: bool = False, unique: bool = True, at_row: Callable[[int], str] | None = None,
 ) -> Iterator[tuple[int, MCExample, bool]]:  # fmt: skip
     """``(row, example, has_answer)`` for every row (1-based), through :func:`parse_row`; errors name
     ``where`` (the file or source), the row and the column. ``questions``: rows to predict (``answer``
-    optional); ``unique``: ids must not repeat (training data)."""
+    optional); ``unique``: ids must not repeat (training data); ``at_row``: how errors name the row at a
+    1-based position (default ``<where>, row <n>``)."""
     from polar_vbll.tasks.jsonl import parse_question_row
 
     first: dict[str, int] = {}
     for i, cells in enumerate(rows, start=1):
-        at = f"{where}, row {i}"
+        at = at_row(i) if at_row is not None else f"{where}, row {i}"
         row = resolved.row(cells)
         if questions:
             example, has = parse_question_row(row, at, i, source, label=resolved.label, default_id="row")
@@ -194,8 +195,9 @@ def examples_from_rows(
             example, has = parse_row(row, at, i, source, REQUIRED_KEYS, label=resolved.label, default_id="row"), True
         if unique:
             if example.uid in first:
-                raise DataError(f"{at}, {resolved.label('id')}: {example.uid!r} is already used on row "
-                                f"{first[example.uid]}; ids must be unique")  # fmt: skip
+                again = at_row(first[example.uid]) if at_row is not None else f"row {first[example.uid]}"
+                raise DataError(f"{at}, {resolved.label('id')}: {example.uid!r} is already used ({again}); "
+                                "ids must be unique")  # fmt: skip
             first[example.uid] = i
         yield i, example, has
 

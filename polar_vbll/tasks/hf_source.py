@@ -276,10 +276,12 @@ def split_examples(name: str, split: str, columns: Mapping[str, Any] | None = No
     return opened.examples[key]
 
 
-def question_rows(name: str, split: str | None, columns: Mapping[str, Any] | None, strict: bool):
+def question_rows(name: str, split: str | None, columns: Mapping[str, Any] | None, strict: bool,
+                  answers: bool = False) -> tuple[str, Any, list[dict[str, Any]]]:  # fmt: skip
     """``(where, resolved mapping, rows)`` of one split of a source of questions to predict (``split``: which
-    one, needed when the source has several)."""
-    from polar_vbll.tasks.jsonl import QUESTION_KEYS
+    one, needed when the source has several; ``strict``: see ``columns.resolve``; ``answers``: each row must
+    have one, for calibration)."""
+    from polar_vbll.tasks.jsonl import QUESTION_KEYS, REQUIRED_KEYS
 
     opened = open_source(name)
     names = list(opened.splits)
@@ -291,7 +293,8 @@ def question_rows(name: str, split: str | None, columns: Mapping[str, Any] | Non
         raise UserInputError(f"{name} has no split {split!r}; its splits are {names}")
     ds = opened.splits[split]
     where = _where(opened, split)
-    resolved = resolve(columns, ds.column_names, where, required=QUESTION_KEYS, strict=strict)
+    resolved = resolve(columns, ds.column_names, where, required=REQUIRED_KEYS if answers else QUESTION_KEYS,
+                       strict=strict, what="columns" if strict else "the run's data.columns")  # fmt: skip
     return where, resolved, ds.to_list()
 
 
