@@ -113,8 +113,8 @@ def resolve(
 ) -> Resolved:  # fmt: skip
     """Resolve ``columns`` against a table's ``available`` columns. ``strict``: a mapped column must exist
     (a config's mapping); otherwise (a run's recorded mapping applied to new questions) a field whose mapped
-    column is absent is read from the column of its own name. Raises ``DataError`` (one line: the source,
-    the column, the columns available and the closest one)."""
+    column is absent is read from the column of its own name, or (an optional field) not at all. Raises
+    ``DataError`` (one line: the source, the column, the columns available and the closest one)."""
     mapping = check_mapping(columns, what)
     have = list(available)
     read: dict[str, str | tuple[str, ...]] = {}
@@ -124,7 +124,7 @@ def resolve(
         missing_cols = [c for c in cols if c not in have]
         if cols and not missing_cols:
             read[field] = cols if isinstance(col, list) else cols[0]
-        elif cols and (strict or field not in have):
+        elif cols and (strict or (field not in have and field in required)):
             raise DataError(f"{source}, column {missing_cols[0]!r} ({what}.{field}): no such column; "
                             + _available(missing_cols[0], have))  # fmt: skip
         elif field in have:

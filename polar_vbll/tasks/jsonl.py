@@ -146,6 +146,8 @@ def parse_row(
             raise DataError(f"{where}, {label(key)}: missing (required: {list(required)}; optional: {optional})")
     if "answer" not in required and is_missing(row.get("answer")):
         row = {**row, "answer": 0}
+    elif is_missing(row["answer"]):
+        raise DataError(f"{where}, {label('answer')}: empty (null, or NaN: an empty cell); this row needs an answer")
 
     choices = row["choices"]
     if not isinstance(choices, list):
@@ -165,10 +167,9 @@ def parse_row(
     elif (index := answer_index(answer)) is not None:
         answer = index
     elif isinstance(answer, float):
-        what = "an empty cell (NaN)" if math.isnan(answer) else f"{answer!r}, not a whole number"
         raise DataError(
             f"{where}, {label('answer')}: must be an integer index (an integral float such as 1.0 is read as "
-            f"1), a letter or a choice text, got {what}"
+            f"1), a letter or a choice text, got {answer!r}, not a whole number"
         )
     else:
         raise DataError(

@@ -153,18 +153,16 @@ def _datasets_spec(
     opened = hf_source.open_source(name)
     names = list(opened.splits)
     want = tuple(wanted or STANDARD_SPLITS)
-    if len(set(want)) != len(want):
-        raise UserInputError(f"{name}: the train, validation and evaluation splits must differ, got {list(want)}")
 
     def reader(split: str) -> Reader:
         return lambda _root: hf_source.split_examples(name, split, columns)
 
     if len(names) == 1:
-        cut = tuple(fractions) if fractions else tuple(zip(want, (0.6, 0.2, 0.2), strict=True))
+        cut = tuple(fractions) if fractions else _default_cut(want[0], [s for s in want[1:] if s != want[0]])
         return TaskSpec(name, {"all": reader(names[0])}, ("all", cut), {"all": "all"}, needs_root=False)
     pools = {s: reader(s) for s in names}
     shipped = {s: s for s in names}
-    missing = [s for s in want[1:] if s not in names]
+    missing = list(dict.fromkeys(s for s in want[1:] if s not in names))
     if not missing:
         if fractions is not None:
             raise UserInputError(f"{name} ships every split the run reads ({list(want)}): fractions cut nothing")
@@ -175,9 +173,16 @@ def _datasets_spec(
             f"{name} has no split {train!r} to cut {missing} from; its splits are {names} "
             "(set data.train_split, data.val_split and data.eval_split to names it has)"
         )
-    cut = tuple(fractions) if fractions else ((train, 0.8), (missing[0], 0.2)) if len(missing) == 1 else (
-        (train, 0.6), (missing[0], 0.2), (missing[1], 0.2))  # fmt: skip
+    cut = tuple(fractions) if fractions else _default_cut(train, missing)
     return TaskSpec(name, pools, (train, cut), {s: s for s in names if s != train}, needs_root=False)
+
+
+def _default_cut(train: str, others: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """``train`` and the splits cut beside it: 60/20/20 for two others, 80/20 for one."""
+    others = list(dict.fromkeys(others))
+    if not others:
+        raise UserInputError(f"the training split {train!r} cannot also be the validation and evaluation split")
+    return tuple(zip([train, *others], (0.6, 0.2, 0.2) if len(others) == 2 else (0.8, 0.2), strict=True))
 
 
 def _unknown_task(name: str) -> UserInputError:
