@@ -57,13 +57,15 @@ class PartitionedEmbedding(nn.Module):
         return out.view(flat.numel(), d * size).view(part.dtype).view(*ids.shape, d)
 
 
-def install(prefix_view: nn.Module) -> bool:
+def install(prefix_view: nn.Module, attr: str | None = "embed_tokens") -> bool:
     """Give the frozen-prefix view (``SplitDecoder.prefix``, a shallow copy of the decoder with its own
-    module dict) a :class:`PartitionedEmbedding` in place of ``embed_tokens``; returns whether it did (only
-    when the embedding is partitioned). The decoder's own ``embed_tokens`` stays as it is."""
-    embedding = prefix_view._modules.get("embed_tokens")
-    if not isinstance(embedding, nn.Embedding) or not hasattr(embedding.weight, "ds_tensor"):
+    module dict) a :class:`PartitionedEmbedding` in place of its token embedding at ``attr``
+    (``SplitDecoder.embedding_attr``: ``embed_tokens``, ``wte``...); returns whether it did: only for a
+    partitioned plain ``nn.Embedding`` (a subclass such as Gemma's scaled embedding computes more than a
+    lookup, and keeps its own forward). The decoder's own embedding stays as it is."""
+    embedding = prefix_view._modules.get(attr) if attr else None
+    if type(embedding) is not nn.Embedding or not hasattr(embedding.weight, "ds_tensor"):
         return False
     prefix_view._modules = dict(prefix_view._modules)  # the view's own dict: never the decoder's
-    prefix_view._modules["embed_tokens"] = PartitionedEmbedding(embedding)
+    prefix_view._modules[attr] = PartitionedEmbedding(embedding)
     return True

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from distributed.config import DistConfig
+from polar_vbll.architecture import blocks_path
 from polar_vbll.backbone import decoder_of
 from polar_vbll.config import RunConfig, TrainConfig
 from polar_vbll.features import EncodedSplit, FeatureSource, lowest_adapted_block
@@ -123,7 +124,7 @@ def build_engine(
     fingerprint = None
     lowest = lowest_adapted_block(backbone)
     if train_cfg.cache_frozen_prefix and lowest:
-        fingerprint = prefix_fingerprint(decoder_of(backbone), lowest, fingerprint_chunks)
+        fingerprint = prefix_fingerprint(decoder_of(backbone), lowest, fingerprint_chunks, blocks_path(backbone))
     params = [p for g in theta_optimizer.param_groups for p in g["params"]]
     module = FeatureModel(backbone)
     engine, _, _, _ = deepspeed.initialize(
@@ -133,7 +134,7 @@ def build_engine(
     if source.split is not None:  # ZeRO-3: the prefix pass looks up rows, never gathers the embedding
         from distributed.embedding import install
 
-        install(source.split.prefix)
+        install(source.split.prefix, source.split.embedding_attr)
     module.attach(source)
     return engine, source
 

@@ -44,7 +44,7 @@ from torch import nn
 
 from polar_vbll.config import ModelConfig
 from polar_vbll.errors import ModelLoadError
-from polar_vbll.models import ATTENTION, DTYPES, frozen, load_tokenizer, model_dir
+from polar_vbll.models import DTYPES, attention_for, frozen, load_tokenizer, model_dir
 
 #: Rows read per block when hashing a partitioned tensor from the file (bounded memory for huge tensors).
 _HASH_BLOCK_ELEMENTS = 1 << 24
@@ -278,7 +278,7 @@ def load_backbone_zero3(cfg: ModelConfig, ds_config: dict[str, Any]) -> tuple[nn
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not read the model config in {directory}: {exc}") from exc
     with _zero3_construction(ds_config):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=ATTENTION)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config))
     got = {p.ds_tensor.dtype for p in model.parameters() if is_partitioned(p)}
     if got != {dtype}:
         raise ModelLoadError(

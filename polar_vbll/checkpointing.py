@@ -19,21 +19,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from polar_vbll.backbone import decoder_of
+from polar_vbll.architecture import blocks_of
 
 _FLAG = "_polar_vbll_checkpointed"
 
 
 def adapted_blocks(model: nn.Module) -> list[int]:
     """Indices of the decoder blocks holding a trainable parameter (an adapter)."""
-    layers = decoder_of(model).layers
+    layers = blocks_of(model)
     return [i for i, block in enumerate(layers) if any(p.requires_grad for p in block.parameters())]
 
 
 def enable_activation_checkpointing(model: nn.Module) -> list[int]:
     """Checkpoint every adapted block of ``model`` (in place; idempotent). Returns their indices. A block
     is recomputed in the backward only when it runs with gradients enabled; evaluation is unchanged."""
-    layers = decoder_of(model).layers
+    layers = blocks_of(model)
     done = adapted_blocks(model)
     for i in done:
         block = layers[i]
@@ -58,7 +58,7 @@ def compile_blocks(model: nn.Module) -> list[int]:
     run the compiled code too; dynamic shapes, since batches differ in length). Returns the blocks'
     indices. The first steps pay the compilation; with activation checkpointing the compiled block is the
     one recomputed."""
-    layers = decoder_of(model).layers
+    layers = blocks_of(model)
     for block in layers:
         block.compile(dynamic=True)
     return list(range(len(layers)))

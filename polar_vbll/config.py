@@ -37,7 +37,14 @@ class ModelConfig(_Strict):
     """Which backbone to load and how to feed it."""
 
     source: Literal["smollm2", "path", "tiny"] = "smollm2"
-    path: str | None = Field(None, description="local Hugging Face model directory (source: path)")
+    path: str | None = Field(
+        None,
+        description="source: path - a local Hugging Face model folder, or a hub id org/name found in the Hugging "
+        "Face cache (HF_HUB_OFFLINE honoured; polar_vbll.models.resolve_model_path)",
+    )
+    revision: str | None = Field(
+        None, description="the hub revision (branch, tag or commit) of a hub id or cache folder; default main"
+    )
     device: str = Field(
         "auto",
         description="where the backbone runs (polar_vbll.placement): auto (the first CUDA device when there is "
@@ -66,8 +73,13 @@ class ModelConfig(_Strict):
     @field_validator("path")
     @classmethod
     def _absolute_path(cls, v: str | None) -> str | None:
-        # recorded absolute, so the run folder's config reloads from any working directory (and every node)
-        return str(Path(v).expanduser().resolve()) if v else v
+        # recorded absolute, so the run folder's config reloads from any working directory (and every node); a
+        # hub id (org/name) that is not a local path stays an id (resolved through the Hugging Face cache)
+        from polar_vbll.models import HUB_ID
+
+        if not v or (HUB_ID.match(v) and not Path(v).expanduser().exists()):
+            return v
+        return str(Path(v).expanduser().resolve())
 
     @model_validator(mode="after")
     def _path_needed(self) -> ModelConfig:

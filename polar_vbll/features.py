@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from polar_vbll.architecture import blocks_of, blocks_path
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
 from polar_vbll.errors import ConfigError
 from polar_vbll.placement import to_device
@@ -97,9 +98,26 @@ def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[l
 
 def lowest_adapted_block(model: nn.Module) -> int | None:
     """Index of the lowest decoder block that holds a trainable parameter (None: none do)."""
-    for i, block in enumerate(decoder_of(model).layers):
+    for i, block in enumerate(blocks_of(model)):
         if any(p.requires_grad for p in block.parameters()):
             return i
+    return None
+
+
+def checked_split(model: nn.Module, split: int, pad_id: int) -> SplitDecoder | None:
+    """The cheap path's :class:`SplitDecoder` at ``split``, once it is seen to reproduce the full forward on
+    a probe batch (:meth:`SplitDecoder.matches_full_path`); None, with one line saying why, for an
+    architecture where it does not (the run then takes the full path: same features, more compute). Not
+    checked on ZeRO-3-partitioned weights (a forward outside the engine would not gather them)."""
+    split_decoder = SplitDecoder(model, split)
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return split_decoder
+    ok, diff = split_decoder.matches_full_path(pad_id)
+    if ok:
+        return split_decoder
+    name = type(model).__name__
+    print(f"note: the cached-prefix path does not reproduce {name}'s full forward (relative difference "
+          f"{diff:.2g}); training on the full path (train.cache_frozen_prefix=false)", flush=True)  # fmt: skip
     return None
 
 
@@ -136,7 +154,7 @@ class FeatureSource:
         if cache_prefix:
             lowest = lowest_adapted_block(model)
             if lowest is not None and lowest > 0:
-                self.split = SplitDecoder(model, lowest)
+                self.split = checked_split(model, lowest, pad_id)
 
     @classmethod
     def for_config(cls, model: nn.Module, pad_id: int, train_cfg, *, fingerprint: str | None = None) -> FeatureSource:
@@ -169,7 +187,7 @@ class FeatureSource:
         version = (self.split.split, tuple((p.data_ptr(), p._version) for p in decoder.parameters()))
         memo = getattr(self.model, "_polar_vbll_prefix_fingerprint", None)
         if memo is None or memo[0] != version:
-            memo = (version, prefix_fingerprint(decoder, self.split.split))
+            memo = (version, prefix_fingerprint(decoder, self.split.split, blocks=blocks_path(self.model)))
             object.__setattr__(self.model, "_polar_vbll_prefix_fingerprint", memo)
         return memo[1]
 

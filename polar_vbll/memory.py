@@ -72,6 +72,21 @@ def parameter_count(model_dir: Path) -> int:
     return total
 
 
+def model_shape(model_dir: Path) -> tuple[int, int, int]:
+    """``(hidden size, MLP width, blocks)`` of the model in ``model_dir``, read by transformers' own config
+    class (so every architecture's names for them, ``n_embd``, ``ffn_dim``, ``d_model``..., are understood);
+    the MLP width is 4x the hidden size where the config does not say."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    h = int(getattr(text, "hidden_size", 0) or 0)
+    inter = next((int(v) for k in ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "decoder_ffn_dim")
+                  if isinstance(v := getattr(text, k, None), int) and v > 0), 4 * h)  # fmt: skip
+    layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 0)
+    return h, inter, max(layers, 1)
+
+
 def estimate(cfg, model_dir: Path, tokens: int, total_tokens: int, batch: int) -> Estimate:
     """The estimate of a run of ``cfg`` on the model in ``model_dir`` (``config.json`` and safetensors), for
     training prompts of up to ``tokens`` tokens, ``total_tokens`` tokens in all splits (the cached prefix) and
@@ -79,10 +94,7 @@ def estimate(cfg, model_dir: Path, tokens: int, total_tokens: int, batch: int) -
     from polar_vbll.methods import METHODS
     from polar_vbll.placement import effective_dtype
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    h = int(config.get("hidden_size") or config.get("n_embd") or 0)
-    inter = int(config.get("intermediate_size") or config.get("n_inner") or 4 * h)
-    layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    h, inter, layers = model_shape(model_dir)
     dtype = effective_dtype(cfg.model)
     b = _BYTES[dtype]
     weights = parameter_count(model_dir) * b

@@ -44,6 +44,7 @@ class AdapterKind:
     section: str  # the RunConfig section with this kind's settings
     inject: Callable[[nn.Module, Any], AdapterModel]  # (base model, section config) -> adapter
     load: Callable[[nn.Module, Path], AdapterModel]  # (fresh base model, saved directory) -> adapter
+    select: Callable[[nn.Module, Any], list] | None = None  # (model, section config) -> the layers it adapts
     stiefel: bool = False  # has factors on a Stiefel manifold (the optim.*_stiefel settings act on them)
 
     def settings(self, cfg: RunConfig) -> Any:
@@ -54,6 +55,18 @@ def _inject_polar(model, config):
     from polar_vbll.adapters.model import inject_polar
 
     return inject_polar(model, config)
+
+
+def _select_polar(model, config):
+    from polar_vbll.adapters.model import select_targets
+
+    return select_targets(model, config)
+
+
+def _select_lora(model, config):
+    from polar_vbll.adapters.lora import _select_targets
+
+    return _select_targets(model, config)
 
 
 def _load_polar(model, directory):
@@ -76,8 +89,8 @@ def _load_lora(model, directory):
 
 ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
     {
-        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar, stiefel=True),
-        "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora),
+        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar, _select_polar, stiefel=True),
+        "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora, _select_lora),
     }
 )
 

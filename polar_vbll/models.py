@@ -17,8 +17,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -131,11 +133,102 @@ def _check_model_dir(path: Path) -> None:
         )
 
 
+#: A Hugging Face hub repository id (``org/name``), as opposed to a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+#: What a model's snapshot needs from the hub: config, safetensors weights, tokenizer files (never pickles).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "tokenizer*"]
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) forbids downloads, read now, as set."""
+    return any(os.environ.get(v, "").upper() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_cache_dir() -> str:
+    """The Hugging Face hub cache, as set now: ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else the default
+    (``~/.cache/huggingface/hub``)."""
+    from huggingface_hub import constants
+
+    if explicit := os.environ.get("HF_HUB_CACHE"):
+        return explicit
+    if home := os.environ.get("HF_HOME"):
+        return str(Path(home) / "hub")
+    return constants.HF_HUB_CACHE
+
+
+def _cached_repo_snapshot(path: Path, revision: str | None) -> Path | None:
+    """A Hugging Face cache folder of one repository (``models--org--name``, holding ``refs/`` and
+    ``snapshots/``) -> its snapshot at ``revision`` (a branch or tag in ``refs/``, or a commit hash; default
+    ``main``); None for any other folder. Raises :class:`ModelLoadError` for a revision it lacks."""
+    if not ((path / "snapshots").is_dir() and (path / "refs").is_dir()):
+        return None
+    rev = revision or "main"
+    ref = path / "refs" / rev
+    commit = ref.read_text().strip() if ref.is_file() else rev
+    snapshot = path / "snapshots" / commit
+    if not snapshot.is_dir():
+        have = [p.name for sub in ("refs", "snapshots") for p in sorted((path / sub).iterdir())]
+        raise ModelLoadError(f"{path} is a Hugging Face cache folder without revision {rev!r} (it has: {have})")
+    return snapshot
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of hub model ``repo_id`` at ``revision``, as transformers finds it: from the
+    Hugging Face cache (``HF_HUB_CACHE``), downloading its config, safetensors and tokenizer files only
+    when ``HF_HUB_OFFLINE`` allows it. Raises :class:`ModelLoadError` in one line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    offline, cache = hub_offline(), hub_cache_dir()
+    at = f" at revision {revision}" if revision else ""
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, cache_dir=cache,
+                                      local_files_only=offline))  # fmt: skip
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, FileNotFoundError) as exc:
+        where = f"the Hugging Face cache ({cache})"
+        if offline:
+            raise ModelLoadError(
+                f"model.path={repo_id}{at} is not a local folder, nor in {where}, and HF_HUB_OFFLINE is set: "
+                "nothing is downloaded (download it once without HF_HUB_OFFLINE, or give a local folder)"
+            ) from None
+        raise ModelLoadError(f"model.path={repo_id}{at}: not a local folder, not in {where}, and the hub "
+                             f"could not be reached ({type(exc).__name__}); set HF_HUB_OFFLINE=1 to work from "
+                             "the cache") from None  # fmt: skip
+    except (HFValidationError, OSError, ValueError) as exc:  # unknown repo or revision, HTTP errors
+        raise ModelLoadError(f"model.path={repo_id}{at}: {str(exc).strip().splitlines()[0]}") from None
+
+
+def resolve_model_path(cfg: ModelConfig) -> Path:
+    """The local folder ``model.path`` names, resolved as transformers resolves a name: an existing folder
+    as it is (a Hugging Face cache folder ``models--org--name`` -> its snapshot at ``model.revision``), else
+    a hub id ``org/name`` -> its snapshot in the Hugging Face cache (:func:`_hub_snapshot`:
+    ``HF_HUB_OFFLINE`` honoured). Raises :class:`ModelLoadError`."""
+    raw = cfg.path or ""
+    path = Path(raw).expanduser()
+    if path.exists():
+        return _cached_repo_snapshot(path, cfg.revision) or path
+    if HUB_ID.match(raw):
+        return _hub_snapshot(raw, cfg.revision)
+    return path
+
+
+def describe_model_source(cfg: ModelConfig) -> dict[str, str | None]:
+    """What ``model.path`` resolved to, for the run's params: the folder, the commit hash of a Hugging Face
+    snapshot (the revision the run used), and the architecture. Empty for the bundled and tiny models."""
+    if cfg.source != "path":
+        return {}
+    path = resolve_model_path(cfg)
+    commit = path.name if path.parent.name == "snapshots" else None
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    return {"path": str(path), "revision": commit, "model_type": config.get("model_type")}
+
+
 def check_model_source(cfg: ModelConfig) -> None:
     """The cheap part of loading, first: the model folder (or the bundled package) exists and holds a
     safetensors model. Raises :class:`ModelLoadError` naming the path."""
     if cfg.source == "path":
-        _check_model_dir(Path(cfg.path or "").expanduser())
+        _check_model_dir(resolve_model_path(cfg))
     elif cfg.source == "smollm2":
         bundled_gguf_path()
 
@@ -145,8 +238,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     if cfg.source == "path":
-        assert cfg.path is not None
-        path = Path(cfg.path).expanduser()
+        path = resolve_model_path(cfg)
         _check_model_dir(path)
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:
@@ -218,7 +310,7 @@ def model_dir(cfg: ModelConfig, tokenizer=None) -> Path:
     if cfg.source == "tiny":
         path = tiny_model_dir(cfg, tokenizer)
     else:
-        path = bundled_model_dir() if cfg.source == "smollm2" else Path(cfg.path or "").expanduser()
+        path = bundled_model_dir() if cfg.source == "smollm2" else resolve_model_path(cfg)
     _check_model_dir(path)
     return path
 
@@ -228,29 +320,79 @@ def model_dir(cfg: ModelConfig, tokenizer=None) -> Path:
 ATTENTION = "sdpa"
 
 
+def attention_for(config) -> str:
+    """The attention implementation to load a model of ``config`` with: :data:`ATTENTION` where the
+    architecture's class supports it, else transformers' ``eager`` (BLOOM, MPT, Gemma 2 in transformers 5)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return ATTENTION
+    return ATTENTION if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
 def load_backbone(cfg: ModelConfig, placement: Placement | None = None):
     """Load ``(model, tokenizer)`` for a model config; the model is frozen, in eval mode, on
     ``placement.device`` (default: :func:`polar_vbll.placement.placement_for` ``cfg``).
 
+    Attention runs through :func:`attention_for` the config (SDPA where the architecture has it).
     Typed loading: the weights are read straight into the placement's dtype (a bf16 backbone never exists in
     fp32) and, on an accelerator, straight onto it (no full host copy); buffers keep the dtype the
     architecture gives them (RoPE frequencies stay fp32). Raises :class:`ModelLoadError`, and
     :class:`~polar_vbll.errors.ConfigError` for a device this process does not have."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     placement = placement or placement_for(cfg)
     tokenizer = load_tokenizer(cfg)
     path = model_dir(cfg, tokenizer)
     where = {"device_map": {"": placement.device}} if placement.accelerated else {}
     try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         with _no_loading_bar():
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=placement.torch_dtype, local_files_only=True, use_safetensors=True,
-                attn_implementation=ATTENTION, **where,
+                str(path), config=config, dtype=placement.torch_dtype, local_files_only=True,
+                use_safetensors=True, attn_implementation=attention_for(config), **where,
             )  # fmt: skip
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"could not load a causal LM from {path}: {exc}") from exc
-    return frozen(model, tokenizer), tokenizer
+    model = frozen(model, tokenizer)
+    check_padding(model, tokenizer.pad_token_id)
+    return model, tokenizer
+
+
+def check_padding(model: nn.Module, pad_id: int) -> None:
+    """Refuse (:class:`ModelLoadError`, one line) a model whose features change when a prompt is
+    left-padded in a batch (:func:`polar_vbll.backbone.padding_invariance`): it ignores the attention mask
+    (a recurrent model such as RWKV), and every batched pass would depend on its neighbours' lengths."""
+    from polar_vbll.backbone import padding_invariance
+
+    change = padding_invariance(model, pad_id)
+    bf16 = next(model.parameters()).dtype != torch.float32
+    if not change <= (3e-2 if bf16 else 1e-4):
+        raise ModelLoadError(
+            f"{type(model).__name__} gives a prompt other features when it is left-padded beside a longer one "
+            f"(relative change {change:.2g}): it ignores the attention mask (a recurrent model) or counts "
+            "positions from the padding (no position ids), and batched training and evaluation need neither; "
+            "this architecture is not supported"
+        )
+
+
+def model_skeleton(cfg: ModelConfig) -> nn.Module:
+    """The model of ``cfg`` built from its config on the meta device: its structure and shapes, no weights
+    (instant, at any size). Raises :class:`ModelLoadError`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_dir(cfg) if cfg.source != "tiny" else None
+    try:
+        if path is None:
+            return build_tiny_llama(cfg, vocab_size=len(load_tokenizer(cfg)))
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config, attn_implementation=attention_for(config))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not build a causal LM from {path}/config.json: {exc}") from exc
 
 
 def frozen(model: nn.Module, tokenizer) -> nn.Module:

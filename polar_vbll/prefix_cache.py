@@ -5,8 +5,8 @@ and ``eval`` that feeds the same token ids to the same frozen blocks.
 On the cheap path (``train.cache_frozen_prefix``) the blocks below the lowest adapted block never change,
 so their output is a pure function of
 
-- the frozen weights: every parameter and buffer of the decoder outside blocks ``split..`` and the final
-  norm (embeddings, blocks ``0..split-1``, rotary buffers), hashed, plus the decoder's class and config;
+- the frozen weights: every parameter and buffer of the decoder outside blocks ``split..`` (embeddings,
+  blocks ``0..split-1``, rotary buffers, the final norm), hashed, plus the decoder's class and config;
 - the split block ``split`` and the model's compute dtype;
 - the token ids of every example (which already encode the tokenizer, the prompt template, ``max_length``,
   ``add_bos`` and the examples themselves: anything that changes the ids changes the key);
@@ -51,10 +51,12 @@ def default_root() -> Path:
 
 def prefix_fingerprint(
     decoder: nn.Module, split: int, chunks: Callable[[torch.Tensor], Iterable[torch.Tensor]] | None = None,
+    blocks: str = "layers",
 ) -> str:  # fmt: skip
     """sha256 (hex) of everything the frozen prefix of ``decoder`` computes with: the class name, the config
-    (minus its source path) and the bytes of every parameter and buffer outside blocks ``split..`` and the
-    final norm. Reads every frozen weight once (about a second for a 135M-parameter model).
+    (minus its source path) and the bytes of every parameter and buffer outside blocks ``split..`` (``blocks``:
+    the block list's path in ``decoder``, :func:`polar_vbll.architecture.blocks_path`), buffers of any shape
+    (a 0-dim scale included). Reads every frozen weight once (about a second for a 135M-parameter model).
 
     ``chunks(tensor)``: where a tensor's values come from, in consecutive pieces of its flattened bytes (a
     ZeRO-3 rank holds only a partition, and reads the rest from the checkpoint file:
@@ -68,7 +70,7 @@ def prefix_fingerprint(
         data.pop("_name_or_path", None)
         data.pop("transformers_version", None)
         h.update(json.dumps(data, sort_keys=True, default=str).encode())
-    skip = tuple(f"layers.{i}." for i in range(split, len(decoder.layers))) + ("norm.",)
+    skip = tuple(f"{blocks}.{i}." for i in range(split, len(decoder.get_submodule(blocks))))
     tensors = list(decoder.named_parameters()) + list(decoder.named_buffers())
     for name, t in sorted(tensors, key=lambda kv: kv[0]):
         if name.startswith(skip):
@@ -80,7 +82,7 @@ def prefix_fingerprint(
         h.update(str(first.dtype).encode())
         h.update(str(shape).encode())
         for piece in itertools.chain([first], pieces):
-            h.update(piece.cpu().contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
+            h.update(piece.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return h.hexdigest()
 
 

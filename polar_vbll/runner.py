@@ -39,6 +39,7 @@ from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import format_table
+from polar_vbll.models import describe_model_source
 from polar_vbll.placement import Placement, resolved
 from polar_vbll.plots import reliability_diagrams, risk_coverage_plot
 from polar_vbll.predictives import predict
@@ -110,6 +111,7 @@ def write_run_params(cfg: RunConfig, run_dir: Path, placement: Placement | None 
     params = cfg.flat_params()
     if placement is not None:
         params.update({f"placement.{k}": v for k, v in placement.describe().items()})
+    params.update({f"model_source.{k}": v for k, v in describe_model_source(cfg.model).items()})
     params["unused_settings"] = sorted(unused_settings(cfg))  # given, but not read by the method
     params.update(data_provenance(cfg))
     (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))

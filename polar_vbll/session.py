@@ -21,7 +21,7 @@ from polar_vbll.errors import DataError
 from polar_vbll.features import EncodedSplit, encode_examples
 from polar_vbll.heads.deterministic import DeterministicHead
 from polar_vbll.methods import METHODS, Method
-from polar_vbll.models import check_model_source, load_backbone, load_tokenizer
+from polar_vbll.models import check_model_source, load_backbone, load_tokenizer, model_skeleton
 from polar_vbll.placement import Placement, placement_for
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
@@ -98,7 +98,23 @@ def validate_inputs(cfg: RunConfig, device: bool = True) -> None:
     if device:
         placement_for(cfg.model)
     check_model_source(cfg.model)
+    check_architecture(cfg)
     load_examples(cfg)
+
+
+def check_architecture(cfg: RunConfig) -> None:
+    """For a user's model folder: its architecture is one the method can adapt (decoder blocks found, the
+    adapter's ``target_modules`` and ``layers`` select layers), checked on the model's skeleton (built from
+    its config on the meta device: no weight is read), so a refusal comes before any run folder exists."""
+    if cfg.model.source != "path":
+        return
+    from polar_vbll.architecture import decoder_of
+
+    model = model_skeleton(cfg.model)
+    decoder_of(model)
+    kind = METHODS[cfg.method].adapter_kind
+    if kind.select is not None:
+        kind.select(model, kind.settings(cfg))
 
 
 def check_split_sizes(cfg: RunConfig, examples: dict[str, list]) -> None:

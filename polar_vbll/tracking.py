@@ -376,6 +376,16 @@ def mlflow_installed() -> bool:
     return installed("mlflow")
 
 
+#: The tag a FAILED run carries: why it failed (:func:`failure_line`).
+ERROR_TAG = "polar_vbll.error"
+
+
+def failure_line(exc: BaseException) -> str:
+    """``ExceptionType: first line of the message`` (at most 500 characters, secrets masked)."""
+    lines = str(exc).strip().splitlines()
+    return mask_secrets(f"{type(exc).__name__}: {lines[0] if lines else ''}")[:500]
+
+
 @contextlib.contextmanager
 def tracked(
     folder: Path,
@@ -416,6 +426,9 @@ def tracked(
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
+            raise
+        except BaseException as exc:  # a FAILED run says why (the error's first line, secrets masked)
+            logger.set_tags({ERROR_TAG: failure_line(exc)})
             raise
         finally:
             logger.end(status)

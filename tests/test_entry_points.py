@@ -39,6 +39,7 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "method": ("polar_vbll", NOT_COMPARE),
     "model.source": ("smollm2", ALL),
     "model.path": ("/no/such/model", ALL),
+    "model.revision": ("v1.0", ALL),
     "model.dtype": ("bfloat16", ALL),
     "model.device": ("cpu", ALL),
     "model.add_bos": (True, ALL),

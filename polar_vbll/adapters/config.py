@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,15 +22,21 @@ from polar_vbll.errors import ConfigError
 #: 2: the config carries ``config_sha256``, a digest of every field a reload uses.
 FORMAT_VERSION = 2
 
-#: PoLAR's reference targets (q, k, v, up, down projections of a Llama-style block).
+#: PoLAR's reference targets (q, k, v, up, down projections of a Llama-style block): what ``auto`` resolves
+#: to on a Llama-family model (polar_vbll.architecture.default_target_modules gives every architecture's).
 DEFAULT_TARGET_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+#: ``target_modules: auto``: the architecture's own default targets, resolved when the adapter is injected.
+AUTO = "auto"
 
 
 class TargetConfig(BaseModel):
     """Which linear layers get a low-rank adapter, its rank and scale, and how it is initialised.
 
     ``target_modules`` matches like PEFT's list form: a module is a target when its full name equals an
-    entry or ends with ``"." + entry`` (so a plain name such as ``"q_proj"`` matches the last component).
+    entry or ends with ``"." + entry`` (so a plain name such as ``"q_proj"`` matches the last component);
+    ``auto`` (the default) is the architecture's own list (:func:`polar_vbll.architecture.default_target_modules`:
+    q, k, v, up and down projections of a Llama-family block, ``c_attn, c_fc, mlp.c_proj`` on GPT-2...),
+    resolved when the adapter is injected and saved resolved with it.
     ``layers`` selects decoder blocks by index (negative indices count from the end); ``None`` adapts
     every block, and modules outside the numbered blocks (e.g. ``lm_head``) are only adapted when
     ``layers`` is ``None``, as in PEFT's ``layers_to_transform``.
@@ -40,10 +46,10 @@ class TargetConfig(BaseModel):
 
     r: int = Field(default=8, gt=0, description="Rank of every adapter (columns of U and V).")
     alpha: float = Field(default=32.0, gt=0, description="Scale numerator: update = (alpha / r) x rank-r product.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
-        min_length=1,
-        description="Module names (or dotted suffixes) of the nn.Linear layers to adapt.",
+    target_modules: list[str] | Literal["auto"] = Field(
+        default=AUTO,
+        description="Module names (or dotted suffixes) of the linear layers to adapt, or auto: the "
+        "architecture's defaults (q, k, v, up, down projections on Llama-family models).",
     )
     layers: list[int] | None = Field(
         default=None, description="Decoder-block indices to adapt (negative = from the end); None = all."
@@ -68,7 +74,11 @@ class TargetConfig(BaseModel):
 
     @field_validator("target_modules")
     @classmethod
-    def _clean_targets(cls, v: list[str]) -> list[str]:
+    def _clean_targets(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, str):
+            return v
+        if not v:
+            raise ValueError("an empty list would adapt nothing; use auto for the architecture's defaults")
         bad = [t for t in v if not t or t != t.strip() or t.startswith(".") or t.endswith(".")]
         if bad:
             raise ValueError(f"module names must be non-empty dotted names without spaces, got {bad!r}")

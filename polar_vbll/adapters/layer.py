@@ -1,4 +1,4 @@
-"""``PolarLinear``: a frozen ``nn.Linear`` plus the PoLAR update ``s * U Theta V^T``.
+"""``PolarLinear``: a frozen ``nn.Linear`` (or transformers' ``Conv1D``) plus the PoLAR update ``s * U Theta V^T``.
 
 The layer owns only ``polar_theta`` (the free ``r x r`` core, a Euclidean parameter). Its Stiefel factors
 U (out x r) and V (in x r) live in a :class:`~polar_vbll.adapters.bank.StiefelBank` that the layer reads
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polar_vbll.adapters.bank import StiefelBank
+from polar_vbll.architecture import is_linear, linear_dims, transposed
 
 
 class _BankRef:
@@ -44,7 +45,7 @@ class PolarLinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         bank: StiefelBank,
         u_slot: str,
         v_slot: str,
@@ -53,9 +54,9 @@ class PolarLinear(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"PolarLinear wraps nn.Linear, got {type(base_layer).__name__}")
-        out_f, in_f = base_layer.out_features, base_layer.in_features
+        if not is_linear(base_layer):
+            raise TypeError(f"PolarLinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        in_f, out_f = linear_dims(base_layer)
         for slot, n in ((u_slot, out_f), (v_slot, in_f)):
             shape = tuple(bank.factor(slot).shape)
             if shape != (n, r):
@@ -79,6 +80,16 @@ class PolarLinear(nn.Module):
         self._merge_versions: tuple[int, ...] | None = None
 
     # ------------------------------------------------------------------------------------------ factors
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight (``W0``, or ``W0 + delta`` while merged), for model code that reads a
+        linear layer's ``.weight`` (its dtype, device or values), as peft's layers expose it too."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
     @property
     def bank(self) -> StiefelBank:
         """The bank this layer reads U, V from (not a submodule; see the module docstring)."""
@@ -129,6 +140,10 @@ class PolarLinear(nn.Module):
             self.bank.polar_groups[slots[self.v_slot][0]]._version,
         )
 
+    def _stored(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` (out, in) laid out as the base weight is stored: transposed for a ``Conv1D``."""
+        return delta.T if transposed(self.base_layer) else delta
+
     @torch.no_grad()
     def merge(self) -> None:
         """Add ``s U Theta V^T`` into the base weight; forward then skips the adapter path.
@@ -140,7 +155,7 @@ class PolarLinear(nn.Module):
         if self.merged:
             return
         w = self.base_layer.weight
-        w.add_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+        w.add_(self._stored(self.delta_weight()).to(device=w.device, dtype=w.dtype))
         self.merged = True
         self._merge_versions = self._versions()
 
@@ -159,7 +174,7 @@ class PolarLinear(nn.Module):
                 "was merged; unmerging would not restore the base weight. Unmerge before training."
             )
         w = self.base_layer.weight
-        w.sub_(self.delta_weight().to(device=w.device, dtype=w.dtype))
+        w.sub_(self._stored(self.delta_weight()).to(device=w.device, dtype=w.dtype))
         self.merged = False
         self._merge_versions = None
 

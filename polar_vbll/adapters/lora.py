@@ -41,7 +41,7 @@ from torch import nn
 from polar_vbll.adapters.config import LoraConfig, PolarConfig, lora_config_from_dict
 from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
-from polar_vbll.adapters.model import TargetLayer, select_targets
+from polar_vbll.adapters.model import TargetLayer, resolve_targets, select_targets
 from polar_vbll.adapters.state import (
     CONFIG_DIGEST_KEY,
     check_config_digest,
@@ -51,6 +51,7 @@ from polar_vbll.adapters.state import (
     strict_copy_,
 )
 from polar_vbll.adapters.state import names_preview as _names_preview
+from polar_vbll.architecture import transposed
 from polar_vbll.checkpoint import sha256_file
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
 from polar_vbll.extras import require
@@ -107,7 +108,7 @@ class LoraAdapter(nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig | Mapping[str, Any]) -> None:
         super().__init__()
-        config = lora_config_from_dict(config, "LoraAdapter(config=...)")
+        config = resolve_targets(model, lora_config_from_dict(config, "LoraAdapter(config=...)"))
         peft = _require_peft()
         if _has_lora(model) or any(isinstance(m, PolarLinear) for m in model.modules()):
             raise UserInputError("the model already holds adapters; inject LoRA into a fresh base model")
@@ -119,6 +120,8 @@ class LoraAdapter(nn.Module):
             lora_dropout=config.dropout,
             bias="none",
             task_type="CAUSAL_LM",
+            # Conv1D layers (GPT-2 family) store their weight (in, out): peft's fan_in_fan_out convention
+            fan_in_fan_out=any(transposed(model.get_submodule(n)) for n in names),
         )
         model.requires_grad_(False)
         was_training = model.training

@@ -25,13 +25,13 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from polar_vbll.adapters.bank import SlotRequest, StiefelBank, _refuse_dtype_change, plan_slots
-from polar_vbll.adapters.config import FORMAT_VERSION, PolarConfig, polar_config_from_dict
+from polar_vbll.adapters.config import AUTO, FORMAT_VERSION, PolarConfig, TargetConfig, polar_config_from_dict
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
 from polar_vbll.adapters.state import (
     CONFIG_DIGEST_KEY,
@@ -41,7 +41,10 @@ from polar_vbll.adapters.state import (
     require_shapes,
     strict_copy_,
 )
+from polar_vbll.architecture import decoder_path, default_target_modules, is_linear, linear_dims, transposed
 from polar_vbll.errors import CheckpointError, ConfigError, UserInputError
+
+C = TypeVar("C", bound=TargetConfig)
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -91,14 +94,24 @@ def _block_of(model: nn.Module, name: str) -> tuple[str, int] | None:
 
 def off_feature_path(model: nn.Module, names: list[str]) -> list[str]:
     """The modules among ``names`` that the features never pass through: everything outside the decoder
-    body (``model.<base_model_prefix>``), e.g. the LM head. An adapter there would change nothing the
-    method reads, and the LM head's rows are where the answer-letter head starts from."""
-    prefix = getattr(model, "base_model_prefix", None)
-    body = getattr(model, prefix, None) if prefix else None
-    if body is not None and hasattr(body, "layers"):
+    body (:func:`polar_vbll.architecture.decoder_of`), e.g. the LM head. An adapter there would change
+    nothing the method reads, and the LM head's rows are where the answer-letter head starts from."""
+    try:
+        prefix = decoder_path(model)
+    except UserInputError:
+        prefix = None
+    if prefix:
         return [n for n in names if not n.startswith(prefix + ".")]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return [n for n in names if head is not None and model.get_submodule(n) is head]
+
+
+def resolve_targets(model: nn.Module, config: C) -> C:
+    """``config`` with ``target_modules: auto`` replaced by ``model``'s architecture defaults
+    (:func:`polar_vbll.architecture.default_target_modules`); an explicit list is returned as it is."""
+    if config.target_modules != AUTO:
+        return config
+    return config.model_copy(update={"target_modules": default_target_modules(model)})
 
 
 def select_targets(model: nn.Module, config: PolarConfig) -> list[TargetLayer]:
@@ -114,12 +127,13 @@ def select_targets(model: nn.Module, config: PolarConfig) -> list[TargetLayer]:
             "the model already contains PoLAR adapters; inject into a fresh model (or call "
             "PolarModel.load_adapter on one)"
         )
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
+    config = resolve_targets(model, config)
+    linears = {n: m for n, m in model.named_modules() if is_linear(m) and n}
     available = sorted({n.rsplit(".", 1)[-1] for n in linears})
     unmatched = [t for t in config.target_modules if not any(_matches(n, t) for n in linears)]
     if unmatched:
         raise ConfigError(
-            f"PolarConfig.target_modules: {unmatched} match no nn.Linear module of "
+            f"PolarConfig.target_modules: {unmatched} match no linear module (nn.Linear or Conv1D) of "
             f"{type(model).__name__}; linear modules available (by last name component): {available}"
         )
     chosen = sorted(n for n in linears if any(_matches(n, t) for t in config.target_modules))
@@ -159,8 +173,13 @@ def select_targets(model: nn.Module, config: PolarConfig) -> list[TargetLayer]:
             )
         wanted = {i % n_blocks for i in config.layers}
         chosen = [n for n in chosen if blocks[n] is not None and blocks[n][1] in wanted]
+        if not chosen:
+            raise ConfigError(
+                f"PolarConfig.layers={config.layers} selects blocks that hold none of the target modules "
+                f"{config.target_modules} in {type(model).__name__}; choose other blocks or targets"
+            )
 
-    targets = [TargetLayer(n, linears[n].in_features, linears[n].out_features) for n in chosen]
+    targets = [TargetLayer(n, *linear_dims(linears[n])) for n in chosen]
     too_small = [t for t in targets if config.r > min(t.in_features, t.out_features)]
     if too_small:
         t = too_small[0]
@@ -237,7 +256,7 @@ class PolarModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: PolarConfig) -> None:
         super().__init__()
-        config = polar_config_from_dict(config, "PolarModel(config=...)")
+        config = resolve_targets(model, polar_config_from_dict(config, "PolarModel(config=...)"))
         targets = select_targets(model, config)
         model.requires_grad_(False)
 
@@ -478,7 +497,8 @@ class PolarModel(nn.Module):
             "lora_dropout": self.polar_config.dropout,
             "target_modules": [n for n, _ in self.polar_layers()],
             "bias": "none",
-            "fan_in_fan_out": False,
+            # Conv1D layers (GPT-2 family) store their weight (in, out): peft's fan_in_fan_out convention
+            "fan_in_fan_out": any(transposed(m.base_layer) for _, m in self.polar_layers()),
             "use_rslora": False,
             "use_dora": False,
             "init_lora_weights": True,
