@@ -89,9 +89,17 @@ class ModelConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Task and splits. ``task`` is a built-in name (see ``docs/data.md``) or ``jsonl:<path>``."""
+    """Task and splits. ``task`` is a built-in name (see ``docs/data.md``), ``jsonl:<path>`` or a source read
+    through ``datasets`` (``hf:<folder|org/name>[:config]``, ``csv:``, ``parquet:``, ``json:<file>``), whose
+    columns ``columns`` maps to our fields."""
 
     task: str = "arc_easy"
+    columns: dict[str, str | list[str]] = Field(
+        default_factory=dict,
+        description="our fields (question, choices, answer, context, id) -> the columns of an hf:, csv:, "
+        "parquet: or json: source, e.g. {question: text, choices: options, answer: label}; choices may list "
+        "several columns (docs/data.md)",
+    )
     split_seed: int = 0
     train_split: str = "train"
     val_split: str = "validation"
@@ -113,13 +121,41 @@ class DataConfig(_Strict):
     def _absolute_ood_tasks(cls, v: list[str]) -> list[str]:
         return [absolute_task(t) for t in v]
 
+    @field_validator("columns")
+    @classmethod
+    def _columns_shape(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        if not v:
+            return v
+        from polar_vbll.tasks.columns import check_mapping
+
+        return check_mapping(v)
+
+    @model_validator(mode="after")
+    def _columns_need_a_source(self) -> DataConfig:
+        if self.columns and not self.task.startswith(DATASETS_PREFIXES):
+            raise ValueError(
+                f"data.columns maps the columns of an hf:, csv:, parquet: or json: source; data.task "
+                f"{self.task!r} is not one (a jsonl: file uses our field names; read it as json:<file> to map "
+                "its columns)"
+            )
+        return self
+
+
+#: Task prefixes read through ``datasets`` (``polar_vbll.tasks.hf_source.PREFIXES``).
+DATASETS_PREFIXES = ("hf:", "csv:", "parquet:", "json:")
+
 
 def absolute_task(task: str) -> str:
-    """``jsonl:<path>`` with the path made absolute (recorded so, a run folder's config reloads from any
-    working directory and on every node); other task names unchanged."""
+    """``jsonl:<path>``, ``csv:``/``parquet:``/``json:<file>`` and a local ``hf:<folder>`` with the path made
+    absolute (recorded so, a run folder's config reloads from any working directory and on every node); a
+    hub id (``hf:org/name``) and other task names unchanged."""
     prefix = "jsonl:"
     if task.startswith(prefix) and task[len(prefix) :]:
         return prefix + str(Path(task[len(prefix) :]).expanduser().resolve())
+    if task.startswith(DATASETS_PREFIXES) and task.partition(":")[2]:
+        from polar_vbll.tasks.hf_source import absolute_source
+
+        return absolute_source(task)
     return task
 
 

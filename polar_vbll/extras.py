@@ -1,9 +1,10 @@
 """Optional packages: which extra installs each, and the one check every entry point makes before any work.
 
 The method runs in one process on the core dependencies. Ray and DeepSpeed (the ``dist`` extra), MLflow
-(``track``) and the packages later work adds (Ray Serve: ``serve``, Optuna: ``tune``, ``datasets``:
-``data``) are optional. Every command and API function that needs one calls :func:`require` first thing,
-before it reads data or writes a folder; a missing package is then one line (a :class:`MissingExtra`, which
+(``track``) and the packages later work adds (Ray Serve: ``serve``, Optuna: ``tune``) are optional; core
+dependencies imported lazily (MAPIE, peft, Hugging Face ``datasets``) are checked the same way. Every
+command and API function that needs one calls :func:`require` first thing, before it reads data or writes a
+folder; a missing package is then one line (a :class:`MissingExtra`, which
 the command line prints with exit status 2) naming the extra that installs it::
 
     polar-vbll train --workers needs Ray and DeepSpeed: pip install -e '.[dist]'
@@ -55,10 +56,10 @@ PACKAGES: dict[str, Package] = {
     # core dependencies (pyproject.toml) that are imported lazily: checked the same way
     "mapie": Package("MAPIE", None),
     "peft": Package("peft", None),
+    "datasets": Package("Hugging Face datasets", None),  # hf:, csv:, parquet:, json: data sources
     # Planned: the extras these name enter pyproject.toml with the first code that imports them.
     "ray.serve": Package("Ray Serve", "serve", import_check=True),  # in every Ray wheel; ray[serve] its deps
     "optuna": Package("Optuna", "tune"),
-    "datasets": Package("Hugging Face datasets", "data"),
 }
 
 #: Every entry point that needs an optional package (as the user types or calls it) and the modules it
@@ -84,6 +85,7 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "polar_vbll.tracking": ("mlflow",),
     "polar_vbll.decisions": ("mapie",),
     "polar_vbll.adapters.lora": ("peft",),
+    "polar_vbll.tasks.hf_source": ("datasets",),  # load_task / Predictor inputs with hf:, csv:, parquet:, json:
 }
 
 

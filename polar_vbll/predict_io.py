@@ -2,8 +2,10 @@
 records, print the summary.
 
 Input: JSONL, one question per line (``question``, ``choices``; optional ``answer``, ``context``, ``id``;
-docs/data.md's row format with ``answer`` optional). Every row is checked before any prediction (file, line
-and field on error; a question with more choices than the run's head names both widths). Output: JSONL,
+docs/data.md's row format with ``answer`` optional), or a ``csv:``, ``parquet:``, ``json:``, ``hf:`` source
+read through the run's ``data.columns`` (``polar_vbll.tasks.inputs``). Every row is checked before any
+prediction (file, line or row, and field or column on error; a question with more choices than the run's
+head names both widths). Output: JSONL,
 one decision record per input row in input order (docs/predict.md), written to a temporary file beside the
 output and renamed when complete, so an existing output is replaced only by a finished one.
 """
@@ -24,32 +26,37 @@ from polar_vbll.config import check_outlives_the_job
 from polar_vbll.errors import UserInputError
 from polar_vbll.predictor import Question, check_width, summary
 from polar_vbll.saved import RunFolder
-from polar_vbll.tasks.jsonl import iter_questions, load_jsonl
+from polar_vbll.tasks.inputs import read_items, source_path
 
 #: ``decide(chunk) -> records``, or an iterator of every chunk's records in order (Ray Data).
 ChunkDecider = Callable[[Sequence[Question]], list[dict[str, Any]]]
 
 
-def read_questions(path: str | Path, folder: RunFolder) -> list[Question]:
-    """Every question of ``path``, checked (``DataError``: file, line, field; no rows; too many choices)."""
-    path = os.fspath(path)
-    questions = [Question(e, has, line) for line, e, has in iter_questions(path)]
-    if not questions:
-        raise UserInputError(f"{path}: no questions (the file is empty or holds only blank lines)")
-    check_width(folder, questions, path)
+def read_questions(source: str | Path, folder: RunFolder, split: str | None = None) -> list[Question]:
+    """Every question of ``source`` (a JSONL path, or a ``jsonl:``, ``csv:``, ``parquet:``, ``json:``, ``hf:``
+    source, ``split`` choosing among several), checked (``DataError``: file, line or row, field or column;
+    no rows; too many choices)."""
+    source = os.fspath(source)
+    items = read_items(source, run_columns=folder.cfg.data.columns, split=split)
+    questions = [Question(it.example, it.has_answer, it.line, it.line_kind) for it in items]
+    check_width(folder, questions, source)
     return questions
 
 
-def read_calibration(path: str | Path, folder: RunFolder) -> tuple[list, str]:
-    """Held-out questions *with answers* for ``calibrate --data`` and the file's sha256 (64 hex digits)."""
-    path = os.fspath(path)
-    examples = load_jsonl(path)
-    check_width(folder, [Question(e, True, i + 1) for i, e in enumerate(examples)], path)
+def read_calibration(source: str | Path, folder: RunFolder, split: str | None = None) -> tuple[list, str | None]:
+    """Held-out questions *with answers* for ``calibrate --data`` (the sources :func:`read_questions` reads)
+    and the file's sha256 (64 hex digits; None for a folder or a hub dataset)."""
+    source = os.fspath(source)
+    items = read_items(source, run_columns=folder.cfg.data.columns, split=split, answers=True)
+    check_width(folder, [Question(it.example, True, it.line, it.line_kind) for it in items], source)
+    path = source_path(source)
+    if path is None or not os.path.isfile(path):
+        return [it.example for it in items], None
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    return examples, h.hexdigest()
+    return [it.example for it in items], h.hexdigest()
 
 
 def chunked(questions: Sequence[Question], size: int) -> list[Sequence[Question]]:
@@ -65,6 +72,7 @@ def check_output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
     out = Path(output)
     check_outlives_the_job(out, "--output")
     for p in inputs:
+        p = source_path(os.fspath(p)) or os.fspath(p)
         if Path(p).exists() and out.exists() and out.resolve() == Path(p).resolve():
             raise UserInputError(f"--output {out} is the input file; write the decisions elsewhere")
     if not out.parent.is_dir():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,9 @@ from polar_vbll.metrics import summarize
 from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
 from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run
-from polar_vbll.tasks import load_task
 from polar_vbll.tasks.example import MCExample
+from polar_vbll.tasks.inputs import read_items
+from polar_vbll.tasks.registry import run_split
 from polar_vbll.temperature import apply_temperature
 
 #: Questions predicted together (one chunk; see the module docstring).
@@ -43,11 +44,18 @@ DEFAULT_BATCH = 64
 @dataclass
 class Question:
     """One question to decide on: the example (``answer`` is a placeholder 0 when the row has none), whether
-    the row gave an answer, and the row's line number in its file (None from the Python API)."""
+    the row gave an answer, and the row's line number in its file (None from the Python API; ``line_kind``
+    ``row`` for a csv:, parquet:, json: or hf: source, whose records then carry ``row``)."""
 
     example: MCExample
     has_answer: bool = True
     line: int | None = None
+    line_kind: str = "line"
+
+
+#: What the Python API reads questions from (``polar_vbll.tasks.inputs.read_items``): a source name or path,
+#: a list of dicts / ``MCExample``s, a pandas DataFrame, a pyarrow Table, a ``datasets.Dataset``.
+Questions = Any
 
 
 def warn_one_class(examples: Sequence[MCExample], source: str) -> None:
@@ -71,7 +79,7 @@ def check_width(folder: RunFolder, questions: Sequence[Question], where: str) ->
     for i, q in enumerate(questions):
         k = q.example.num_choices
         if k > width:
-            at = f"{where}, line {q.line}" if q.line is not None else f"question {i} ({q.example.uid!r})"
+            at = f"{where}, {q.line_kind} {q.line}" if q.line is not None else f"question {i} ({q.example.uid!r})"
             raise DataError(
                 f"{at}, field 'choices': {k} choices, but the run's head reads {width} answer letters "
                 f"({', '.join(folder.readout.answer_letters)}); give at most {width} choices, or train a run "
@@ -113,7 +121,7 @@ class Predictor:
     @staticmethod
     def _train_examples(folder: RunFolder) -> list[MCExample]:
         d = folder.cfg.data
-        return load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit)
+        return run_split(d, d.train_split, d.train_limit)
 
     # ------------------------------------------------------------------------------------ predictive
     @property
@@ -141,16 +149,36 @@ class Predictor:
         r = self.folder.readout
         return encode_examples(name, list(examples), self.loaded.tokenizer, r.max_length, r.add_bos)
 
+    def questions(
+        self, data: Questions, *, columns: Mapping[str, Any] | None = None, split: str | None = None,
+        answers: bool = False, what: str = "question",
+    ) -> list[Question]:  # fmt: skip
+        """``data`` read and checked as questions (every shape :meth:`predict` takes), each no wider than
+        the run's head. ``columns`` maps our fields to the input's columns (default: the run's
+        ``data.columns``, where the input has those columns); ``answers``: every row must have one."""
+        items = read_items(data, columns=columns, run_columns=self.folder.cfg.data.columns, split=split,
+                           answers=answers, what=what)  # fmt: skip
+        qs = [Question(it.example, it.has_answer, it.line, it.line_kind) for it in items]
+        check_width(self.folder, qs, data if isinstance(data, str) else "the input")
+        return qs
+
     def predictive(
-        self, examples: Sequence[MCExample], *, temperature: float | None = None, name: str = "predict",
-        cache: bool = False, progress: bool = False,
+        self, examples: Questions, *, temperature: float | None = None, name: str = "predict",
+        cache: bool = False, progress: bool = False, columns: Mapping[str, Any] | None = None,
+        split: str | None = None,
     ) -> tuple[Predictions, torch.Tensor]:  # fmt: skip
-        """The run's predictive on ``examples``: ``Predictions`` (probs (N, K) with padded classes 0, the
-        epistemic score (N,) in nats) and the choice counts (N,). ``temperature`` scales the probabilities
-        (the epistemic score stays the method's own); ``cache`` keeps the frozen prefix on disk (the run's
-        own splits), else in memory."""
+        """The run's predictive on ``examples`` (any input :meth:`predict` takes): ``Predictions`` (``probs``
+        (N, K) with the classes beyond a question's choices 0, ``epistemic`` (N,) in nats, ``labels`` (N,):
+        the given answers, 0 where a row has none) and the choice counts (N,), in input order.
+        ``temperature`` scales the probabilities (the epistemic score stays the method's own); ``cache``
+        keeps the frozen prefix on disk (the run's own splits), else in memory. Raises ``DataError`` /
+        ``UserInputError`` as :meth:`predict`."""
         cfg, run = self.folder.cfg, self.loaded
-        check_width(self.folder, [Question(e) for e in examples], "the input")
+        if isinstance(examples, Sequence) and not isinstance(examples, str) and all(
+                isinstance(e, MCExample) for e in examples):  # fmt: skip
+            check_width(self.folder, [Question(e) for e in examples], "the input")
+        else:
+            examples = [q.example for q in self.questions(examples, columns=columns, split=split)]
         enc = self._encode(name, examples)
         source = run.source if cache else self._source_new
         ctx = PredictContext(cfg, source, run.adapter, self._posthoc(), cfg.train.eval_batch_size, progress)
@@ -164,26 +192,24 @@ class Predictor:
 
     # ---------------------------------------------------------------------------------- calibration
     def calibrate(
-        self, settings: RuleSettings, examples: Sequence[MCExample] | None = None, *, source: str | None = None,
+        self, settings: RuleSettings, examples: Questions | None = None, *, source: str | None = None,
         file_sha256: str | None = None, temperature: bool = True, progress: bool = False,
     ) -> DecisionRule:  # fmt: skip
         """Fit, store (``<run>/decision/``) and return the decision rule, on ``examples`` (held-out questions
-        with answers: ``MCExample`` rows or dicts as in a JSONL file) or, by default, the run's validation
-        split. ``temperature``: use the run's fitted temperature where it has one. Raises ``DataError`` for
-        a bad row, ``UserInputError`` when the data cannot calibrate (too few questions for alpha)."""
+        with answers, in any shape :meth:`predict` takes: ``MCExample`` rows, dicts as in a JSONL file, a
+        DataFrame, a table, a source) or, by default, the run's validation split. ``temperature``: use the
+        run's fitted temperature where it has one. Raises ``DataError`` for a bad row, ``UserInputError`` when
+        the data cannot calibrate (too few questions for alpha)."""
         with FolderLock(self.folder.path, "polar-vbll calibrate"):  # not while the run (or another) writes it
             return self._calibrate(settings, examples, source, file_sha256, temperature, progress)
 
     def _calibrate(self, settings, examples, source, file_sha256, temperature, progress) -> DecisionRule:
-        from polar_vbll.tasks.jsonl import parse_row
-
         cfg = self.folder.cfg
         if examples is not None:
-            examples = [e if isinstance(e, MCExample) else parse_row(e, f"calibration question {i}", i + 1, "api")
-                        for i, e in enumerate(examples)]  # fmt: skip
+            examples = [q.example for q in self.questions(examples, answers=True, what="calibration question")]
         if examples is None:
             d = cfg.data
-            examples = load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit)
+            examples = run_split(d, d.val_split, d.val_limit)
             source = source or f"{d.task}:{d.val_split} (the run's validation split)"
         warn_one_class(examples, source or "questions given through the Python API")
         t = self.folder.temperature() if temperature else None
@@ -225,19 +251,29 @@ class Predictor:
         d = rule.decide(preds.probs, preds.epistemic, n_choices)
         return [record(q, i, preds.probs[i], d, rule, self.letters) for i, q in enumerate(questions)]
 
-    def predict(self, examples: Sequence[MCExample | dict]) -> list[dict[str, Any]]:
-        """The Python API: decision records of ``examples`` (``MCExample`` rows, or dicts with ``question``,
-        ``choices`` and optional ``answer``, ``context``, ``id``, as in a JSONL file)."""
-        from polar_vbll.tasks.jsonl import parse_question_row
+    def predict(
+        self, examples: Questions, *, columns: Mapping[str, Any] | None = None, split: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The Python API: one decision record per question (docs/predict.md), in input order.
 
-        qs = []
-        for i, e in enumerate(examples):
-            if isinstance(e, MCExample):
-                qs.append(Question(e))
-            else:
-                example, has_answer = parse_question_row(e, f"question {i}", i + 1, "predict")
-                qs.append(Question(example, has_answer))
-        return self.decide(qs)
+        ``examples``, N questions, as any of:
+
+        - a list (any sequence) of ``MCExample`` rows and dicts: ``question`` (str), ``choices`` (2 to the
+          run's number of answer letters, strings), optional ``answer`` (an index, an integral float such as
+          ``1.0``, a letter ``"A"``.., or a choice's text; ``None`` / NaN: no answer), ``context``, ``id``;
+        - a pandas ``DataFrame``, a pyarrow ``Table`` or a ``datasets.Dataset``: one row per question; choices
+          from one list column or several columns;
+        - a source: a JSONL path (``jsonl:`` optional), ``csv:``, ``parquet:``, ``json:<file>``,
+          ``hf:<folder | org/name>[:config]`` (``split`` picks one of several splits).
+
+        ``columns`` maps our fields to the input's columns (``{"question": "text", "choices": ["a", "b"],
+        "answer": "label"}``; every named column must exist); by default the run's ``data.columns`` applies
+        where the input has those columns, and a field is otherwise read from the column of its own name.
+        Dicts read with no mapping are JSONL rows (an unknown key is refused). Rows with an answer get
+        ``label`` and ``correct``. Raises ``DataError`` naming the question (list position, frame index, or
+        source row) and the field or column, ``UserInputError`` for an input of no known shape or with no
+        questions; nothing is predicted before every row is checked."""
+        return self.decide(self.questions(examples, columns=columns, split=split))
 
 
 def record(q: Question, i: int, probs: torch.Tensor, d: Decisions, rule: DecisionRule, letters: list[str]) -> dict:
@@ -247,7 +283,7 @@ def record(q: Question, i: int, probs: torch.Tensor, d: Decisions, rule: Decisio
     decision = "escalate" if d.ood[i] else ("abstain" if d.abstain[i] else "answer")
     out: dict[str, Any] = {
         "id": q.example.uid,
-        **({"line": q.line} if q.line is not None else {}),
+        **({q.line_kind: q.line} if q.line is not None else {}),
         "decision": decision,
         "answer": letters[answer],
         "answer_index": answer,

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from polar_vbll.config import RunConfig
+from polar_vbll.config import DATASETS_PREFIXES, RunConfig
 from polar_vbll.methods import METHODS
 from polar_vbll.placement import effective_dtype
 from polar_vbll.support import STIEFEL_OPTIM as _STIEFEL_OPTIM  # settings an adapter without U, V ignores
@@ -64,6 +64,8 @@ def training_settings(cfg: RunConfig) -> dict[str, Any]:
         keep += [f"head.{section}." for section in method.head_kind.settings]
         if method.head_kind.refitted:
             keep += ["train.alternation", "train.round_steps", "train.final_head_refit"]
+        if cfg.data.task.startswith(DATASETS_PREFIXES):  # the column mapping; the split names decide the cut
+            keep += ["data.columns.", "data.val_split", "data.eval_split"]
     out = {k: v for k, v in flat.items() if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keep)}
     drop = _PREDICTION_ONLY + (() if method.adapter_kind.stiefel else _STIEFEL_OPTIM)
     out = {k: v for k, v in out.items() if k not in drop and k != "model.device"}  # a run resumes on any device

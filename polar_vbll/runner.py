@@ -49,6 +49,7 @@ from polar_vbll.readout import Readout, make_readout, save_readout
 from polar_vbll.results import flat_metrics, machine_info, validate_results
 from polar_vbll.session import Session, build_session, validate_inputs
 from polar_vbll.support import unused_note, unused_settings
+from polar_vbll.tasks.registry import run_splits, task_provenance
 from polar_vbll.training import (
     LocalBackend,
     LocalCheckpoints,
@@ -93,9 +94,18 @@ def member_config(cfg: RunConfig, i: int) -> RunConfig:
     return RunConfig.model_validate(data)
 
 
+def data_provenance(cfg: RunConfig) -> dict[str, Any]:
+    """What a ``datasets`` source of ``data.task`` resolved to, as ``data.resolved.*`` params (kind, path or
+    hub id, config, where it was found, the snapshot revision of a cached hub dataset, the rows of each split,
+    the columns read and ignored, the seeded cut); empty for built-in tasks and ``jsonl:`` files."""
+    d = cfg.data
+    return {f"data.resolved.{k}": v for k, v in task_provenance(d.task, d.columns, run_splits(d)).items()}
+
+
 def write_run_params(cfg: RunConfig, run_dir: Path, placement: Placement | None = None) -> None:
     """``config.yaml`` (the config, ``model.dtype`` resolved) and ``params.json`` (every value flat, and
-    where the run computes: ``placement.device``, ``placement.dtype``, ...)."""
+    where the run computes: ``placement.device``, ``placement.dtype``, ...; what a ``datasets`` source
+    resolved to: ``data.resolved.*``, :func:`data_provenance`)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
     params = cfg.flat_params()
@@ -103,6 +113,7 @@ def write_run_params(cfg: RunConfig, run_dir: Path, placement: Placement | None 
         params.update({f"placement.{k}": v for k, v in placement.describe().items()})
     params.update({f"model_source.{k}": v for k, v in describe_model_source(cfg.model).items()})
     params["unused_settings"] = sorted(unused_settings(cfg))  # given, but not read by the method
+    params.update(data_provenance(cfg))
     (run_dir / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
 
 

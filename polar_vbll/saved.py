@@ -34,6 +34,7 @@ from polar_vbll.readout import Readout, check_readout, check_width, load_readout
 from polar_vbll.results import Metrics
 from polar_vbll.session import build_head, load_examples
 from polar_vbll.tasks import load_task, num_classes
+from polar_vbll.tasks.registry import run_splits
 
 
 def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
@@ -167,7 +168,10 @@ def evaluate_saved_run(
     if not own:
         task, split = task or cfg.data.task, split or cfg.data.eval_split
         # the training split only for a post-hoc head's refit; the run's own validation set is not this task's
-        examples = {"train": examples["train"], "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit)}
+        same = task == cfg.data.task  # the run's own task: read with its column mapping and split rule
+        kw = {"columns": cfg.data.columns, "wanted": run_splits(cfg.data)} if same else {}
+        examples = {"train": examples["train"],
+                    "eval": load_task(task, split, seed=cfg.data.split_seed, limit=limit, **kw)}  # fmt: skip
     check_width(readout, max(num_classes(exs) for exs in examples.values()), f"{task or cfg.data.task}")
 
     loaded = load_run(folder, n_train=len(examples["train"]), device=device)

@@ -25,6 +25,7 @@ from polar_vbll.models import check_model_source, load_backbone, load_tokenizer,
 from polar_vbll.placement import Placement, placement_for
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
+from polar_vbll.tasks.registry import run_split, run_splits
 from polar_vbll.tokens import answer_token_ids
 
 
@@ -51,9 +52,9 @@ def load_examples(cfg: RunConfig) -> dict[str, list]:
     (:func:`check_training_classes`) are refused."""
     d = cfg.data
     examples = {
-        "train": load_task(d.task, d.train_split, seed=d.split_seed, limit=d.train_limit),
-        "validation": load_task(d.task, d.val_split, seed=d.split_seed, limit=d.val_limit),
-        "eval": load_task(d.task, d.eval_split, seed=d.split_seed, limit=d.eval_limit),
+        "train": run_split(d, d.train_split, d.train_limit),
+        "validation": run_split(d, d.val_split, d.val_limit),
+        "eval": run_split(d, d.eval_split, d.eval_limit),
     }
     check_split_sizes(cfg, examples)  # too few examples first: one example is also one class
     check_training_classes(cfg, examples["train"])
@@ -141,7 +142,9 @@ def load_splits(
     ``examples``: already loaded (:func:`load_examples`)."""
     examples = examples if examples is not None else load_examples(cfg)
     # size the head from the whole task (one split may lack the rare 5-choice question), and the OOD sets
-    k = max([task_num_classes(cfg.data.task)] + [num_classes(exs) for exs in examples.values()])
+    d = cfg.data
+    k = max([task_num_classes(d.task, columns=d.columns, wanted=run_splits(d))]
+            + [num_classes(exs) for exs in examples.values()])  # fmt: skip
     answer_ids = answer_token_ids(tokenizer, answer_letters(k))
     splits = {
         name: encode_examples(name, exs, tokenizer, cfg.model.max_length, cfg.model.add_bos)

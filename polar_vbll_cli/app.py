@@ -360,8 +360,10 @@ POodPassOpt = Annotated[float | None, typer.Option("--ood-pass", help=_REFIT + "
 def calibrate(
     run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train` or `compare`")],
     data: Annotated[
-        Path | None, typer.Option(help="held-out questions with answers (JSONL; default: the run's validation split)")
+        str | None, typer.Option(help="held-out questions with answers (a JSONL path, or csv:, parquet:, json:, hf: "
+                                      "through the run's data.columns; default: the run's validation split)")
     ] = None,
+    split: Annotated[str | None, typer.Option(help="the split of a --data source that has several")] = None,
     risk: RiskOpt = None,
     coverage: CoverageOpt = None,
     delta: DeltaOpt = None,
@@ -388,7 +390,7 @@ def calibrate(
             coverage=coverage, delta=given["delta"] or d.delta, fwer=d.fwer, alpha=given["alpha"] or d.alpha,
             ood_pass=given["ood_pass"] or d.ood_pass, thresholds=d.thresholds,
         )  # fmt: skip
-        examples, sha = read_calibration(data, folder) if data is not None else (None, None)
+        examples, sha = read_calibration(data, folder, split) if data is not None else (None, None)
         predictor = Predictor.from_run(run, need_rule=False, device=device)
         rule = predictor.calibrate(settings, examples, source=str(data) if data else None, file_sha256=sha,
                                    temperature=temperature, progress=progress)  # fmt: skip
@@ -399,8 +401,11 @@ def calibrate(
 @app.command()
 def predict(
     run: Annotated[Path, typer.Argument(help="a run folder with a calibrated decision rule")],
-    input_: Annotated[Path, typer.Option("--input", "-i", help="questions, one JSON object per line")],
+    input_: Annotated[str, typer.Option("--input", "-i", help="questions: a JSONL path (one JSON object per line), "
+                                        "or csv:, parquet:, json:<file>, hf:<folder|org/name> through the run's "
+                                        "data.columns (docs/predict.md)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="decisions, one JSON object per input line")],
+    split: Annotated[str | None, typer.Option(help="the split of an --input source that has several")] = None,
     batch_size: Annotated[int, typer.Option(help="questions predicted together (the output does not depend "
                                                  "on --workers; on this, only at float rounding)")] = 64,
     workers: Annotated[int | None, typer.Option(help="predict on N Ray Data actors, each holding the model "
@@ -440,7 +445,7 @@ def predict(
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
         out = check_output(output, [input_])
-        questions = read_questions(input_, folder)
+        questions = read_questions(input_, folder, split)
         chunks = chunked(questions, batch_size)
         if not distributed:
             predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size, device=device)

@@ -58,6 +58,9 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "data.ood_tasks": (["arc_challenge"], ALL),  # compare without an `ood:` section; refused with one
     "data.ood_split": ("validation", ALL),
     "data.ood_limit": (4, ALL),
+    # refused beside tiny's built-in task (a mapping is for hf:/csv:/parquet:/json: sources, where every entry
+    # point reads it through the one session.load_examples: tests/test_data_sources.py trains with one)
+    "data.columns": ({"answer": "label"}, {e: R for e in ENTRIES}),
     "polar.r": (2, ALL),
     "polar.alpha": (4.0, ALL),
     "polar.target_modules": (["q_proj"], ALL),

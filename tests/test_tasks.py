@@ -310,7 +310,7 @@ BAD_JSONL = [
     (['{"question": "q", "choices": "a,b", "answer": 0}'], 1, "choices"),
     (['{"question": "q", "choices": ["a", 3], "answer": 0}'], 1, "choices[1]"),
     (['{"question": 5, "choices": ["a", "b"], "answer": 0}'], 1, "question"),
-    (['{"question": "q", "choices": ["a", "b"], "answer": 1.0}'], 1, "answer"),
+    (['{"question": "q", "choices": ["a", "b"], "answer": 1.5}'], 1, "answer"),  # 1.0 is index 1
     (['{"question": "q", "choices": ["a", "b"], "answer": true}'], 1, "answer"),
     (['{"question": "q", "choices": ["a", "b"], "answer": 0, "context": 3}'], 1, "context"),
     (['{"question": "q", "choices": ["a", "b"], "answers": 0}'], 1, "answers"),

