@@ -77,12 +77,14 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "polar-vbll calibrate": ("mapie",),
     "polar-vbll predict": ("mapie",),
     "polar-vbll predict --workers": ("ray",),
+    "polar-vbll register": ("mlflow",),
     # the API behind it, for library use
     "distributed.launch.train_distributed": ("ray", "deepspeed"),
     "distributed.batch_predict.decide_on_ray": ("ray",),
     "tune_spaces.driver.run_search": ("ray", "deepspeed", "mlflow"),
     "tune_spaces.spaces": ("ray",),
     "polar_vbll.tracking": ("mlflow",),
+    "polar_vbll.mlflow_model": ("mlflow",),
     "polar_vbll.decisions": ("mapie",),
     "polar_vbll.adapters.lora": ("peft",),
     "polar_vbll.tasks.hf_source": ("datasets",),  # load_task / Predictor inputs with hf:, csv:, parquet:, json:

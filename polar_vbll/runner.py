@@ -338,6 +338,7 @@ def finish_run(
 
         during = tracker.seconds
         log_final(tracker, results, ev.predictions, staged)
+        log_run_model(tracker, cfg, session.placement, staged)
         results["timings"]["tracking_train_s"] = during
         results["timings"]["tracking_final_s"] = tracker.seconds - during
         (staged / "results.json").write_text(json.dumps(results, indent=2))
@@ -349,6 +350,22 @@ def finish_run(
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
     return RunOutcome(results, ev)
+
+
+def log_run_model(tracker, cfg: RunConfig, placement: Placement | None, staged: Path) -> None:
+    """The run's MLflow model (``polar_vbll.mlflow_model``: the staged files with ``config.yaml`` and
+    ``params.json``) at ``model/`` in its MLflow run; a failure is a note, never a lost run."""
+    t = time.perf_counter()
+    try:
+        from polar_vbll.mlflow_model import log_model
+
+        with tempfile.TemporaryDirectory(prefix="polar-vbll-config-") as tmp:
+            write_run_params(cfg, Path(tmp), placement)
+            log_model(tracker, staged, Path(tmp))
+    except Exception as exc:  # the run's files are written whatever happens here
+        print(f"[tracking] the MLflow model was not logged: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    finally:
+        tracker.seconds += time.perf_counter() - t
 
 
 # ------------------------------------------------------------------------------------------ one process

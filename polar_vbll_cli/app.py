@@ -394,8 +394,44 @@ def calibrate(
         predictor = Predictor.from_run(run, need_rule=False, device=device)
         rule = predictor.calibrate(settings, examples, source=str(data) if data else None, file_sha256=sha,
                                    temperature=temperature, progress=progress)  # fmt: skip
+        logged = _relog(folder.path)
     print(format_rule(rule))
     print(f"decision rule: {(folder.path / 'decision' / 'rule.json').resolve()}")
+    if logged:
+        print(f"MLflow model (with the rule): {logged}")
+
+
+def _relog(run: Path) -> str | None:
+    """A tracked run's MLflow model logged again after ``calibrate`` (now with its rule); None when the run is
+    not tracked or mlflow is not installed."""
+    from polar_vbll.extras import installed
+
+    if not installed("mlflow"):
+        return None
+    from polar_vbll.mlflow_model import relog
+
+    return relog(run)
+
+
+@app.command()
+def register(
+    run: Annotated[Path, typer.Argument(help="a run folder tracked in MLflow (train, compare or tune)")],
+    name: Annotated[str, typer.Option(help="the registered model's name in the Model Registry")],
+) -> None:
+    """Register a run's MLflow model (runs:/<id>/model) in the Model Registry of the run's store; then
+    `mlflow.pyfunc.load_model("models:/NAME/<version>")` loads it (docs/deploy.md)."""
+    with _one_line_errors():
+        require("polar-vbll register")
+        from polar_vbll.mlflow_model import register as register_run
+        from polar_vbll.saved import check_run_folder
+        from polar_vbll.tracking import mask_uri
+
+        if not name.strip():
+            raise UserInputError("--name must not be empty")
+        folder = check_run_folder(run)
+        store, uri, version = register_run(folder.path, name)
+    print(f"registered {uri} as {name!r}, version {version.version}: models:/{name}/{version.version}")
+    print(f"store: {mask_uri(store)} (set MLFLOW_TRACKING_URI to it to load the model elsewhere)")
 
 
 @app.command()

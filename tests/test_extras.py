@@ -148,6 +148,7 @@ def _cli_args(entry: str, tmp: Path) -> list[str]:
         "polar-vbll calibrate": ["calibrate", run],
         "polar-vbll predict": ["predict", run, "-i", q, "-o", o],
         "polar-vbll predict --workers": ["predict", run, "-i", q, "-o", o, "--workers", "2"],
+        "polar-vbll register": ["register", run, "--name", "x"],
     }[entry]
 
 
@@ -224,6 +225,13 @@ def _api_call(entry: str, tmp: Path):
         from polar_vbll.tracking import client_for
 
         return lambda: client_for(f"sqlite:///{tmp / 'mlflow.db'}")
+    if entry == "polar_vbll.mlflow_model":
+
+        def _import_model():
+            sys.modules.pop("polar_vbll.mlflow_model", None)
+            import polar_vbll.mlflow_model  # noqa: F401
+
+        return _import_model
     if entry == "polar_vbll.decisions":
         from polar_vbll.decisions.conformal import ConformalSets, set_metrics
         from polar_vbll.decisions.selective import aurc, risk_threshold

@@ -1,0 +1,200 @@
+"""A run as an MLflow model (``mlflow.pyfunc`` flavour): what ``polar-vbll register`` registers and
+``mlflow.pyfunc.load_model("runs:/<id>/model")`` loads (docs/deploy.md).
+
+The model's one artifact is a copy of the run folder holding what a reload reads (``config.yaml``,
+``params.json``, ``readout.json``, ``adapter/``, ``head.safetensors``, ``results.json`` for the run's
+temperature, ``decision/`` once calibrated; per member for an ensemble). The base model is referenced, not
+copied: by ``config.yaml``'s ``model`` (a hub id pinned to the snapshot in ``params.json``, a path, or the
+bundled SmolLM2). :class:`RunModel` rebuilds a :class:`~polar_vbll.predictor.Predictor` from the copy, and
+its ``predict`` takes a DataFrame of questions (``question``, ``choices``, optional ``context``, ``id``,
+``answer``) and returns the decision records of ``Predictor.predict``.
+
+MLflow is imported here (``mlflow.pyfunc.PythonModel``); this module is imported only lazily, by the end of
+a tracked run, ``calibrate`` and ``register``, so ``polar_vbll`` still runs without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from polar_vbll.errors import UserInputError
+from polar_vbll.extras import require
+
+require("polar_vbll.mlflow_model")  # one line naming the `track` extra (polar_vbll.extras), before the import
+import mlflow  # noqa: E402
+import mlflow.pyfunc  # noqa: E402
+
+#: What a reload reads from a run folder (and from each ``member-<i>/`` of an ensemble).
+RUN_FILES = ("config.yaml", "params.json", "readout.json", "results.json", "head.safetensors")
+RUN_DIRS = ("adapter", "decision")
+MEMBER_FILES = ("readout.json", "head.safetensors")
+#: The artifact path of the model in its MLflow run (``runs:/<id>/model``).
+MODEL_PATH = "model"
+#: The input example logged with the model (any run's head reads at least two choices).
+INPUT_EXAMPLE = {"question": 'What is the sentiment of this review? "a gem of a film"',
+                 "choices": ["negative", "positive"], "context": "", "id": "example-1"}  # fmt: skip
+
+
+class RunModel(mlflow.pyfunc.PythonModel):
+    """A trained run's decisions as an MLflow pyfunc model."""
+
+    _skip_type_hint_validation = True  # the signature says what predict takes (MLflow would ask for type hints)
+
+    def load_context(self, context) -> None:
+        from polar_vbll.predictor import Predictor
+
+        run = Path(context.artifacts["run"])
+        self.calibrated = (run / "decision" / "rule.json").is_file()
+        self.predictor = Predictor.from_run(run, need_rule=False)
+
+    def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
+        """The decision records (docs/predict.md; API records: no ``line``) of ``model_input``: a
+        DataFrame (one question per row), a list of dicts or one dict."""
+        if not self.calibrated:
+            raise UserInputError("this model was logged before its run had a decision rule: run "
+                                 "`polar-vbll calibrate RUN` (it logs the model again, with the rule)")  # fmt: skip
+        if isinstance(model_input, dict):
+            model_input = [model_input]
+        return self.predictor.predict(_plain(model_input))
+
+
+def _plain(frame):
+    """A DataFrame with the columns MLflow's schema enforcement filled for absent optional fields (``None``)
+    dropped where every row lacks them, and numpy arrays of choices as lists."""
+    try:
+        import pandas as pd
+    except ImportError:  # pragma: no cover - mlflow needs pandas
+        return frame
+    if not isinstance(frame, pd.DataFrame):
+        return frame
+    frame = frame.dropna(axis=1, how="all").copy()
+    if "choices" in frame:
+        frame["choices"] = [list(c) for c in frame["choices"]]
+    return frame
+
+
+def signature():
+    """The model's signature: the input columns (``question``, ``choices``, optional ``context``, ``id``,
+    and ``answer``: a 0-based index, NaN for none; rows with one are scored as ``predict`` scores them)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([
+        ColSpec(DataType.string, "question"),
+        ColSpec(Array(DataType.string), "choices"),
+        ColSpec(DataType.string, "context", required=False),
+        ColSpec(DataType.string, "id", required=False),
+        ColSpec(DataType.double, "answer", required=False),
+    ])  # fmt: skip
+    return ModelSignature(inputs=inputs)
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """The files of ``run`` a reload reads, copied to ``dest`` (which must not exist)."""
+    dest.mkdir(parents=True)
+    for name in RUN_FILES:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
+    for name in RUN_DIRS:
+        if (run / name).is_dir():
+            shutil.copytree(run / name, dest / name)
+    for member in sorted(run.glob("member-*")):
+        if member.is_dir():
+            (dest / member.name).mkdir()
+            shutil.copytree(member / "adapter", dest / member.name / "adapter")
+            for name in MEMBER_FILES:
+                if (member / name).is_file():
+                    shutil.copy2(member / name, dest / member.name / name)
+    return dest
+
+
+def save(run_copy: Path, path: Path) -> Path:
+    """Write the MLflow model of the run files in ``run_copy`` to ``path`` (explicit requirements: MLflow
+    would otherwise load the model in a subprocess to infer them)."""
+    import pandas as pd
+
+    from polar_vbll import __version__
+
+    quiet = logging.getLogger("mlflow.pyfunc")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning on pickled models: this one is our own class, loaded by name
+    try:
+        mlflow.pyfunc.save_model(
+            str(path), python_model=RunModel(), artifacts={"run": str(run_copy)}, signature=signature(),
+            input_example=pd.DataFrame([INPUT_EXAMPLE]), pip_requirements=[f"polar-vbll=={__version__}"],
+        )  # fmt: skip
+    finally:
+        quiet.setLevel(level)
+    return path
+
+
+def log_model(logger, run_files: Path, config_files: Path | None = None) -> None:
+    """Log the MLflow model of a run (``run_files``: a run folder, or the staged artifacts of a run ending;
+    ``config_files``: where ``config.yaml`` and ``params.json`` are, when not there) through ``logger``
+    (:class:`polar_vbll.tracking.RunLogger`), at ``model/`` in its run."""
+    with tempfile.TemporaryDirectory(prefix="polar-vbll-model-") as tmp:
+        copy = copy_run(run_files, Path(tmp) / "run")
+        for name in ("config.yaml", "params.json"):
+            if config_files is not None and (config_files / name).is_file():
+                shutil.copy2(config_files / name, copy / name)
+        logger.log_artifact(save(copy, Path(tmp) / MODEL_PATH))
+
+
+def run_target(run: Path):
+    """The MLflow run a run folder logged to (``mlflow_run.json``, in the store in use now: its local store,
+    or ``MLFLOW_TRACKING_URI``); ``UserInputError`` when the run was not tracked there."""
+    from polar_vbll.tracking import RUN_RECORD, TrackingTarget, mask_uri, resolve_store
+
+    run = Path(run).expanduser().resolve()
+    record = run / RUN_RECORD
+    if not record.is_file():
+        raise UserInputError(f"{run} was not tracked in MLflow ({RUN_RECORD} is missing): train it with "
+                             "the `track` extra installed, without --no-track")  # fmt: skip
+    try:
+        data = json.loads(record.read_text())
+        run_id = data["run_id"]
+    except (OSError, ValueError, KeyError):
+        raise UserInputError(f"{record} is damaged; train the run again to track it") from None
+    uri = resolve_store(run)[0]
+    if data.get("tracking_uri") != mask_uri(uri):
+        raise UserInputError(f"{run} was tracked in {data.get('tracking_uri')}, not in {mask_uri(uri)}: set "
+                             "MLFLOW_TRACKING_URI to that store (or unset it for the run's local store)")  # fmt: skip
+    return TrackingTarget(uri, run_id)
+
+
+def relog(run: Path) -> str | None:
+    """Log the model of a tracked run folder again (after ``calibrate``: now with its rule); returns its
+    ``runs:/`` URI, or None when the run is not tracked (nothing to update)."""
+    from polar_vbll.tracking import RunLogger
+
+    try:
+        target = run_target(run)
+    except UserInputError:
+        return None
+    logger = RunLogger(target)
+    log_model(logger, Path(run))
+    return f"runs:/{target.run_id}/{MODEL_PATH}"
+
+
+def register(run: Path, name: str) -> tuple[str, str, Any]:
+    """Register the model a tracked run folder logged (``runs:/<id>/model``) as ``name`` in the Model
+    Registry of the run's store; returns (the store URI, the model URI registered, the model version)."""
+    from polar_vbll.tracking import client_for, masked_console
+
+    target = run_target(run)
+    client = client_for(target.uri)
+    names = {a.path for a in client.list_artifacts(target.run_id, MODEL_PATH)}
+    if f"{MODEL_PATH}/MLmodel" not in names:
+        raise UserInputError(f"the MLflow run {target.run_id} of {run} holds no model ({MODEL_PATH}/MLmodel): "
+                             "run `polar-vbll calibrate RUN` to log it")  # fmt: skip
+    uri = f"runs:/{target.run_id}/{MODEL_PATH}"
+    mlflow.set_tracking_uri(target.uri)
+    mlflow.set_registry_uri(target.uri)
+    with masked_console():
+        version = mlflow.register_model(uri, name)
+    return target.uri, uri, version

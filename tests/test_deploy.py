@@ -1,0 +1,126 @@
+"""A tracked run's MLflow model (polar_vbll.mlflow_model): logged at the end of training, logged again with
+the rule by ``calibrate``, loaded by ``mlflow.pyfunc.load_model`` in a fresh process with the records of
+``polar-vbll predict``, registered by ``polar-vbll register`` (docs/deploy.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from polar_vbll_cli.app import app
+
+pytestmark = pytest.mark.extras("mlflow")
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+QUESTIONS = [
+    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "id": "q1"},
+    {"question": "Is the sky blue?", "choices": ["no", "yes"], "id": "q2", "answer": 1},
+    {"question": "Which is a fruit?", "choices": ["apple", "car", "stone", "cloud"], "id": "q3", "context": "Food.",
+     "answer": 0},
+]  # fmt: skip
+
+
+def _artifacts(uri: str, run_id: str, path: str) -> set[str]:
+    from polar_vbll.tracking import client_for
+
+    return {a.path for a in client_for(uri).list_artifacts(run_id, path)}
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """A tiny tracked run (its model logged at the end, without a rule), then calibrated (logged again)."""
+    from polar_vbll.mlflow_model import run_target
+
+    out = tmp_path_factory.mktemp("deploy")
+    result = runner.invoke(app, ["train", "--config", "tiny", "--no-progress", "--track",
+                                 "--set", f"output_dir={out}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    run = out / "tiny"
+    target = run_target(run)
+    assert "model/MLmodel" in _artifacts(target.uri, target.run_id, "model")  # logged by train, before calibrate
+    assert not any(p.endswith("decision") for p in _artifacts(target.uri, target.run_id, "model/artifacts/run"))
+    result = runner.invoke(app, ["calibrate", str(run), "--risk", "0.9", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert f"MLflow model (with the rule): runs:/{target.run_id}/model" in result.output
+    assert "model/artifacts/run/decision" in _artifacts(target.uri, target.run_id, "model/artifacts/run")
+    return run, target
+
+
+def _predict_cli(run: Path, tmp_path: Path) -> list[dict]:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    out = tmp_path / "d.jsonl"
+    result = runner.invoke(app, ["predict", str(run), "-i", str(questions), "-o", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in records:
+        del r["line"]  # the file's line numbers; API records have none
+    return records
+
+
+LOAD = """
+import json, sys
+import mlflow, pandas as pd
+model = mlflow.pyfunc.load_model(sys.argv[1])
+frame = pd.DataFrame(json.loads(sys.argv[2]))
+print("RECORDS " + json.dumps(model.predict(frame)))
+"""
+
+
+def _load_in_fresh_process(uri: str, store: str) -> list[dict]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", LOAD, uri, json.dumps(QUESTIONS)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RECORDS "))
+    return json.loads(line[len("RECORDS ") :])
+
+
+def test_logged_model_loads_in_a_fresh_process_and_predicts_the_cli_records(tracked_run, tmp_path):
+    run, target = tracked_run
+    expected = _predict_cli(run, tmp_path)
+    got = _load_in_fresh_process(f"runs:/{target.run_id}/model", target.uri)
+    assert got == expected
+    assert [r["id"] for r in got] == ["q1", "q2", "q3"] and "correct" in got[1] and "correct" not in got[0]
+
+
+def test_register_then_models_uri_loads(tracked_run):
+    import mlflow
+
+    run, target = tracked_run
+    result = runner.invoke(app, ["register", str(run), "--name", "tiny-decisions"])
+    assert result.exit_code == 0, result.output
+    assert "version 1: models:/tiny-decisions/1" in result.output
+    mlflow.set_tracking_uri(target.uri)
+    mlflow.set_registry_uri(target.uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny-decisions/1")
+        import pandas as pd
+
+        records = model.predict(pd.DataFrame(QUESTIONS[:1]))
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    assert records[0]["id"] == "q1" and records[0]["decision"] in ("answer", "abstain", "escalate")
+
+
+def test_register_refuses_an_untracked_run_in_one_line(tracked_run, tmp_path):
+    import shutil
+
+    run, _ = tracked_run
+    copy = tmp_path / "untracked"
+    copy.mkdir()
+    for name in ("config.yaml", "params.json", "readout.json", "head.safetensors"):
+        shutil.copy2(run / name, copy / name)
+    shutil.copytree(run / "adapter", copy / "adapter")
+    result = runner.invoke(app, ["register", str(copy), "--name", "x"])
+    assert result.exit_code == 2
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "was not tracked in MLflow (mlflow_run.json is missing)" in lines[0]
