@@ -414,6 +414,22 @@ def _relog(run: Path) -> str | None:
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="a run folder written by `polar-vbll train` or `compare`")],
+    merged: Annotated[Path, typer.Option(help="a new folder: the backbone with the adapter merged into its "
+                                              "weights (safetensors), the tokenizer, the head and readout.json")],
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Export a run for servers that cannot load our adapter: the merged backbone (loads with
+    AutoModelForCausalLM), its tokenizer, the head and the readout (docs/deploy.md)."""
+    with _one_line_errors():
+        from polar_vbll.export import export_merged
+
+        out = export_merged(run, merged, device=device)
+    print(f"merged model: {out}")
+
+
+@app.command()
 def register(
     run: Annotated[Path, typer.Argument(help="a run folder tracked in MLflow (train, compare or tune)")],
     name: Annotated[str, typer.Option(help="the registered model's name in the Model Registry")],

@@ -41,7 +41,7 @@ from torch import nn
 from polar_vbll.adapters.config import LoraConfig, PolarConfig, lora_config_from_dict
 from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.layer import PolarLinear, stable_rank
-from polar_vbll.adapters.model import TargetLayer, resolve_targets, select_targets
+from polar_vbll.adapters.model import TargetLayer, check_peft_targets, resolve_targets, select_targets
 from polar_vbll.adapters.state import (
     CONFIG_DIGEST_KEY,
     check_config_digest,
@@ -264,7 +264,9 @@ class LoraAdapter(nn.Module):
 
     def export_peft_lora(self, directory: str | os.PathLike[str]) -> Path:
         """A standard PEFT LoRA adapter directory: the very files :meth:`save_adapter` writes (named like
-        ``PolarModel.export_peft_lora`` so run code treats both adapters alike)."""
+        ``PolarModel.export_peft_lora`` so run code treats both adapters alike); refused, with nothing written,
+        when it adapts no module or the LM head (:func:`~polar_vbll.adapters.model.check_peft_targets`)."""
+        check_peft_targets(self.base_model, [n for n, _ in self.lora_layers()], f"PEFT export to {directory}")
         return self.save_adapter(directory)
 
     @classmethod

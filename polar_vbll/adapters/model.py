@@ -106,6 +106,24 @@ def off_feature_path(model: nn.Module, names: list[str]) -> list[str]:
     return [n for n in names if head is not None and model.get_submodule(n) is head]
 
 
+def check_peft_targets(model: nn.Module, names: list[str], where: str) -> None:
+    """Refuse (``UserInputError``, one line, nothing written) a PEFT LoRA export that serving stacks would
+    mishandle: one adapting no module (vLLM then silently serves the base model) or holding a delta on the
+    LM head (vLLM refuses LoRA weights on ``lm_head``). Our adapters never sit there (:func:`select_targets`
+    drops layers off the feature path); the merged export (``polar-vbll export RUN --merged DIR``) folds any
+    delta into the weights instead."""
+    if not names:
+        raise UserInputError(f"{where}: the adapter adapts no module; a PEFT export of it would match nothing "
+                             "(vLLM would silently serve the base model): not written")  # fmt: skip
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    on_head = [n for n in names if n.rsplit(".", 1)[-1] == "lm_head" or (
+        head is not None and model.get_submodule(n) is head)]  # fmt: skip
+    if on_head:
+        raise UserInputError(f"{where}: the adapter holds a delta on the LM head ({on_head[0]}), which vLLM "
+                             "refuses in a LoRA adapter: not written; export the merged model instead "
+                             "(`polar-vbll export RUN --merged DIR`)")  # fmt: skip
+
+
 def resolve_targets(model: nn.Module, config: C) -> C:
     """``config`` with ``target_modules: auto`` replaced by ``model``'s architecture defaults
     (:func:`polar_vbll.architecture.default_target_modules`); an explicit list is returned as it is."""
@@ -484,6 +502,7 @@ class PolarModel(nn.Module):
         here, so PEFT adapts exactly the same layers whatever ``layers`` selected. peft is not needed to
         write it."""
         d = Path(directory)
+        check_peft_targets(self.base_model, [n for n, _ in self.polar_layers()], f"PEFT export to {d}")
         d.mkdir(parents=True, exist_ok=True)
         _write_safetensors(d / ADAPTER_WEIGHTS_NAME, self.peft_lora_state_dict(), metadata={"format": "pt"})
         cfg = {
