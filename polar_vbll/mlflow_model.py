@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -146,9 +147,10 @@ def log_model(logger, run_files: Path, config_files: Path | None = None) -> None
 
 
 def run_target(run: Path):
-    """The MLflow run a run folder logged to (``mlflow_run.json``, in the store in use now: its local store,
-    or ``MLFLOW_TRACKING_URI``); ``UserInputError`` when the run was not tracked there."""
-    from polar_vbll.tracking import RUN_RECORD, TrackingTarget, mask_uri, resolve_store
+    """The MLflow run a run folder logged to (``mlflow_run.json``): in ``MLFLOW_TRACKING_URI`` when set, else in
+    the local store it recorded (its own, or its comparison's or search's); ``UserInputError`` when the run was
+    not tracked, or not in that store."""
+    from polar_vbll.tracking import RUN_RECORD, TrackingTarget, mask_uri
 
     run = Path(run).expanduser().resolve()
     record = run / RUN_RECORD
@@ -160,10 +162,14 @@ def run_target(run: Path):
         run_id = data["run_id"]
     except (OSError, ValueError, KeyError):
         raise UserInputError(f"{record} is damaged; train the run again to track it") from None
-    uri = resolve_store(run)[0]
-    if data.get("tracking_uri") != mask_uri(uri):
-        raise UserInputError(f"{run} was tracked in {data.get('tracking_uri')}, not in {mask_uri(uri)}: set "
-                             "MLFLOW_TRACKING_URI to that store (or unset it for the run's local store)")  # fmt: skip
+    recorded = str(data.get("tracking_uri"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is None and recorded.startswith("sqlite:///") and Path(recorded.removeprefix("sqlite:///")).is_file():
+        uri = recorded  # a local store: the run's own, or its comparison's or search's
+    if uri is None or mask_uri(uri) != recorded:
+        where = mask_uri(uri) if uri else "no store here (its local store file is gone)"
+        raise UserInputError(f"{run} was tracked in {recorded}, not in {where}: set MLFLOW_TRACKING_URI to "
+                             "that store")  # fmt: skip
     return TrackingTarget(uri, run_id)
 
 

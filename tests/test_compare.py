@@ -118,6 +118,11 @@ def test_compare_is_one_mlflow_parent_run_with_a_child_per_task_method_seed(comp
         assert child.info.status == "FINISHED" and child.data.params["method"] == method
         expected = records[(method, int(seed.removeprefix("seed")))]["metrics"]["nll"]
         assert child.data.metrics["test_nll"] == pytest.approx(expected)
+        assert "model/MLmodel" in {a.path for a in client.list_artifacts(child.info.run_id, "model")}  # its model
+    from polar_vbll.mlflow_model import run_target
+
+    child_folder = out / "openbookqa" / "polar_vbll" / "seed0"  # found in the comparison's store
+    assert run_target(child_folder).run_id in {c.info.run_id for c in children}
 
 
 def test_rerun_skips_finished_runs(compared):
