@@ -23,13 +23,12 @@ def tiny_run(tmp_path_factory):
     return out / "tiny"
 
 
-def test_merged_export_has_the_adapted_models_logits(tiny_run, tmp_path):
+def _assert_merged_logits_equal(run, dest):
     from transformers import AutoModelForCausalLM
 
     from polar_vbll.saved import check_run_folder, load_run
 
-    dest = tmp_path / "merged"
-    result = runner.invoke(app, ["export", str(tiny_run), "--merged", str(dest)])
+    result = runner.invoke(app, ["export", str(run), "--merged", str(dest)])
     assert result.exit_code == 0, result.output
     assert f"merged model: {dest.resolve()}" in result.output
     names = {p.name for p in dest.iterdir()}
@@ -37,16 +36,27 @@ def test_merged_export_has_the_adapted_models_logits(tiny_run, tmp_path):
     assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
     merged = AutoModelForCausalLM.from_pretrained(dest, torch_dtype=torch.float32).eval()
     assert not any("polar" in n or "lora" in n for n, _ in merged.named_parameters())
-    loaded = load_run(check_run_folder(tiny_run), n_train=1, device="cpu")
-    adapted = loaded.adapter
-    assert any(float(m.polar_theta.detach().abs().max()) > 0 for _, m in adapted.polar_layers())  # a real update
+    loaded = load_run(check_run_folder(run), n_train=1, device="cpu")
     ids = loaded.tokenizer(["What is 2 + 2? Answer: A", "The sky is"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        want = adapted(**ids).logits
+        want = loaded.adapter(**ids).logits
         got = merged(**ids).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    readout = json.loads((dest / "readout.json").read_text())
-    assert readout == json.loads((tiny_run / "readout.json").read_text())
+    assert json.loads((dest / "readout.json").read_text()) == json.loads((run / "readout.json").read_text())
+    return loaded
+
+
+def test_merged_export_has_the_adapted_models_logits(tiny_run, tmp_path):
+    loaded = _assert_merged_logits_equal(tiny_run, tmp_path / "merged")
+    assert any(float(m.polar_theta.detach().abs().max()) > 0 for _, m in loaded.adapter.polar_layers())  # an update
+
+
+@pytest.mark.slow
+def test_merged_export_of_a_lora_run_has_its_logits(tmp_path):
+    result = runner.invoke(app, ["train", "--config", "tiny", "--no-progress", "--no-track",
+                                 "--set", f"output_dir={tmp_path}", "--set", "method=lora_mle"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    _assert_merged_logits_equal(tmp_path / "tiny", tmp_path / "merged")
 
 
 def test_export_refuses_a_non_empty_folder_in_one_line(tiny_run, tmp_path):
