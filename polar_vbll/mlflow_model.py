@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ import mlflow.pyfunc  # noqa: E402
 RUN_FILES = ("config.yaml", "params.json", "readout.json", "results.json", "head.safetensors")
 RUN_DIRS = ("adapter", "decision")
 MEMBER_FILES = ("readout.json", "head.safetensors")
+#: Where ``--include-base`` puts the base model in the run copy.
+BASE_DIR = "base"
 #: The artifact path of the model in its MLflow run (``runs:/<id>/model``).
 MODEL_PATH = "model"
 #: The input example logged with the model (any run's head reads at least two choices).
@@ -51,7 +54,14 @@ class RunModel(mlflow.pyfunc.PythonModel):
 
         run = Path(context.artifacts["run"])
         self.calibrated = (run / "decision" / "rule.json").is_file()
-        self.predictor = Predictor.from_run(run, need_rule=False)
+        bundled = (run / BASE_DIR).is_dir()
+        if bundled:  # a view of the copy whose config points at the bundled base model
+            self._view = tempfile.TemporaryDirectory(prefix="polar-vbll-model-")
+            run = bundled_view(run, Path(self._view.name))
+        with warnings.catch_warnings():
+            if bundled:  # the same weights under another path: the adapter's recorded base name differs
+                warnings.filterwarnings("ignore", message=r"adapter in .* was saved for base model")
+            self.predictor = Predictor.from_run(run, need_rule=False)
 
     def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
         """The decision records (docs/predict.md; API records: no ``line``) of ``model_input``: a
@@ -95,9 +105,42 @@ def signature():
     return ModelSignature(inputs=inputs)
 
 
-def copy_run(run: Path, dest: Path) -> Path:
-    """The files of ``run`` a reload reads, copied to ``dest`` (which must not exist)."""
+def bundled_view(run: Path, view: Path) -> Path:
+    """``view`` filled with links to the files of the run copy ``run`` and a ``config.yaml`` whose model is
+    the bundled ``base/`` folder (``params.json`` without the hub snapshot it no longer needs)."""
+    from polar_vbll.config import dump_config, load_config
+
+    for entry in run.iterdir():
+        if entry.name not in ("config.yaml", "params.json"):
+            (view / entry.name).symlink_to(entry.resolve())
+    cfg = load_config(run / "config.yaml")
+    model = cfg.model.model_copy(update={"source": "path", "path": str((run / BASE_DIR).resolve()), "revision": None})
+    dump_config(cfg.model_copy(update={"model": model}), view / "config.yaml")
+    if (run / "params.json").is_file():
+        params = json.loads((run / "params.json").read_text())
+        params.pop("model_source.revision", None)
+        (view / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
+    return view
+
+
+def bundle_base(run: Path, dest: Path) -> None:
+    """The run's base model (weights in safetensors, config, tokenizer) written to ``dest`` (``--include-base``)."""
+    from polar_vbll.models import load_backbone
+    from polar_vbll.placement import placement_for
+    from polar_vbll.saved import check_run_folder
+
+    folder = check_run_folder(run)
+    model, tokenizer = load_backbone(folder.cfg.model, placement_for(folder.cfg.model, "cpu"))
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def copy_run(run: Path, dest: Path, include_base: bool = False) -> Path:
+    """The files of ``run`` a reload reads, copied to ``dest`` (which must not exist); with ``include_base``
+    the base model too (``base/``)."""
     dest.mkdir(parents=True)
+    if include_base:
+        bundle_base(run, dest / BASE_DIR)
     for name in RUN_FILES:
         if (run / name).is_file():
             shutil.copy2(run / name, dest / name)
@@ -134,16 +177,19 @@ def save(run_copy: Path, path: Path) -> Path:
     return path
 
 
-def log_model(logger, run_files: Path, config_files: Path | None = None) -> None:
+def log_model(logger, run_files: Path, config_files: Path | None = None, include_base: bool = False,
+              artifact_path: str = MODEL_PATH) -> None:  # fmt: skip
     """Log the MLflow model of a run (``run_files``: a run folder, or the staged artifacts of a run ending;
-    ``config_files``: where ``config.yaml`` and ``params.json`` are, when not there) through ``logger``
-    (:class:`polar_vbll.tracking.RunLogger`), at ``model/`` in its run."""
+    ``config_files``: where ``config.yaml`` and ``params.json`` are, when not there; ``include_base``: the
+    base model bundled) through ``logger`` (:class:`polar_vbll.tracking.RunLogger`), at ``artifact_path`` in
+    its run."""
+    parent, _, leaf = artifact_path.rpartition("/")
     with tempfile.TemporaryDirectory(prefix="polar-vbll-model-") as tmp:
-        copy = copy_run(run_files, Path(tmp) / "run")
+        copy = copy_run(run_files, Path(tmp) / "run", include_base)
         for name in ("config.yaml", "params.json"):
             if config_files is not None and (config_files / name).is_file():
                 shutil.copy2(config_files / name, copy / name)
-        logger.log_artifact(save(copy, Path(tmp) / MODEL_PATH))
+        logger.log_artifact(save(copy, Path(tmp) / leaf), parent or None)
 
 
 def run_target(run: Path):
@@ -182,23 +228,33 @@ def relog(run: Path) -> str | None:
         target = run_target(run)
     except UserInputError:
         return None
-    logger = RunLogger(target)
-    log_model(logger, Path(run))
+    log_model(RunLogger(target), Path(run))
     return f"runs:/{target.run_id}/{MODEL_PATH}"
 
 
-def register(run: Path, name: str) -> tuple[str, str, Any]:
-    """Register the model a tracked run folder logged (``runs:/<id>/model``) as ``name`` in the Model
-    Registry of the run's store; returns (the store URI, the model URI registered, the model version)."""
-    from polar_vbll.tracking import client_for, masked_console
+def register(run: Path, name: str, include_base: bool = False) -> tuple[str, str, Any]:
+    """Register a tracked run folder's model as a new version of ``name`` in the Model Registry of the run's
+    store. The version is a snapshot of the run folder as it is now (the rule once calibrated; with
+    ``include_base`` the base model bundled), logged at ``versions/<name>-<time>`` in the run, so a later
+    ``calibrate`` (which updates ``runs:/<id>/model``) never changes a registered version. Returns (the store
+    URI, the model URI registered, the model version)."""
+    import time
+
+    from polar_vbll.tracking import RunLogger, client_for, masked_console
 
     target = run_target(run)
-    client = client_for(target.uri)
-    names = {a.path for a in client.list_artifacts(target.run_id, MODEL_PATH)}
-    if f"{MODEL_PATH}/MLmodel" not in names:
-        raise UserInputError(f"the MLflow run {target.run_id} of {run} holds no model ({MODEL_PATH}/MLmodel): "
-                             "run `polar-vbll calibrate RUN` to log it")  # fmt: skip
-    uri = f"runs:/{target.run_id}/{MODEL_PATH}"
+    if not (Path(run) / "decision" / "rule.json").is_file():
+        raise UserInputError(f"{run} has no decision rule: run `polar-vbll calibrate {run}` first (the "
+                             "registered model decides with it)")  # fmt: skip
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    path = f"versions/{safe}-{time.strftime('%Y%m%dT%H%M%S')}-{int(time.time() * 1000) % 1000:03d}"
+    logger = RunLogger(target)
+    log_model(logger, Path(run), include_base=include_base, artifact_path=path)
+    names = {a.path for a in client_for(target.uri).list_artifacts(target.run_id, path)}
+    if f"{path}/MLmodel" not in names:
+        raise UserInputError(f"the model of {run} could not be logged to its MLflow run {target.run_id} (see the "
+                             "[tracking] line above)")  # fmt: skip
+    uri = f"runs:/{target.run_id}/{path}"
     mlflow.set_tracking_uri(target.uri)
     mlflow.set_registry_uri(target.uri)
     with masked_console():

@@ -433,6 +433,8 @@ def export(
 def register(
     run: Annotated[Path, typer.Argument(help="a run folder tracked in MLflow (train, compare or tune)")],
     name: Annotated[str, typer.Option(help="the registered model's name in the Model Registry")],
+    include_base: Annotated[bool, typer.Option(help="log the model again with the base model bundled into it "
+                                                    "(safetensors), so it loads where the base is not")] = False,
 ) -> None:
     """Register a run's MLflow model (runs:/<id>/model) in the Model Registry of the run's store; then
     `mlflow.pyfunc.load_model("models:/NAME/<version>")` loads it (docs/deploy.md)."""
@@ -445,7 +447,7 @@ def register(
         if not name.strip():
             raise UserInputError("--name must not be empty")
         folder = check_run_folder(run)
-        store, uri, version = register_run(folder.path, name)
+        store, uri, version = register_run(folder.path, name, include_base)
     print(f"registered {uri} as {name!r}, version {version.version}: models:/{name}/{version.version}")
     print(f"store: {mask_uri(store)} (set MLFLOW_TRACKING_URI to it to load the model elsewhere)")
 

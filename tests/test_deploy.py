@@ -91,24 +91,31 @@ def test_logged_model_loads_in_a_fresh_process_and_predicts_the_cli_records(trac
     assert [r["id"] for r in got] == ["q1", "q2", "q3"] and "correct" in got[1] and "correct" not in got[0]
 
 
-def test_register_then_models_uri_loads(tracked_run):
+def test_register_then_models_uri_loads_and_include_base_bundles_the_base(tracked_run, tmp_path):
     import mlflow
+    import pandas as pd
 
     run, target = tracked_run
     result = runner.invoke(app, ["register", str(run), "--name", "tiny-decisions"])
     assert result.exit_code == 0, result.output
     assert "version 1: models:/tiny-decisions/1" in result.output
+    result = runner.invoke(app, ["register", str(run), "--name", "tiny-decisions", "--include-base"])
+    assert result.exit_code == 0, result.output
+    assert "version 2: models:/tiny-decisions/2" in result.output
     mlflow.set_tracking_uri(target.uri)
     mlflow.set_registry_uri(target.uri)
     try:
-        model = mlflow.pyfunc.load_model("models:/tiny-decisions/1")
-        import pandas as pd
-
-        records = model.predict(pd.DataFrame(QUESTIONS[:1]))
+        first = mlflow.pyfunc.load_model("models:/tiny-decisions/1").predict(pd.DataFrame(QUESTIONS))
+        bundled = mlflow.pyfunc.load_model("models:/tiny-decisions/2")
+        second = bundled.predict(pd.DataFrame(QUESTIONS))
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    assert records[0]["id"] == "q1" and records[0]["decision"] in ("answer", "abstain", "escalate")
+    assert first == _predict_cli(run, tmp_path)
+    assert second == first  # the same model, its base read from the bundle
+    cfg = bundled.unwrap_python_model().predictor.folder.cfg
+    assert cfg.model.source == "path" and cfg.model.path.endswith("/base")
+    assert (Path(cfg.model.path) / "model.safetensors").is_file()
 
 
 def test_register_refuses_an_untracked_run_in_one_line(tracked_run, tmp_path):
