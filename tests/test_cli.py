@@ -57,6 +57,25 @@ def test_eval_reproduces_training_metrics(tiny_run):
             assert evaluated[row][key] == pytest.approx(trained[row][key], abs=1e-5), (row, key)
 
 
+def test_merged_export_has_the_adapted_models_logits(tiny_run, tmp_path):
+    from tests.test_export import assert_merged_logits_equal
+
+    run, _ = tiny_run
+    loaded = assert_merged_logits_equal(run, tmp_path / "merged")
+    assert any(float(m.polar_theta.detach().abs().max()) > 0 for _, m in loaded.adapter.polar_layers())  # an update
+
+
+def test_export_refuses_a_non_empty_folder_in_one_line(tiny_run, tmp_path):
+    run, _ = tiny_run
+    dest = tmp_path / "taken"
+    dest.mkdir()
+    (dest / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(run), "--merged", str(dest)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: ") and "already exists and is not empty" in result.output
+    assert [p.name for p in dest.iterdir()] == ["keep.txt"]
+
+
 def test_rerun_resumes_from_the_last_checkpoint(tiny_run):
     run, _ = tiny_run
     result = _train(run.parent)
