@@ -213,6 +213,7 @@ def test_search_writes_parent_and_child_runs_with_metrics_and_artifacts(search):
         assert "model/adapter/adapter_model.safetensors" in names
         assert "model/adapter/adapter_config.json" in names
         assert "model/head.safetensors" in names
+        assert "model/MLmodel" in names  # each trial's MLflow model
         png = Path(client.download_artifacts(child.info.run_id, "plots/reliability_test.png"))
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         results = json.loads(Path(client.download_artifacts(child.info.run_id, "results.json")).read_text())
@@ -306,6 +307,8 @@ def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch)
     assert run.data.metrics["test_ece"] == pytest.approx(results["metrics"]["eval"]["ece"])
     names = _artifact_paths(client, run.info.run_id)
     assert {"model/head.safetensors", "plots/reliability_test.png", "results.json"} <= names
+    run_copy = "model/artifacts/run"  # the MLflow model, logged by rank 0
+    assert {"model/MLmodel", f"{run_copy}/config.yaml", f"{run_copy}/adapter/adapter_config.json"} <= names
     assert results["timings"]["tracking_train_s"] >= 0.0
 
 
