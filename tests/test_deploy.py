@@ -112,10 +112,22 @@ def test_register_then_models_uri_loads_and_include_base_bundles_the_base(tracke
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
     assert first == _predict_cli(run, tmp_path)
+    served = _served(bundled, QUESTIONS)  # what `mlflow models serve` answers: the same records as JSON
+    assert served == first
     assert second == first  # the same model, its base read from the bundle
     cfg = bundled.unwrap_python_model().predictor.folder.cfg
     assert cfg.model.source == "path" and cfg.model.path.endswith("/base")
     assert (Path(cfg.model.path) / "model.safetensors").is_file()
+
+
+def _served(model, rows: list[dict]) -> list[dict]:
+    """The scoring server's answer (``mlflow models serve``'s app, in process) to ``dataframe_records``."""
+    testclient = pytest.importorskip("fastapi.testclient")
+    from mlflow.pyfunc import scoring_server
+
+    response = testclient.TestClient(scoring_server.init(model)).post("/invocations", json={"dataframe_records": rows})
+    assert response.status_code == 200, response.text[:500]
+    return response.json()["predictions"]
 
 
 def test_register_refuses_an_untracked_run_in_one_line(tracked_run, tmp_path):
