@@ -3,7 +3,8 @@
 
 The model's one artifact is a copy of the run folder holding what a reload reads (``config.yaml``,
 ``params.json``, ``readout.json``, ``adapter/``, ``head.safetensors``, ``results.json`` for the run's
-temperature, ``decision/`` once calibrated; per member for an ensemble). The base model is referenced, not
+temperature, ``decision/`` once calibrated; per member for an ensemble) and the tokenizer files
+(``tokenizer/``). The base model is referenced, not
 copied: by ``config.yaml``'s ``model`` (a hub id pinned to the snapshot in ``params.json``, a path, or the
 bundled SmolLM2). :class:`RunModel` rebuilds a :class:`~polar_vbll.predictor.Predictor` from the copy, and
 its ``predict`` takes a DataFrame of questions (``question``, ``choices``, optional ``context``, ``id``,
@@ -37,6 +38,8 @@ RUN_DIRS = ("adapter", "decision")
 MEMBER_FILES = ("readout.json", "head.safetensors")
 #: Where ``--include-base`` puts the base model in the run copy.
 BASE_DIR = "base"
+#: The tokenizer files in the run copy (the base model's; ``base/`` holds them when bundled).
+TOKENIZER_DIR = "tokenizer"
 #: The artifact path of the model in its MLflow run (``runs:/<id>/model``).
 MODEL_PATH = "model"
 #: The input example logged with the model (any run's head reads at least two choices).
@@ -135,6 +138,16 @@ def bundle_base(run: Path, dest: Path) -> None:
     tokenizer.save_pretrained(dest)
 
 
+def save_tokenizer(run: Path, dest: Path) -> None:
+    """The run's tokenizer files (the one its readout's token ids were verified against) written to ``dest``,
+    for consumers of the model; the loader reads the base model's own, which is the same."""
+    from polar_vbll.config import load_config
+    from polar_vbll.models import load_tokenizer
+    from polar_vbll.saved import pinned_snapshot
+
+    load_tokenizer(pinned_snapshot(load_config(run / "config.yaml"), run).model).save_pretrained(dest)
+
+
 def copy_run(run: Path, dest: Path, include_base: bool = False) -> Path:
     """The files of ``run`` a reload reads, copied to ``dest`` (which must not exist); with ``include_base``
     the base model too (``base/``)."""
@@ -189,6 +202,8 @@ def log_model(logger, run_files: Path, config_files: Path | None = None, include
         for name in ("config.yaml", "params.json"):
             if config_files is not None and (config_files / name).is_file():
                 shutil.copy2(config_files / name, copy / name)
+        if not include_base:  # (the bundle holds it)
+            save_tokenizer(copy, copy / TOKENIZER_DIR)
         logger.log_artifact(save(copy, Path(tmp) / leaf), parent or None)
 
 

@@ -45,7 +45,12 @@ def tracked_run(tmp_path_factory):
     run = out / "tiny"
     target = run_target(run)
     assert "model/MLmodel" in _artifacts(target.uri, target.run_id, "model")  # logged by train, before calibrate
-    assert not any(p.endswith("decision") for p in _artifacts(target.uri, target.run_id, "model/artifacts/run"))
+    files = _artifacts(target.uri, target.run_id, "model/artifacts/run")
+    assert not any(p.endswith("decision") for p in files)
+    assert {f"model/artifacts/run/{n}" for n in ("adapter", "head.safetensors", "readout.json", "config.yaml",
+                                                  "params.json", "tokenizer")} <= files  # fmt: skip
+    assert "model/artifacts/run/tokenizer/tokenizer_config.json" in _artifacts(
+        target.uri, target.run_id, "model/artifacts/run/tokenizer")
     result = runner.invoke(app, ["calibrate", str(run), "--risk", "0.9", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert f"MLflow model (with the rule): runs:/{target.run_id}/model" in result.output
