@@ -29,6 +29,7 @@ from polar_vbll.errors import UserInputError
 from polar_vbll.extras import require
 
 require("polar_vbll.mlflow_model")  # one line naming the `track` extra (polar_vbll.extras), before the import
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # as polar_vbll.tracking: no bar noise
 import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 

@@ -168,6 +168,9 @@ def _import_mlflow():
     import logging
 
     require("polar_vbll.tracking")  # one line naming the `track` extra (polar_vbll.extras)
+    # MLflow's artifact progress bars ("Downloading artifacts" for local copies while a model is logged) are
+    # noise in every run's log; a user who sets the variable keeps the bars
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow  # noqa: F401
     from mlflow.tracking import MlflowClient
 
