@@ -226,3 +226,10 @@ def test_a_refused_architecture_writes_nothing(tmp_path, tokenizer):
                     "--track")  # the local MLflow store would live beside the run folder  # fmt: skip
     assert result.exit_code == 2 and "c_attn" in result.output, result.output
     assert not (tmp_path / "runs").exists()
+    # the same refusal for a comparison, whose LoRA runs select layers too
+    result = runner.invoke(app, [
+        "compare", "--config", "tiny", "--no-progress", "--track", "--set", f"output_dir={tmp_path / 'runs'}",
+        "--set", "base.model.source=path", "--set", f"base.model.path={folder}",
+        "--set", "base.lora.target_modules=[q_proj]"])  # fmt: skip
+    assert result.exit_code == 2 and "LoraConfig.target_modules" in result.output, result.output
+    assert not (tmp_path / "runs").exists()

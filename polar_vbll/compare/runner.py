@@ -42,7 +42,7 @@ from polar_vbll.predictives import Predictions
 from polar_vbll.provenance import differences, digest
 from polar_vbll.results import settings_digest
 from polar_vbll.runner import TrainedMember, run_method
-from polar_vbll.session import learns_from_labels, load_examples, load_splits
+from polar_vbll.session import check_architecture, learns_from_labels, load_examples, load_splits
 
 
 @dataclass
@@ -113,6 +113,9 @@ class CompareRunner:
         first = next((m for m in ccfg.methods if learns_from_labels(m)), ccfg.methods[0])
         for task in ccfg.tasks:
             load_examples(self.run_config(first, task, ccfg.seeds[0]))
+        # the model, and each adapter kind's layer selection on it (a skeleton, no weights), before anything exists
+        for method in {METHODS[m].adapter: m for m in ccfg.methods}.values():
+            check_architecture(self.run_config(method, ccfg.tasks[0], ccfg.seeds[0]))
         self.lock = FolderLock(self.out, "polar-vbll compare").acquire()  # one writer, before anything is written
         self.out.mkdir(parents=True, exist_ok=True)
         self.records_path = self.out / "records.jsonl"
