@@ -383,10 +383,8 @@ def model_skeleton(cfg: ModelConfig) -> nn.Module:
     (instant, at any size). Raises :class:`ModelLoadError`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = model_dir(cfg) if cfg.source != "tiny" else None
+    path = model_dir(cfg)
     try:
-        if path is None:
-            return build_tiny_llama(cfg, vocab_size=len(load_tokenizer(cfg)))
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")

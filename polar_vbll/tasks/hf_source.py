@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from polar_vbll.errors import DataError, UserInputError
+from polar_vbll.models import hub_cache_dir
 from polar_vbll.tasks.columns import examples_from_rows, resolve
 from polar_vbll.tasks.example import MCExample
 
@@ -186,7 +187,7 @@ def _open_hf(src: SourceName) -> tuple[dict[str, Any], dict[str, Any]]:
                 loaded = datasets.load_dataset(src.target, name=src.config,
                                                cache_dir=os.environ.get("HF_DATASETS_CACHE"))  # fmt: skip
             except (ConnectionError, FileNotFoundError, OSError) as err:
-                hub = os.environ.get("HF_HUB_CACHE") or _hub_cache_default()
+                hub = hub_cache_dir()
                 cache = os.environ.get("HF_DATASETS_CACHE") or datasets.config.HF_DATASETS_CACHE
                 raise DataError(
                     f"{spelled}: the dataset {src.target!r} is not in the local Hugging Face caches (hub cache "
@@ -202,12 +203,6 @@ def _open_hf(src: SourceName) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(loaded), info
 
 
-def _hub_cache_default() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
 def _hub_snapshot(repo_id: str) -> str | None:
     """The cached snapshot folder of a hub dataset at ``refs/main``, or None (nothing is downloaded)."""
     from huggingface_hub import snapshot_download
@@ -215,7 +210,7 @@ def _hub_snapshot(repo_id: str) -> str | None:
 
     try:
         return snapshot_download(repo_id, repo_type="dataset", local_files_only=True,
-                                 cache_dir=os.environ.get("HF_HUB_CACHE") or None)  # fmt: skip
+                                 cache_dir=hub_cache_dir())  # fmt: skip
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
         return None
 
