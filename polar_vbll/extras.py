@@ -57,9 +57,9 @@ PACKAGES: dict[str, Package] = {
     "mapie": Package("MAPIE", None),
     "peft": Package("peft", None),
     "datasets": Package("Hugging Face datasets", None),  # hf:, csv:, parquet:, json: data sources
-    # Planned: the extras these name enter pyproject.toml with the first code that imports them.
     "ray.serve": Package("Ray Serve", "serve", import_check=True),  # in every Ray wheel; ray[serve] its deps
     "optuna": Package("Optuna", "tune"),
+    "hyperopt": Package("HyperOpt", "tune"),
 }
 
 #: Every entry point that needs an optional package (as the user types or calls it) and the modules it

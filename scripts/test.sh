@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # README command 2, and exactly what CI runs (.ci/run calls this and adds nothing): set up (once) with every
-# extra the tests exercise (dev, dist: Ray + DeepSpeed, track: MLflow), then ruff, the import floors and the
+# extra the tests exercise (dev, dist: Ray + DeepSpeed, track: MLflow, serve: Ray Serve, tune: Optuna + HyperOpt), then ruff, the import floors and the
 # default test suite (slow tests deselected; `bash scripts/test.sh -m slow` runs those). Extra arguments go
 # to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export POLAR_VBLL_EXTRAS="${POLAR_VBLL_EXTRAS:-dev,dist,track}"
+export POLAR_VBLL_EXTRAS="${POLAR_VBLL_EXTRAS:-dev,dist,track,serve,tune}"
 # The tests' own caches stay in the checkout: the converted model, and DeepSpeed's (unused) op builds.
 export POLAR_VBLL_CACHE="${POLAR_VBLL_CACHE:-$PWD/.cache/polar-vbll}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
