@@ -72,6 +72,21 @@ def check_batch_layout(cfg: RunConfig, dist: DistConfig, workers: int | None = N
     return cfg.train.batch_size // parts
 
 
+def check_adapter_stage(cfg: RunConfig, dist: DistConfig) -> None:
+    """An adapter that steps its posterior in place after the theta step (BLoB, ``AdapterKind.posterior_step``)
+    runs at ZeRO stage 0 only: at stages 1-3 DeepSpeed keeps the master copy of ``A`` in its optimizer's
+    partitions and would overwrite the in-place step. Refused before Ray starts, naming the flag."""
+    from polar_vbll.methods import METHODS
+
+    kind = METHODS[cfg.method].adapter_kind
+    if kind.posterior_step and dist.zero_stage != 0:
+        raise ConfigError(
+            f"{cfg.method} on workers runs at --zero-stage 0 only (got {dist.zero_stage}): {kind.label}'s second "
+            "optimizer steps the adapter's posterior in place, and ZeRO stages 1-3 keep its master copy in "
+            "DeepSpeed's optimizer partitions; pass --zero-stage 0"
+        )
+
+
 def dist_config_from(data: dict[str, Any] | None, overrides: list[str] | None = None) -> DistConfig:
     """Validate a mapping plus ``key=value`` overrides (YAML values) as a :class:`DistConfig`."""
     merged = dict(data or {})

@@ -23,7 +23,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from distributed.config import DistConfig, check_batch_layout, dist_config_from
+from distributed.config import DistConfig, check_adapter_stage, check_batch_layout, dist_config_from
 from distributed.devices import driver_config
 from distributed.worker import train_loop_per_worker
 from polar_vbll.checkpoint import load_checkpoint, newest_intact
@@ -80,6 +80,7 @@ def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, k
     receive: ``output_dir`` made absolute (it is Ray Train's storage path), ``model.dtype`` resolved."""
     check_supported(cfg, entry)
     check_batch_layout(cfg, dist)
+    check_adapter_stage(cfg, dist)
     check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name", kind)
     cfg = driver_config(cfg, dist)  # model.device checked for the workers, model.dtype as they will run it
     validate_inputs(cfg, device=False)  # a bad task name, data row or model path fails here, before Ray starts

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.adapters.config import LoraConfig, PolarConfig
+from polar_vbll.adapters.config import BlobConfig, LoraConfig, PolarConfig
 from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.heads.config import VBLLConfig
 from polar_vbll.heads.features import FeatureMapConfig
@@ -383,6 +383,7 @@ class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     polar: PolarConfig = Field(default_factory=PolarConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    blob: BlobConfig = Field(default_factory=BlobConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

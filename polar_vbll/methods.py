@@ -46,6 +46,9 @@ class AdapterKind:
     load: Callable[[nn.Module, Path], AdapterModel]  # (fresh base model, saved directory) -> adapter
     select: Callable[[nn.Module, Any], list] | None = None  # (model, section config) -> the layers it adapts
     stiefel: bool = False  # has factors on a Stiefel manifold (the optim.*_stiefel settings act on them)
+    # steps its own posterior parameters in place after the theta step (BLoB's second optimizer,
+    # ``variational_step``): on workers only where every rank holds the whole adapter (ZeRO stage 0)
+    posterior_step: bool = False
 
     def settings(self, cfg: RunConfig) -> Any:
         return getattr(cfg, self.section)
@@ -81,6 +84,18 @@ def _inject_lora(model, config):
     return LoraAdapter(model, config)
 
 
+def _inject_blob(model, config):
+    from polar_vbll.adapters.blob import BlobAdapter
+
+    return BlobAdapter(model, config)
+
+
+def _load_blob(model, directory):
+    from polar_vbll.adapters.blob import BlobAdapter
+
+    return BlobAdapter.load_adapter(model, directory)
+
+
 def _load_lora(model, directory):
     from polar_vbll.adapters.lora import LoraAdapter
 
@@ -91,6 +106,8 @@ ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
     {
         "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar, _select_polar, stiefel=True),
         "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora, _select_lora),
+        # LoRA with a Gaussian posterior on A (polar_vbll.adapters.blob); selects layers as LoRA does
+        "blob": AdapterKind("blob", "BLoB", "blob", _inject_blob, _load_blob, _select_lora, posterior_step=True),
     }
 )
 
@@ -232,6 +249,16 @@ def _predict_ensemble(ctx, enc):
     return predict_ensemble(ctx.adapter, ctx.provider, enc, ctx.batch_size, members, ctx.progress)
 
 
+def _predict_blob(ctx, enc):
+    from polar_vbll.predictives import predict_mc_dropout
+
+    cfg = ctx.cfg
+    return predict_mc_dropout(
+        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.blob.eval_samples,
+        seed=cfg.train.seed, progress=ctx.progress,
+    )  # fmt: skip
+
+
 PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
     {
         "one_pass": PredictiveKind("one_pass", lambda cfg: 1, lambda cfg: 1, _predict_one_pass),
@@ -242,6 +269,8 @@ PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
             "ensemble", lambda cfg: cfg.eval.ensemble_members, lambda cfg: cfg.eval.ensemble_members,
             _predict_ensemble,
         ),  # fmt: skip
+        # BLoB: passes with the adapters' posterior sampling on, averaged (polar_vbll.adapters.blob)
+        "blob": PredictiveKind("blob", lambda cfg: cfg.blob.eval_samples, lambda cfg: 1, _predict_blob),
     }
 )
 
@@ -375,6 +404,11 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             Method(
                 "laplace", "LoRA-LL-Laplace", "lora", "laplace", "one_pass",
                 "LoRA-MLE's features plus last-layer Laplace (evidence prior; at the MAP refit, head.laplace.mean)",
+            ),
+            Method(
+                "blob", "BLoB", "blob", "linear", "blob",
+                "Bayesian LoRA (BLoB, Wang et al. 2024): a Gaussian posterior on LoRA's A trained by the ELBO "
+                "with KL re-weighting, a trainable linear head; blob.eval_samples sampled passes at test time",
             ),
             Method(
                 "vbll_lora", "LoRA-VBLL", "lora", "vbll", "one_pass",

@@ -37,7 +37,7 @@ from polar_vbll.errors import CheckpointError
 from polar_vbll.evaluation import Evaluation, Member, evaluate
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.locking import FolderLock
-from polar_vbll.methods import METHODS
+from polar_vbll.methods import ADAPTERS, METHODS
 from polar_vbll.metrics import format_table
 from polar_vbll.models import describe_model_source
 from polar_vbll.placement import Placement, resolved
@@ -79,7 +79,7 @@ def training_key(cfg: RunConfig) -> str:
     return digest(training_settings(cfg))
 
 
-_MEMBER_SEEDS = (("train", "seed"), ("polar", "init_seed"), ("lora", "init_seed"))
+_MEMBER_SEEDS = (("train", "seed"), *((kind.section, "init_seed") for kind in ADAPTERS.values()))
 
 
 def member_config(cfg: RunConfig, i: int) -> RunConfig:

@@ -73,11 +73,11 @@ def used_by(method: str, path: str) -> bool:
     """Whether ``method`` (a name in ``polar_vbll.methods.METHODS``) reads the config field ``path``: decided
     by the registry (its adapter kind's section, its head kind's sections, its predictive's settings,
     whether it trains and whether its head is refitted), one rule for every field."""
-    from polar_vbll.methods import METHODS
+    from polar_vbll.methods import ADAPTERS, METHODS
 
     m = METHODS[method]
     section, _, rest = path.partition(".")
-    if section in ("polar", "lora"):
+    if section in {kind.section for kind in ADAPTERS.values()}:
         return section == m.adapter_kind.section
     if section == "optim":
         return m.trains and (m.adapter_kind.stiefel or path not in STIEFEL_OPTIM)

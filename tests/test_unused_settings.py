@@ -53,8 +53,9 @@ def test_the_rule_on_the_reported_cases():
     assert not used_by("zero_shot", "train.steps") and not used_by("polar_mle", "train.round_steps")
     every = set(config_fields())
     assert all(used_by(m, f) for m in METHODS for f in every if f.startswith(("model.", "data.", "decision.")))
-    cfg = load_config(resolve_config("tiny"))  # sets polar.* and lora.* for both families of methods
-    assert set(unused_settings(cfg)) == {"lora.r", "lora.alpha", "lora.layers"}
+    cfg = load_config(resolve_config("tiny"))  # sets polar.*, lora.* and blob.* for every family of methods
+    assert set(unused_settings(cfg)) == {"lora.r", "lora.alpha", "lora.layers", "blob.r", "blob.alpha", "blob.layers"}
+    assert used_by("blob", "blob.eval_samples") and not used_by("blob", "lora.r") and not used_by("lora_mle", "blob.r")
 
 
 @pytest.mark.extras("ray", "deepspeed")

@@ -116,6 +116,40 @@ class LoraConfig(TargetConfig):
     alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
 
 
+class BlobConfig(LoraConfig):
+    """BLoB (Wang et al., NeurIPS 2024, "BLoB: Bayesian Low-Rank Adaptation by Backpropagation"): LoRA whose
+    ``A`` has a diagonal Gaussian posterior ``N(M, sigma^2)`` (``B`` deterministic), trained by the ELBO and
+    predicting by ``eval_samples`` backbone passes. Defaults are the reference code's BLoB protocol
+    (Wang-ML-Lab/bayesian-peft, ``scripts/blob/blob-llama-all.sh``): ``eps`` 0.05, ``beta`` 0.2, ``kl_lr``
+    0.01, ``gamma`` 8, KL re-weighting and data-set rescaling on, 10 samples; ``polar_vbll.adapters.blob``
+    gives the math."""
+
+    eps: float = Field(
+        default=0.05, description="[choice] the posterior std's parametrisation and init: > 0, sigma = rho^2 with "
+        "rho ~ U(eps/sqrt(2), eps); < 0, sigma = softplus(rho) with rho ~ U(eps - 1, eps) (BLoB's bayes_eps)")
+    beta: float = Field(default=0.2, gt=0, description="[choice] std of the zero-mean Gaussian prior on A's "
+                        "entries (BLoB's bayes_beta)")
+    kl_lr: float = Field(default=0.01, gt=0, description="[choice] learning rate of BLoB's second optimizer: "
+                         "plain SGD on the weighted KL (and on sigma's data gradient), under the run's warmup "
+                         "and decay (BLoB's bayes_kllr)")
+    kl_reweighting: bool = Field(default=True, description="[choice] weight step i's KL by 2^i / (2^(M+1) - 1), "
+                                 "i cycling 1..M (Blundell et al. 2015); off: 1/M (BLoB's bayes_klreweighting)")
+    dataset_rescaling: bool = Field(default=True, description="[choice] M = int(100 N^(pi/gamma) / batch size) "
+                                    "for N training examples; off: the steps of an epoch (BLoB's "
+                                    "bayes_datasetrescaling)")
+    gamma: float = Field(default=8.0, gt=0, description="[choice] the exponent's divisor in M's rescaling "
+                         "(BLoB's bayes_gamma)")
+    eval_samples: int = Field(default=10, gt=0, description="test-time backbone passes, each with its own draw "
+                              "of A (BLoB's bayes_eval_n_samples_final)")
+
+    @field_validator("eps")
+    @classmethod
+    def _nonzero_eps(cls, v: float) -> float:
+        if v == 0 or not math.isfinite(v):
+            raise ValueError(f"must be finite and non-zero (its sign picks sigma's parametrisation), got {v}")
+        return v
+
+
 def _from_dict(cls: type[TargetConfig], data: Mapping[str, Any] | TargetConfig, what: str, where: str):
     if isinstance(data, cls):
         return data
@@ -137,3 +171,8 @@ def polar_config_from_dict(data: Mapping[str, Any] | PolarConfig, where: str) ->
 def lora_config_from_dict(data: Mapping[str, Any] | LoraConfig, where: str) -> LoraConfig:
     """Validate ``data`` as a :class:`LoraConfig` (errors as :class:`ConfigError` naming ``where``)."""
     return _from_dict(LoraConfig, data, "LoRA adapter", where)
+
+
+def blob_config_from_dict(data: Mapping[str, Any] | BlobConfig, where: str) -> BlobConfig:
+    """Validate ``data`` as a :class:`BlobConfig` (errors as :class:`ConfigError` naming ``where``)."""
+    return _from_dict(BlobConfig, data, "BLoB adapter", where)

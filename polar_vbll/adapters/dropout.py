@@ -1,8 +1,9 @@
-"""Adapter dropout and seeded randomness, for every adapter kind.
+"""Adapter noise (dropout, posterior sampling) and seeded randomness, for every adapter kind.
 
-- :func:`set_adapter_dropout` / :func:`adapter_dropout` switch only the adapters' input dropout
-  (``PolarLinear.polar_dropout`` and peft's ``lora_dropout``) on or off, leaving the backbone in eval
-  mode: on while training, off for deterministic features, on again for the MC-dropout predictive.
+- :func:`set_adapter_dropout` / :func:`adapter_dropout` switch only the adapters' own noise on or off
+  (``PolarLinear.polar_dropout``, peft's ``lora_dropout``, and a Bayesian adapter's posterior sampling:
+  BLoB's ``blob_posterior`` modules, which sample in train mode), leaving the backbone in eval mode: on
+  while training, off for deterministic features, on again for a sampling predictive (MC dropout, BLoB).
 - :func:`seeded_rng` runs a block under a seeded, forked global RNG (dropout masks and peft's
   initialisers draw from the global generators).
 """
@@ -33,19 +34,22 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- dropout
 def _adapter_dropouts(model: nn.Module) -> list[nn.Module]:
-    """The dropout modules sitting on adapter inputs: ``PolarLinear.polar_dropout`` and every entry of a
-    peft LoRA layer's ``lora_dropout`` (duck-typed, so peft need not be importable)."""
+    """The noise modules of the adapters: ``PolarLinear.polar_dropout``, every entry of a peft LoRA layer's
+    ``lora_dropout``, and a BLoB layer's ``blob_posterior`` (duck-typed, so peft need not be importable)."""
     found: list[nn.Module] = []
     for m in model.modules():
         if isinstance(m, PolarLinear):
             found.append(m.polar_dropout)
         elif isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict):
             found.extend(m.lora_dropout.values())
+            if isinstance(getattr(m, "blob_posterior", None), nn.Module):
+                found.append(m.blob_posterior)
     return found
 
 
 def _is_active_dropout(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+    """Whether switching ``m`` on makes passes differ: dropout with ``p > 0``, or posterior sampling."""
+    return getattr(m, "samples_in_train_mode", False) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
 
 
 def set_adapter_dropout(model: nn.Module, enabled: bool) -> int:

@@ -106,9 +106,15 @@ class LoraAdapter(nn.Module):
     touching the caller's RNG.
     """
 
+    #: the side file a saved adapter carries (our config), and the ``adapter_type`` it records
+    CONFIG_NAME = LORA_BASELINE_CONFIG_NAME
+    ADAPTER_TYPE = "lora_baseline"
+    #: the config validator of this kind (a subclass's config extends ``LoraConfig``)
+    parse_config = staticmethod(lora_config_from_dict)
+
     def __init__(self, model: nn.Module, config: LoraConfig | Mapping[str, Any]) -> None:
         super().__init__()
-        config = resolve_targets(model, lora_config_from_dict(config, "LoraAdapter(config=...)"))
+        config = resolve_targets(model, self.parse_config(config, f"{type(self).__name__}(config=...)"))
         peft = _require_peft()
         if _has_lora(model) or any(isinstance(m, PolarLinear) for m in model.modules()):
             raise UserInputError("the model already holds adapters; inject LoRA into a fresh base model")
@@ -253,14 +259,25 @@ class LoraAdapter(nn.Module):
         self.peft_model.save_pretrained(str(d), safe_serialization=True)
         meta = {
             "format_version": LORA_FORMAT_VERSION,
-            "adapter_type": "lora_baseline",
+            "adapter_type": self.ADAPTER_TYPE,
             "lora_config": self.lora_config.model_dump(mode="json"),
             "adapted_modules": [n for n, _ in self.lora_layers()],
             "weights_sha256": sha256_file(d / LORA_WEIGHTS_NAME),
+            **self._save_extra(d),
         }
         meta[CONFIG_DIGEST_KEY] = config_digest(meta)
-        (d / LORA_BASELINE_CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        (d / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return d
+
+    def _save_extra(self, directory: Path) -> dict[str, Any]:
+        """Files beyond peft's a subclass writes into ``directory``; returns their entries of the side file."""
+        return {}
+
+    @classmethod
+    def _load_extra(cls, directory: Path, meta: dict[str, Any], config: LoraConfig, targets) -> tuple[dict, dict]:
+        """A subclass's own tensors from ``directory`` (checked against ``meta``, the side file) and their
+        expected shapes for the ``targets`` layers: ``(tensors, shapes)`` keyed like ``adapter_state_dict``."""
+        return {}, {}
 
     def export_peft_lora(self, directory: str | os.PathLike[str]) -> Path:
         """A standard PEFT LoRA adapter directory: the very files :meth:`save_adapter` writes (named like
@@ -274,9 +291,9 @@ class LoraAdapter(nn.Module):
         """Inject the adapter saved by :meth:`save_adapter` in ``directory`` into ``model`` (a fresh base
         model) and load its weights strictly. Reads safetensors only (no pickle)."""
         d = Path(directory)
-        cfg_path, weights = d / LORA_BASELINE_CONFIG_NAME, d / LORA_WEIGHTS_NAME
+        cfg_path, weights = d / cls.CONFIG_NAME, d / LORA_WEIGHTS_NAME
         if not cfg_path.is_file():
-            raise CheckpointError(f"{cfg_path} does not exist: {d} is not a LoRA baseline adapter directory")
+            raise CheckpointError(f"{cfg_path} does not exist: {d} is not a {cls.ADAPTER_TYPE} adapter directory")
         raw = read_json_config(cfg_path)
         if raw.get("format_version") != LORA_FORMAT_VERSION:
             raise CheckpointError(
@@ -284,7 +301,7 @@ class LoraAdapter(nn.Module):
                 f"{LORA_FORMAT_VERSION}; an adapter saved by an older version has no hashes: save it again)"
             )
         check_config_digest(raw, cfg_path)
-        config = lora_config_from_dict(raw.get("lora_config") or {}, f"{cfg_path} (field 'lora_config')")
+        config = cls.parse_config(raw.get("lora_config") or {}, f"{cfg_path} (field 'lora_config')")
         if not weights.is_file():
             raise CheckpointError(f"LoRA weights {weights} do not exist")
         if sha256_file(weights) != raw.get("weights_sha256"):
@@ -300,9 +317,12 @@ class LoraAdapter(nn.Module):
         # Dry run before touching the model: the file must hold exactly A (r, in) and B (out, r) of every
         # layer this config selects (a file for another architecture or config fails here, readably).
         expected: dict[str, tuple[int, ...]] = {}
-        for t in _select_targets(model, config):
+        targets = _select_targets(model, config)
+        for t in targets:
             expected[f"base_model.model.{t.name}.lora_A.weight"] = (config.r, t.in_features)
             expected[f"base_model.model.{t.name}.lora_B.weight"] = (t.out_features, config.r)
+        extra, extra_shapes = cls._load_extra(d, raw, config, targets)
+        tensors, expected = {**tensors, **extra}, {**expected, **extra_shapes}
         require_shapes(
             expected, tensors, f"LoRA weights {weights} do not match {cfg_path} for {type(model).__name__}"
         )

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polar_vbll.config import _apply_override, _format_validation_error, deep_merge, parse_config
 from polar_vbll.errors import ConfigError
-from polar_vbll.methods import METHODS
+from polar_vbll.methods import ADAPTERS, METHODS
 
 #: Run-config fields a comparison sets for every run itself; given in ``base`` (or in a method's or a
 #: task's overrides) they would be silently replaced, so they are refused there, naming the key to use.
@@ -18,8 +18,7 @@ PER_RUN_FIELDS: dict[str, str] = {
     "method": "each run's method comes from `methods:`",
     "data.task": "each run's task comes from `tasks:`",
     "train.seed": "each run's seed comes from `seeds:`",
-    "polar.init_seed": "adapter init seeds follow `seeds:`",
-    "lora.init_seed": "adapter init seeds follow `seeds:`",
+    **{f"{kind.section}.init_seed": "adapter init seeds follow `seeds:`" for kind in ADAPTERS.values()},
     "head.vbll.init_seed": "head init seeds follow `seeds:`",
     "head.fit.seed": "head fit seeds follow `seeds:`",
     "name": "runs are named <comparison name>/<task>/<method>/seed<seed>",
@@ -50,8 +49,7 @@ def method_config(
         "method": method,
         "data": {"task": task},
         "train": {"seed": seed},
-        "polar": {"init_seed": seed},
-        "lora": {"init_seed": seed},
+        **{kind.section: {"init_seed": seed} for kind in ADAPTERS.values()},  # every adapter kind's init
         "head": {"vbll": {"init_seed": seed}, "fit": {"seed": seed}},
     }
     return deep_merge(base, extra or {}, per_run)
@@ -148,7 +146,8 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"compare config {p} must hold a mapping at the top level")
     for item in overrides or []:
         _apply_override(data, item)
-    run_sections = {"method", "model", "data", "polar", "lora", "optim", "train", "head", "eval"}
+    run_sections = {"method", "model", "data", *(k.section for k in ADAPTERS.values()), "optim", "train", "head",
+                    "eval"}
     hint = "a run setting: it goes under base (e.g. --set base.train.steps=50)"
     try:
         return CompareConfig.model_validate(data)

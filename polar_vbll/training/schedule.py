@@ -90,8 +90,9 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
         ) from None
     new = training_settings(cfg)
     if old != new:
-        names = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "method": "method", "optim": "optimizer",
-                 "train": "schedule", "head": "head", "model": "backbone", "data": "training data"}  # fmt: skip
+        names = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "blob": "BLoB adapter", "method": "method",
+                 "optim": "optimizer", "train": "schedule", "head": "head", "model": "backbone",
+                 "data": "training data"}  # fmt: skip
         changed = sorted({names[k.split(".")[0]] for k in set(old) | set(new) if old.get(k) != new.get(k)})
         raise CheckpointError(
             f"the checkpoint was written with other training settings ({', '.join(changed)}): "

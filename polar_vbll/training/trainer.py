@@ -384,6 +384,11 @@ class Trainer:
             self.stiefel_opt.step()
             self.stiefel_opt.zero_grad(set_to_none=True)
         self.backend.theta_step()
+        posterior_step = getattr(self.adapter, "variational_step", None)  # a Bayesian adapter's own step (BLoB)
+        posterior_logs = {}
+        if posterior_step is not None:
+            self.backend.reduce_gradients(self.adapter.posterior_parameters())
+            posterior_logs = posterior_step(step, lr_f, len(split), self.batch_size)
         if self.head_opt is not None:
             self.backend.reduce_gradients(self.head_params)
             self.head_opt.step()
@@ -392,7 +397,7 @@ class Trainer:
             idx = [i for mb in micro for i in mb]
             self._refit(torch.cat(phis), split.labels[idx], split.n_choices[idx], steps=1)
         self.state.step += 1
-        logs = {"loss": loss, "lr_factor": lr_f}
+        logs = {"loss": loss, "lr_factor": lr_f, **posterior_logs}
         if reg is not None:
             logs["loss_regularizer"] = reg  # (KL - log p(sigma)) / N, or the MAP penalty / N
             logs["loss_data"] = loss - reg
