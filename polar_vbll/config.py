@@ -324,6 +324,31 @@ class EvalConfig(_Strict):
     ensemble_members: int = Field(3, gt=0, description="ensemble: independently seeded adapter/head pairs")
 
 
+class TfbConfig(_Strict):
+    """TFB's post-hoc variance search (``method: tfb``; ``polar_vbll.tfb``). Defaults: the reference code's
+    TFB-on-MLE protocol (Wang-ML-Lab/bayesian-peft ``scripts/tfblora/mle.sh``: upper bound 0.015, threshold
+    0.003, 5 bisection steps, 10 samples)."""
+
+    min_std: float = Field(0.001, gt=0, description="[choice] lower end of the std scale's bisection")
+    max_std: float = Field(0.015, gt=0, description="[choice] upper end (the result when no step exceeds the "
+                           "threshold)")
+    threshold: float = Field(0.003, gt=0, description="[choice] the largest change of the anchor NLL allowed")
+    iterations: int = Field(5, ge=1, description="[choice] bisection steps")
+    search_samples: int = Field(10, gt=0, description="sampled passes per bisection step")
+    eval_samples: int = Field(10, gt=0, description="sampled passes per example at test time")
+    anchor: Literal["train", "validation"] = Field("train", description="[choice] the split the search reads "
+                                                    "(the reference: the training data)")
+    criterion: Literal["reference", "relative"] = Field(
+        "reference", description="[choice] the NLL change: reference: |NLL - NLL0| / NLL0 / anchor size (as "
+        "bayesian-peft computes it); relative: |NLL - NLL0| / NLL0")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TfbConfig:
+        if self.min_std >= self.max_std:
+            raise ValueError(f"tfb.min_std ({self.min_std}) must be below tfb.max_std ({self.max_std})")
+        return self
+
+
 class DecisionConfig(_Strict):
     """The decision rule a run is scored with and ``polar-vbll calibrate`` builds by default
     (docs/predict.md; ``polar_vbll.decisions``), calibrated on held-out data (the validation split)."""
@@ -388,6 +413,7 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tfb: TfbConfig = Field(default_factory=TfbConfig)
     decision: DecisionConfig = Field(default_factory=DecisionConfig)
 
     @model_validator(mode="before")

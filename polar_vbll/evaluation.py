@@ -78,6 +78,7 @@ class Evaluation:
     scaled: dict[str, Predictions] = field(default_factory=dict)
     cfg: RunConfig | None = None  # with n_choices: the decision rule's metrics (decision_block)
     n_choices: dict[str, torch.Tensor] | None = None
+    posterior: dict[str, Any] | None = None  # the predictive's post-hoc step's report (TFB's search)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics block of ``results.json`` (see ``polar_vbll.results.Metrics``)."""
@@ -90,6 +91,7 @@ class Evaluation:
             if self.temperature is not None
             else None
         )
+        out["posterior"] = self.posterior
         return out
 
 
@@ -199,6 +201,16 @@ def posthoc_members(
     return out
 
 
+def prepare_predictive(
+    cfg: RunConfig, ctx: PredictContext, splits: dict[str, EncodedSplit], report: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The method's predictive's post-hoc step (``PredictiveKind.fit``: TFB's variance search), run once on
+    the trained model before it predicts; ``report``: a reloaded run's own (reused, not searched again).
+    Returns the report, None for a predictive without one."""
+    fit = METHODS[cfg.method].predictive_kind.fit
+    return fit(ctx, splits, report) if fit is not None else None
+
+
 def evaluate(
     cfg: RunConfig,
     provider: FeatureProvider,
@@ -208,15 +220,18 @@ def evaluate(
     zero_shot_probs: torch.Tensor | None = None,
     progress: bool = True,
     temperature: float | None = None,
+    posterior: dict[str, Any] | None = None,
 ) -> Evaluation:
     """Predict the validation (when given), evaluation and OOD splits of a trained run with its method's
     predictive (post-hoc head fitted first); ``zero_shot_probs`` are the zero-shot model's probabilities on
     the evaluation split, ``(N, K)``, computed before training (the adapters at init are exactly ``W0``).
     With ``eval.temperature_scaling`` the temperature is fitted on the validation split, or, without one
-    (``polar-vbll eval`` on another task), ``temperature`` (the run's own) is applied when given."""
+    (``polar-vbll eval`` on another task), ``temperature`` (the run's own) is applied when given. A predictive
+    with a post-hoc step (TFB) runs it first, or reuses ``posterior``, the run's own report."""
     method = METHODS[cfg.method]
     members = posthoc_members(cfg, provider, adapter, members, splits["train"])
     ctx = PredictContext(cfg, provider, adapter, members, cfg.train.eval_batch_size, progress)
+    report = prepare_predictive(cfg, ctx, splits, posterior)
     names = [n for n in ("validation", "eval") if n in splits] + [n for n in splits if n.startswith("ood:")]
     preds: dict[str, Predictions] = {}
     seconds: dict[str, float] = {}
@@ -235,7 +250,7 @@ def evaluate(
     ev, train = splits["eval"], splits["train"]
     chance = chance_reference(train.labels, ev.labels, ev.n_choices, preds["eval"].probs.shape[1])
     out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance, cfg=cfg,
-                     n_choices={n: splits[n].n_choices for n in preds})  # fmt: skip
+                     n_choices={n: splits[n].n_choices for n in preds}, posterior=report)  # fmt: skip
     if cfg.eval.temperature_scaling:
         if "validation" in preds:
             out.temperature, out.scaled = temperature_scaled(preds)

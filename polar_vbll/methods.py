@@ -224,6 +224,12 @@ class PredictiveKind:
     passes: Callable[[RunConfig], int]
     members: Callable[[RunConfig], int]
     predict: Callable[[Any, Any], Any]
+    # the config fields (or ``section.`` prefixes) only this predictive reads (``polar_vbll.support.used_by``)
+    settings: tuple[str, ...] = ()
+    # a post-hoc step on the trained model before it predicts: ``fit(ctx, splits, report)`` with the run's
+    # splits by name and a saved report (a reloaded run: reuse it), returning the report (results.json
+    # ``metrics.posterior``)
+    fit: Callable[[Any, Any, dict[str, Any] | None], dict[str, Any]] | None = None
 
 
 def _predict_one_pass(ctx, enc):
@@ -259,16 +265,40 @@ def _predict_blob(ctx, enc):
     )  # fmt: skip
 
 
+def _predict_tfb(ctx, enc):
+    from polar_vbll.predictives import predict_mc_dropout
+
+    cfg = ctx.cfg
+    return predict_mc_dropout(
+        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.tfb.eval_samples,
+        seed=cfg.train.seed, progress=ctx.progress,
+    )  # fmt: skip
+
+
+def _fit_tfb(ctx, splits, report):
+    from polar_vbll import tfb
+
+    if report is not None:
+        return tfb.apply(ctx.adapter, report)
+    cfg = ctx.cfg
+    return tfb.search(cfg.tfb, ctx.provider, ctx.adapter, ctx.members[0].head, splits[cfg.tfb.anchor],
+                      ctx.batch_size, cfg.train.seed, ctx.progress)  # fmt: skip
+
+
 PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
     {
         "one_pass": PredictiveKind("one_pass", lambda cfg: 1, lambda cfg: 1, _predict_one_pass),
         "mc_dropout": PredictiveKind(
-            "mc_dropout", lambda cfg: cfg.eval.mc_dropout_samples, lambda cfg: 1, _predict_mc_dropout
+            "mc_dropout", lambda cfg: cfg.eval.mc_dropout_samples, lambda cfg: 1, _predict_mc_dropout,
+            settings=("eval.mc_dropout_samples",),
         ),
         "ensemble": PredictiveKind(
             "ensemble", lambda cfg: cfg.eval.ensemble_members, lambda cfg: cfg.eval.ensemble_members,
-            _predict_ensemble,
+            _predict_ensemble, settings=("eval.ensemble_members",),
         ),  # fmt: skip
+        # TFB: the trained LoRA Bayesianized post hoc (polar_vbll.tfb), then sampled passes
+        "tfb": PredictiveKind("tfb", lambda cfg: cfg.tfb.eval_samples, lambda cfg: 1, _predict_tfb,
+                              settings=("tfb.",), fit=_fit_tfb),  # fmt: skip
         # BLoB: passes with the adapters' posterior sampling on, averaged (polar_vbll.adapters.blob)
         "blob": PredictiveKind("blob", lambda cfg: cfg.blob.eval_samples, lambda cfg: 1, _predict_blob),
     }
@@ -409,6 +439,11 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "blob", "BLoB", "blob", "linear", "blob",
                 "Bayesian LoRA (BLoB, Wang et al. 2024): a Gaussian posterior on LoRA's A trained by the ELBO "
                 "with KL re-weighting, a trainable linear head; blob.eval_samples sampled passes at test time",
+            ),
+            Method(
+                "tfb", "TFB", "lora", "linear", "tfb",
+                "training-free Bayesianization (TFB, Shi et al. 2025) of LoRA-MLE: a posterior on A whose one "
+                "std scale is searched post hoc on the training data; tfb.eval_samples sampled passes",
             ),
             Method(
                 "vbll_lora", "LoRA-VBLL", "lora", "vbll", "one_pass",

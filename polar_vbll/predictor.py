@@ -24,14 +24,14 @@ import torch
 
 from polar_vbll.decisions.conformal import SCORES
 from polar_vbll.decisions.rule import CalibrationData, DecisionRule, Decisions, RuleSettings
-from polar_vbll.errors import DataError, UserInputError
-from polar_vbll.evaluation import PredictContext, posthoc_members
+from polar_vbll.errors import CheckpointError, DataError, UserInputError
+from polar_vbll.evaluation import PredictContext, posthoc_members, prepare_predictive
 from polar_vbll.features import FeatureSource, encode_examples
 from polar_vbll.locking import FolderLock
 from polar_vbll.metrics import summarize
 from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
-from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run
+from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run, run_posterior
 from polar_vbll.tasks.example import MCExample
 from polar_vbll.tasks.inputs import read_items
 from polar_vbll.tasks.registry import run_split
@@ -133,7 +133,8 @@ class Predictor:
         return self.folder.readout.answer_letters
 
     def _posthoc(self):
-        """The members with the method's post-hoc head fitted on the run's training split (once)."""
+        """The members with the method's post-hoc head fitted on the run's training split, and the
+        predictive's post-hoc step (TFB) set from the run's own report (once)."""
         if self._members is None:
             cfg, run = self.folder.cfg, self.loaded
             if self.folder.method.head_kind.posthoc is None:
@@ -143,6 +144,15 @@ class Predictor:
                     self._train = self._train_examples(self.folder)
                 train = self._encode("train", self._train)
                 self._members = posthoc_members(cfg, run.source, run.adapter, run.members, train)
+            if self.folder.method.predictive_kind.fit is not None:
+                report = run_posterior(self.folder.path)
+                if report is None:
+                    raise CheckpointError(
+                        f"{self.folder.path / 'results.json'} holds no report of {self.folder.method.label}'s "
+                        "post-hoc step (metrics.posterior): the run did not finish, or an older polar-vbll wrote it"
+                    )
+                ctx = PredictContext(cfg, run.source, run.adapter, self._members, cfg.train.eval_batch_size, False)
+                prepare_predictive(cfg, ctx, {}, report)
         return self._members
 
     def _encode(self, name: str, examples: Sequence[MCExample]):

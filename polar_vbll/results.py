@@ -106,6 +106,7 @@ class Metrics(_Model):
     decision: DecisionMetrics | None = None
     chance: Chance | None = None
     temperature_scaled: Scaled | None = None
+    posterior: dict[str, Any] | None = None  # the predictive's post-hoc step (TFB's variance search), if any
 
 
 class Training(_Model):

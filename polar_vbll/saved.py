@@ -48,13 +48,23 @@ def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
 
 def _run_temperature(run: Path) -> float | None:
     """The temperature the run fitted on its own validation split (``results.json``), if any."""
+    scaled = _run_metric(run, "temperature_scaled")
+    return float(scaled["temperature"]) if scaled else None
+
+
+def run_posterior(run: Path) -> dict | None:
+    """The report of the run's post-hoc posterior step (TFB's search: ``results.json`` ``metrics.posterior``),
+    which a reload reuses, if any."""
+    return _run_metric(run, "posterior")
+
+
+def _run_metric(run: Path, key: str):
     import json
 
     try:
-        scaled = json.loads((run / "results.json").read_text())["metrics"].get("temperature_scaled")
-    except (OSError, ValueError, KeyError):
+        return json.loads((run / "results.json").read_text())["metrics"].get(key)
+    except (OSError, ValueError, KeyError, AttributeError):
         return None
-    return float(scaled["temperature"]) if scaled else None
 
 
 @dataclass
@@ -187,7 +197,8 @@ def evaluate_saved_run(
     zero_head = DeterministicHead(*answer_head_weight(model, answer_ids))
     with adapters_off(adapter):  # the same cached frozen blocks serve the zero-shot model
         zero = predict(source, zero_head, splits["eval"], bs, progress).probs
-    ev = evaluate(cfg, source, adapter, members, splits, zero, progress, temperature=_run_temperature(run))
+    ev = evaluate(cfg, source, adapter, members, splits, zero, progress, temperature=_run_temperature(run),
+                  posterior=run_posterior(run))
     metrics = Metrics.model_validate(ev.metrics()).model_dump(mode="json")  # the results.json form
     rows = {"zero-shot": metrics["zero_shot"], method.label: metrics["eval"]}
     name = f"{task} {split}" if not own else f"{cfg.data.task} {cfg.data.eval_split}"

@@ -73,7 +73,7 @@ def used_by(method: str, path: str) -> bool:
     """Whether ``method`` (a name in ``polar_vbll.methods.METHODS``) reads the config field ``path``: decided
     by the registry (its adapter kind's section, its head kind's sections, its predictive's settings,
     whether it trains and whether its head is refitted), one rule for every field."""
-    from polar_vbll.methods import ADAPTERS, METHODS
+    from polar_vbll.methods import ADAPTERS, METHODS, PREDICTIVES
 
     m = METHODS[method]
     section, _, rest = path.partition(".")
@@ -83,10 +83,10 @@ def used_by(method: str, path: str) -> bool:
         return m.trains and (m.adapter_kind.stiefel or path not in STIEFEL_OPTIM)
     if section == "head":
         return rest.split(".")[0] in m.head_kind.reads
-    if path == "eval.mc_dropout_samples":
-        return m.predictive == "mc_dropout"
-    if path == "eval.ensemble_members":
-        return m.predictive == "ensemble"
+    claimed = [k for k in PREDICTIVES.values() if any(path == s or (s.endswith(".") and path.startswith(s))
+                                                       for s in k.settings)]  # fmt: skip
+    if claimed:  # a setting only some predictives read
+        return m.predictive_kind in claimed
     if path in REFIT_SCHEDULE:
         return m.trains and m.head_kind.refitted
     if path in TRAINING_ONLY:

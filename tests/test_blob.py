@@ -197,6 +197,10 @@ def test_save_load_round_trip_and_tampering(tmp_path):
     e = adapter.export_peft_lora(tmp_path / "peft")
     assert sorted(p.name for p in e.iterdir() if p.suffix in (".json", ".safetensors")) == [
         "adapter_config.json", "adapter_model.safetensors"]  # fmt: skip
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(e / "adapter_model.safetensors")))
+    assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys), sorted(keys)[:3]
 
 
 def test_a_bad_blob_setting_is_one_config_error():

@@ -56,6 +56,8 @@ def test_the_rule_on_the_reported_cases():
     cfg = load_config(resolve_config("tiny"))  # sets polar.*, lora.* and blob.* for every family of methods
     assert set(unused_settings(cfg)) == {"lora.r", "lora.alpha", "lora.layers", "blob.r", "blob.alpha", "blob.layers"}
     assert used_by("blob", "blob.eval_samples") and not used_by("blob", "lora.r") and not used_by("lora_mle", "blob.r")
+    assert used_by("tfb", "tfb.threshold") and used_by("tfb", "lora.r") and not used_by("lora_mle", "tfb.threshold")
+    assert used_by("mc_dropout", "eval.mc_dropout_samples") and not used_by("tfb", "eval.mc_dropout_samples")
 
 
 @pytest.mark.extras("ray", "deepspeed")

@@ -64,7 +64,9 @@ class BlobPosterior(nn.Module):
     """The std parameter ``rho (r, in)`` of one layer's ``q(A)``; in train mode the layer samples.
 
     ``forward(x, B, scaling)`` is the flipout perturbation (module docstring): ``x (..., in)``, ``B (out, r)``
-    to ``(..., out)`` in ``x``'s dtype."""
+    to ``(..., out)`` in ``x``'s dtype. ``basis`` (None, or an orthogonal ``(r, r)`` buffer ``V``): the posterior
+    is on ``V^T A`` rather than ``A`` (TFB's SVD basis of ``B``, ``polar_vbll.tfb``), so the noise enters
+    through ``B V``."""
 
     #: sampling is this module's train mode: the adapter-noise switch counts it as active
     samples_in_train_mode = True
@@ -75,6 +77,7 @@ class BlobPosterior(nn.Module):
         rho = torch.empty(r, in_features, dtype=dtype, device=device)
         low, high = (eps / math.sqrt(2), eps) if eps > 0 else (eps - 1.0, eps)
         self.rho = nn.Parameter(rho.uniform_(low, high))
+        self.register_buffer("basis", None, persistent=False)
         self.train(False)
 
     def sigma(self) -> torch.Tensor:
@@ -87,7 +90,8 @@ class BlobPosterior(nn.Module):
         r_a = torch.empty(*x.shape[:-1], sigma.shape[1], dtype=x.dtype, device=x.device).bernoulli_(0.5) * 2 - 1
         s_a = torch.empty(*x.shape[:-1], sigma.shape[0], dtype=x.dtype, device=x.device).bernoulli_(0.5) * 2 - 1
         noise = sigma * torch.randn_like(sigma)
-        return ((((x * r_a) @ noise.T) * s_a) @ b.to(sigma.dtype).T) * scaling
+        b = b.to(sigma.dtype) if self.basis is None else b.to(sigma.dtype) @ self.basis.to(sigma.dtype)
+        return ((((x * r_a) @ noise.T) * s_a) @ b.T) * scaling
 
 
 def kl_divergence(mean: torch.Tensor, sigma: torch.Tensor, beta: float) -> torch.Tensor:
@@ -131,11 +135,7 @@ class BlobAdapter(LoraAdapter):
         super().__init__(model, config)
         cfg: BlobConfig = self.lora_config
         with seeded_rng(cfg.init_seed + 1):  # rho's draw: reproducible, apart from A's
-            for _, layer in self.lora_layers():
-                a = layer.lora_A[ADAPTER_NAME].weight
-                post = BlobPosterior(a.shape[0], a.shape[1], cfg.eps, torch.float32, a.device)
-                layer.add_module(POSTERIOR_ATTR, post)
-                layer.register_forward_hook(_sample_hook)
+            attach_posteriors(self, cfg.eps)
         self.train(self.training)
 
     # -------------------------------------------------------------------------------------- parameters
@@ -189,10 +189,7 @@ class BlobAdapter(LoraAdapter):
         from polar_vbll.adapters.model import check_peft_targets
 
         check_peft_targets(self.base_model, [n for n, _ in self.lora_layers()], f"PEFT export to {directory}")
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.peft_model.save_pretrained(str(d), safe_serialization=True)
-        return d
+        return self.save_peft(directory)
 
     def _save_extra(self, directory: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -218,6 +215,22 @@ class BlobAdapter(LoraAdapter):
         tensors = {key.format(n): t for n, t in raw.items()}
         shapes = {key.format(t.name): (config.r, t.in_features) for t in targets}
         return tensors, shapes
+
+
+def attach_posteriors(adapter: LoraAdapter, eps: float) -> list[BlobPosterior]:
+    """Give every LoRA layer of ``adapter`` a :class:`BlobPosterior` (``rho`` drawn as ``eps`` says) and the
+    forward hook that samples while it is in train mode; a layer that has one keeps it. Returns them in
+    path order. Used by BLoB (trained posterior) and TFB (``polar_vbll.tfb``: a posterior set post hoc)."""
+    out = []
+    for _, layer in adapter.lora_layers():
+        post = getattr(layer, POSTERIOR_ATTR, None)
+        if post is None:
+            a = layer.lora_A[ADAPTER_NAME].weight
+            post = BlobPosterior(a.shape[0], a.shape[1], eps, torch.float32, a.device)
+            layer.add_module(POSTERIOR_ATTR, post)
+            layer.register_forward_hook(_sample_hook)
+        out.append(post)
+    return out
 
 
 def _sample_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -254,9 +254,7 @@ class LoraAdapter(nn.Module):
         """Write the adapter with peft's ``save_pretrained`` (``adapter_config.json`` +
         ``adapter_model.safetensors``, loadable by ``PeftModel.from_pretrained``) plus
         ``lora_baseline_config.json`` (our config, for :meth:`load_adapter`). Returns the directory."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.peft_model.save_pretrained(str(d), safe_serialization=True)
+        d = self.save_peft(directory)
         meta = {
             "format_version": LORA_FORMAT_VERSION,
             "adapter_type": self.ADAPTER_TYPE,
@@ -267,6 +265,16 @@ class LoraAdapter(nn.Module):
         }
         meta[CONFIG_DIGEST_KEY] = config_digest(meta)
         (d / self.CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return d
+
+    def save_peft(self, directory: str | os.PathLike[str]) -> Path:
+        """peft's two files (``adapter_config.json``, ``adapter_model.safetensors``) holding the LoRA factors
+        only: a posterior attached to the layers (BLoB, TFB) is a module peft would save with them, and that a
+        plain PEFT loader would reject as unexpected keys."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        lora_only = {k: v for k, v in self.peft_model.state_dict().items() if ".lora_" in k}
+        self.peft_model.save_pretrained(str(d), safe_serialization=True, state_dict=lora_only)
         return d
 
     def _save_extra(self, directory: Path) -> dict[str, Any]:
