@@ -132,9 +132,11 @@ def search_settings(**values: Any) -> SearchSettings:
     try:
         return SearchSettings(**values)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
                  for e in exc.errors()]  # fmt: skip
-        raise ConfigError("invalid search settings:\n" + "\n".join(lines)) from None
+        if len(lines) == 1:
+            raise ConfigError(f"invalid search settings: {lines[0].removeprefix('settings: ')}") from None
+        raise ConfigError("invalid search settings:\n" + "\n".join(f"  {ln}" for ln in lines)) from None
 
 
 @dataclass

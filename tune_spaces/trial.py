@@ -5,10 +5,12 @@ Train run itself, with ``TuneReportCallback`` forwarding rank 0's reports to Tun
 ``Tuner(trainer)``. A trial that is restarted after an interruption reuses its MLflow child run (found by
 its trial-id tag) and resumes its Ray Train run from the latest checkpoint (same name, same storage).
 
-A trial that finishes reports its final metrics once more to Tune, with a Tune ``Checkpoint`` of its final
-model (:data:`CHECKPOINT_FILES` of its run folder: config, params, adapter, head, results; not the training
-checkpoints, not the backbone), so that Tune's ``ResultGrid.get_best_result().checkpoint`` holds the best
-trial's adapter and head.
+A trial reports its final metrics to Tune itself, after its run folder is complete, with a Tune
+``Checkpoint`` of its final model (:data:`CHECKPOINT_FILES` of its run folder: config, params, adapter,
+head, results; not the training checkpoints, not the backbone), so that Tune's
+``ResultGrid.get_best_result().checkpoint`` holds the best trial's adapter and head. The workers' own
+final report is therefore not forwarded (:func:`forward_until_the_end`): a scheduler that stops a trial
+on its last report would otherwise end it before its artifacts reach its run folder.
 """
 
 from __future__ import annotations
@@ -95,7 +97,6 @@ def run_trial(
     run: the driver closes it afterwards from Tune's own record (FAILED with the error, or KILLED).
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from distributed.launch import run_in_session
 
@@ -107,12 +108,27 @@ def run_trial(
         cfg,
         DistConfig.model_validate(dist),
         resume=True,
-        callbacks=[TuneReportCallback()],
+        callbacks=[forward_until_the_end(cfg.train.steps)],
         tracking=target,
         entry_point="tune",
     )
     client_for(target.uri).set_terminated(target.run_id, "FINISHED")
     report_final_model(results, Path(cfg.output_dir) / cfg.name)
+
+
+def forward_until_the_end(steps: int):
+    """Ray Train's ``TuneReportCallback`` (rank 0's reports reach Tune's scheduler), less the reports at
+    the last step (``step >= steps``): the trial reports those itself, with its model, once its run folder
+    is complete (:func:`report_final_model`)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardUntilTheEnd(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and (metrics[0].get("step") or 0) >= steps:
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardUntilTheEnd()
 
 
 def report_final_model(results: dict[str, Any], run_dir: Path) -> None:
