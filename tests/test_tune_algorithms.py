@@ -96,7 +96,7 @@ def test_the_shipped_example_space_is_packaged_and_fits_the_tiny_config(tmp_path
 
 
 BAD_SPACES = {
-    "bad yaml": ("polar.r: {choice: [2, 4]\n", ["not valid YAML", "line 1"]),
+    "bad yaml": ("polar.r: {choice: [2, 4]\n", ["not valid YAML", "(line 2, column 1)"]),
     "not a mapping": ("- polar.r\n", ["expected a mapping of dotted config keys"]),
     "unknown domain": ("polar.r: {normal: [0, 1]}\n", ["polar.r", "unknown domain normal", "loguniform", "choice"]),
     "wrong arguments": ("optim.lr_theta: {loguniform: [0.01]}\n", ["optim.lr_theta", "loguniform takes [low, high]"]),
