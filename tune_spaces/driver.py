@@ -197,15 +197,19 @@ def default_concurrency(dist: DistConfig, cpus: float | None = None) -> int:
     return max(1, int(cpus // per_trial))
 
 
-def _prepare_base(cfg: RunConfig) -> RunConfig:
-    """The schedulers need intermediate validation: default ``train.eval_every`` to a quarter of the steps."""
+def _prepare_base(cfg: RunConfig, announce: bool = True) -> RunConfig:
+    """The schedulers need intermediate validation: default ``train.eval_every`` to a quarter of the steps
+    (said on stdout when ``announce``; :func:`run_search` says it after its checks)."""
     if cfg.train.eval_every == 0:
         every = max(1, cfg.train.steps // 4)
-        print(
-            f"[tune] train.eval_every was 0; validating every {every} steps so that the scheduler can compare trials"
-        )
+        if announce:
+            print(_eval_note(every))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": every})})
     return cfg
+
+
+def _eval_note(every: int) -> str:
+    return f"[tune] train.eval_every was 0; validating every {every} steps so that the scheduler can compare trials"
 
 
 # --------------------------------------------------------------------------------------- parent run
@@ -328,7 +332,8 @@ def run_search(
     space, source = resolve_space(settings.space)
     where = f"space file {source.path}" if source.is_file else f"search space {source.name!r}"
     check_searcher(settings.searcher, space, where)
-    cfg = _prepare_base(prepare_run(cfg, dist, TRIAL, kind="search"))
+    given = prepare_run(cfg, dist, TRIAL, kind="search")
+    cfg = _prepare_base(given, announce=False)
     if settings.grace_steps is not None and settings.grace_steps > cfg.train.steps:
         raise ConfigError(f"--grace-steps {settings.grace_steps} is more than train.steps ({cfg.train.steps}): "
                           "no trial could be stopped")  # fmt: skip
@@ -336,6 +341,8 @@ def run_search(
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name, where)
     check_same_search(folder, cfg, settings, space, source)
+    if cfg.train.eval_every != given.train.eval_every:
+        print(_eval_note(cfg.train.eval_every))  # after the checks: a refused search prints its one line only
     with FolderLock(folder, "polar-vbll tune"):  # one writer per search folder, taken before anything is written
         return _search(cfg, settings, dist, space, source, folder, base, address, object_store_mb)
 
