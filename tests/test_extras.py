@@ -93,8 +93,13 @@ def test_a_missing_parent_package_hides_its_subpackage(monkeypatch):
     assert not extras.installed("ray.serve") and not extras.installed("ray")
 
 
+#: Modules of a core or optional package that import another optional package (Ray Tune's searchers).
+VIA = {"ray.tune.search.optuna": "optuna", "ray.tune.search.hyperopt": "hyperopt"}
+
+
 def _optional_imports() -> dict[str, set[str]]:
-    """Every import in the four packages of a module in PACKAGES (or below one): module -> files."""
+    """Every import in the four packages of a module in PACKAGES (or below one, or one of :data:`VIA`):
+    module -> files."""
     found: dict[str, set[str]] = {}
     for d in PACKAGE_DIRS:
         for path in (ROOT / d).rglob("*.py"):
@@ -105,6 +110,9 @@ def _optional_imports() -> dict[str, set[str]]:
                 elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                     names = [node.module]
                 for name in names:
+                    via = [m for v, m in VIA.items() if name == v or name.startswith(v + ".")]
+                    for m in via:
+                        found.setdefault(m, set()).add(str(path.relative_to(ROOT)))
                     keys = [k for k in PACKAGES if name == k or name.startswith(k + ".")]
                     if keys:
                         key = max(keys, key=len)  # ray.serve before ray
