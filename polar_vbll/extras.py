@@ -72,6 +72,8 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "polar-vbll compare": ("mapie",),
     "polar-vbll compare --track": ("mlflow",),
     "polar-vbll tune": ("ray", "deepspeed", "mlflow", "mapie"),
+    "polar-vbll tune --search optuna": ("optuna",),
+    "polar-vbll tune --search hyperopt": ("hyperopt",),
     "polar-vbll runs": ("mlflow",),
     "polar-vbll eval": ("mapie",),
     "polar-vbll calibrate": ("mapie",),
@@ -82,6 +84,8 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "distributed.launch.train_distributed": ("ray", "deepspeed"),
     "distributed.batch_predict.decide_on_ray": ("ray",),
     "tune_spaces.driver.run_search": ("ray", "deepspeed", "mlflow"),
+    "tune_spaces.driver.run_search(searcher='optuna')": ("optuna",),  # SearchSettings(searcher="optuna")
+    "tune_spaces.driver.run_search(searcher='hyperopt')": ("hyperopt",),
     "tune_spaces.spaces": ("ray",),
     "polar_vbll.tracking": ("mlflow",),
     "polar_vbll.mlflow_model": ("mlflow",),

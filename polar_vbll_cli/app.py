@@ -215,7 +215,9 @@ def compare(
 
 @app.command()
 def tune(
-    space: Annotated[str, typer.Option(help="search space: priors, ranks, optimization, default")],
+    space: Annotated[
+        str, typer.Option(help="search space: priors, ranks, optimization, default, or a YAML space file")
+    ],
     config: Annotated[
         str | None, typer.Option("--config", "-c", help="base run YAML, or a packaged one (tune, tiny, cpu)")
     ] = "tune",
@@ -228,30 +230,43 @@ def tune(
     concurrency: Annotated[int | None, typer.Option(help="trials at once (default: what the CPUs hold)")] = None,
     workers: Annotated[int, typer.Option(help="Ray Train workers per trial")] = 2,
     zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage of the backbone")] = 3,
+    search: Annotated[
+        str, typer.Option(help="search algorithm: random, optuna, hyperopt (optuna, hyperopt: the `tune` extra)")
+    ] = "random",
+    scheduler: Annotated[
+        str, typer.Option(help="trial scheduler: asha, hyperband, none (pbt is refused: docs/tuning.md)")
+    ] = "asha",
     grace_steps: Annotated[
         int | None, typer.Option(help="ASHA: steps before a trial may be stopped (default: train.eval_every)")
     ] = None,
-    seed: Annotated[int, typer.Option(help="seed of the random search")] = 0,
+    reduction_factor: Annotated[
+        int, typer.Option(help="ASHA, HyperBand: keep the best 1/factor of the trials at each rung")
+    ] = 2,
+    seed: Annotated[int, typer.Option(help="seed of the search algorithm")] = 0,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
     dist_set: Annotated[
         list[str] | None,
         typer.Option("--dist-set", help="distributed setting of every trial, e.g. --dist-set use_gpu=true"),
     ] = None,
 ) -> None:
-    """Ray Tune search (ASHA, objective: validation NLL) with MLflow tracking; resumable; writes the best
-    configuration as a ready-to-use YAML (best_config.yaml in the search folder)."""
+    """Ray Tune search (random, Optuna or HyperOpt; ASHA, HyperBand or none; objective: validation NLL) with
+    MLflow tracking; resumable; writes the best configuration as a ready-to-use YAML (best_config.yaml in
+    the search folder)."""
     with _one_line_errors("rerun the same command to resume the search"):
-        require("polar-vbll tune")
+        extra = [f"polar-vbll tune --search {search}"] if search in ("optuna", "hyperopt") else []
+        require("polar-vbll tune", *extra)  # Ray, DeepSpeed, MLflow; Optuna or HyperOpt: the `tune` extra
         from distributed.config import dist_config_from
         from polar_vbll.config import load_config, resolve_config
         from tune_spaces import driver
+        from tune_spaces.space_files import looks_like_file
 
+        given = {"reduction_factor": reduction_factor} if reduction_factor != 2 else {}  # only when set
+        settings = driver.search_settings(space=space, trials=trials, concurrency=concurrency, searcher=search,
+                                          scheduler=scheduler, grace_steps=grace_steps, seed=seed, **given)  # fmt: skip
         cfg = load_config(resolve_config(config, "run"), set_ or [])
         if name is not None or cfg.name == "run":
-            cfg = cfg.model_copy(update={"name": name or f"tune-{space}"})
-        settings = driver.search_settings(
-            space=space, trials=trials, concurrency=concurrency, grace_steps=grace_steps, seed=seed
-        )
+            default = Path(space).stem if looks_like_file(space) else space
+            cfg = cfg.model_copy(update={"name": name or f"tune-{default}"})
         dist = dist_config_from({"workers": workers, "zero_stage": zero_stage, "health_check_interval_s": 0.5},
                                 dist_set or [])
         outcome = driver.run_search(cfg, settings, dist, address=address)
@@ -270,6 +285,8 @@ def tune(
             if key not in ("trial", "status"):
                 print(f"  {key}: {value}")
         print(f"best config (ready to train): {outcome.best_config_path}")
+        if outcome.best_checkpoint:
+            print(f"best trial's model (Tune checkpoint): {outcome.best_checkpoint}")
     print(f"search folder: {outcome.folder}")
     print(f"runs: polar-vbll runs {outcome.folder}")
 

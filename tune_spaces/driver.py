@@ -1,18 +1,24 @@
-"""The search driver behind ``polar-vbll tune``: Ray Tune + ASHA over a search space, MLflow parent run.
+"""The search driver behind ``polar-vbll tune``: Ray Tune over a search space, MLflow parent run.
+
+The search algorithm (random, Optuna, HyperOpt) and the trial scheduler (ASHA, HyperBand, none) are Tune's
+own (:mod:`tune_spaces.algorithms`); the space is a named one (:mod:`tune_spaces.spaces`) or a YAML file
+(:mod:`tune_spaces.space_files`).
 
 A search lives in one folder, ``<output_dir>/<name>/``: Ray Tune's experiment state, ``trials/<trial id>/``
 (each trial's distributed run folder: params, checkpoints, adapter, head, results), ``mlflow/`` (the
 embedded tracking store, unless ``MLFLOW_TRACKING_URI`` is set), ``search.json`` (the parent run's id),
 ``trials.md`` / ``trials.csv`` (every trial's searched values and metrics) and ``best_config.yaml`` (the
-best trial's full run config, ready for ``polar-vbll train --config``).
+best trial's full run config, ready for ``polar-vbll train --config``). Each finished trial reports its
+final model (config, adapter, head, results) to Tune as a checkpoint, in ``trial_<id>/checkpoint_000000/``,
+so that ``tune.Tuner.restore(folder, ...).get_results().get_best_result(...).checkpoint`` reaches it.
 
 Rerunning the same command resumes: Tune restores its experiment (unfinished and errored trials run again,
 each resuming its own latest checkpoint) and the MLflow parent and child runs are reused.
 
 Objective: validation NLL (lower is better), with ECE and accuracy reported beside it; trials report the
-validation metrics every ``train.eval_every`` steps, which is what ASHA compares. The best trial is chosen
-among the trials that ran to the end (ASHA-stopped trials only when none did), by their final validation
-NLL: the test split is never looked at to choose.
+validation metrics every ``train.eval_every`` steps, which is what the scheduler compares. The best trial is
+chosen among the trials that ran to the end (trials the scheduler stopped only when none did), by their
+final validation NLL: the test split is never looked at to choose.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distributed.config import DistConfig
 from distributed.launch import (
@@ -56,10 +62,19 @@ from polar_vbll.tracking import (
     resolve_store,
     strip_credentials,
 )
-from tune_spaces.spaces import ParamSpace, describe, get_space
+from tune_spaces.algorithms import PBT_REFUSED, SEARCHERS, check_searcher, make_scheduler, make_searcher
+from tune_spaces.space_files import SpaceSource
+from tune_spaces.spaces import ParamSpace, describe, get_space, resolve_space, searched_keys
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
 
+# get_space: the named spaces, kept importable from here (tests/test_faults.py)
+__all__ = ["get_space", "run_search", "search_settings", "SearchSettings", "SearchOutcome", "SearchFailed"]
+
 OBJECTIVE, MODE = "val_nll", "min"
+#: Tune checkpoints kept per trial: each finished trial reports one (its final model).
+TUNE_CHECKPOINTS_KEPT = 1
+#: How a trial the scheduler stopped is shown.
+STOPPED_BY = {"asha": "ASHA", "hyperband": "HyperBand", "none": "the scheduler", "pbt": "PBT"}
 #: Metrics shown beside the searched values (``polar-vbll tune`` output, trials.md, ``polar-vbll runs``).
 TABLE_METRICS = ("step", "val_nll", "val_ece", "val_acc", "test_nll", "test_ece", "test_acc")
 
@@ -73,7 +88,13 @@ TRIAL = EntryPoint("a search trial (polar-vbll tune)", WORKERS.refused)
 
 
 class SearchSettings(BaseModel):
-    """How a search runs (not what a trial trains: that is the base ``RunConfig`` plus the space)."""
+    """How a search runs (not what a trial trains: that is the base ``RunConfig`` plus the space).
+
+    ``space``: a named space or a YAML space file. ``searcher``: ``random`` (default), ``optuna`` or
+    ``hyperopt`` (the ``tune`` extra). ``scheduler``: ``asha`` (default), ``hyperband`` or ``none``;
+    ``pbt`` is refused (:data:`tune_spaces.algorithms.PBT_REFUSED`). ``grace_steps`` (training steps) is
+    ASHA's alone; ``reduction_factor`` ASHA's and HyperBand's. Raises ``ValidationError`` (through
+    :func:`search_settings`: a :class:`ConfigError`) for a bad value or a setting the scheduler ignores."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -82,18 +103,40 @@ class SearchSettings(BaseModel):
     concurrency: int | None = Field(
         None, gt=0, description="trials at once (default: as many as the CPUs hold, workers x cpus each)"
     )
+    searcher: str = Field("random", description="search algorithm: random, optuna, hyperopt")
+    scheduler: str = Field("asha", description="trial scheduler: asha, hyperband, none (pbt is refused)")
     grace_steps: int | None = Field(None, gt=0, description="ASHA: steps before a trial may be stopped")
-    reduction_factor: int = Field(2, gt=1, description="ASHA: keep the best 1/factor at each rung")
-    seed: int = Field(0, ge=0, description="seed of the random search")
+    reduction_factor: int = Field(2, gt=1, description="ASHA, HyperBand: keep the best 1/factor at each rung")
+    seed: int = Field(0, ge=0, description="seed of the search algorithm")
+
+    @model_validator(mode="after")
+    def _fits_the_algorithms(self) -> SearchSettings:
+        if self.searcher not in SEARCHERS:
+            raise ValueError(f"searcher {self.searcher!r} is not one of {', '.join(SEARCHERS)}")
+        if self.scheduler == "pbt":
+            raise ValueError(PBT_REFUSED)
+        if self.scheduler not in ("asha", "hyperband", "none"):
+            raise ValueError(f"scheduler {self.scheduler!r} is not one of asha, hyperband, none")
+        if self.grace_steps is not None and self.scheduler != "asha":
+            raise ValueError(f"grace_steps is ASHA's setting; --scheduler {self.scheduler} has no grace period")
+        if "reduction_factor" in self.model_fields_set and self.scheduler == "none":
+            raise ValueError("reduction_factor is ASHA's and HyperBand's setting; --scheduler none stops no trial")
+        return self
 
 
 def search_settings(**values: Any) -> SearchSettings:
-    """Validate search settings, naming each bad one in a :class:`ConfigError` (exit 2 at the CLI)."""
+    """Validate search settings, naming each bad one in a :class:`ConfigError` (exit 2 at the CLI); a
+    refused scheduler (``pbt``) is one line."""
+    if values.get("scheduler") == "pbt":
+        raise ConfigError(PBT_REFUSED)
     try:
         return SearchSettings(**values)
     except ValidationError as exc:
-        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError("invalid search settings:\n" + "\n".join(lines)) from None
+        lines = [f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg'].removeprefix('Value error, ')}"
+                 for e in exc.errors()]  # fmt: skip
+        if len(lines) == 1:
+            raise ConfigError(f"invalid search settings: {lines[0].removeprefix('settings: ')}") from None
+        raise ConfigError("invalid search settings:\n" + "\n".join(f"  {ln}" for ln in lines)) from None
 
 
 @dataclass
@@ -108,27 +151,44 @@ class SearchOutcome:
     parent_run_id: str
     errors: dict[str, str] = field(default_factory=dict)
     interrupted: bool = False
+    best_checkpoint: str | None = None  # the best trial's Tune checkpoint (its final model), a path
 
 
 # ------------------------------------------------------------------------------------------ checking
-def check_space(space: ParamSpace, base: dict[str, Any], name: str) -> None:
-    """Every key names a real config field and every sampled value is valid, before Ray starts."""
-    from ray.tune.search.sample import Domain
+def check_space(space: ParamSpace, base: dict[str, Any], name: str, where: str = "search space") -> None:
+    """Every key names a real config field and every value is valid (each choice and grid value, the
+    bounds of a numeric domain, one draw of all together), before Ray starts; a :class:`ConfigError` of
+    one line naming ``where`` (the space or its file), the key and the value."""
+    from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
-    sample = {k: (v.sample() if isinstance(v, Domain) else v) for k, v in space.items()}
+    def values(v: Any) -> list[Any]:
+        if isinstance(v, dict) and set(v) == {"grid_search"}:
+            return list(v["grid_search"])
+        if isinstance(v, Categorical):
+            return list(v.categories)
+        if isinstance(v, Integer):
+            return [v.sample(), v.lower, v.upper - 1]  # randint's upper bound is excluded
+        if isinstance(v, Float):
+            return [v.sample(), v.lower, v.upper]
+        if isinstance(v, Domain):
+            return [v.sample()]
+        return [v]
+
+    def check(params: dict[str, Any]) -> None:
+        check_supported(trial_config(base, params, name, base["output_dir"]), TRIAL)
+
+    sample = {k: values(v)[0] for k, v in space.items()}
     for key, value in space.items():
-        if isinstance(value, Domain) and hasattr(value, "categories"):
-            for choice in value.categories:  # every choice, not one draw
-                try:
-                    check_supported(trial_config(base, {**sample, key: choice}, name, base["output_dir"]), TRIAL)
-                except ConfigError as exc:
-                    raise ConfigError(
-                        f"search space value {key}={choice!r} is not a valid run config:\n{exc}"
-                    ) from None
+        for choice in values(value):  # every choice, not one draw
+            try:
+                check({**sample, key: choice})
+            except ConfigError as exc:
+                text = " ".join(str(exc).split())
+                raise ConfigError(f"{where}: value {key}={choice!r} is not a valid run config: {text}") from None
     try:
-        check_supported(trial_config(base, sample, name, base["output_dir"]), TRIAL)
+        check(sample)
     except ConfigError as exc:
-        raise ConfigError(f"search space does not fit the run config:\n{exc}") from None
+        raise ConfigError(f"{where} does not fit the run config: {' '.join(str(exc).split())}") from None
 
 
 def default_concurrency(dist: DistConfig, cpus: float | None = None) -> int:
@@ -137,15 +197,19 @@ def default_concurrency(dist: DistConfig, cpus: float | None = None) -> int:
     return max(1, int(cpus // per_trial))
 
 
-def _prepare_base(cfg: RunConfig) -> RunConfig:
-    """ASHA needs intermediate validation: default ``train.eval_every`` to a quarter of the steps."""
+def _prepare_base(cfg: RunConfig, announce: bool = True) -> RunConfig:
+    """The schedulers need intermediate validation: default ``train.eval_every`` to a quarter of the steps
+    (said on stdout when ``announce``; :func:`run_search` says it after its checks)."""
     if cfg.train.eval_every == 0:
         every = max(1, cfg.train.steps // 4)
-        print(
-            f"[tune] train.eval_every was 0; validating every {every} steps so that ASHA can compare trials"
-        )
+        if announce:
+            print(_eval_note(every))
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": every})})
     return cfg
+
+
+def _eval_note(every: int) -> str:
+    return f"[tune] train.eval_every was 0; validating every {every} steps so that the scheduler can compare trials"
 
 
 # --------------------------------------------------------------------------------------- parent run
@@ -157,6 +221,7 @@ def _open_parent(
     cfg: RunConfig,
     dist: DistConfig,
     concurrency: int,
+    source: SpaceSource,
 ) -> dict[str, Any]:
     uri, artifacts = resolve_store(folder)
     check_reachable(uri)
@@ -175,32 +240,50 @@ def _open_parent(
     run = client.create_run(
         experiment_id,
         run_name=name,
-        tags={TAG_SEARCH: name, TAG_ROLE: "search", "polar_vbll.space": settings.space},
+        tags={TAG_SEARCH: name, TAG_ROLE: "search", "polar_vbll.space": source.name},
     )
     logger = RunLogger(TrackingTarget(uri, run.info.run_id))
+    used = algorithm_settings(cfg, settings, concurrency)
     logger.log_params(
         {
             **{f"search.{k}": v for k, v in settings.model_dump().items()},
-            "search.concurrency_used": concurrency,
+            **used,
             "search.objective": f"{MODE} {OBJECTIVE}",
+            **source.record(),
             **{f"space.{k}": v for k, v in describe(space).items()},
             **{f"dist.{k}": v for k, v in dist.model_dump(mode="json").items()},
             **{f"base.{k}": v for k, v in cfg.flat_params().items()},
         }
     )
     record = {"parent_run_id": run.info.run_id, "experiment_id": experiment_id, "tracking_uri": mask_uri(uri),
-              "settings": search_provenance(cfg, settings, space)}  # fmt: skip
+              "space": source.record(), "algorithms": used,
+              "settings": search_provenance(cfg, settings, space, source)}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return {**record, "uri": uri}
 
 
-def search_provenance(cfg: RunConfig, settings: SearchSettings, space: ParamSpace) -> dict[str, Any]:
-    """What a search's trials depend on (flat): the base run config, the space and the search settings
-    (all but how many trials run at once)."""
+def algorithm_settings(cfg: RunConfig, settings: SearchSettings, concurrency: int) -> dict[str, Any]:
+    """The settings the searcher and the scheduler run with, defaults resolved (params ``search.*_used``)."""
+    used: dict[str, Any] = {"search.concurrency_used": concurrency, "search.max_steps": cfg.train.steps,
+                            "search.tune_checkpoints_kept": TUNE_CHECKPOINTS_KEPT}  # fmt: skip
+    if settings.scheduler == "asha":
+        used["search.grace_steps_used"] = settings.grace_steps or cfg.train.eval_every
+    return used
+
+
+def search_provenance(
+    cfg: RunConfig, settings: SearchSettings, space: ParamSpace, source: SpaceSource | None = None
+) -> dict[str, Any]:
+    """What a search's trials depend on (flat): the base run config, the space (its domains, and for a
+    file its sha256: an edited file is another search; where the file lies is not) and the search
+    settings (all but how many trials run at once)."""
     base = {f"base.{k}": v for k, v in cfg.flat_params().items()}
     searched = {f"space.{k}": v for k, v in describe(space).items()}
-    how = {f"search.{k}": v for k, v in settings.model_dump().items() if k != "concurrency"}
+    skip = ("concurrency", "space") if source is not None and source.is_file else ("concurrency",)
+    how = {f"search.{k}": v for k, v in settings.model_dump().items() if k not in skip}
+    if source is not None and source.is_file:
+        how["space.sha256"] = source.sha256
     return {**base, **searched, **how}
 
 
@@ -208,14 +291,17 @@ def search_provenance(cfg: RunConfig, settings: SearchSettings, space: ParamSpac
 SEARCH_FIX = "start a new search under another name (--name), or delete the folder to start this one afresh"
 
 
-def check_same_search(folder: Path, cfg: RunConfig, settings: SearchSettings, space: ParamSpace) -> None:
-    """A rerun resumes a search only with the settings it was started with; otherwise exit 2 naming what
-    changed and how to start a new one (its trials would mix two searches)."""
+def check_same_search(
+    folder: Path, cfg: RunConfig, settings: SearchSettings, space: ParamSpace, source: SpaceSource | None = None
+) -> None:
+    """A rerun resumes a search only with the settings it was started with (base config, space and its
+    file's content, searcher, scheduler and their settings); otherwise exit 2 naming what changed and how
+    to start a new one (its trials would mix two searches)."""
     record_path = folder / "search.json"
     if not record_path.is_file():
         return
     old = read_json(record_path, "the search record", SEARCH_FIX).get("settings")
-    new = search_provenance(cfg, settings, space)
+    new = search_provenance(cfg, settings, space, source)
     if old is not None and old != json.loads(json.dumps(new, default=str)):
         raise ConfigError(
             f"the search in {folder} was started with other settings: {differences(old, new)}; rerun it with "
@@ -231,28 +317,40 @@ def run_search(
     address: str | None = None,
     object_store_mb: int = 256,
 ) -> SearchOutcome:
-    """Run (or resume) the search ``cfg.name`` over ``settings.space``; see the module docstring."""
+    """Run (or resume) the search ``cfg.name`` over ``settings.space``; see the module docstring.
+
+    Everything is checked before anything is written: the extras (``MissingExtra``), the space (a named
+    one or a YAML file: ``UserInputError`` / ``ConfigError``, one line naming the file and key), that the
+    searcher takes it, the scheduler's steps, and that a resumed search has its own settings."""
     require("tune_spaces.driver.run_search")  # Ray, DeepSpeed, MLflow: one line naming the extras
+    if settings.searcher != "random":
+        require(f"tune_spaces.driver.run_search(searcher={settings.searcher!r})")  # Optuna / HyperOpt: `tune`
     dist = dist or DistConfig()
     check_plain_name(cfg.name, "the search name")
     if target := address or os.environ.get("RAY_ADDRESS"):
         check_ray_address(target)  # before any work: a bad address is one line in seconds
-    space = get_space(settings.space)
-    cfg = _prepare_base(prepare_run(cfg, dist, TRIAL, kind="search"))
+    space, source = resolve_space(settings.space)
+    where = f"space file {source.path}" if source.is_file else f"search space {source.name!r}"
+    check_searcher(settings.searcher, space, where)
+    given = prepare_run(cfg, dist, TRIAL, kind="search")
+    cfg = _prepare_base(given, announce=False)
+    if settings.grace_steps is not None and settings.grace_steps > cfg.train.steps:
+        raise ConfigError(f"--grace-steps {settings.grace_steps} is more than train.steps ({cfg.train.steps}): "
+                          "no trial could be stopped")  # fmt: skip
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
-    check_space(space, base, cfg.name)
-    check_same_search(folder, cfg, settings, space)
+    check_space(space, base, cfg.name, where)
+    check_same_search(folder, cfg, settings, space, source)
+    if cfg.train.eval_every != given.train.eval_every:
+        print(_eval_note(cfg.train.eval_every))  # after the checks: a refused search prints its one line only
     with FolderLock(folder, "polar-vbll tune"):  # one writer per search folder, taken before anything is written
-        return _search(cfg, settings, dist, space, folder, base, address, object_store_mb)
+        return _search(cfg, settings, dist, space, source, folder, base, address, object_store_mb)
 
 
-def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: ParamSpace, folder: Path, base,
-            address: str | None, object_store_mb: int) -> SearchOutcome:  # fmt: skip
-    from ray.tune.search.sample import Domain
-
+def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: ParamSpace, source: SpaceSource,
+            folder: Path, base, address: str | None, object_store_mb: int) -> SearchOutcome:  # fmt: skip
     concurrency = settings.concurrency or default_concurrency(dist)
-    parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency)
+    parent = _open_parent(folder, cfg.name, settings, space, cfg, dist, concurrency, source)
     if note := credentials_note(parent["uri"]):
         print(note, flush=True)
     tracking = {
@@ -261,7 +359,7 @@ def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: P
         "parent_run_id": parent["parent_run_id"],
         "search": cfg.name,
         "search_dir": str(folder),
-        "searched": sorted(k for k, v in space.items() if isinstance(v, Domain)),
+        "searched": sorted(searched_keys(space)),
     }
     # Tune checks that every report carries the objective; checkpoint-only reports do not.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -273,18 +371,18 @@ def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: P
     try:
         with ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=worker_env(dist)):
             grid = _tune(cfg, settings, space, dist, base, tracking, folder, concurrency)
-        rows, errors, configs = _rows(grid, space, cfg.train.steps)
+        rows, errors, configs, checkpoints = _rows(grid, space, cfg.train.steps, STOPPED_BY[settings.scheduler])
         if grid.num_terminated + grid.num_errors < settings.trials:
             # Ctrl-C / SIGTERM: Tune saved its state and returned. Leave the runs open for the resume.
             status = "KILLED"
             for row in rows:
-                if row["status"] == "stopped early by ASHA":
-                    row["status"] = "unfinished (interrupted, or stopped by ASHA)"
+                if row["status"].startswith("stopped early by"):
+                    row["status"] = f"unfinished (interrupted, or stopped by {STOPPED_BY[settings.scheduler]})"
             return SearchOutcome(
                 folder, rows, None, None, parent["uri"], parent["parent_run_id"], errors, interrupted=True
             )
         _close_children(tracking, rows, errors)
-        outcome = _finish(cfg, folder, rows, errors, parent, base, configs)
+        outcome = _finish(cfg, folder, rows, errors, parent, base, configs, checkpoints)
         status = "FINISHED"
         return outcome
     finally:
@@ -294,8 +392,6 @@ def _search(cfg: RunConfig, settings: SearchSettings, dist: DistConfig, space: P
 def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency: int):
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking),
@@ -307,13 +403,13 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
             str(folder), trainable=trainable, param_space=space, resume_unfinished=True, resume_errored=True
         )
     else:
-        scheduler = ASHAScheduler(
-            time_attr="step",
-            max_t=cfg.train.steps,
-            grace_period=settings.grace_steps or cfg.train.eval_every,
+        scheduler = make_scheduler(
+            settings.scheduler,
+            steps=cfg.train.steps,
+            grace_steps=settings.grace_steps or cfg.train.eval_every,
             reduction_factor=settings.reduction_factor,
-            stop_last_trials=False,  # a trial that reaches the last step ends by itself, artifacts copied
         )
+        searcher = make_searcher(settings.searcher, settings.seed, concurrency, OBJECTIVE, MODE)
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -322,7 +418,7 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
                 mode=MODE,
                 scheduler=scheduler,
                 num_samples=settings.trials,
-                search_alg=BasicVariantGenerator(random_state=settings.seed, max_concurrent=concurrency),
+                search_alg=searcher,
                 trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
             ),
             run_config=tune.RunConfig(
@@ -330,22 +426,27 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
                 storage_path=str(folder.parent),
                 verbose=1,
                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+                # each finished trial reports one checkpoint, its final model (tune_spaces.trial)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_KEPT),
             ),
         )
     return tuner.fit()
 
 
-def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, dict]]:
-    """Per trial: its table row (searched values, status, metrics), its first error line, and every value
-    of the space it ran with (the constant entries too, e.g. a space's ``method``)."""
-    from ray.tune.search.sample import Domain
-
-    searched = [k for k, v in space.items() if isinstance(v, Domain)]
-    rows, errors, configs = [], {}, {}
+def _rows(grid, space: ParamSpace, steps: int, stopper: str = "ASHA"):
+    """Per trial: its table row (searched values, status, metrics), its first error line, every value of
+    the space it ran with (the constant entries too, e.g. a space's ``method``) and the path of its Tune
+    checkpoint (its final model; None for a trial that did not finish)."""
+    searched = searched_keys(space)
+    rows: list[dict[str, Any]] = []
+    errors: dict[str, str] = {}
+    configs: dict[str, dict] = {}
+    checkpoints: dict[str, str | None] = {}
     for result in grid:
         m = dict(result.metrics or {})
         trial_id = m.get("trial_id") or Path(result.path).name.removeprefix("trial_")
         configs[trial_id] = dict(result.config or {})
+        checkpoints[trial_id] = result.checkpoint.path if result.checkpoint is not None else None
         row: dict[str, Any] = {"trial": trial_id}
         row.update({k: result.config.get(k) for k in searched})
         row.update({k: m.get(k) for k in TABLE_METRICS})
@@ -354,9 +455,9 @@ def _rows(grid, space: ParamSpace, steps: int) -> tuple[list[dict[str, Any]], di
             errors[trial_id] = mask_secrets(first_error_line(text))
             row["status"] = "error"
         else:
-            row["status"] = "completed" if (m.get("step") or 0) >= steps else "stopped early by ASHA"
+            row["status"] = "completed" if (m.get("step") or 0) >= steps else f"stopped early by {stopper}"
         rows.append(row)
-    return rows, errors, configs
+    return rows, errors, configs, checkpoints
 
 
 def _close_children(tracking: dict[str, Any], rows: list[dict[str, Any]], errors: dict[str, str]) -> None:
@@ -401,7 +502,7 @@ def best_trial_config(cfg: RunConfig, folder: Path, trial: str, params: dict[str
     return parse_config(data, f"the best trial {trial}")
 
 
-def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs) -> SearchOutcome:
+def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs, checkpoints) -> SearchOutcome:
     if rows and len(errors) == len(rows):
         lines = "\n".join(f"  trial {t}: {e}" for t, e in sorted(errors.items()))
         raise SearchFailed(f"all {len(rows)} trials of search {cfg.name!r} failed:\n{lines}")
@@ -413,7 +514,7 @@ def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs) -
         writer.writeheader()
         writer.writerows(rows)
     best = _best(rows)
-    best_path = None
+    best_path = best_checkpoint = None
     logger = RunLogger(TrackingTarget(parent["uri"], parent["parent_run_id"]))
     if best is not None:
         searched = {k: v for k, v in best.items() if k not in ("trial", "status", *TABLE_METRICS)}
@@ -425,11 +526,13 @@ def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs) -
         )
         best_path.write_text(header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False))
         logger.log_metrics({f"best_{k}": v for k, v in best.items() if k in TABLE_METRICS and v is not None})
-        logger.set_tags({"polar_vbll.best_trial": best["trial"]})
+        best_checkpoint = checkpoints.get(best["trial"])
+        logger.set_tags({"polar_vbll.best_trial": best["trial"], "polar_vbll.best_checkpoint": str(best_checkpoint)})
         logger.log_artifact(best_path)
     for path in (table_md, folder / "trials.csv"):
         logger.log_artifact(path)
-    return SearchOutcome(folder, rows, best, best_path, parent["uri"], parent["parent_run_id"], errors)
+    return SearchOutcome(folder, rows, best, best_path, parent["uri"], parent["parent_run_id"], errors,
+                         best_checkpoint=best_checkpoint)  # fmt: skip
 
 
 def format_trials(rows: list[dict[str, Any]]) -> str:

@@ -16,6 +16,8 @@ from polar_vbll.extras import require
 require("tune_spaces.spaces")  # without Ray, importing the searches is one line naming the `dist` extra
 from ray import tune  # noqa: E402
 
+from tune_spaces.space_files import SpaceSource, load_space_file, looks_like_file  # noqa: E402
+
 ParamSpace = dict[str, Any]
 
 
@@ -81,20 +83,53 @@ def get_space(name: str) -> ParamSpace:
     from polar_vbll.errors import UserInputError
 
     if name not in SPACES:
-        raise UserInputError(f"unknown search space {name!r}; valid spaces: {', '.join(space_names())}")
+        raise UserInputError(
+            f"unknown search space {name!r}; valid spaces: {', '.join(space_names())} (or a YAML space file, "
+            "e.g. --space tune_spaces/examples/quick.yaml)"
+        )
     return SPACES[name]()
 
 
+def is_searched(value: Any) -> bool:
+    """Whether a space entry is searched (a ``ray.tune`` domain or a ``grid_search``), not a fixed value."""
+    return isinstance(value, tune.search.sample.Domain) or (isinstance(value, dict) and set(value) == {"grid_search"})
+
+
+def searched_keys(space: ParamSpace) -> list[str]:
+    """The keys of ``space`` that are searched, in the space's order."""
+    return [k for k, v in space.items() if is_searched(v)]
+
+
+def resolve_space(spec: str) -> tuple[ParamSpace, SpaceSource]:
+    """``--space``: a YAML file (:mod:`tune_spaces.space_files`) or a named space; refused in one line."""
+    if looks_like_file(spec):
+        return load_space_file(spec)
+    return get_space(spec), SpaceSource(name=spec)
+
+
 def describe(space: ParamSpace) -> dict[str, str]:
-    """Each key's domain in words (``loguniform(0.05, 20)``, ``choice([2, 4])``, or the fixed value)."""
+    """Each key's domain in words (``loguniform(0.05, 20)``, ``quniform(1, 5, 0.5)``, ``randint(1, 5)``,
+    ``choice([2, 4])``, ``grid_search([2, 4])``, or the fixed value)."""
+    sample = tune.search.sample
     out = {}
     for key, dom in space.items():
-        if isinstance(dom, tune.search.sample.Categorical):
+        if isinstance(dom, dict) and set(dom) == {"grid_search"}:
+            out[key] = f"grid_search({list(dom['grid_search'])})"
+        elif isinstance(dom, sample.Categorical):
             out[key] = f"choice({list(dom.categories)})"
-        elif isinstance(dom, tune.search.sample.Float):
-            kind = "loguniform" if isinstance(dom.get_sampler(), tune.search.sample.LogUniform) else "uniform"
-            out[key] = f"{kind}({dom.lower:g}, {dom.upper:g})"
-        elif isinstance(dom, tune.search.sample.Domain):
+        elif isinstance(dom, (sample.Float, sample.Integer)):
+            sampler, q = dom.get_sampler(), None
+            if isinstance(sampler, sample.Quantized):
+                sampler, q = sampler.sampler, sampler.q
+            log = isinstance(sampler, sample.LogUniform)
+            if isinstance(dom, sample.Integer):
+                kind = "lograndint" if log else "randint"
+            else:
+                kind = "loguniform" if log else "uniform"
+            kind = f"q{kind}" if q is not None else kind
+            bounds = f"{dom.lower:g}, {dom.upper:g}" + (f", {q:g}" if q is not None else "")
+            out[key] = f"{kind}({bounds})"
+        elif isinstance(dom, sample.Domain):
             out[key] = type(dom).__name__
         else:
             out[key] = repr(dom)
