@@ -191,6 +191,28 @@ def _fit_laplace(cfg, head, phi, labels, n_choices):
         ) from None
 
 
+def _fit_laplace_at_vbll(cfg, head, phi, labels, n_choices):
+    """The paper's hybrid (``polar_vbll_la``): last-layer Laplace centred at the trained VBLL head's mean
+    rows (on the head's own features, bias column included), prior precision by the evidence there."""
+    import torch
+
+    from polar_vbll.errors import HeadFitDiverged
+    from polar_vbll.heads.laplace import LastLayerLaplace
+
+    lap = cfg.head.laplace
+    if not torch.isfinite(phi).all():
+        raise HeadFitDiverged("the post-hoc Laplace head cannot be fitted: the training features are not finite")
+    try:
+        return LastLayerLaplace(
+            head.vbll_mean, None, feature_map=head.feature_map, structure=lap.structure,
+            predictive=lap.predictive, n_samples=lap.mc_samples, seed=lap.mc_seed,
+        ).fit(phi, labels, n_choices)  # fmt: skip
+    except torch.linalg.LinAlgError as exc:
+        raise HeadFitDiverged(
+            f"the post-hoc Laplace fit failed ({exc}); try head.laplace.structure: kron"
+        ) from None
+
+
 def _fit_probe(cfg, head, phi, labels, n_choices):
     from polar_vbll.heads.probe import fit_probe
 
@@ -205,6 +227,9 @@ HEADS: Mapping[str, HeadKind] = MappingProxyType(
         # last-layer Laplace on the trained linear head's final features (head.laplace.mean: map refit or as trained)
         "laplace": HeadKind("laplace", _linear, "theta", posthoc=_fit_laplace, trains_as="linear",
                             settings=("features", "linear"), post_settings=("laplace", "fit")),  # fmt: skip
+        # last-layer Laplace centred at the trained VBLL head's mean (the paper's PoLAR-VBLL + LA hybrid)
+        "vbll_la": HeadKind("vbll_la", _vbll, "eta", posthoc=_fit_laplace_at_vbll, trains_as="vbll",
+                            settings=("features", "vbll", "fit"), post_settings=("laplace",)),  # fmt: skip
         # a MAP linear head fitted once on the final (for a method that does not train: frozen) features
         "probe": HeadKind("probe", _linear, "frozen", posthoc=_fit_probe, settings=("features",),
                           post_settings=("laplace", "fit")),  # fmt: skip
@@ -403,6 +428,11 @@ METHODS: Mapping[str, Method] = MappingProxyType(
             Method(
                 "polar_vbll", "PoLAR-VBLL", "polar", "vbll", "one_pass",
                 "PoLAR adapters and a variational Bayesian last layer, alternating optimization (ours)",
+            ),
+            Method(
+                "polar_vbll_la", "PoLAR-VBLL + LA", "polar", "vbll_la", "one_pass",
+                "PoLAR-VBLL, then last-layer Laplace centred at the VBLL head's mean (evidence prior): the "
+                "paper's post-hoc refinement of the trained head",
             ),
             Method(
                 "polar_laplace", "PoLAR-LL-Laplace", "polar", "laplace", "one_pass",

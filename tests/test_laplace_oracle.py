@@ -80,3 +80,34 @@ def test_through_the_linear_heads_feature_map():
     torch.testing.assert_close(precision, ref.posterior_precision.double(), rtol=1e-6, atol=1e-5)
     probs = ref(x[:10], pred_type="glm", link_approx="probit")
     torch.testing.assert_close(ours.predict_proba(phi[:10], torch.full((10,), K)), probs.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_polar_vbll_la_is_laplace_centred_at_the_vbll_mean():
+    """The hybrid's post-hoc head (HEADS["vbll_la"]) equals laplace-torch's Laplace on the VBLL head's own
+    features with the VBLL mean rows as the weights, at the prior precision our evidence chose."""
+    from polar_vbll.config import parse_config
+    from polar_vbll.heads.vbll import VBLLHead
+    from polar_vbll.methods import HEADS, METHODS
+
+    g = torch.Generator().manual_seed(4)
+    phi = 5 + 3 * torch.randn(N, D, generator=g)
+    y = torch.randint(0, K, (N,), generator=g)
+    head = VBLLHead(D, K, N, features=FeatureMapConfig())
+    head.fit_features(phi)
+    with torch.no_grad():
+        head.vbll_mean.copy_(torch.randn(head.vbll_mean.shape, generator=g))
+    cfg = parse_config({"method": "polar_vbll_la"})
+    assert METHODS["polar_vbll_la"].head_kind.training_kind == "vbll"  # trains exactly as polar_vbll
+    ours = HEADS["vbll_la"].posthoc(cfg, head, phi, y, torch.full((N,), K))
+    with torch.no_grad():
+        x = head.feature_map(phi.double())
+    ref = _reference(x, y, head.vbll_mean.detach().double(), ours.prior_precision)
+    precision = ours.hessian() + ours.prior_precision * torch.eye(K * (D + 1), dtype=torch.float64)
+    torch.testing.assert_close(precision, ref.posterior_precision.double(), rtol=1e-6, atol=1e-5)
+    probs = ref(x[:20], pred_type="glm", link_approx="probit")
+    torch.testing.assert_close(ours.predict_proba(phi[:20], torch.full((20,), K)), probs.float(), rtol=1e-5, atol=1e-6)
+    # the evidence chose the prior: no better evidence at a neighbouring precision
+    lam = ours.prior_precision
+    assert ours.log_marginal_likelihood() >= max(ours.log_marginal_likelihood(lam * 1.5),
+                                                 ours.log_marginal_likelihood(lam / 1.5))  # fmt: skip

@@ -32,7 +32,7 @@ TAG_SEARCH, TAG_TRIAL, TAG_PARENT = "polar_vbll.search", "polar_vbll.trial_id", 
 TAG_ROLE = "polar_vbll.role"
 
 #: What a trial's Tune checkpoint holds of its run folder: a saved run (``polar-vbll eval`` reads it).
-CHECKPOINT_FILES = ("config.yaml", "params.json", "adapter", "head.safetensors", "results.json")
+CHECKPOINT_FILES = ("config.yaml", "params.json", "readout.json", "adapter", "head.safetensors", "results.json")
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
