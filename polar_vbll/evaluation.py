@@ -79,6 +79,7 @@ class Evaluation:
     cfg: RunConfig | None = None  # with n_choices: the decision rule's metrics (decision_block)
     n_choices: dict[str, torch.Tensor] | None = None
     posterior: dict[str, Any] | None = None  # the predictive's post-hoc step's report (TFB's search)
+    jensen_gap: dict[str, Any] | None = None  # a VBLL head's bound vs its Monte Carlo data term (training split)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics block of ``results.json`` (see ``polar_vbll.results.Metrics``)."""
@@ -92,6 +93,7 @@ class Evaluation:
             else None
         )
         out["posterior"] = self.posterior
+        out["jensen_gap"] = self.jensen_gap
         return out
 
 
@@ -201,6 +203,20 @@ def posthoc_members(
     return out
 
 
+def jensen_gap(cfg: RunConfig, provider: FeatureProvider, members: list[Member], train: EncodedSplit
+               ) -> dict[str, Any] | None:  # fmt: skip
+    """The trained VBLL head's Jensen gap on the final training features (``VBLLHead.jensen_gap``: the bound
+    the eta-phase minimised against a Monte Carlo estimate of the exact data term, ``head.vbll.mc_samples``
+    draws seeded by ``head.vbll.mc_seed``); None for a head without one. One pass over the training split."""
+    head = members[0].head
+    if len(members) != 1 or not hasattr(head, "jensen_gap"):
+        return None
+    phi = provider.split_features(train, cfg.train.eval_batch_size)
+    v = cfg.head.vbll
+    return head.jensen_gap(phi.to(head.vbll_mean.device), train.labels, train.n_choices, n_samples=v.mc_samples,
+                           seed=v.mc_seed or 0)  # fmt: skip
+
+
 def prepare_predictive(
     cfg: RunConfig, ctx: PredictContext, splits: dict[str, EncodedSplit], report: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -229,6 +245,7 @@ def evaluate(
     (``polar-vbll eval`` on another task), ``temperature`` (the run's own) is applied when given. A predictive
     with a post-hoc step (TFB) runs it first, or reuses ``posterior``, the run's own report."""
     method = METHODS[cfg.method]
+    gap = jensen_gap(cfg, provider, members, splits["train"])
     members = posthoc_members(cfg, provider, adapter, members, splits["train"])
     ctx = PredictContext(cfg, provider, adapter, members, cfg.train.eval_batch_size, progress)
     report = prepare_predictive(cfg, ctx, splits, posterior)
@@ -250,7 +267,8 @@ def evaluate(
     ev, train = splits["eval"], splits["train"]
     chance = chance_reference(train.labels, ev.labels, ev.n_choices, preds["eval"].probs.shape[1])
     out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance, cfg=cfg,
-                     n_choices={n: splits[n].n_choices for n in preds}, posterior=report)  # fmt: skip
+                     n_choices={n: splits[n].n_choices for n in preds}, posterior=report,
+                     jensen_gap=gap)  # fmt: skip
     if cfg.eval.temperature_scaling:
         if "validation" in preds:
             out.temperature, out.scaled = temperature_scaled(preds)

@@ -107,6 +107,7 @@ class Metrics(_Model):
     chance: Chance | None = None
     temperature_scaled: Scaled | None = None
     posterior: dict[str, Any] | None = None  # the predictive's post-hoc step (TFB's variance search), if any
+    jensen_gap: dict[str, Any] | None = None  # a VBLL head: its training bound vs the Monte Carlo data term
 
 
 class Training(_Model):
