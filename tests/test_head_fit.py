@@ -261,3 +261,42 @@ def test_the_chance_flag_fires_on_a_uniform_predictor_and_not_on_a_learned_one()
     learned = labels.clone()
     learned[: n // 5] = 1 - learned[: n // 5]  # 80% right
     assert not at_chance(float((learned == labels).double().mean()), ref)
+
+
+def test_the_evidence_chosen_prior_is_the_brute_force_maximiser_of_the_marginal_likelihood():
+    """``prior_fit: evidence``: the variance MacKay's iteration settles on equals, within the grid's step, the
+    argmax over a grid of the Laplace log evidence of the MAP refitted at each variance (brute force), and
+    an eta-phase sets the VBLL head's prior to it."""
+    from polar_vbll.config import HeadFitConfig
+    from polar_vbll.heads.features import FeatureMapConfig
+    from polar_vbll.heads.fit import fit_to_convergence
+    from polar_vbll.heads.laplace import LastLayerLaplace
+    from polar_vbll.heads.linear import LinearHead
+    from polar_vbll.heads.probe import evidence_prior_var
+    from polar_vbll.heads.vbll import VBLLHead
+    from polar_vbll.training.coordinator import LocalCoordinator
+
+    g = torch.Generator().manual_seed(11)
+    n, d, k = 60, 3, 3
+    w_true = torch.randn(k, d, generator=g)
+    phi = 2 + torch.randn(n, d, generator=g)
+    y = torch.distributions.Categorical(logits=(phi - 2) @ w_true.T).sample()
+    c = torch.full((n,), k)
+    fit = HeadFitConfig()
+    feats = FeatureMapConfig()
+
+    grid = torch.logspace(-1, 1.5, 51).tolist()  # step 10^0.05 = 1.12x, around the optimum (3.5)
+    evidence = []
+    for s in grid:
+        lin = LinearHead(torch.zeros(k, d), None, dataset_size=n, features=feats, prior="gaussian")
+        lin.fit_features(phi)
+        lin.prior_var = s
+        fit_to_convergence(lin, phi, y, c, max_iter=500, tolerance=1e-9)
+        evidence.append(LastLayerLaplace.from_head(lin, prior_precision=1 / s).fit(phi, y, c).log_marginal_likelihood())
+    best = grid[max(range(len(grid)), key=evidence.__getitem__)]
+
+    head = VBLLHead(d, k, n, {"prior_fit": "evidence"}, features=feats)
+    chosen = evidence_prior_var(head, phi, y, c, fit)
+    assert abs(math.log(chosen / best)) <= math.log(10**0.05) * 1.01, (chosen, best)
+    state, _ = LocalCoordinator(head, fit).refit(0, phi, y, c)  # on its own copy: the new state comes back
+    assert float(state["vbll_prior_var"]) == pytest.approx(chosen, rel=1e-6)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polar_vbll.errors import ConfigError
 
@@ -61,11 +61,13 @@ class VBLLConfig(BaseModel):
         description="[choice] prior mean of each row: zero (method.md), or the rows the head starts from "
         "(the LM head's answer rows), so the prior pulls toward the zero-shot model rather than toward 0",
     )
-    prior_fit: Literal["fixed", "empirical_bayes"] = Field(
+    prior_fit: Literal["fixed", "empirical_bayes", "evidence"] = Field(
         "fixed",
-        description="[choice] the prior variance s_p: fixed at prior_scale * 2 / D, or set in every eta-phase "
-        "to the ELBO's closed-form optimum given the posterior (empirical Bayes; prior_scale is then only "
-        "its starting value)",
+        description="[choice] the prior variance s_p: fixed at prior_scale * 2 / D; empirical_bayes: set in "
+        "every eta-phase to the ELBO's closed-form optimum given the posterior (prior_scale is then only its "
+        "starting value); evidence: set in every eta-phase, before q is fitted, to the variance that "
+        "maximises the Laplace evidence of a MAP linear head on the same features (type-II maximum "
+        "likelihood, as the probe and last-layer Laplace; needs prior_mean zero)",
     )
     noise_init: float = Field(
         0.1, gt=0, allow_inf_nan=False, description="initial noise standard deviation sigma_k"
@@ -104,6 +106,12 @@ class VBLLConfig(BaseModel):
         if isinstance(v, bool):
             raise ValueError("must be an integer, not a boolean")
         return v
+
+    @model_validator(mode="after")
+    def _evidence_needs_zero_mean(self) -> VBLLConfig:
+        if self.prior_fit == "evidence" and self.prior_mean != "zero":
+            raise ValueError("prior_fit evidence chooses the variance of a zero-mean prior; set prior_mean zero")
+        return self
 
 
 def vbll_config_from_dict(

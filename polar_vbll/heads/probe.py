@@ -21,6 +21,36 @@ from polar_vbll.heads.laplace import LastLayerLaplace
 from polar_vbll.heads.linear import LinearHead
 
 
+def evidence_prior_var(head, phi: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor, fit_cfg,
+                       xatol: float = 1e-3) -> float:  # fmt: skip
+    """The prior variance ``s_p`` the evidence chooses for ``head`` (a VBLL head: rows of width D on its own
+    feature map) on training features ``phi`` (N, d): the maximiser over ``s_p`` of the Laplace log evidence
+    of the MAP linear head under the same feature map and a zero-mean ``N(0, s_p I)`` prior, the MAP refitted
+    at every ``s_p`` (type-II maximum likelihood; the Laplace structure ``full`` while ``K D <= 16384``, else
+    ``kron``). MacKay's fixed point (:func:`fit_probe`, which holds the MAP's Hessian fixed while it moves the
+    prior) starts a bounded scalar search (SciPy's ``minimize_scalar``) over ``log s_p`` within a factor 100
+    of it, to ``xatol`` in ``log s_p``. The VBLL head's ``prior_fit: evidence``."""
+    from scipy.optimize import minimize_scalar
+
+    k, d = head.num_classes, head.in_features
+    lin = LinearHead(torch.zeros(k, d), None, dataset_size=len(phi), features=head.feature_map.config,
+                     prior="gaussian")  # fmt: skip
+    structure = "full" if k * lin.feature_map.out_features <= 16384 else "kron"
+    lin = fit_probe(lin, phi, labels, n_choices, fit_cfg, structure=structure)  # MacKay: the start
+    lin.requires_grad_(True)
+
+    def negative_evidence(t: float) -> float:
+        lin.prior_var = math.exp(t)
+        fit_to_convergence(lin, phi, labels, n_choices, max_iter=fit_cfg.max_iter, tolerance=fit_cfg.tolerance)
+        la = LastLayerLaplace.from_head(lin, structure=structure, prior_precision=math.exp(-t))
+        return -la.fit(phi, labels, n_choices).log_marginal_likelihood()
+
+    t0 = math.log(lin.prior_var)
+    found = minimize_scalar(negative_evidence, bounds=(t0 - math.log(100), t0 + math.log(100)), method="bounded",
+                            options={"xatol": xatol})  # fmt: skip
+    return math.exp(float(found.x))
+
+
 def fit_probe(
     head: LinearHead,
     phi: torch.Tensor,

@@ -61,6 +61,10 @@ class HeadCoordinator:
             fit_features = getattr(self.head, "fit_features", None)
             if fit_features is not None:
                 fit_features(features)
+            if getattr(getattr(self.head, "config", None), "prior_fit", None) == "evidence":
+                from polar_vbll.heads.probe import evidence_prior_var
+
+                self.head.set_prior_var(evidence_prior_var(self.head, features, labels, n_choices, self.cfg))
             if self.cfg.optimizer == "lbfgs":
                 self._converge(features, labels, n_choices)
             else:
