@@ -145,6 +145,8 @@ TABLE: dict[str, tuple[Any, dict[str, str]]] = {
     "head.vbll.mc_seed": (1, ALL),
     "head.vbll.init_seed": (2, NOT_COMPARE),
     "head.vbll.allow_large_dense": (True, ALL),
+    "head.vbll.elbo": ("mc", ALL),
+    "head.vbll.elbo_samples": (8, ALL),
     "head.fit.lr": (0.05, ALL),
     "head.fit.betas": ([0.8, 0.99], ALL),
     "head.fit.steps": (10, ALL),

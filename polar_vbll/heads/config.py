@@ -95,6 +95,12 @@ class VBLLConfig(BaseModel):
         0, ge=0, description="seed of the logit samples (None: the global RNG, not reproducible)"
     )
     init_seed: int = Field(0, ge=0, description="seed of the random parts of the initialisation")
+    elbo: Literal["jensen", "mc"] = Field(
+        "jensen", description="[choice] the ELBO's data term: jensen, the deterministic bound "
+        "-(m_y x - logsumexp_k(m_k x + var_k / 2)) (method.md); mc, a Monte Carlo estimate of "
+        "-E_q[log softmax(z)_y] with elbo_samples reparameterised draws per example (common random numbers: "
+        "the same draws at every call, seeded by mc_seed, so the eta-phase's L-BFGS sees one objective)")
+    elbo_samples: int = Field(32, gt=0, description="draws per example of the mc ELBO's data term")
     allow_large_dense: bool = Field(
         False, description=f"build a dense covariance above {DENSE_MAX_PARAMS} parameters"
     )

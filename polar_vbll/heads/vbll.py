@@ -443,11 +443,22 @@ class VBLLHead(nn.Module):
         self, phi: torch.Tensor, labels: torch.Tensor, n_choices: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Batch mean of the negative Jensen bound on ``E_q[log softmax(z)_y]``:
-        ``-(m_y^T phi - logsumexp_k(m_k^T phi + (phi^T S_k phi + sigma_k^2) / 2))``, valid classes only."""
+        ``-(m_y^T phi - logsumexp_k(m_k^T phi + (phi^T S_k phi + sigma_k^2) / 2))``, valid classes only; with
+        ``elbo: mc``, a Monte Carlo estimate of ``-E_q[log softmax(z)_y]`` itself (``elbo_samples`` draws of the
+        independent Gaussian logits per example, the same draws at every call)."""
         n_choices = self._check_inputs(phi, n_choices, labels)
         mean, var = self._moments(phi, n_choices)
         with _no_autocast(phi.device.type):
-            linear = mean.gather(1, labels.to(phi.device).long().unsqueeze(1)).squeeze(1)
+            y = labels.to(phi.device).long().unsqueeze(1)
+            if self.config.elbo == "mc":  # the exact data term by reparameterised draws (common random numbers)
+                s = self.config.elbo_samples
+                gen = torch.Generator(device="cpu").manual_seed(self.config.mc_seed or 0)
+                eps = torch.randn((s, *mean.shape), generator=gen, dtype=mean.dtype).to(mean.device)
+                std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt()  # padding: var 0, mean -inf, no NaN grad
+                z = mean + std * eps
+                picked = z.gather(2, y.unsqueeze(0).expand(s, -1, -1)).squeeze(-1)
+                return (torch.logsumexp(z, dim=-1) - picked).mean()
+            linear = mean.gather(1, y).squeeze(1)
             lse = torch.logsumexp(mean + 0.5 * var, dim=-1)
             return (lse - linear).mean()
 
