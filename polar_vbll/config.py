@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.adapters.config import BlobConfig, LoraConfig, PolarConfig
+from polar_vbll.adapters.config import BlobConfig, LoraConfig, PolarBlobConfig, PolarConfig
 from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.heads.config import VBLLConfig
 from polar_vbll.heads.features import FeatureMapConfig
@@ -409,6 +409,7 @@ class RunConfig(_Strict):
     polar: PolarConfig = Field(default_factory=PolarConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     blob: BlobConfig = Field(default_factory=BlobConfig)
+    polar_blob: PolarBlobConfig = Field(default_factory=PolarBlobConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

@@ -90,6 +90,18 @@ def _inject_blob(model, config):
     return BlobAdapter(model, config)
 
 
+def _inject_polar_blob(model, config):
+    from polar_vbll.adapters.blob import PolarBlobAdapter
+
+    return PolarBlobAdapter(model, config)
+
+
+def _load_polar_blob(model, directory):
+    from polar_vbll.adapters.blob import PolarBlobAdapter
+
+    return PolarBlobAdapter.load_adapter(model, directory)
+
+
 def _load_blob(model, directory):
     from polar_vbll.adapters.blob import BlobAdapter
 
@@ -108,6 +120,9 @@ ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
         "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora, _select_lora),
         # LoRA with a Gaussian posterior on A (polar_vbll.adapters.blob); selects layers as LoRA does
         "blob": AdapterKind("blob", "BLoB", "blob", _inject_blob, _load_blob, _select_lora, posterior_step=True),
+        # PoLAR with BLoB's posterior on Theta (polar_vbll.adapters.blob.PolarBlobAdapter)
+        "polar_blob": AdapterKind("polar_blob", "PoLAR-BLoB", "polar_blob", _inject_polar_blob, _load_polar_blob,
+                                  _select_polar, stiefel=True, posterior_step=True),  # fmt: skip
     }
 )
 
@@ -285,9 +300,14 @@ def _predict_blob(ctx, enc):
 
     cfg = ctx.cfg
     return predict_mc_dropout(
-        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.blob.eval_samples,
+        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=_blob_samples(cfg),
         seed=cfg.train.seed, progress=ctx.progress,
     )  # fmt: skip
+
+
+def _blob_samples(cfg) -> int:
+    """The sampled passes of a BLoB-style adapter (``blob`` or ``polar_blob``): its section's eval_samples."""
+    return METHODS[cfg.method].adapter_kind.settings(cfg).eval_samples
 
 
 def _predict_tfb(ctx, enc):
@@ -325,7 +345,7 @@ PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
         "tfb": PredictiveKind("tfb", lambda cfg: cfg.tfb.eval_samples, lambda cfg: 1, _predict_tfb,
                               settings=("tfb.",), fit=_fit_tfb),  # fmt: skip
         # BLoB: passes with the adapters' posterior sampling on, averaged (polar_vbll.adapters.blob)
-        "blob": PredictiveKind("blob", lambda cfg: cfg.blob.eval_samples, lambda cfg: 1, _predict_blob),
+        "blob": PredictiveKind("blob", _blob_samples, lambda cfg: 1, _predict_blob),
     }
 )
 
@@ -469,6 +489,11 @@ METHODS: Mapping[str, Method] = MappingProxyType(
                 "blob", "BLoB", "blob", "linear", "blob",
                 "Bayesian LoRA (BLoB, Wang et al. 2024): a Gaussian posterior on LoRA's A trained by the ELBO "
                 "with KL re-weighting, a trainable linear head; blob.eval_samples sampled passes at test time",
+            ),
+            Method(
+                "polar_blob", "PoLAR-BLoB", "polar_blob", "linear", "blob",
+                "PoLAR with BLoB's Gaussian posterior on its core Theta (U, V on the Stiefel manifold), trained by "
+                "BLoB's ELBO, a trainable linear head; polar_blob.eval_samples sampled passes at test time",
             ),
             Method(
                 "tfb", "TFB", "lora", "linear", "tfb",

@@ -20,7 +20,8 @@ from polar_vbll.support import STIEFEL_OPTIM as _STIEFEL_OPTIM  # settings an ad
 
 #: Head settings that act only when predicting (not on what is trained).
 _PREDICTION_ONLY = ("head.vbll.predictive", "head.vbll.mc_samples", "head.vbll.mc_seed",
-                    "head.vbll.allow_large_dense", "blob.eval_samples")  # fmt: skip
+                    "head.vbll.allow_large_dense", "blob.eval_samples",
+                    "polar_blob.eval_samples")  # fmt: skip
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:

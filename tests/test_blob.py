@@ -239,3 +239,68 @@ def test_blob_on_workers_is_refused_above_zero_stage_0_before_anything_runs():
             check_adapter_stage(cfg, DistConfig(zero_stage=stage))
     check_adapter_stage(cfg, DistConfig(zero_stage=0))
     check_adapter_stage(parse_config({"method": "lora_mle"}), DistConfig(zero_stage=3))
+
+
+# ------------------------------------------------------------------------------------------------ PoLAR-BLoB
+def _polar_blob(seed: int = 0):
+    from polar_vbll.adapters.blob import PolarBlobAdapter
+    from polar_vbll.adapters.config import PolarBlobConfig
+
+    cfg = PolarBlobConfig(r=4, alpha=8.0, target_modules=["q_proj", "v_proj"], layers=[-1])
+    adapter = PolarBlobAdapter(make_tiny_llama(seed=seed), cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in adapter.theta_parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return adapter
+
+
+def test_polar_blob_samples_theta_with_the_flipout_moments_and_its_mean_is_polar(tmp_path):
+    from polar_vbll.adapters.blob import PolarBlobAdapter
+    from polar_vbll.adapters.model import PolarModel
+
+    adapter = _polar_blob()
+    assert adapter.orthogonality_error() < 1e-5 and len(adapter.posterior_parameters()) == 2
+    # the mean: the PoLAR model with the same U, Theta, V (loaded through PoLAR's own loader, rho dropped)
+    d = adapter.save_adapter(tmp_path / "adapter")
+    mean = _logits(adapter, IDS)
+    loaded = PolarBlobAdapter.load_adapter(make_tiny_llama(seed=0), d)
+    assert all(torch.equal(v, loaded.adapter_state_dict()[k]) for k, v in adapter.adapter_state_dict().items())
+    torch.testing.assert_close(_logits(loaded, IDS), mean, rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="adapter_type 'polar_blob'"):
+        PolarModel.load_adapter(make_tiny_llama(seed=0), d)
+    plain = peft.PeftModel.from_pretrained(make_tiny_llama(seed=0), str(adapter.export_peft_lora(tmp_path / "peft")))
+    torch.testing.assert_close(_logits(plain, IDS), mean, rtol=1e-4, atol=1e-5)
+    # sampling: per output j, Var = s^2 sum_k U_jk^2 sum_i (V^T x)_i^2 sigma_ki^2
+    name, layer = next(iter(adapter.polar_layers()))
+    post = layer.blob_posterior
+    with torch.no_grad():
+        post.rho.mul_(10.0)
+        x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+        hv = x @ layer.V
+        torch.manual_seed(0)
+        draws = torch.stack([post(hv, layer.U, layer.scaling)[0] for _ in range(4000)])
+        want = layer.scaling**2 * (layer.U**2) @ ((post.sigma() ** 2) @ (hv[0] ** 2))
+    torch.testing.assert_close(draws.var(0), want, rtol=0.12, atol=0)
+    with adapter_dropout(adapter, True) as active:
+        assert active == 2 and not torch.equal(_logits(adapter, IDS), _logits(adapter, IDS))
+    torch.testing.assert_close(_logits(adapter, IDS), mean, rtol=0, atol=0)
+    # the KL is over Theta's entries
+    theta_kl = sum(float(kl_divergence(m.polar_theta, m.blob_posterior.sigma(), 0.2))
+                   for _, m in adapter.polar_layers())  # fmt: skip
+    assert float(adapter.kl_divergence()) == pytest.approx(theta_kl, rel=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_the_polar_blob_method_trains_on_the_manifold_and_predicts_with_its_passes(tmp_path):
+    from polar_vbll.config import load_config, resolve_config
+    from polar_vbll.runner import run_training
+
+    cfg = load_config(resolve_config("tiny", "run"), [
+        f"output_dir={tmp_path}", "method=polar_blob", "train.steps=4", "polar_blob.eval_samples=3",
+        "polar_blob.layers=[-1]", "polar_blob.r=4", "polar_blob.alpha=8"])  # fmt: skip
+    results = run_training(cfg, resume=False, progress=False, track=False)
+    assert results["passes_per_example"] == 3 and results["training"]["orthogonality_error"] < 1e-4
+    history = results["training"]["history"]
+    assert all(h["kl"] > 0 and "kl_weight" in h for h in history)
+    assert results["metrics"]["eval"]["epistemic"] > 0

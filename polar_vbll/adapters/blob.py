@@ -45,9 +45,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from polar_vbll.adapters.config import BlobConfig, blob_config_from_dict
+from polar_vbll.adapters.config import (
+    BlobConfig,
+    PolarBlobConfig,
+    blob_config_from_dict,
+    polar_blob_config_from_dict,
+)
 from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.lora import ADAPTER_NAME, LoraAdapter
+from polar_vbll.adapters.model import PolarModel
 from polar_vbll.checkpoint import sha256_file
 from polar_vbll.errors import CheckpointError
 
@@ -122,34 +128,22 @@ def kl_period(cfg: BlobConfig, n_train: int, batch_size: int) -> int:
     return max(1, math.ceil(n_train / batch_size))
 
 
-class BlobAdapter(LoraAdapter):
-    """A :class:`LoraAdapter` whose ``A`` has BLoB's Gaussian posterior (module docstring). Beyond LoRA's
-    interface: :meth:`posterior_parameters` (``rho``), :meth:`kl_divergence` and :meth:`variational_step`
-    (the trainer's hook after the theta step)."""
+class _BlobTraining:
+    """BLoB's training on any adapter whose :meth:`posteriors` lists ``(path, BlobPosterior, mean)`` per layer
+    and whose ``blob_settings`` holds the :class:`~polar_vbll.adapters.config.BlobSettings`: the KL and the
+    second optimizer's step (the trainer's hook after the theta step)."""
 
-    CONFIG_NAME = BLOB_CONFIG_NAME
-    ADAPTER_TYPE = "blob"
-    parse_config = staticmethod(blob_config_from_dict)
-
-    def __init__(self, model: nn.Module, config: BlobConfig | dict[str, Any]) -> None:
-        super().__init__(model, config)
-        cfg: BlobConfig = self.lora_config
-        with seeded_rng(cfg.init_seed + 1):  # rho's draw: reproducible, apart from A's
-            attach_posteriors(self, cfg.eps)
-        self.train(self.training)
-
-    # -------------------------------------------------------------------------------------- parameters
     def posteriors(self) -> list[tuple[str, BlobPosterior, nn.Parameter]]:
-        """``(path, posterior, A's mean)`` per adapted layer, sorted by path."""
-        return [(n, getattr(m, POSTERIOR_ATTR), m.lora_A[ADAPTER_NAME].weight) for n, m in self.lora_layers()]
+        raise NotImplementedError
 
     def posterior_parameters(self) -> list[nn.Parameter]:
         """Every layer's ``rho``: stepped by BLoB's SGD only (:meth:`variational_step`), never by AdamW."""
         return [p.rho for _, p, _ in self.posteriors()]
 
     def kl_divergence(self) -> torch.Tensor:
-        """``KL(q(A) || p(A))`` over every layer (float64 scalar, differentiable in ``M`` and ``rho``)."""
-        beta = self.lora_config.beta
+        """``KL(q || p)`` over every layer's Bayesian factor (float64 scalar, differentiable in its mean and
+        ``rho``)."""
+        beta = self.blob_settings.beta
         total = torch.zeros((), dtype=torch.float64)
         for _, p, a in self.posteriors():
             total = total + kl_divergence(a, p.sigma(), beta)
@@ -159,7 +153,7 @@ class BlobAdapter(LoraAdapter):
         """BLoB's second optimizer, after the theta step of 0-based ``step`` (module docstring): SGD with
         learning rate ``kl_lr * lr_factor`` on ``M`` (the weighted KL's gradient) and ``rho`` (its data
         gradient, left by the step's backward, plus the weighted KL's). Returns ``{"kl", "kl_weight"}``."""
-        cfg: BlobConfig = self.lora_config
+        cfg = self.blob_settings
         pi = kl_weight(step, kl_period(cfg, n_train, batch_size), cfg.kl_reweighting)
         means = [a for _, _, a in self.posteriors()]
         rhos = self.posterior_parameters()
@@ -175,6 +169,32 @@ class BlobAdapter(LoraAdapter):
         for r in rhos:
             r.grad = None
         return {"kl": float(kl.detach()), "kl_weight": pi}
+
+
+
+class BlobAdapter(_BlobTraining, LoraAdapter):
+    """A :class:`LoraAdapter` whose ``A`` has BLoB's Gaussian posterior (module docstring). Beyond LoRA's
+    interface: :meth:`posterior_parameters` (``rho``), :meth:`kl_divergence` and :meth:`variational_step`
+    (the trainer's hook after the theta step)."""
+
+    CONFIG_NAME = BLOB_CONFIG_NAME
+    ADAPTER_TYPE = "blob"
+    parse_config = staticmethod(blob_config_from_dict)
+
+    def __init__(self, model: nn.Module, config: BlobConfig | dict[str, Any]) -> None:
+        super().__init__(model, config)
+        cfg: BlobConfig = self.lora_config
+        with seeded_rng(cfg.init_seed + 1):  # rho's draw: reproducible, apart from A's
+            attach_posteriors(self, cfg.eps)
+        self.train(self.training)
+
+    @property
+    def blob_settings(self) -> BlobConfig:
+        return self.lora_config
+
+    def posteriors(self) -> list[tuple[str, BlobPosterior, nn.Parameter]]:
+        """``(path, posterior, A's mean)`` per adapted layer, sorted by path."""
+        return [(n, getattr(m, POSTERIOR_ATTR), m.lora_A[ADAPTER_NAME].weight) for n, m in self.lora_layers()]
 
     # ------------------------------------------------------------------------------------- state dicts
     def _adapter_params(self) -> dict[str, nn.Parameter]:
@@ -241,6 +261,62 @@ def _sample_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
     x = layer.lora_dropout[ADAPTER_NAME](args[0])
     b = layer.lora_B[ADAPTER_NAME].weight
     return output + post(x, b, layer.scaling[ADAPTER_NAME]).to(output.dtype)
+
+
+class PolarBlobAdapter(_BlobTraining, PolarModel):
+    """PoLAR-BLoB: a :class:`~polar_vbll.adapters.model.PolarModel` whose ``r x r`` core ``Theta`` has BLoB's
+    Gaussian posterior ``N(Theta, sigma^2)`` (U, V stay points on the Stiefel manifold, stepped as PoLAR's).
+    BLoB puts its posterior on LoRA's ``A``, the factor that reads the input; PoLAR's input factor ``V`` lives
+    on a manifold where an entrywise Gaussian is not a distribution, so the posterior goes on the one
+    Euclidean factor, ``Theta``: the noise enters as ``s U (sigma * E) V^T x`` with BLoB's flipout signs on the
+    ``r``-dimensional ``V^T x`` and on the output of the noise; the KL, weights and second optimizer as BLoB's.
+    Saved with the adapter's weights (``rho`` beside each ``polar_theta``)."""
+
+    ADAPTER_TYPE = "polar_blob"
+    parse_config = staticmethod(polar_blob_config_from_dict)
+
+    def __init__(self, model: nn.Module, config: PolarBlobConfig | dict[str, Any]) -> None:
+        super().__init__(model, config)
+        cfg: PolarBlobConfig = self.polar_config
+        with seeded_rng(cfg.init_seed + 1):
+            for _, layer in self.polar_layers():
+                theta = layer.polar_theta
+                post = BlobPosterior(cfg.r, cfg.r, cfg.eps, torch.float32, theta.device)
+                post.train(layer.training)  # the backbone's mode: sampling only when the noise switch says so
+                layer.add_module(POSTERIOR_ATTR, post)
+                layer.register_forward_hook(_polar_sample_hook)
+
+    @property
+    def blob_settings(self) -> PolarBlobConfig:
+        return self.polar_config
+
+    def posteriors(self) -> list[tuple[str, BlobPosterior, nn.Parameter]]:
+        """``(path, posterior, Theta)`` per adapted layer, sorted by path."""
+        return [(n, getattr(m, POSTERIOR_ATTR), m.polar_theta) for n, m in self.polar_layers()]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        out = super().adapter_state_dict()
+        out.update({f"base_model.{n}.{POSTERIOR_ATTR}.rho": p.rho.detach().clone() for n, p, _ in self.posteriors()})
+        return out
+
+    def _adapter_params(self) -> dict[str, nn.Parameter]:
+        out = super()._adapter_params()
+        out.update({f"base_model.{n}.{POSTERIOR_ATTR}.rho": p.rho for n, p, _ in self.posteriors()})
+        return out
+
+    @classmethod
+    def _extra_shapes(cls, targets, config) -> dict[str, tuple[int, ...]]:
+        return {f"base_model.{t.name}.{POSTERIOR_ATTR}.rho": (config.r, config.r) for t in targets}
+
+
+def _polar_sample_hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """A ``PolarLinear``'s forward hook: while its posterior samples, add the flipout perturbation of Theta,
+    ``s U (noise) V^T x`` (the input read through ``V`` first: ``r`` numbers per row)."""
+    post: BlobPosterior = getattr(layer, POSTERIOR_ATTR)
+    if not post.training or layer.merged:
+        return None
+    hv = nn.functional.linear(layer.polar_dropout(args[0]).to(torch.float32), layer.V.T.contiguous())
+    return output + post(hv, layer.U, layer.scaling).to(output.dtype)
 
 
 def inject_blob(model: nn.Module, config: BlobConfig | dict[str, Any]) -> BlobAdapter:

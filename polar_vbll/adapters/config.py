@@ -116,19 +116,20 @@ class LoraConfig(TargetConfig):
     alpha: float = Field(default=16.0, gt=0, description="Scale numerator: update = (alpha / r) B A.")
 
 
-class BlobConfig(LoraConfig):
-    """BLoB (Wang et al., NeurIPS 2024, "BLoB: Bayesian Low-Rank Adaptation by Backpropagation"): LoRA whose
-    ``A`` has a diagonal Gaussian posterior ``N(M, sigma^2)`` (``B`` deterministic), trained by the ELBO and
-    predicting by ``eval_samples`` backbone passes. Defaults are the reference code's BLoB protocol
-    (Wang-ML-Lab/bayesian-peft, ``scripts/blob/blob-llama-all.sh``): ``eps`` 0.05, ``beta`` 0.2, ``kl_lr``
-    0.01, ``gamma`` 8, KL re-weighting and data-set rescaling on, 10 samples; ``polar_vbll.adapters.blob``
-    gives the math."""
+class BlobSettings(BaseModel):
+    """BLoB's own settings (Wang et al., NeurIPS 2024, "BLoB: Bayesian Low-Rank Adaptation by
+    Backpropagation"): the Gaussian posterior's parametrisation, its prior, its second optimizer and its
+    test-time samples. Defaults are the reference code's BLoB protocol (Wang-ML-Lab/bayesian-peft,
+    ``scripts/blob/blob-llama-all.sh``): ``eps`` 0.05, ``beta`` 0.2, ``kl_lr`` 0.01, ``gamma`` 8, KL
+    re-weighting and data-set rescaling on, 10 samples; ``polar_vbll.adapters.blob`` gives the math."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     eps: float = Field(
         default=0.05, description="[choice] the posterior std's parametrisation and init: > 0, sigma = rho^2 with "
         "rho ~ U(eps/sqrt(2), eps); < 0, sigma = softplus(rho) with rho ~ U(eps - 1, eps) (BLoB's bayes_eps)")
-    beta: float = Field(default=0.2, gt=0, description="[choice] std of the zero-mean Gaussian prior on A's "
-                        "entries (BLoB's bayes_beta)")
+    beta: float = Field(default=0.2, gt=0, description="[choice] std of the zero-mean Gaussian prior on the "
+                        "Bayesian factor's entries (BLoB's bayes_beta)")
     kl_lr: float = Field(default=0.01, gt=0, description="[choice] learning rate of BLoB's second optimizer: "
                          "plain SGD on the weighted KL (and on sigma's data gradient), under the run's warmup "
                          "and decay (BLoB's bayes_kllr)")
@@ -140,7 +141,7 @@ class BlobConfig(LoraConfig):
     gamma: float = Field(default=8.0, gt=0, description="[choice] the exponent's divisor in M's rescaling "
                          "(BLoB's bayes_gamma)")
     eval_samples: int = Field(default=10, gt=0, description="test-time backbone passes, each with its own draw "
-                              "of A (BLoB's bayes_eval_n_samples_final)")
+                              "of the posterior (BLoB's bayes_eval_n_samples_final)")
 
     @field_validator("eps")
     @classmethod
@@ -148,6 +149,16 @@ class BlobConfig(LoraConfig):
         if v == 0 or not math.isfinite(v):
             raise ValueError(f"must be finite and non-zero (its sign picks sigma's parametrisation), got {v}")
         return v
+
+
+class BlobConfig(BlobSettings, LoraConfig):
+    """BLoB: LoRA whose ``A`` has a diagonal Gaussian posterior ``N(M, sigma^2)`` (``B`` deterministic),
+    trained by the ELBO, predicting by ``eval_samples`` backbone passes (:class:`BlobSettings`)."""
+
+
+class PolarBlobConfig(BlobSettings, PolarConfig):
+    """PoLAR-BLoB: PoLAR whose ``r x r`` core ``Theta`` has BLoB's diagonal Gaussian posterior (U, V stay
+    points on the Stiefel manifold), trained and predicting as BLoB (:class:`BlobSettings`)."""
 
 
 def _from_dict(cls: type[TargetConfig], data: Mapping[str, Any] | TargetConfig, what: str, where: str):
@@ -176,3 +187,8 @@ def lora_config_from_dict(data: Mapping[str, Any] | LoraConfig, where: str) -> L
 def blob_config_from_dict(data: Mapping[str, Any] | BlobConfig, where: str) -> BlobConfig:
     """Validate ``data`` as a :class:`BlobConfig` (errors as :class:`ConfigError` naming ``where``)."""
     return _from_dict(BlobConfig, data, "BLoB adapter", where)
+
+
+def polar_blob_config_from_dict(data: Mapping[str, Any] | PolarBlobConfig, where: str) -> PolarBlobConfig:
+    """Validate ``data`` as a :class:`PolarBlobConfig` (errors as :class:`ConfigError` naming ``where``)."""
+    return _from_dict(PolarBlobConfig, data, "PoLAR-BLoB adapter", where)

@@ -40,6 +40,8 @@ def _adapter_dropouts(model: nn.Module) -> list[nn.Module]:
     for m in model.modules():
         if isinstance(m, PolarLinear):
             found.append(m.polar_dropout)
+            if isinstance(getattr(m, "blob_posterior", None), nn.Module):
+                found.append(m.blob_posterior)
         elif isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict):
             found.extend(m.lora_dropout.values())
             if isinstance(getattr(m, "blob_posterior", None), nn.Module):

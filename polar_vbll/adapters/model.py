@@ -272,9 +272,14 @@ class PolarModel(nn.Module):
     and config always give the same initial adapter.
     """
 
+    #: what a saved adapter's config records as its type, and the config validator of this kind (a subclass's
+    #: config extends ``PolarConfig``: PoLAR-BLoB, ``polar_vbll.adapters.blob``)
+    ADAPTER_TYPE = ADAPTER_TYPE
+    parse_config = staticmethod(polar_config_from_dict)
+
     def __init__(self, model: nn.Module, config: PolarConfig) -> None:
         super().__init__()
-        config = resolve_targets(model, polar_config_from_dict(config, "PolarModel(config=...)"))
+        config = resolve_targets(model, self.parse_config(config, f"{type(self).__name__}(config=...)"))
         targets = select_targets(model, config)
         model.requires_grad_(False)
 
@@ -398,11 +403,11 @@ class PolarModel(nn.Module):
         _write_safetensors(
             weights,
             self.adapter_state_dict(),
-            metadata={"format": "pt", "adapter_type": ADAPTER_TYPE, "format_version": str(FORMAT_VERSION)},
+            metadata={"format": "pt", "adapter_type": self.ADAPTER_TYPE, "format_version": str(FORMAT_VERSION)},
         )
         cfg = {
             "format_version": FORMAT_VERSION,
-            "adapter_type": ADAPTER_TYPE,
+            "adapter_type": self.ADAPTER_TYPE,
             "polar_config": self.polar_config.model_dump(mode="json"),
             "base_model_name_or_path": _model_name_or_path(self.base_model),
             "base_model_class": type(self.base_model).__name__,
@@ -438,7 +443,11 @@ class PolarModel(nn.Module):
         check_config_digest(raw, cfg_path)
         if "polar_config" not in raw:
             raise CheckpointError(f"{cfg_path}: field 'polar_config' is missing")
-        config = polar_config_from_dict(raw["polar_config"], f"{cfg_path} (field 'polar_config')")
+        if raw.get("adapter_type", ADAPTER_TYPE) != cls.ADAPTER_TYPE:
+            raise CheckpointError(
+                f"{cfg_path}: adapter_type {raw.get('adapter_type')!r} is not {cls.ADAPTER_TYPE!r} (this loader's)"
+            )
+        config = cls.parse_config(raw["polar_config"], f"{cfg_path} (field 'polar_config')")
         if not weights.is_file():
             raise CheckpointError(f"adapter weights {weights} do not exist")
         expected_sha = raw.get("sha256")
@@ -476,10 +485,16 @@ class PolarModel(nn.Module):
         # Check tensor names and shapes before touching the model (a dry run of the strict load).
         shapes = {f"polar_bank.polar_groups.{k}": v for k, v in expected_shapes.items()}
         shapes.update({f"base_model.{t.name}.polar_theta": (config.r, config.r) for t in targets})
+        shapes.update(cls._extra_shapes(targets, config))
         require_shapes(shapes, tensors, f"adapter weights {weights} do not match {cfg_path}")
         polar = cls(model, config)
         polar.load_adapter_state_dict(tensors, where=str(weights))
         return polar
+
+    @classmethod
+    def _extra_shapes(cls, targets, config) -> dict[str, tuple[int, ...]]:
+        """A subclass's own saved tensors (beyond the bank and the thetas) and their shapes for ``targets``."""
+        return {}
 
     # ------------------------------------------------------------------------------------------ export
     def peft_lora_state_dict(self) -> dict[str, torch.Tensor]:

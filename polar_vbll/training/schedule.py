@@ -90,7 +90,9 @@ def check_resumable(saved: dict[str, Any], cfg: RunConfig) -> None:
         ) from None
     new = training_settings(cfg)
     if old != new:
-        names = {"polar": "PoLAR adapter", "lora": "LoRA adapter", "blob": "BLoB adapter", "method": "method",
+        from polar_vbll.methods import ADAPTERS
+
+        names = {**{k.section: f"{k.label} adapter" for k in ADAPTERS.values()}, "method": "method",
                  "optim": "optimizer", "train": "schedule", "head": "head", "model": "backbone",
                  "data": "training data"}  # fmt: skip
         changed = sorted({names[k.split(".")[0]] for k in set(old) | set(new) if old.get(k) != new.get(k)})
