@@ -78,9 +78,13 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "polar-vbll predict": ("mapie",),
     "polar-vbll predict --workers": ("ray",),
     "polar-vbll register": ("mlflow",),
+    "polar-vbll serve": ("ray.serve", "mapie"),  # the `serve` extra brings Ray with Serve's dependencies
+    "polar-vbll serve MODEL_URI": ("mlflow",),  # an MLflow model URI instead of a run folder
     # the API behind it, for library use
     "distributed.launch.train_distributed": ("ray", "deepspeed"),
     "distributed.batch_predict.decide_on_ray": ("ray",),
+    "distributed.serving": ("ray.serve",),  # the deployment (imports Ray Serve and FastAPI)
+    "distributed.server.running": ("ray.serve",),
     "tune_spaces.driver.run_search": ("ray", "deepspeed", "mlflow"),
     "tune_spaces.spaces": ("ray",),
     "polar_vbll.tracking": ("mlflow",),
