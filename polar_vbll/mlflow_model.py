@@ -11,7 +11,8 @@ its ``predict`` takes a DataFrame of questions (``question``, ``choices``, optio
 ``answer``) and returns the decision records of ``Predictor.predict``.
 
 MLflow is imported here (``mlflow.pyfunc.PythonModel``); this module is imported only lazily, by the end of
-a tracked run, ``calibrate`` and ``register``, so ``polar_vbll`` still runs without it.
+a tracked run, ``calibrate``, ``register`` and ``serve`` of a model URI (:func:`download_run`), so
+``polar_vbll`` still runs without it.
 """
 
 from __future__ import annotations
