@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 from polar_vbll.errors import UserInputError
@@ -99,6 +100,10 @@ def installed(module: str) -> bool:
     """Whether ``module`` can be imported (found, or for an ``import_check`` package, imported)."""
     try:
         if module in PACKAGES and PACKAGES[module].import_check:
+            parts = module.split(".")
+            for parent in (".".join(parts[:i]) for i in range(1, len(parts))):
+                if parent in sys.modules and sys.modules[parent] is None:
+                    return False  # a hidden parent; the import below would return a copy already imported
             importlib.import_module(module)
             return True
         return importlib.util.find_spec(module) is not None
