@@ -27,8 +27,9 @@ from polar_vbll.extras import require
 from polar_vbll.predictor import Predictor, Question
 from polar_vbll.tasks.example import MCExample
 
-#: Environment the actors need (model and prefix caches, offline hub); never credentials.
-_ENV_KEYS = ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "HF_HUB_OFFLINE")
+#: Environment the actors (and ``polar-vbll serve``'s replicas) need (model and prefix caches, offline hub);
+#: never credentials.
+ACTOR_ENV_KEYS = ("POLAR_VBLL_CACHE", "POLAR_VBLL_PREFIX_CACHE", "HF_HUB_OFFLINE")
 
 
 def _question_dict(q: Question) -> dict[str, Any]:
@@ -68,15 +69,16 @@ class ChunkPredictor:
         return {"index": np.asarray(batch["index"]), "records": np.asarray(out, dtype=object)}
 
 
-def actor_device(device: str | None, cluster_gpus: float) -> str:
-    """The device of every prediction actor: ``cuda`` (one reserved GPU each) for a CUDA ``device``, or for
-    ``auto`` / None on a cluster with GPUs; ``cpu`` otherwise. ``cuda:N`` cannot name an actor's GPU (Ray
-    picks it) and is refused, as is a CUDA request on a cluster without GPUs (``UserInputError``)."""
+def actor_device(device: str | None, cluster_gpus: float, command: str = "predict --workers") -> str:
+    """The device of every prediction actor (or ``serve`` replica): ``cuda`` (one reserved GPU each) for a
+    CUDA ``device``, or for ``auto`` / None on a cluster with GPUs; ``cpu`` otherwise. ``cuda:N`` cannot name
+    an actor's GPU (Ray picks it) and is refused, as is a CUDA request on a cluster without GPUs
+    (``UserInputError``, naming ``command``)."""
     if device is not None and device.startswith("cuda:"):
-        raise UserInputError(f"--device {device}: with --workers each actor gets one GPU that Ray picks; "
+        raise UserInputError(f"--device {device}: with `{command}` each Ray actor gets one GPU that Ray picks; "
                              "use --device cuda")  # fmt: skip
     if device == "cuda" and cluster_gpus < 1:
-        raise UserInputError("--device cuda with --workers, but the Ray cluster has no GPU; use --device cpu")
+        raise UserInputError(f"--device cuda with `{command}`, but the Ray cluster has no GPU; use --device cpu")
     if device == "cpu" or (device in (None, "auto") and cluster_gpus < 1):
         return "cpu"
     return "cuda"
@@ -106,7 +108,7 @@ def _decide(
 
     from distributed.launch import ray_session
 
-    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    env = {k: os.environ[k] for k in ACTOR_ENV_KEYS if k in os.environ}
     tensors = {k: v.numpy() for k, v in rule.calibration.tensors().items()}
     with ray_session(address, num_cpus=max(workers, os.cpu_count() or 1), env=env):
         ctx = ray.data.DataContext.get_current()

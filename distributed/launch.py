@@ -106,10 +106,12 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def ray_session(
-    address: str | None, num_cpus: int, object_store_mb: int = 256, env: dict[str, str] | None = None
+    address: str | None, num_cpus: int, object_store_mb: int = 256, env: dict[str, str] | None = None,
+    dashboard: bool = True,
 ) -> Iterator[bool]:
-    """Join ``address`` / ``RAY_ADDRESS`` / an already initialised Ray, or start a local instance and
-    shut it down on exit. Yields True when this call started Ray."""
+    """Join ``address`` / ``RAY_ADDRESS`` / an already initialised Ray, or start a local instance (its
+    dashboard, unless ``dashboard`` is False, on 127.0.0.1) and shut it down on exit. Yields True when this
+    call started Ray."""
     import ray
 
     if ray.is_initialized():
@@ -130,7 +132,7 @@ def ray_session(
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=object_store_mb * 1024 * 1024,
-        include_dashboard=True,
+        include_dashboard=dashboard,
         dashboard_host="127.0.0.1",
         runtime_env={"env_vars": env} if env else None,
         log_to_driver=True,

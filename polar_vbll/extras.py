@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass
 
 from polar_vbll.errors import UserInputError
@@ -80,9 +81,13 @@ ENTRIES: dict[str, tuple[str, ...]] = {
     "polar-vbll predict": ("mapie",),
     "polar-vbll predict --workers": ("ray",),
     "polar-vbll register": ("mlflow",),
+    "polar-vbll serve": ("ray.serve", "mapie"),  # the `serve` extra brings Ray with Serve's dependencies
+    "polar-vbll serve MODEL_URI": ("mlflow",),  # an MLflow model URI instead of a run folder
     # the API behind it, for library use
     "distributed.launch.train_distributed": ("ray", "deepspeed"),
     "distributed.batch_predict.decide_on_ray": ("ray",),
+    "distributed.serving": ("ray.serve",),  # the deployment (imports Ray Serve and FastAPI)
+    "distributed.server.running": ("ray.serve",),
     "tune_spaces.driver.run_search": ("ray", "deepspeed", "mlflow"),
     "tune_spaces.driver.run_search(searcher='optuna')": ("optuna",),  # SearchSettings(searcher="optuna")
     "tune_spaces.driver.run_search(searcher='hyperopt')": ("hyperopt",),
@@ -99,6 +104,10 @@ def installed(module: str) -> bool:
     """Whether ``module`` can be imported (found, or for an ``import_check`` package, imported)."""
     try:
         if module in PACKAGES and PACKAGES[module].import_check:
+            parts = module.split(".")
+            for parent in (".".join(parts[:i]) for i in range(1, len(parts))):
+                if parent in sys.modules and sys.modules[parent] is None:
+                    return False  # a hidden parent; the import below would return a copy already imported
             importlib.import_module(module)
             return True
         return importlib.util.find_spec(module) is not None

@@ -11,7 +11,8 @@ its ``predict`` takes a DataFrame of questions (``question``, ``choices``, optio
 ``answer``) and returns the decision records of ``Predictor.predict``.
 
 MLflow is imported here (``mlflow.pyfunc.PythonModel``); this module is imported only lazily, by the end of
-a tracked run, ``calibrate`` and ``register``, so ``polar_vbll`` still runs without it.
+a tracked run, ``calibrate``, ``register`` and ``serve`` of a model URI (:func:`download_run`), so
+``polar_vbll`` still runs without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,8 @@ BASE_DIR = "base"
 TOKENIZER_DIR = "tokenizer"
 #: The artifact path of the model in its MLflow run (``runs:/<id>/model``).
 MODEL_PATH = "model"
+#: What loading a copy with a bundled base warns (the adapter records the base path it trained on): silenced.
+BUNDLED_BASE_WARNING = r"adapter in .* was saved for base model"
 #: The input example logged with the model (any run's head reads at least two choices).
 INPUT_EXAMPLE = {"question": 'What is the sentiment of this review? "a gem of a film"',
                  "choices": ["negative", "positive"], "context": "", "id": "example-1"}  # fmt: skip
@@ -64,7 +68,7 @@ class RunModel(mlflow.pyfunc.PythonModel):
             run = bundled_view(run, Path(self._view.name))
         with warnings.catch_warnings():
             if bundled:  # the same weights under another path: the adapter's recorded base name differs
-                warnings.filterwarnings("ignore", message=r"adapter in .* was saved for base model")
+                warnings.filterwarnings("ignore", message=BUNDLED_BASE_WARNING)
             self.predictor = Predictor.from_run(run, need_rule=False)
 
     def predict(self, context, model_input, params=None) -> list[dict[str, Any]]:
@@ -125,6 +129,50 @@ def bundled_view(run: Path, view: Path) -> Path:
         params.pop("model_source.revision", None)
         (view / "params.json").write_text(json.dumps(params, indent=2, sort_keys=True))
     return view
+
+
+def download_run(uri: str, dest: Path, note: Callable[[str], None] = lambda _m: None) -> tuple[Path, bool]:
+    """The run copy of the MLflow model ``uri`` (``runs:/<id>/model``, ``models:/NAME/N``, any artifact URI
+    MLflow reads), downloaded under ``dest`` (an empty
+    folder the caller removes), as a folder ``Predictor.from_run`` opens, and whether its base model is
+    bundled (the folder is then a view whose config points at ``base/``; loading it warns
+    :data:`BUNDLED_BASE_WARNING`). ``runs:/`` and ``models:/`` are read from ``MLFLOW_TRACKING_URI``'s
+    store. Raises ``UserInputError`` (one line; the store's credentials masked) when it cannot be
+    downloaded or is not a polar-vbll model; ``note`` hears when the download starts (after the checks)."""
+    import yaml
+
+    from polar_vbll.tracking import mask_secrets, mask_uri, masked_console
+
+    store = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri.startswith(("runs:", "models:")):
+        if not store:
+            raise UserInputError(f"{uri}: set MLFLOW_TRACKING_URI to the store that holds it (a run's local "
+                                 "store: sqlite:///<run>/mlflow/mlflow.db)")  # fmt: skip
+        if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+            raise UserInputError(f"{uri}: MLFLOW_TRACKING_URI names {mask_uri(store)}, which does not exist (MLflow "
+                                 "would create an empty store there); point it at the store that holds the model")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines ("Updating database tables") are noise
+    note(f"downloading {uri} ...")
+    try:
+        with masked_console():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except Exception as exc:  # MlflowException (no such run, model or version), OSError
+        first = mask_secrets((str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
+        where = f" from {mask_uri(store)}" if store else ""
+        raise UserInputError(f"cannot download the MLflow model {uri}{where}: {first}") from None
+    try:
+        spec = yaml.safe_load((local / "MLmodel").read_text())
+        run = local / spec["flavors"]["python_function"]["artifacts"]["run"]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        run = None
+    if run is None or not (run / "config.yaml").is_file():
+        raise UserInputError(f"{uri} is not a polar-vbll model (no run copy with a config.yaml in its artifacts); "
+                             "log one with `polar-vbll train`, `calibrate` or `register`")  # fmt: skip
+    if not (run / BASE_DIR).is_dir():
+        return run, False
+    view = dest / "run-view"
+    view.mkdir()
+    return bundled_view(run, view), True
 
 
 def bundle_base(run: Path, dest: Path) -> None:

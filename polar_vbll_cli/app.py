@@ -533,6 +533,87 @@ def predict(
 
 
 @app.command()
+def serve(
+    target: Annotated[str, typer.Argument(metavar="RUN_OR_MODEL_URI", help="a run folder with a calibrated rule, "
+                                          "or an MLflow model URI: runs:/<id>/model, models:/NAME/N (the store: "
+                                          "MLFLOW_TRACKING_URI)")],
+    host: Annotated[str, typer.Option(help="the address to listen on: 127.0.0.1 is this machine only; 0.0.0.0 "
+                                           "every interface (no authentication: put a proxy in front)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the HTTP port")] = 8000,
+    replicas: Annotated[int, typer.Option(help="replicas, each holding the model (one GPU each where the "
+                                               "cluster has GPUs)")] = 1,
+    max_batch_size: Annotated[int, typer.Option(help="requests a replica decides together")] = 16,
+    batch_wait_s: Annotated[float, typer.Option(help="seconds a batch waits to fill")] = 0.01,
+    max_ongoing: Annotated[int, typer.Option(help="requests a replica holds at once (batches fill from "
+                                                  "these)")] = 32,
+    max_queued: Annotated[int, typer.Option(help="requests waiting for a replica; beyond, HTTP 503 "
+                                                 "(overloaded)")] = 64,
+    max_questions: Annotated[int, typer.Option(help="questions one request may hold; beyond, HTTP 413")] = 1024,
+    device: Annotated[str | None, typer.Option(help="the replicas' device: auto (a GPU each where the cluster "
+                                                    "has GPUs), cpu or cuda")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster (or RAY_ADDRESS) instead of "
+                                                     "starting a local one")] = None,
+    name: Annotated[str, typer.Option(help="the Ray Serve application's name")] = "polar-vbll",
+    route_prefix: Annotated[str, typer.Option(help="where the routes sit under the server's URL")] = "/",
+    access_log: Annotated[bool, typer.Option(help="log every request")] = False,
+) -> None:
+    """Serve a run's decisions over HTTP on Ray Serve, in the foreground until Ctrl-C: POST JSON questions to
+    /predict for the records of `polar-vbll predict`; GET /health (docs/deploy.md)."""
+    import tempfile
+
+    with _one_line_errors():
+        from distributed.server import ServeSettings, is_model_uri, preflight
+
+        uri = is_model_uri(target)
+        require("polar-vbll serve", *(["polar-vbll serve MODEL_URI"] if uri else []))
+        settings = ServeSettings(host=host, port=port, replicas=replicas, max_batch_size=max_batch_size,
+                                 batch_wait_timeout_s=batch_wait_s, max_ongoing=max_ongoing, max_queued=max_queued,
+                                 max_questions=max_questions, device=device, address=address, name=name,
+                                 route_prefix=route_prefix, access_log=access_log)  # fmt: skip
+        preflight(settings)
+        for line in settings.notes():
+            typer.echo(f"note: {line}", err=True)
+        with tempfile.TemporaryDirectory(prefix="polar-vbll-serve-") as tmp:
+            _serve(target, uri, Path(tmp), settings)
+
+
+def _serve(target: str, uri: bool, tmp: Path, settings) -> None:
+    """``serve``'s work once its input is checked: the run (downloaded for a URI), its rule, the server."""
+    from distributed.server import running, wait_for_stop
+    from polar_vbll.decisions.rule import DecisionRule
+    from polar_vbll.saved import check_run_folder
+
+    note = lambda m: typer.echo(m, err=True)  # noqa: E731
+    ignore = None
+    if uri:
+        from polar_vbll.mlflow_model import BUNDLED_BASE_WARNING, download_run
+
+        run, bundled = download_run(target, tmp, note)
+        ignore = BUNDLED_BASE_WARNING if bundled else None
+        if not (run / "decision" / "rule.json").is_file():
+            raise UserInputError(f"{target} was logged before its run had a decision rule: run `polar-vbll "
+                                 "calibrate RUN` (it logs the model again, with the rule), then register it again")
+    else:
+        run = Path(target).expanduser().resolve()
+    folder = check_run_folder(run)
+    rule = DecisionRule.load(folder.path)  # an uncalibrated run is refused as `predict` refuses it
+    with running(folder.path, settings, ignore_warning=ignore, note=note) as server:
+        served = f"{target} (run copy: {folder.path})" if uri else str(folder.path.resolve())
+        print(f"serving {served}: {folder.method.label}, {server.replicas} replica(s) on {server.device}")
+        for line in rule.describe():
+            print(f"  {line}")
+        print(f"predict: POST {server.predict_url}   (JSON: a question or a list of them)")
+        print(f"health:  GET  {server.health_url}")
+        print(f"ready in {server.startup_s:.1f} s; Ctrl-C to stop", flush=True)
+        if settings.host in ("0.0.0.0", "::"):
+            note(f"warning: listening on every interface ({settings.host}): anyone who reaches this machine "
+                 "can query the model")
+        stop = wait_for_stop()
+        note(f"{stop}: stopping ...")
+    print("stopped", flush=True)
+
+
+@app.command()
 def tasks(seed: Annotated[int, typer.Option(help="split seed")] = 0) -> None:
     """List the built-in tasks with their split sizes."""
     from polar_vbll.tasks import available_tasks, split_sizes
