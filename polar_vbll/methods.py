@@ -54,75 +54,41 @@ class AdapterKind:
         return getattr(cfg, self.section)
 
 
-def _inject_polar(model, config):
-    from polar_vbll.adapters.model import inject_polar
+def _lazy(target: str) -> Callable[..., Any]:
+    """``module:attr[.attr]``, imported when first called (so importing this module stays cheap and free of
+    import cycles): the builders of the adapter kinds below."""
+    module, _, name = target.partition(":")
 
-    return inject_polar(model, config)
+    def call(*args: Any) -> Any:
+        import importlib
 
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj(*args)
 
-def _select_polar(model, config):
-    from polar_vbll.adapters.model import select_targets
-
-    return select_targets(model, config)
-
-
-def _select_lora(model, config):
-    from polar_vbll.adapters.lora import _select_targets
-
-    return _select_targets(model, config)
-
-
-def _load_polar(model, directory):
-    from polar_vbll.adapters.model import PolarModel
-
-    return PolarModel.load_adapter(model, directory)
+    call.__qualname__ = call.__name__ = target
+    return call
 
 
-def _inject_lora(model, config):
-    from polar_vbll.adapters.lora import LoraAdapter
-
-    return LoraAdapter(model, config)
-
-
-def _inject_blob(model, config):
-    from polar_vbll.adapters.blob import BlobAdapter
-
-    return BlobAdapter(model, config)
-
-
-def _inject_polar_blob(model, config):
-    from polar_vbll.adapters.blob import PolarBlobAdapter
-
-    return PolarBlobAdapter(model, config)
-
-
-def _load_polar_blob(model, directory):
-    from polar_vbll.adapters.blob import PolarBlobAdapter
-
-    return PolarBlobAdapter.load_adapter(model, directory)
-
-
-def _load_blob(model, directory):
-    from polar_vbll.adapters.blob import BlobAdapter
-
-    return BlobAdapter.load_adapter(model, directory)
-
-
-def _load_lora(model, directory):
-    from polar_vbll.adapters.lora import LoraAdapter
-
-    return LoraAdapter.load_adapter(model, directory)
+_POLAR, _LORA, _BLOB = "polar_vbll.adapters.model", "polar_vbll.adapters.lora", "polar_vbll.adapters.blob"
 
 
 ADAPTERS: Mapping[str, AdapterKind] = MappingProxyType(
     {
-        "polar": AdapterKind("polar", "PoLAR", "polar", _inject_polar, _load_polar, _select_polar, stiefel=True),
-        "lora": AdapterKind("lora", "LoRA", "lora", _inject_lora, _load_lora, _select_lora),
+        "polar": AdapterKind("polar", "PoLAR", "polar", _lazy(f"{_POLAR}:inject_polar"),
+                             _lazy(f"{_POLAR}:PolarModel.load_adapter"), _lazy(f"{_POLAR}:select_targets"),
+                             stiefel=True),
+        "lora": AdapterKind("lora", "LoRA", "lora", _lazy(f"{_LORA}:LoraAdapter"),
+                            _lazy(f"{_LORA}:LoraAdapter.load_adapter"), _lazy(f"{_LORA}:_select_targets")),
         # LoRA with a Gaussian posterior on A (polar_vbll.adapters.blob); selects layers as LoRA does
-        "blob": AdapterKind("blob", "BLoB", "blob", _inject_blob, _load_blob, _select_lora, posterior_step=True),
+        "blob": AdapterKind("blob", "BLoB", "blob", _lazy(f"{_BLOB}:BlobAdapter"),
+                            _lazy(f"{_BLOB}:BlobAdapter.load_adapter"), _lazy(f"{_LORA}:_select_targets"),
+                            posterior_step=True),
         # PoLAR with BLoB's posterior on Theta (polar_vbll.adapters.blob.PolarBlobAdapter)
-        "polar_blob": AdapterKind("polar_blob", "PoLAR-BLoB", "polar_blob", _inject_polar_blob, _load_polar_blob,
-                                  _select_polar, stiefel=True, posterior_step=True),  # fmt: skip
+        "polar_blob": AdapterKind("polar_blob", "PoLAR-BLoB", "polar_blob", _lazy(f"{_BLOB}:PolarBlobAdapter"),
+                                  _lazy(f"{_BLOB}:PolarBlobAdapter.load_adapter"), _lazy(f"{_POLAR}:select_targets"),
+                                  stiefel=True, posterior_step=True),
     }
 )
 

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from polar_vbll.adapters.state import adapters_off
+from polar_vbll.adapters.state import adapters_off, read_safetensors
 from polar_vbll.backbone import answer_head_weight
 from polar_vbll.config import RunConfig, load_config
 from polar_vbll.errors import CheckpointError, UserInputError
@@ -40,10 +39,7 @@ from polar_vbll.tasks.registry import run_splits
 def _load_head_state(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the run did not finish saving its head")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own types; all mean "unreadable"
-        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from None
+    return read_safetensors(path, "the head")
 
 
 def _run_temperature(run: Path) -> float | None:

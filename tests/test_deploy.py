@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from polar_vbll_cli.app import app
+from tests.records import predict_cli
 
 pytestmark = pytest.mark.extras("mlflow")
 
@@ -58,18 +59,6 @@ def tracked_run(tmp_path_factory):
     return run, target
 
 
-def _predict_cli(run: Path, tmp_path: Path) -> list[dict]:
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    out = tmp_path / "d.jsonl"
-    result = runner.invoke(app, ["predict", str(run), "-i", str(questions), "-o", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    for r in records:
-        del r["line"]  # the file's line numbers; API records have none
-    return records
-
-
 LOAD = """
 import json, sys
 import mlflow, pandas as pd
@@ -90,7 +79,7 @@ def _load_in_fresh_process(uri: str, store: str) -> list[dict]:
 
 def test_logged_model_loads_in_a_fresh_process_and_predicts_the_cli_records(tracked_run, tmp_path):
     run, target = tracked_run
-    expected = _predict_cli(run, tmp_path)
+    expected = predict_cli(run, QUESTIONS, tmp_path)
     got = _load_in_fresh_process(f"runs:/{target.run_id}/model", target.uri)
     assert got == expected
     assert [r["id"] for r in got] == ["q1", "q2", "q3"] and "correct" in got[1] and "correct" not in got[0]
@@ -116,7 +105,7 @@ def test_register_then_models_uri_loads_and_include_base_bundles_the_base(tracke
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
-    assert first == _predict_cli(run, tmp_path)
+    assert first == predict_cli(run, QUESTIONS, tmp_path)
     served = _served(bundled, QUESTIONS)  # what `mlflow models serve` answers: the same records as JSON
     assert served == first
     assert second == first  # the same model, its base read from the bundle

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 from polar_vbll.tasks import load_task
 from polar_vbll_cli.app import app
 from tests.optional import for_entry
+from tests.records import predict_cli
 
 pytestmark = for_entry("polar-vbll serve")
 
@@ -159,18 +160,6 @@ def test_the_server_says_what_it_serves_and_where(server):
                       "answer_letters": ["A", "B", "C", "D", "E"], "max_choices": 5, "device": "cpu"}  # fmt: skip
 
 
-def _predict_cli(run: Path, rows: list[dict], tmp_path: Path) -> list[dict]:
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps(q) + "\n" for q in rows))
-    out = tmp_path / "d.jsonl"
-    res = runner.invoke(app, ["predict", str(run), "-i", str(questions), "-o", str(out), "--no-progress"])
-    assert res.exit_code == 0, res.output
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    for r in records:
-        del r["line"]  # the file's line numbers; API records have none
-    return records
-
-
 def _assert_same_records(got: list[dict], expected: list[dict]) -> None:
     """The same fields and values; probabilities and nats to float rounding (another process, another
     thread count: the sums may run in another order)."""
@@ -185,7 +174,7 @@ def _assert_same_records(got: list[dict], expected: list[dict]) -> None:
 
 
 def test_one_question_and_a_list_give_predicts_records(server, tmp_path):
-    expected = _predict_cli(server.run, QUESTIONS, tmp_path)
+    expected = predict_cli(server.run, QUESTIONS, tmp_path)
     status, records, _ = _post(f"{server.url}/predict", json.dumps(QUESTIONS))
     assert status == 200 and isinstance(records, list)
     _assert_same_records(records, expected)
@@ -375,7 +364,7 @@ def test_a_registered_model_uri_serves_the_runs_records(tmp_path):
     assert res.exit_code == 0, res.output
     store = f"sqlite:///{run / 'mlflow' / 'mlflow.db'}"
     assert store in res.output
-    expected = _predict_cli(run, QUESTIONS, tmp_path)
+    expected = predict_cli(run, QUESTIONS, tmp_path)
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
     cmd = [sys.executable, "-m", "polar_vbll_cli", "serve", "models:/tiny-serve/1", "--port", str(port)]

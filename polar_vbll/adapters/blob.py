@@ -54,6 +54,7 @@ from polar_vbll.adapters.config import (
 from polar_vbll.adapters.dropout import seeded_rng
 from polar_vbll.adapters.lora import ADAPTER_NAME, LoraAdapter
 from polar_vbll.adapters.model import PolarModel
+from polar_vbll.adapters.state import read_safetensors
 from polar_vbll.checkpoint import sha256_file
 from polar_vbll.errors import CheckpointError
 
@@ -225,12 +226,7 @@ class BlobAdapter(_BlobTraining, LoraAdapter):
             raise CheckpointError(f"BLoB posterior {path} does not exist")
         if sha256_file(path) != meta.get("posterior_sha256"):
             raise CheckpointError(f"BLoB posterior {path} is truncated or altered (sha256 does not match)")
-        try:
-            from safetensors.torch import load_file
-
-            raw = load_file(str(path))
-        except Exception as exc:  # safetensors' own error types: an unreadable file
-            raise CheckpointError(f"BLoB posterior {path} is not a readable safetensors file: {exc}") from None
+        raw = read_safetensors(path, "BLoB posterior")
         key = f"base_model.model.{{}}.{POSTERIOR_ATTR}.rho"
         tensors = {key.format(n): t for n, t in raw.items()}
         shapes = {key.format(t.name): (config.r, t.in_features) for t in targets}

@@ -47,6 +47,7 @@ from polar_vbll.adapters.state import (
     check_config_digest,
     config_digest,
     read_json_config,
+    read_safetensors,
     require_shapes,
     strict_copy_,
 )
@@ -314,14 +315,7 @@ class LoraAdapter(nn.Module):
             raise CheckpointError(f"LoRA weights {weights} do not exist")
         if sha256_file(weights) != raw.get("weights_sha256"):
             raise CheckpointError(f"LoRA weights {weights} are truncated or altered (sha256 does not match {cfg_path})")
-        try:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types; all mean "unreadable file"
-            raise CheckpointError(
-                f"LoRA weights {weights} are not a readable safetensors file: {exc}"
-            ) from None
+        tensors = read_safetensors(weights, "LoRA weights")
         # Dry run before touching the model: the file must hold exactly A (r, in) and B (out, r) of every
         # layer this config selects (a file for another architecture or config fails here, readably).
         expected: dict[str, tuple[int, ...]] = {}

@@ -38,6 +38,7 @@ from polar_vbll.adapters.state import (
     check_config_digest,
     config_digest,
     read_json_config,
+    read_safetensors,
     require_shapes,
     strict_copy_,
 )
@@ -459,13 +460,7 @@ class PolarModel(nn.Module):
                 f"adapter weights {weights} are truncated or altered: sha256 {actual_sha[:16]}... does not "
                 f"match {expected_sha[:16]}... recorded in {cfg_path}"
             )
-        try:
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(weights))
-        except Exception as exc:  # safetensors raises its own error types; all mean "unreadable file"
-            msg = f"adapter weights {weights} are not a readable safetensors file: {exc}"
-            raise CheckpointError(msg) from None
+        tensors = read_safetensors(weights, "adapter weights")
 
         targets = select_targets(model, config)
         saved_slots = {k: tuple(v) for k, v in (raw.get("slots") or {}).items()}

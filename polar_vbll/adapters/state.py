@@ -118,3 +118,14 @@ def read_json_config(path: Any) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"adapter config {path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def read_safetensors(path: Any, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file ``path`` (never a pickle); :class:`CheckpointError` naming ``what``
+    and ``path`` when it is not a readable safetensors file (safetensors raises its own error types)."""
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    except Exception as exc:  # safetensors' own error types: all mean an unreadable file
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file: {exc}") from None
