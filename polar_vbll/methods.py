@@ -244,14 +244,18 @@ def _predict_one_pass(ctx, enc):
     return predict(ctx.provider, ctx.members[0].head, enc, ctx.batch_size, ctx.progress)
 
 
-def _predict_mc_dropout(ctx, enc):
-    from polar_vbll.predictives import predict_mc_dropout
+def _sampled(samples: Callable[[RunConfig], int]) -> Callable[[Any, Any], Any]:
+    """A predictive of ``samples(cfg)`` passes with the adapters' noise on (dropout, posterior sampling),
+    averaged (``polar_vbll.predictives.predict_mc_dropout``), seeded by ``train.seed``."""
 
-    cfg = ctx.cfg
-    return predict_mc_dropout(
-        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.eval.mc_dropout_samples,
-        seed=cfg.train.seed, progress=ctx.progress,
-    )  # fmt: skip
+    def predict(ctx, enc):
+        from polar_vbll.predictives import predict_mc_dropout
+
+        cfg = ctx.cfg
+        return predict_mc_dropout(ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=samples(cfg),
+                                  seed=cfg.train.seed, progress=ctx.progress)  # fmt: skip
+
+    return predict
 
 
 def _predict_ensemble(ctx, enc):
@@ -261,29 +265,9 @@ def _predict_ensemble(ctx, enc):
     return predict_ensemble(ctx.adapter, ctx.provider, enc, ctx.batch_size, members, ctx.progress)
 
 
-def _predict_blob(ctx, enc):
-    from polar_vbll.predictives import predict_mc_dropout
-
-    cfg = ctx.cfg
-    return predict_mc_dropout(
-        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=_blob_samples(cfg),
-        seed=cfg.train.seed, progress=ctx.progress,
-    )  # fmt: skip
-
-
 def _blob_samples(cfg) -> int:
     """The sampled passes of a BLoB-style adapter (``blob`` or ``polar_blob``): its section's eval_samples."""
     return METHODS[cfg.method].adapter_kind.settings(cfg).eval_samples
-
-
-def _predict_tfb(ctx, enc):
-    from polar_vbll.predictives import predict_mc_dropout
-
-    cfg = ctx.cfg
-    return predict_mc_dropout(
-        ctx.provider, ctx.members[0].head, enc, ctx.batch_size, n_samples=cfg.tfb.eval_samples,
-        seed=cfg.train.seed, progress=ctx.progress,
-    )  # fmt: skip
 
 
 def _fit_tfb(ctx, splits, report):
@@ -300,7 +284,8 @@ PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
     {
         "one_pass": PredictiveKind("one_pass", lambda cfg: 1, lambda cfg: 1, _predict_one_pass),
         "mc_dropout": PredictiveKind(
-            "mc_dropout", lambda cfg: cfg.eval.mc_dropout_samples, lambda cfg: 1, _predict_mc_dropout,
+            "mc_dropout", lambda cfg: cfg.eval.mc_dropout_samples, lambda cfg: 1,
+            _sampled(lambda cfg: cfg.eval.mc_dropout_samples),
             settings=("eval.mc_dropout_samples",),
         ),
         "ensemble": PredictiveKind(
@@ -308,10 +293,11 @@ PREDICTIVES: Mapping[str, PredictiveKind] = MappingProxyType(
             _predict_ensemble, settings=("eval.ensemble_members",),
         ),  # fmt: skip
         # TFB: the trained LoRA Bayesianized post hoc (polar_vbll.tfb), then sampled passes
-        "tfb": PredictiveKind("tfb", lambda cfg: cfg.tfb.eval_samples, lambda cfg: 1, _predict_tfb,
+        "tfb": PredictiveKind("tfb", lambda cfg: cfg.tfb.eval_samples, lambda cfg: 1,
+                              _sampled(lambda cfg: cfg.tfb.eval_samples),
                               settings=("tfb.",), fit=_fit_tfb),  # fmt: skip
         # BLoB: passes with the adapters' posterior sampling on, averaged (polar_vbll.adapters.blob)
-        "blob": PredictiveKind("blob", _blob_samples, lambda cfg: 1, _predict_blob),
+        "blob": PredictiveKind("blob", _blob_samples, lambda cfg: 1, _sampled(_blob_samples)),
     }
 )
 

@@ -10,6 +10,14 @@ from typer.testing import CliRunner
 
 from polar_vbll_cli.app import app
 
+#: Three questions of two to four choices, one with a context, two with answers.
+QUESTIONS = [
+    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "id": "q1"},
+    {"question": "Is the sky blue?", "choices": ["no", "yes"], "id": "q2", "answer": 1},
+    {"question": "Which is a fruit?", "choices": ["apple", "car", "stone", "cloud"], "id": "q3", "context": "Food.",
+     "answer": 0},
+]  # fmt: skip
+
 
 def predict_cli(run: Path, rows: list[dict], tmp_path: Path) -> list[dict]:
     """``polar-vbll predict RUN`` on ``rows`` (question dicts), its records without the file's line numbers."""

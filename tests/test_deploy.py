@@ -14,18 +14,12 @@ import pytest
 from typer.testing import CliRunner
 
 from polar_vbll_cli.app import app
-from tests.records import predict_cli
+from tests.records import QUESTIONS, predict_cli
 
 pytestmark = pytest.mark.extras("mlflow")
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = [
-    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "id": "q1"},
-    {"question": "Is the sky blue?", "choices": ["no", "yes"], "id": "q2", "answer": 1},
-    {"question": "Which is a fruit?", "choices": ["apple", "car", "stone", "cloud"], "id": "q3", "context": "Food.",
-     "answer": 0},
-]  # fmt: skip
 
 
 def _artifacts(uri: str, run_id: str, path: str) -> set[str]:

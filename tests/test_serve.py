@@ -27,18 +27,12 @@ from typer.testing import CliRunner
 from polar_vbll.tasks import load_task
 from polar_vbll_cli.app import app
 from tests.optional import for_entry
-from tests.records import predict_cli
+from tests.records import QUESTIONS, predict_cli
 
 pytestmark = for_entry("polar-vbll serve")
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-QUESTIONS = [
-    {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "id": "q1"},
-    {"question": "Is the sky blue?", "choices": ["no", "yes"], "id": "q2", "answer": 1},
-    {"question": "Which is a fruit?", "choices": ["apple", "car", "stone", "cloud"], "id": "q3", "context": "Food.",
-     "answer": 0},
-]  # fmt: skip
 START_TIMEOUT_S = 240
 
 
