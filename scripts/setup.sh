@@ -17,7 +17,7 @@ stamp=.venv/.polar-vbll-installed
 hash=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
 want=$hash-$EXTRAS
 if [ -f "$stamp" ]; then
-  # Done already when the same files installed these extras, or more (test.sh's dev,dist,track covers
+  # Done already when the same files installed these extras, or more (test.sh's dev,dist,track,serve,tune covers
   # main.sh's dev,track).
   have=$(cat "$stamp")
   if [ "${have%%-*}" = "$hash" ]; then

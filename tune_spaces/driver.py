@@ -157,8 +157,9 @@ class SearchOutcome:
 # ------------------------------------------------------------------------------------------ checking
 def check_space(space: ParamSpace, base: dict[str, Any], name: str, where: str = "search space") -> None:
     """Every key names a real config field and every value is valid (each choice and grid value, the
-    bounds of a numeric domain, one draw of all together), before Ray starts; a :class:`ConfigError` of
-    one line naming ``where`` (the space or its file), the key and the value."""
+    bounds of a numeric domain, then one draw), before Ray starts; a :class:`ConfigError` of one line naming
+    ``where`` (the space or its file), the key and the value. Deterministic: the other keys sit at their first
+    value (a numeric domain's lower bound) while one key's values are tried."""
     from ray.tune.search.sample import Categorical, Domain, Float, Integer
 
     def values(v: Any) -> list[Any]:
@@ -166,10 +167,10 @@ def check_space(space: ParamSpace, base: dict[str, Any], name: str, where: str =
             return list(v["grid_search"])
         if isinstance(v, Categorical):
             return list(v.categories)
-        if isinstance(v, Integer):
-            return [v.sample(), v.lower, v.upper - 1]  # randint's upper bound is excluded
+        if isinstance(v, Integer):  # the bounds first: a refusal names a bound, never a random draw
+            return [v.lower, v.upper - 1, v.sample()]  # randint's upper bound is excluded
         if isinstance(v, Float):
-            return [v.sample(), v.lower, v.upper]
+            return [v.lower, v.upper, v.sample()]
         if isinstance(v, Domain):
             return [v.sample()]
         return [v]
