@@ -213,6 +213,7 @@ def test_zero3_matches_the_single_process_trainer(runs):
     _assert_same_model(res, ref, run_dir, ref_dir, atol=2e-5)
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_activation_checkpointing_under_zero3_trains_the_same_model(runs):
     """The adapted blocks recomputed in the backward (parameters gathered by ZeRO-3 again): the same
     metrics, replicas and adapter as without."""
@@ -292,6 +293,7 @@ def _one_process(cfg: RunConfig) -> dict[str, Any]:
     return run_method(cfg, progress=False).results
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_lora_with_a_posthoc_laplace_head_on_workers_equals_one_process(tmp_path):
     """The method registry reaches the workers: a LoRA adapter under ZeRO-3 and the post-hoc last-layer
     Laplace head, fitted on the gathered training features, predict what one process predicts."""
@@ -320,6 +322,7 @@ def test_mc_dropout_predictive_runs_on_workers(tmp_path):
     assert probs.shape[0] == 32 and torch.allclose(probs.sum(-1), torch.ones(32), atol=1e-5)
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_a_head_refit_gone_non_finite_ends_the_run_without_a_restart(tmp_path):
     """A failure no retry can fix (the eta-phase diverges) stops every rank at the same point: the run
     ends with one clear error naming the eta-phase and the setting to lower, and Ray Train never restarts
@@ -419,6 +422,7 @@ def test_no_credential_reaches_the_runtime_environment(monkeypatch):
     assert not any(secret in e for e in envs)
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_bf16_backbone_under_deepspeed_keeps_the_stiefel_factors_and_the_head_in_fp32(tmp_path):
     """model.dtype bfloat16 on 2 CPU workers (ZeRO-3, DeepSpeed's bf16 mode): the run finishes with a
     finite loss, U and V stay float32 and orthonormal, the head is float32, the dtype is in the params."""

@@ -41,6 +41,7 @@ def test_the_exported_splits_are_the_main_jobs_examples_token_for_token(exported
     assert (exported / "tokenizer" / "tokenizer_config.json").is_file()
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_the_gpu_check_runs_end_to_end_on_the_cpu(exported, tmp_path):
     """``scripts/gpu_check.sh --device cpu --tiny``: every section ends ok and the report holds its table."""
     has_ds = importlib.util.find_spec("deepspeed") is not None

@@ -286,6 +286,7 @@ def test_a_search_whose_trials_all_fail_reports_each_first_error(tmp_path):
     assert "no_such_proj" in text
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch):
     """``polar-vbll train --workers 2`` (tracking on): one run in the run folder's own store, with the
     final metrics equal to results.json and the model artifacts."""
@@ -312,6 +313,7 @@ def test_a_tracked_distributed_training_is_one_mlflow_run(tmp_path, monkeypatch)
     assert results["timings"]["tracking_train_s"] >= 0.0
 
 
+@pytest.mark.slow  # over 20 s on 2 CPU cores (CI durations, 2026-12-07); -m slow runs it
 def test_training_the_best_config_reproduces_the_best_trial(search, tmp_path):
     """best_config.yaml is the best trial's complete config (the space's constants too: ``priors`` runs
     ``polar_vbll`` on the tiny config's ``polar_mle`` base), and training it gives the trial's metrics."""
