@@ -49,9 +49,12 @@ class HeadCoordinatorService:
         self._rounds: dict[int, _Round] = {}
         self._fatal: str | None = None
 
-    async def start(self, head: nn.Module, fit: HeadFitConfig | dict, state: dict[str, Any] | None) -> int:
-        """(Re)build the coordinator around ``head``, optionally from a checkpointed state; returns the new
-        generation number that every contribution must carry."""
+    async def start(
+        self, head: nn.Module, fit: HeadFitConfig | dict, state: dict[str, Any] | None, warm: bool = False
+    ) -> int:
+        """(Re)build the coordinator around ``head``, optionally from a checkpointed state (``warm``: keep
+        this config's optimizer settings, a warm start); returns the new generation number that every
+        contribution must carry."""
         self._generation += 1
         for r in self._rounds.values():  # wake waiters of the replaced group
             r.error = StaleGeneration("the worker group was restarted")
@@ -60,7 +63,7 @@ class HeadCoordinatorService:
         fit_cfg = fit if isinstance(fit, HeadFitConfig) else HeadFitConfig.model_validate(fit)
         self._coordinator = HeadCoordinator(head, fit_cfg)
         if state is not None:
-            self._coordinator.load_state_dict(state)
+            self._coordinator.load_state_dict(state, keep_settings=warm)
         return self._generation
 
     async def refit_shard(
@@ -148,15 +151,18 @@ class CoordinatorClient:
 
         ray.get(self.handle.record_fatal.remote(message))
 
-    def start(self, head: nn.Module | None, fit: HeadFitConfig, state: dict[str, Any] | None) -> None:
-        """Rank 0 (re)starts the coordinator; every rank learns the generation. A collective."""
+    def start(
+        self, head: nn.Module | None, fit: HeadFitConfig, state: dict[str, Any] | None, warm: bool = False
+    ) -> None:
+        """Rank 0 (re)starts the coordinator (``warm``: a warm start's state); every rank learns the
+        generation. A collective."""
         import ray
 
         from distributed.collectives import broadcast_object
 
         if head is not None:  # the actor fits on the CPU (and may run where no GPU is): a CPU copy travels
             head = copy.deepcopy(head).to("cpu")
-        gen = ray.get(self.handle.start.remote(head, fit, state)) if self.rank == 0 else None
+        gen = ray.get(self.handle.start.remote(head, fit, state, warm)) if self.rank == 0 else None
         self.generation = int(broadcast_object(gen))  # type: ignore[arg-type]
         self.refits = int(state["refits"]) if state is not None else 0
         self.last_report = state.get("last_report") if state is not None else None

@@ -32,6 +32,7 @@ from distributed.engine import deepspeed_config, local_parameter_bytes
 from distributed.head_actor import CoordinatorClient
 from distributed.loading import ShardedCheckpoint, load_backbone_zero3
 from polar_vbll.backbone import answer_head_weight
+from polar_vbll.checkpoint import load_checkpoint
 from polar_vbll.config import ModelConfig, RunConfig
 from polar_vbll.errors import RunFailure, UserInputError
 from polar_vbll.evaluation import Member
@@ -112,10 +113,17 @@ def run_worker(
     hooks: list[StepHook] | tuple[StepHook, ...] = (),
     tracking: TrackingTarget | None = None,
     entry_point: str = "train --workers",
+    segment: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One rank of a distributed run (every rank calls it; each step is a collective): train, evaluate,
     write the final checkpoint with the artifacts; returns ``results.json``'s content (the same on every
-    rank)."""
+    rank).
+
+    ``segment`` (a search trial under PBT, ``tune_spaces.trial``): ``warm_start``, the folder of a
+    checkpoint state to warm-start from when the run has no checkpoint of its own
+    (:mod:`polar_vbll.training.warm_start`), and ``stop_at``, a step to pause at with a checkpoint (no
+    evaluation then: the returned dict is the step and the validation metrics)."""
+    segment = segment or {}
     t0 = time.perf_counter()
     before_load = _memory_status().get("rss", 0)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -125,9 +133,11 @@ def run_worker(
     loader = BackboneLoad(cfg, dist_cfg, micro)
     session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows, placement=placement,
                             memory_check=False)  # fmt: skip
-    state = store.latest()
+    state, warm = store.latest(), False
+    if state is None and segment.get("warm_start"):
+        state, warm = load_checkpoint(segment["warm_start"]), True
     if state is not None:
-        load_weights(session.adapter, session.head, state, cfg)  # before DeepSpeed keeps master copies
+        load_weights(session.adapter, session.head, state, cfg, warm=warm)  # before DeepSpeed keeps master copies
     adapter = session.adapter
     backend = DeepSpeedBackend(
         cfg, dist_cfg, adapter.base_model, adapter.theta_parameters(), session.tokenizer.pad_token_id, micro,
@@ -139,7 +149,8 @@ def run_worker(
     memory = {"rank": rank, "node": _node_id(), "malloc_mmap_threshold": int(threshold) if threshold else None,
               **local_parameter_bytes(adapter.base_model),
               "rss_before_load": before_load, **_memory_status()}  # fmt: skip
-    coordinator.start(session.head if rank == 0 else None, cfg.head.fit, state["coordinator"] if state else None)
+    coordinator.start(session.head if rank == 0 else None, cfg.head.fit, state["coordinator"] if state else None,
+                      warm)  # fmt: skip
     logger = RunLogger(tracking) if tracking is not None and rank == 0 else None  # only rank 0 logs
     trainer = Trainer(
         cfg, adapter, session.head, session.splits, backend, coordinator, store,
@@ -147,14 +158,18 @@ def run_worker(
     )  # fmt: skip
     timings = {"load_s": time.perf_counter() - t0}
     if state is not None:
-        trainer.restore(state)
+        trainer.restore(state, warm=warm)
     t = time.perf_counter()
     trainer.state.zero_shot = zero_shot_for(session, backend, state, progress=False, one_process=False)
     trainer.state.zero_shot_split = session.splits["eval"].fingerprint()
     timings["zero_shot_eval_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    trainer.fit(checkpoint_at_end=False)  # the final checkpoint is written with the artifacts
+    trainer.fit(checkpoint_at_end=False, stop_at=segment.get("stop_at"))  # the final checkpoint: with the artifacts
     timings["train_s"] = time.perf_counter() - t
+    if not trainer.finished:  # a paused segment: its checkpoint is written, the run goes on elsewhere
+        trainer.verify(f"at step {trainer.state.step}")
+        last = trainer.state.history[-1] if trainer.state.history else {}
+        return {"step": trainer.state.step, **{k: v for k, v in last.items() if k.startswith("val_")}}
     digest = trainer.verify("at the end of training")
     memory["peak_rss_run"] = _memory_status().get("peak_rss", 0)
     training = training_summary(trainer)
@@ -199,6 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         run_worker(
             cfg, dist_cfg, client, RayCheckpoints(ctx.get_world_rank()), config.get("hooks") or (),
             TrackingTarget(**tracking) if tracking else None, config.get("entry_point", "train --workers"),
+            config.get("segment"),
         )  # fmt: skip
     except RunFailure as exc:  # raised on every rank at the same point: end the run, no restart
         client.record_fatal(f"{type(exc).__name__}: {exc}")

@@ -129,6 +129,8 @@ class Training(_Model):
     loss_regularizer: float | None = None  # and its regulariser ((KL - log p(sigma)) / N, or the MAP penalty / N)
     head_fits: list[dict[str, int | float | bool | None]] = []  # one report per full eta-phase
     reused: bool = False  # trained once for an identical earlier run of a comparison, not again
+    # warm starts (PBT's exploits): the step and the settings that changed there, {key: [then, now]}
+    warm_starts: list[dict[str, Any]] = []
 
 
 class Distributed(_Model):

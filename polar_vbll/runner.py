@@ -173,6 +173,7 @@ def training_summary(trainer: Trainer) -> dict[str, Any]:
         "stable_rank_mean": sum(ranks.values()) / len(ranks) if ranks else None,
         "stable_ranks": ranks,
         "history": history,
+        "warm_starts": trainer.state.warm_starts,
     }
 
 

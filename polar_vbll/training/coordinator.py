@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from polar_vbll.errors import HeadFitDiverged
+from polar_vbll.training.warm_start import with_settings
 
 if TYPE_CHECKING:
     from polar_vbll.config import HeadFitConfig
@@ -141,10 +142,13 @@ class HeadCoordinator:
             "refits": self.refits,
         }
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
+    def load_state_dict(self, sd: dict[str, Any], keep_settings: bool = False) -> None:
+        """Load :meth:`state_dict`'s ``sd``; ``keep_settings``: keep this coordinator's optimizer settings
+        (learning rate, betas: a warm start, ``polar_vbll.training.warm_start``), take only the moments."""
         self.head.load_state_dict(sd["head"])
         if self.optimizer is not None and sd.get("optimizer") is not None:
-            self.optimizer.load_state_dict(sd["optimizer"])
+            saved = sd["optimizer"]
+            self.optimizer.load_state_dict(with_settings(saved, self.optimizer.state_dict()) if keep_settings else saved)
         self.refits = int(sd["refits"])
         self.last_report = sd.get("last_report")
 
@@ -182,5 +186,5 @@ class LocalCoordinator:
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.inner.load_state_dict(sd)
+    def load_state_dict(self, sd: dict[str, Any], keep_settings: bool = False) -> None:
+        self.inner.load_state_dict(sd, keep_settings)

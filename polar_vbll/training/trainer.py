@@ -50,6 +50,7 @@ from polar_vbll.placement import to_device
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore, Coordinator, StepHook
 from polar_vbll.training.optimizers import build_stiefel_optimizer
+from polar_vbll.training.warm_start import check_warm_start, with_settings
 from polar_vbll.training.schedule import (
     batch_indices,
     check_resumable,
@@ -71,13 +72,17 @@ def check_same_data(state: dict[str, Any], train: EncodedSplit) -> None:
         )
 
 
-def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunConfig) -> None:
+def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunConfig, warm: bool = False) -> None:
     """The first half of a resume: the adapter's and the head's weights from a checkpoint ``state``.
 
     Done before a backend is built around the model (DeepSpeed keeps fp32 master copies of the weights it
     owns from ``initialize`` on, so weights loaded later would be silently overwritten by the next step);
-    :meth:`Trainer.restore` does the rest (optimizer moments, RNG states, the step)."""
-    check_resumable(state.get("config", {}), cfg)
+    :meth:`Trainer.restore` does the rest (optimizer moments, RNG states, the step). ``warm``: a warm start
+    (:mod:`polar_vbll.training.warm_start`: the hyperparameters may differ from the checkpoint's)."""
+    if warm:
+        check_warm_start(state.get("config", {}), cfg)
+    else:
+        check_resumable(state.get("config", {}), cfg)
     adapter.load_adapter_state_dict(state["adapter"], where="the checkpoint")
     head.load_state_dict(state["head"] if state.get("head") is not None else state["coordinator"]["head"])
 
@@ -92,6 +97,7 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
     head_fits: list[dict[str, Any]] = field(default_factory=list)  # one report per full eta-phase
     resumed_from: int | None = None
+    warm_starts: list[dict[str, Any]] = field(default_factory=list)  # {"step", "changed": {key: [then, now]}}
     zero_shot: torch.Tensor | None = None
     zero_shot_split: str | None = None  # fingerprint of the evaluation split those probabilities are for
 
@@ -198,6 +204,7 @@ class Trainer:
             "step": self.state.step,
             "history": self.state.history,
             "head_fits": self.state.head_fits,
+            "warm_starts": self.state.warm_starts,
             "adapter": adapter,
             "head": {k: v.detach().clone() for k, v in self.head.state_dict().items()},
             "head_opt": copy.deepcopy(self.head_opt.state_dict()) if self.head_opt is not None else None,
@@ -213,16 +220,27 @@ class Trainer:
             "backend": getattr(self.backend, "describe", lambda: {"world_size": 1})(),
         }
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any], warm: bool = False) -> None:
         """The second half of a resume (after :func:`load_weights` and a coordinator built from
-        ``state["coordinator"]``): optimizer moments, RNG state, step and history."""
-        check_resumable(state.get("config", {}), self.cfg)
+        ``state["coordinator"]``): optimizer moments, RNG state, step and history. ``warm``: a warm start
+        (:mod:`polar_vbll.training.warm_start`): the moments are kept, each optimizer's settings are the
+        current config's, and the changed settings are added to :attr:`TrainState.warm_starts`."""
+        changed = None
+        if warm:
+            changed = check_warm_start(state.get("config", {}), self.cfg)
+        else:
+            check_resumable(state.get("config", {}), self.cfg)
         check_same_data(state, self.train_split)
+
+        def moments(saved: dict[str, Any], optimizer_state: dict[str, Any]) -> dict[str, Any]:
+            return with_settings(saved, optimizer_state) if warm else saved
+
         if self.stiefel_opt is not None:
-            self.stiefel_opt.load_state_dict(state["stiefel_opt"])
+            self.stiefel_opt.load_state_dict(moments(state["stiefel_opt"], self.stiefel_opt.state_dict()))
         if self.head_opt is not None and state.get("head_opt") is not None:
-            self.head_opt.load_state_dict(state["head_opt"])
-        self.backend.load_theta_state_dict(state["theta_opt"])
+            self.head_opt.load_state_dict(moments(state["head_opt"], self.head_opt.state_dict()))
+        theta = state["theta_opt"]
+        self.backend.load_theta_state_dict(moments(theta, self.backend.theta_state_dict()) if warm else theta)
         rngs = state.get("rng_per_rank") or [state["rng"]]
         if len(rngs) == self.backend.world:
             set_rng_state(rngs[self.backend.rank])
@@ -234,6 +252,7 @@ class Trainer:
             history=list(state["history"]),
             head_fits=list(state.get("head_fits", [])),
             resumed_from=int(state["step"]),
+            warm_starts=[*state.get("warm_starts", []), *([{"step": int(state["step"]), "changed": changed}] if warm else [])],
             zero_shot=state.get("zero_shot"),
             zero_shot_split=state.get("zero_shot_split"),
         )
@@ -247,11 +266,12 @@ class Trainer:
         self.resume(state)
         return True
 
-    def resume(self, state: dict[str, Any]) -> None:
-        """One process: resume from a checkpoint ``state`` (weights, coordinator, optimizers, RNG, step)."""
-        load_weights(self.adapter, self.head, state, self.cfg)
-        self.coordinator.load_state_dict(state["coordinator"])  # type: ignore[attr-defined]
-        self.restore(state)
+    def resume(self, state: dict[str, Any], warm: bool = False) -> None:
+        """One process: resume from a checkpoint ``state`` (weights, coordinator, optimizers, RNG, step);
+        ``warm``: a warm start with this config's hyperparameters (:mod:`polar_vbll.training.warm_start`)."""
+        load_weights(self.adapter, self.head, state, self.cfg, warm=warm)
+        self.coordinator.load_state_dict(state["coordinator"], keep_settings=warm)  # type: ignore[attr-defined]
+        self.restore(state, warm=warm)
 
     def save(self, metrics: dict[str, Any] | None = None) -> None:
         """A checkpoint through the store (a collective: every rank assembles, rank 0 writes)."""
@@ -442,12 +462,22 @@ class Trainer:
             self.tracker.log_metrics(metrics, step)
 
     # ------------------------------------------------------------------------------------------- loop
-    def fit(self, checkpoint_at_end: bool = True) -> TrainState:
+    @property
+    def finished(self) -> bool:
+        """Whether training reached ``train.steps`` (false after :meth:`fit` paused at ``stop_at``)."""
+        return not self.method.trains or self.state.step >= self.tcfg.steps
+
+    def fit(self, checkpoint_at_end: bool = True, stop_at: int | None = None) -> TrainState:
         """Train to ``train.steps`` (none for a method that does not train), checkpointing on schedule;
         then the final head refit and (``checkpoint_at_end``) a checkpoint. A run that writes its final
-        checkpoint together with its artifacts (``polar_vbll.runner``) passes False."""
+        checkpoint together with its artifacts (``polar_vbll.runner``) passes False.
+
+        ``stop_at``: pause at that step (below ``train.steps``) with a checkpoint and the validation metrics
+        (a segment of a run: ``polar-vbll tune --scheduler pbt``); the schedule is the whole run's, so a
+        resume continues it exactly. Check :meth:`finished` afterwards."""
         t = self.tcfg
         total = t.steps if self.method.trains else 0
+        pause = stop_at if stop_at is not None and self.state.step < stop_at < total else None
         if self.state.step < total:
             self.backend.prepare(self.train_split, t.eval_batch_size, progress=self.progress)
             self.init_joint_head()
@@ -459,9 +489,10 @@ class Trainer:
             nxt = self.state.step + 1
             due = every_step or nxt % log_every == 0 or nxt == total or any(
                 n and nxt % n == 0 for n in (t.eval_every, t.checkpoint_every))  # fmt: skip
-            logs = self.train_step(sync=due)
+            logs = self.train_step(sync=due or nxt == pause)
             step = self.state.step
-            val = self.validate() if t.eval_every and step % t.eval_every == 0 and step < total else {}
+            validating = (t.eval_every and step % t.eval_every == 0) or step == pause
+            val = self.validate() if validating and step < total and "validation" in self.splits else {}
             if step % log_every == 0 or step == total or val:
                 logs["orthogonality_error"] = float(self.adapter.orthogonality_error())
                 logs["stable_rank_mean"] = self.stable_rank_mean()
@@ -471,7 +502,7 @@ class Trainer:
             every = self.backend.sync_check_every
             if every and step % every == 0 and step < total:
                 self.verify(f"after step {step}")
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < total:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0 and step < total) or step == pause:
                 self.save({**logs, **val})
             elif val:
                 self.store.report({"step": step, **val})
@@ -482,8 +513,12 @@ class Trainer:
                     "loss_regularizer" in logs) else {}  # fmt: skip
                 bar.set_postfix(loss=f"{logs['loss']:.3f}", **parts)
             bar.update(1)
+            if step == pause:
+                break
         bar.close()
         self._check_pending()
+        if not self.finished:
+            return self.state
         if final_refit_due(self.refits, self.refitted, t) and self.method.trains:
             self.refit_head()  # the head matches the final adapters
         if checkpoint_at_end:
