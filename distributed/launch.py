@@ -262,6 +262,27 @@ def run_in_session(
 ) -> dict[str, Any]:
     """:func:`train_distributed` inside an existing Ray session (what a search trial runs): writes the run
     folder's params, fits, copies the final artifacts into the run folder, returns the final results."""
+    return run_segment(cfg, dist, resume, hooks, callbacks, tracking, entry_point)[0]
+
+
+def run_segment(
+    cfg: RunConfig,
+    dist: DistConfig,
+    resume: bool = True,
+    hooks: Sequence[StepHook] = (),
+    callbacks: Sequence[Any] = (),
+    tracking: TrackingTarget | None = None,
+    entry_point: str = "train --workers",
+    stop_at: int | None = None,
+    warm_start: str | None = None,
+):
+    """:func:`run_in_session` for a part of a run (a PBT trial's, ``tune_spaces.pbt``): returns the
+    results (for a run paused at ``stop_at``: its step and validation metrics) and the Ray Train
+    checkpoint it ended with (``state/`` inside: ``polar_vbll.checkpoint``'s format).
+
+    ``stop_at``: pause at that step with a checkpoint (``Trainer.fit(stop_at=...)``). ``warm_start``: a
+    checkpoint state folder to warm-start from when the run folder has no checkpoint of its own
+    (``polar_vbll.training.warm_start``; checked here, before Ray Train starts)."""
     from distributed.cluster import check_cluster
 
     cfg = prepare_run(cfg, dist)
@@ -273,10 +294,13 @@ def run_in_session(
             n = clear_ray_state(run_dir)  # --no-resume starts over: the old checkpoints are replaced, as in one process
             print(f"starting over in {run_dir}: {n} old checkpoint(s) removed", flush=True)
         _check_resume(run_dir, cfg)  # before anything in the run folder is written
+        if warm_start is not None and not _has_ray_state(run_dir):
+            _check_warm_start(Path(warm_start), cfg)
         write_run_params(cfg, run_dir)
         (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))
 
-    result = fit_run(cfg, dist, hooks, storage, callbacks, tracking, entry_point)
+    segment = {"stop_at": stop_at, "warm_start": warm_start} if stop_at is not None or warm_start else None
+    result = fit_run(cfg, dist, hooks, storage, callbacks, tracking, entry_point, segment)
     results = dict(result.metrics or {})
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
@@ -285,7 +309,18 @@ def run_in_session(
                 results = json.loads((artifacts / "results.json").read_text())
             if run_dir is not None:
                 _copy_artifacts(artifacts, run_dir)
-    return results
+    return results, result.checkpoint
+
+
+def _check_warm_start(state_dir: Path, cfg: RunConfig) -> None:
+    """The checkpoint a run warm-starts from must differ from ``cfg`` only in what a warm start may change
+    (``polar_vbll.training.warm_start``); refused here, on the driver, before Ray Train starts."""
+    from polar_vbll.training.warm_start import check_warm_start
+
+    try:
+        check_warm_start(load_checkpoint(state_dir).get("config", {}), cfg)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{state_dir}: {exc}") from None
 
 
 def fit_run(
@@ -296,11 +331,13 @@ def fit_run(
     callbacks: Sequence[Any] = (),
     tracking: TrackingTarget | None = None,
     entry_point: str = "train --workers",
+    segment: dict[str, Any] | None = None,
 ):
     """One Ray Train run of ``cfg`` (name = run name, resumed from its latest checkpoint in ``storage``).
 
     ``callbacks``: Ray Train user callbacks (a Tune trial passes ``TuneReportCallback`` so that the
-    workers' reports reach Tune's scheduler); ``tracking``: the MLflow run rank 0 writes to.
+    workers' reports reach Tune's scheduler); ``tracking``: the MLflow run rank 0 writes to; ``segment``:
+    a pause step and a warm start (:func:`run_segment`, ``distributed.worker.run_worker``).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -319,6 +356,7 @@ def fit_run(
             "hooks": list(hooks),
             "tracking": dataclasses.asdict(tracking.shareable()) if tracking is not None else None,
             "entry_point": entry_point,
+            "segment": segment,
         },
         scaling_config=ScalingConfig(
             num_workers=dist.workers,

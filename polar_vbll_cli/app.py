@@ -234,7 +234,7 @@ def tune(
         str, typer.Option(help="search algorithm: random, optuna, hyperopt (optuna, hyperopt: the `tune` extra)")
     ] = "random",
     scheduler: Annotated[
-        str, typer.Option(help="trial scheduler: asha, hyperband, none (pbt is refused: docs/tuning.md)")
+        str, typer.Option(help="trial scheduler: asha, hyperband, pbt, none (docs/tuning.md)")
     ] = "asha",
     grace_steps: Annotated[
         int | None, typer.Option(help="ASHA: steps before a trial may be stopped (default: train.eval_every)")
@@ -242,6 +242,9 @@ def tune(
     reduction_factor: Annotated[
         int, typer.Option(help="ASHA, HyperBand: keep the best 1/factor of the trials at each rung")
     ] = 2,
+    perturbation_steps: Annotated[
+        int | None, typer.Option(help="PBT: steps between exploits (default: train.eval_every)")
+    ] = None,
     seed: Annotated[int, typer.Option(help="seed of the search algorithm")] = 0,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: a local Ray)")] = None,
     dist_set: Annotated[
@@ -249,7 +252,7 @@ def tune(
         typer.Option("--dist-set", help="distributed setting of every trial, e.g. --dist-set use_gpu=true"),
     ] = None,
 ) -> None:
-    """Ray Tune search (random, Optuna or HyperOpt; ASHA, HyperBand or none; objective: validation NLL) with
+    """Ray Tune search (random, Optuna or HyperOpt; ASHA, HyperBand, PBT or none; objective: validation NLL) with
     MLflow tracking; resumable; writes the best configuration as a ready-to-use YAML (best_config.yaml in
     the search folder)."""
     with _one_line_errors("rerun the same command to resume the search"):
@@ -262,7 +265,8 @@ def tune(
 
         given = {"reduction_factor": reduction_factor} if reduction_factor != 2 else {}  # only when set
         settings = driver.search_settings(space=space, trials=trials, concurrency=concurrency, searcher=search,
-                                          scheduler=scheduler, grace_steps=grace_steps, seed=seed, **given)  # fmt: skip
+                                          scheduler=scheduler, grace_steps=grace_steps, seed=seed,
+                                          perturbation_steps=perturbation_steps, **given)  # fmt: skip
         cfg = load_config(resolve_config(config, "run"), set_ or [])
         if name is not None or cfg.name == "run":
             default = Path(space).stem if looks_like_file(space) else space

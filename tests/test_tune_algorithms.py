@@ -159,13 +159,34 @@ def test_optuna_refuses_a_quantised_log_domain_it_would_ignore(tmp_path):
     check_searcher("hyperopt", load_space_file(path)[0], "f")  # HyperOpt has hp.qloguniform
 
 
-def test_pbt_is_refused_in_one_line_saying_why(tmp_path):
-    result = CliRunner().invoke(app, ["tune", "--space", "priors", "--config", "tiny", "--scheduler", "pbt",
+@pytest.mark.parametrize(
+    ("args", "space", "wanted"),
+    [
+        (["--search", "optuna"], "priors", "--scheduler pbt makes the later configurations itself"),
+        (["--perturbation-steps", "6", "--set", "train.steps=6"], "priors", "--perturbation-steps 6 is not below"),
+        ([], "ranks", "none of the searched keys (polar.r, head.vbll.cov_rank) may change mid-run"),
+        (["--scheduler", "asha", "--perturbation-steps", "2"], "priors", "perturbation_steps is PBT's setting"),
+        (["--reduction-factor", "3"], "priors", "--scheduler pbt has no rungs"),
+    ],
+)
+def test_pbt_settings_it_cannot_run_are_one_line_and_nothing_is_written(args, space, wanted, tmp_path):
+    result = CliRunner().invoke(app, ["tune", "--space", space, "--config", "tiny", "--scheduler", "pbt", *args,
                                       "--set", f"output_dir={tmp_path / 'runs'}"])  # fmt: skip
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     (line,) = result.output.strip().splitlines()
-    assert "--scheduler pbt is not supported" in line and "mutated hyperparameters" in line
+    assert wanted in line, line
     assert not (tmp_path / "runs").exists()
+
+
+def test_pbt_mutates_only_what_a_warm_start_may_change():
+    from ray import tune
+
+    from tune_spaces.pbt import mutations
+
+    space = {"optim.lr_theta": tune.loguniform(1e-4, 1e-2), "polar.r": tune.choice([2, 4]), "method": "polar_vbll",
+             "head.vbll.prior_scale": tune.uniform(0.1, 1.0),
+             "optim.method": tune.choice(["riemannian", "landing"])}  # fmt: skip
+    assert sorted(mutations(space, "s")) == ["head.vbll.prior_scale", "optim.lr_theta"]
 
 
 @pytest.mark.parametrize(
@@ -175,7 +196,7 @@ def test_pbt_is_refused_in_one_line_saying_why(tmp_path):
         (["--scheduler", "none", "--reduction-factor", "3"], "reduction_factor is ASHA's and HyperBand's"),
         (["--reduction-factor", "1"], "reduction_factor: Input should be greater than 1"),
         (["--search", "grid"], "searcher 'grid' is not one of random, optuna, hyperopt"),
-        (["--scheduler", "median"], "scheduler 'median' is not one of asha, hyperband, none"),
+        (["--scheduler", "median"], "scheduler 'median' is not one of asha, hyperband, pbt, none"),
         (["--grace-steps", "50", "--set", "train.steps=6"], "--grace-steps 50 is more than train.steps (6)"),
     ],
 )
@@ -333,3 +354,63 @@ def test_the_best_results_tune_checkpoint_is_the_best_trials_model(optuna_search
     others = [r for r in grid if r.path != best.path]
     assert all(r.metrics["val_nll"] >= best.metrics["val_nll"] for r in others)
     assert f"best trial's model (Tune checkpoint): {best.checkpoint.path}\n" in result.output
+
+
+PBT_SPACE = """\
+optim.lr_theta: {loguniform: [1.0e-4, 1.0e-1]}
+optim.lr_stiefel: {loguniform: [1.0e-4, 1.0e-1]}
+"""
+
+
+@pytest.fixture(scope="module")
+def pbt_search(tmp_path_factory):
+    """``polar-vbll tune --scheduler pbt --trials 2`` through the command line: 3 steps, perturbed at step 2
+    (synchronous: the worse trial takes the better one's model there), 1 worker per trial."""
+    root = tmp_path_factory.mktemp("tune-pbt")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    space = root / "space.yaml"
+    space.write_text(PBT_SPACE)
+    args = ["tune", "--config", "tiny", "--trials", "2", "--space", str(space), "--seed", "3", "--scheduler", "pbt",
+            "--perturbation-steps", "2", "--concurrency", "2", "--workers", "1", "--name", "p",
+            "--set", f"output_dir={root}", "--set", "train.steps=3", "--set", "train.eval_every=1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    return root / "p", result
+
+
+def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt_search):
+    """The exploited trial's history up to the exploit is the donor's, its next loss (taken before the
+    step, on the weights it received) is the donor's too, and the settings it changed are PBT's
+    perturbation of the donor's (x0.8, x1.2) or a redraw from the space; Tune's best result holds a model
+    and its training state."""
+    from ray import tune
+
+    from tune_spaces.trial import run_trial
+
+    folder, result = pbt_search
+    assert result.exit_code == 0, result.output[-3000:]
+    trials = {p.name: json.loads((p / "results.json").read_text()) for p in (folder / "trials").iterdir()}
+    assert len(trials) == 2 and all(r["training"]["steps"] == 3 for r in trials.values())
+    exploited = {t: r for t, r in trials.items() if r["training"]["warm_starts"]}
+    assert exploited, "synchronous PBT with 2 trials exploits at step 2"
+    for trial, res in exploited.items():
+        (donor,) = set(trials) - {trial}
+        warm = res["training"]["warm_starts"][-1]
+        s = warm["step"]
+        assert s == 2
+        mine = {h["step"]: h for h in res["training"]["history"]}
+        theirs = {h["step"]: h for h in trials[donor]["training"]["history"]}
+        assert [mine[k]["loss"] for k in range(1, s + 1)] == [theirs[k]["loss"] for k in range(1, s + 1)]
+        assert mine[s + 1]["loss"] == pytest.approx(theirs[s + 1]["loss"], rel=1e-6)  # the donor's weights
+        assert set(warm["changed"]) <= {"optim.lr_theta", "optim.lr_stiefel"} and warm["changed"]
+        for then, now in warm["changed"].values():
+            assert now / then == pytest.approx(0.8) or now / then == pytest.approx(1.2) or 1e-4 <= now <= 1e-1
+        lineage = json.loads((folder / "trials" / trial / "pbt.json").read_text())
+        assert lineage[-1]["exploited"] == donor and lineage[-1]["from_step"] == s
+    record = json.loads((folder / "search.json").read_text())
+    assert record["algorithms"]["search.perturbation_steps_used"] == 2
+    grid = tune.Tuner.restore(str(folder), trainable=run_trial).get_results()
+    assert len(grid) == 2 and grid.num_errors == 0
+    best = grid.get_best_result(metric="val_nll", mode="min")
+    with best.checkpoint.as_directory() as d:
+        assert (Path(d) / "adapter").is_dir() and (Path(d) / "state" / "meta.json").is_file()
+        assert json.loads((Path(d) / "pbt.json").read_text())["step"] == 3

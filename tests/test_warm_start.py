@@ -21,7 +21,13 @@ from .conftest import make_tiny_llama
 from .test_train import K, _adapter_snapshot, _split
 
 A = {"lr_stiefel": 0.05, "lr_theta": 0.05, "warmup_ratio": 0.2}
-B = {"lr_stiefel": 0.02, "lr_theta": 0.01, "warmup_ratio": 0.2, "theta_weight_decay": 0.1, "betas": [0.8, 0.99]}
+B = {
+    "lr_stiefel": 0.02,
+    "lr_theta": 0.01,
+    "warmup_ratio": 0.2,
+    "theta_weight_decay": 0.1,
+    "betas": [0.8, 0.99],
+}
 
 
 def _trainer(run_dir, optim: dict, r: int = 4, steps: int = 6) -> Trainer:
@@ -93,7 +99,9 @@ def test_a_warm_start_equals_switching_the_live_optimizers_settings_mid_run(tmp_
     assert theta_group["weight_decay"] == 0.1 and tuple(theta_group["betas"]) == (0.8, 0.99)
     saved = state["theta_opt"]["state"]
     for i, s in warm.backend.theta_optimizer.state_dict()["state"].items():  # the moments are the donor's
-        assert torch.equal(s["exp_avg"], saved[i]["exp_avg"]) and torch.equal(s["exp_avg_sq"], saved[i]["exp_avg_sq"])
+        assert torch.equal(s["exp_avg"], saved[i]["exp_avg"]) and torch.equal(
+            s["exp_avg_sq"], saved[i]["exp_avg_sq"]
+        )
     changed = warm.state.warm_starts[0]["changed"]
     assert warm.state.warm_starts[0]["step"] == 3
     assert changed["optim.lr_theta"] == [0.05, 0.01] and changed["optim.theta_weight_decay"] == [0.0, 0.1]
@@ -124,7 +132,9 @@ def test_a_warm_start_cannot_change_what_the_checkpoint_holds(tmp_path):
 
 
 def test_which_settings_a_warm_start_may_change():
-    assert warm_startable("optim.lr_theta") and warm_startable("lora.dropout") and warm_startable("head.fit.lr")
+    assert (
+        warm_startable("optim.lr_theta") and warm_startable("lora.dropout") and warm_startable("head.fit.lr")
+    )
     for key in ("polar.r", "method.head", "train.steps", "train.seed", "optim.method", "head.vbll.cov",
                 "optim.second_moment", "head.fit.optimizer"):  # fmt: skip
         assert not warm_startable(key), key
@@ -137,7 +147,10 @@ def test_with_settings_keeps_the_moments_and_takes_the_new_settings():
     old.step()
     new = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=0.5, betas=(0.5, 0.9), weight_decay=0.2)
     merged = with_settings(old.state_dict(), new.state_dict())
-    assert merged["state"] is old.state_dict()["state"] or merged["state"].keys() == old.state_dict()["state"].keys()
+    assert (
+        merged["state"] is old.state_dict()["state"]
+        or merged["state"].keys() == old.state_dict()["state"].keys()
+    )
     g = merged["param_groups"][0]
     assert (g["lr"], g["betas"], g["weight_decay"], g["params"]) == (0.5, (0.5, 0.9), 0.2, [0])
     with pytest.raises(CheckpointError, match="parameter groups"):

@@ -10,8 +10,9 @@ anything is written (:func:`check_searcher`).
 
 Schedulers: ``asha`` (``ASHAScheduler``), ``hyperband`` (``HyperBandScheduler``: pauses trials at each
 rung; a paused trial restarts from its own latest training checkpoint), ``none`` (``FIFOScheduler``: every
-trial runs to the end). ``pbt`` is refused (:data:`PBT_REFUSED`). All compare the reports the workers make
-every ``train.eval_every`` steps, ``time_attr="step"``.
+trial runs to the end), ``pbt`` (``PopulationBasedTraining``: :mod:`tune_spaces.pbt`, built there: it
+needs the space). ASHA and HyperBand compare the reports the workers make every ``train.eval_every``
+steps, PBT those of each segment's end; all with ``time_attr="step"``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,6 @@ from polar_vbll.extras import require
 
 SEARCHERS = ("random", "optuna", "hyperopt")
 SCHEDULERS = ("asha", "hyperband", "pbt", "none")
-
-#: Why ``--scheduler pbt`` is refused (one line, exit 2).
-PBT_REFUSED = (
-    "--scheduler pbt is not supported: Population Based Training restarts a trial from another trial's "
-    "checkpoint with mutated hyperparameters, but a trial's training refuses to resume a checkpoint written "
-    "with other training settings (optimizer, head, adapter) and Ray Train's Tune callback does not hand its "
-    "checkpoints to Tune; use --scheduler asha, hyperband or none"
-)
-
 
 def check_searcher(searcher: str, space: dict[str, Any], where: str) -> None:
     """Refuse, in one :class:`ConfigError` line naming ``where`` (the space) and the key, a space the
@@ -99,7 +91,7 @@ def make_searcher(searcher: str, seed: int, concurrency: int, metric: str, mode:
 def make_scheduler(scheduler: str, *, steps: int, grace_steps: int, reduction_factor: int):
     """Tune's trial scheduler for ``scheduler``, comparing the ``step`` reports of trials that train
     ``steps`` steps (ASHA: first rung at ``grace_steps``; ASHA and HyperBand keep the best
-    1/``reduction_factor`` at each rung). Raises :class:`ConfigError` for ``pbt`` (:data:`PBT_REFUSED`)."""
+    1/``reduction_factor`` at each rung). ``pbt`` is :func:`tune_spaces.pbt.make_pbt`'s."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     if scheduler == "asha":
@@ -116,6 +108,4 @@ def make_scheduler(scheduler: str, *, steps: int, grace_steps: int, reduction_fa
         )
     if scheduler == "none":
         return FIFOScheduler()
-    if scheduler == "pbt":
-        raise ConfigError(PBT_REFUSED)
     raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")

@@ -62,7 +62,8 @@ from polar_vbll.tracking import (
     resolve_store,
     strip_credentials,
 )
-from tune_spaces.algorithms import PBT_REFUSED, SEARCHERS, check_searcher, make_scheduler, make_searcher
+from tune_spaces.algorithms import SCHEDULERS, SEARCHERS, check_searcher, make_scheduler, make_searcher
+from tune_spaces.pbt import PBT_CHECKPOINTS_KEPT, make_pbt, mutations
 from tune_spaces.space_files import SpaceSource
 from tune_spaces.spaces import ParamSpace, describe, get_space, resolve_space, searched_keys
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
@@ -91,9 +92,10 @@ class SearchSettings(BaseModel):
     """How a search runs (not what a trial trains: that is the base ``RunConfig`` plus the space).
 
     ``space``: a named space or a YAML space file. ``searcher``: ``random`` (default), ``optuna`` or
-    ``hyperopt`` (the ``tune`` extra). ``scheduler``: ``asha`` (default), ``hyperband`` or ``none``;
-    ``pbt`` is refused (:data:`tune_spaces.algorithms.PBT_REFUSED`). ``grace_steps`` (training steps) is
-    ASHA's alone; ``reduction_factor`` ASHA's and HyperBand's. Raises ``ValidationError`` (through
+    ``hyperopt`` (the ``tune`` extra). ``scheduler``: ``asha`` (default), ``hyperband``, ``pbt``
+    (:mod:`tune_spaces.pbt`; with ``random`` only: PBT makes the later configurations itself) or ``none``.
+    ``grace_steps`` (training steps) is ASHA's alone; ``reduction_factor`` ASHA's and HyperBand's;
+    ``perturbation_steps`` PBT's (default ``train.eval_every``). Raises ``ValidationError`` (through
     :func:`search_settings`: a :class:`ConfigError`) for a bad value or a setting the scheduler ignores."""
 
     model_config = ConfigDict(extra="forbid")
@@ -104,31 +106,33 @@ class SearchSettings(BaseModel):
         None, gt=0, description="trials at once (default: as many as the CPUs hold, workers x cpus each)"
     )
     searcher: str = Field("random", description="search algorithm: random, optuna, hyperopt")
-    scheduler: str = Field("asha", description="trial scheduler: asha, hyperband, none (pbt is refused)")
+    scheduler: str = Field("asha", description="trial scheduler: asha, hyperband, pbt, none")
     grace_steps: int | None = Field(None, gt=0, description="ASHA: steps before a trial may be stopped")
     reduction_factor: int = Field(2, gt=1, description="ASHA, HyperBand: keep the best 1/factor at each rung")
+    perturbation_steps: int | None = Field(None, gt=0, description="PBT: steps between exploits (train.eval_every)")
     seed: int = Field(0, ge=0, description="seed of the search algorithm")
 
     @model_validator(mode="after")
     def _fits_the_algorithms(self) -> SearchSettings:
         if self.searcher not in SEARCHERS:
             raise ValueError(f"searcher {self.searcher!r} is not one of {', '.join(SEARCHERS)}")
-        if self.scheduler == "pbt":
-            raise ValueError(PBT_REFUSED)
-        if self.scheduler not in ("asha", "hyperband", "none"):
-            raise ValueError(f"scheduler {self.scheduler!r} is not one of asha, hyperband, none")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if self.scheduler == "pbt" and self.searcher != "random":
+            raise ValueError(f"--scheduler pbt makes the later configurations itself (exploit and explore): use "
+                             f"--search random, not {self.searcher}")  # fmt: skip
+        if self.perturbation_steps is not None and self.scheduler != "pbt":
+            raise ValueError(f"perturbation_steps is PBT's setting; --scheduler {self.scheduler} perturbs nothing")
         if self.grace_steps is not None and self.scheduler != "asha":
             raise ValueError(f"grace_steps is ASHA's setting; --scheduler {self.scheduler} has no grace period")
-        if "reduction_factor" in self.model_fields_set and self.scheduler == "none":
-            raise ValueError("reduction_factor is ASHA's and HyperBand's setting; --scheduler none stops no trial")
+        if "reduction_factor" in self.model_fields_set and self.scheduler in ("none", "pbt"):
+            raise ValueError(f"reduction_factor is ASHA's and HyperBand's setting; --scheduler {self.scheduler} "
+                             "has no rungs")  # fmt: skip
         return self
 
 
 def search_settings(**values: Any) -> SearchSettings:
-    """Validate search settings, naming each bad one in a :class:`ConfigError` (exit 2 at the CLI); a
-    refused scheduler (``pbt``) is one line."""
-    if values.get("scheduler") == "pbt":
-        raise ConfigError(PBT_REFUSED)
+    """Validate search settings, naming each bad one in a :class:`ConfigError` (exit 2 at the CLI)."""
     try:
         return SearchSettings(**values)
     except ValidationError as exc:
@@ -270,6 +274,9 @@ def algorithm_settings(cfg: RunConfig, settings: SearchSettings, concurrency: in
                             "search.tune_checkpoints_kept": TUNE_CHECKPOINTS_KEPT}  # fmt: skip
     if settings.scheduler == "asha":
         used["search.grace_steps_used"] = settings.grace_steps or cfg.train.eval_every
+    if settings.scheduler == "pbt":
+        used["search.perturbation_steps_used"] = settings.perturbation_steps or cfg.train.eval_every
+        used["search.tune_checkpoints_kept"] = PBT_CHECKPOINTS_KEPT
     return used
 
 
@@ -338,6 +345,12 @@ def run_search(
     if settings.grace_steps is not None and settings.grace_steps > cfg.train.steps:
         raise ConfigError(f"--grace-steps {settings.grace_steps} is more than train.steps ({cfg.train.steps}): "
                           "no trial could be stopped")  # fmt: skip
+    if settings.scheduler == "pbt":
+        interval = settings.perturbation_steps or cfg.train.eval_every
+        if interval >= cfg.train.steps:
+            raise ConfigError(f"--perturbation-steps {interval} is not below train.steps ({cfg.train.steps}): "
+                              "PBT would never perturb a trial")  # fmt: skip
+        mutations(space, where)  # one line when no searched key may change during training
     folder = Path(cfg.output_dir).expanduser().resolve() / cfg.name
     base = cfg.model_dump(mode="json")
     check_space(space, base, cfg.name, where)
@@ -394,8 +407,10 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    interval = (settings.perturbation_steps or cfg.train.eval_every) if settings.scheduler == "pbt" else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking),
+        tune.with_parameters(run_trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking,
+                             pbt=interval),  # fmt: skip
         {"cpu": 0, "memory": 64 * 1024 * 1024},  # the trial only drives; its Train workers hold the CPUs
     )
     if tune.Tuner.can_restore(str(folder)):
@@ -404,12 +419,15 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
             str(folder), trainable=trainable, param_space=space, resume_unfinished=True, resume_errored=True
         )
     else:
-        scheduler = make_scheduler(
-            settings.scheduler,
-            steps=cfg.train.steps,
-            grace_steps=settings.grace_steps or cfg.train.eval_every,
-            reduction_factor=settings.reduction_factor,
-        )
+        if interval is not None:
+            scheduler = make_pbt(space, f"search space {settings.space!r}", interval=interval, seed=settings.seed)
+        else:
+            scheduler = make_scheduler(
+                settings.scheduler,
+                steps=cfg.train.steps,
+                grace_steps=settings.grace_steps or cfg.train.eval_every,
+                reduction_factor=settings.reduction_factor,
+            )
         searcher = make_searcher(settings.searcher, settings.seed, concurrency, OBJECTIVE, MODE)
         tuner = tune.Tuner(
             trainable,
@@ -428,7 +446,9 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
                 verbose=1,
                 callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
                 # each finished trial reports one checkpoint, its final model (tune_spaces.trial)
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=TUNE_CHECKPOINTS_KEPT),
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=PBT_CHECKPOINTS_KEPT if interval is not None else TUNE_CHECKPOINTS_KEPT
+                ),
             ),
         )
     return tuner.fit()

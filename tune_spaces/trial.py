@@ -89,14 +89,26 @@ def open_child_run(
 
 
 def run_trial(
-    config: dict[str, Any], *, base: dict[str, Any], dist: dict[str, Any], tracking: dict[str, Any]
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    dist: dict[str, Any],
+    tracking: dict[str, Any],
+    pbt: int | None = None,
 ) -> None:
-    """The Tune trainable: ``config`` is the sampled point of the search space (dotted keys).
+    """The Tune trainable: ``config`` is the sampled point of the search space (dotted keys); ``pbt``: the
+    perturbation interval in steps under ``--scheduler pbt`` (the trial trains in segments:
+    :func:`tune_spaces.pbt.run_pbt_trial`).
 
     A trial that fails, or that ASHA stops (Tune kills it mid-run), never gets here to close its MLflow
     run: the driver closes it afterwards from Tune's own record (FAILED with the error, or KILLED).
     """
     from ray import tune
+
+    if pbt is not None:
+        from tune_spaces.pbt import run_pbt_trial
+
+        return run_pbt_trial(config, base=base, dist=dist, tracking=tracking, interval=pbt)
 
     from distributed.launch import run_in_session
 
@@ -131,23 +143,28 @@ def forward_until_the_end(steps: int):
     return ForwardUntilTheEnd()
 
 
-def report_final_model(results: dict[str, Any], run_dir: Path) -> None:
+def report_final_model(results: dict[str, Any], run_dir: Path, extra: dict[str, Path] | None = None) -> None:
     """Report the trial's final metrics (what rank 0's last report held) with a Tune checkpoint of its
-    final model (:data:`CHECKPOINT_FILES`); Tune copies it into the trial's folder. The staging folder
-    hard-links the files where it can, so only Tune's own copy is written."""
+    final model (:data:`CHECKPOINT_FILES`, and ``extra``: name -> file or folder); Tune copies it into the
+    trial's folder. The staging folder hard-links the files where it can, so only Tune's own copy is written."""
     from ray import tune
 
     from polar_vbll.results import flat_metrics
 
     summary = {"step": results["training"]["steps"], **flat_metrics(results)}
     with tempfile.TemporaryDirectory(prefix=".tune-checkpoint-", dir=run_dir) as staging:
-        for name in CHECKPOINT_FILES:
-            src, dst = run_dir / name, Path(staging) / name
-            if src.is_dir():
-                shutil.copytree(src, dst, copy_function=_link_or_copy)
-            elif src.is_file():
-                _link_or_copy(src, dst)
+        stage({**{name: run_dir / name for name in CHECKPOINT_FILES}, **(extra or {})}, Path(staging))
         tune.report(summary, checkpoint=tune.Checkpoint.from_directory(staging))
+
+
+def stage(files: dict[str, Path], staging: Path) -> None:
+    """Hard-link (else copy) each existing file or folder of ``files`` (name -> path) into ``staging``."""
+    for name, src in files.items():
+        dst = staging / name
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        elif src.is_file():
+            _link_or_copy(src, dst)
 
 
 def _link_or_copy(src, dst) -> None:

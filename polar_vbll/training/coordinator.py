@@ -148,7 +148,9 @@ class HeadCoordinator:
         self.head.load_state_dict(sd["head"])
         if self.optimizer is not None and sd.get("optimizer") is not None:
             saved = sd["optimizer"]
-            self.optimizer.load_state_dict(with_settings(saved, self.optimizer.state_dict()) if keep_settings else saved)
+            if keep_settings:
+                saved = with_settings(saved, self.optimizer.state_dict())
+            self.optimizer.load_state_dict(saved)
         self.refits = int(sd["refits"])
         self.last_report = sd.get("last_report")
 

@@ -50,7 +50,6 @@ from polar_vbll.placement import to_device
 from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore, Coordinator, StepHook
 from polar_vbll.training.optimizers import build_stiefel_optimizer
-from polar_vbll.training.warm_start import check_warm_start, with_settings
 from polar_vbll.training.schedule import (
     batch_indices,
     check_resumable,
@@ -59,6 +58,7 @@ from polar_vbll.training.schedule import (
     head_refit_due,
     lr_factor,
 )
+from polar_vbll.training.warm_start import check_warm_start, with_settings
 
 
 def check_same_data(state: dict[str, Any], train: EncodedSplit) -> None:
@@ -252,7 +252,7 @@ class Trainer:
             history=list(state["history"]),
             head_fits=list(state.get("head_fits", [])),
             resumed_from=int(state["step"]),
-            warm_starts=[*state.get("warm_starts", []), *([{"step": int(state["step"]), "changed": changed}] if warm else [])],
+            warm_starts=[*state.get("warm_starts", []), *([{"step": int(state["step"]), "changed": changed}] * warm)],
             zero_shot=state.get("zero_shot"),
             zero_shot_split=state.get("zero_shot_split"),
         )

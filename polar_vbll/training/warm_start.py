@@ -97,7 +97,8 @@ def with_settings(saved: dict[str, Any], fresh: dict[str, Any]) -> dict[str, Any
     groups, settings = saved.get("param_groups", []), optimizer_settings(fresh)
     if len(groups) != len(settings):
         raise CheckpointError(
-            f"cannot warm-start: the checkpoint's optimizer has {len(groups)} parameter groups, this run's {len(settings)}"
+            f"cannot warm-start: the checkpoint's optimizer has {len(groups)} parameter groups, "
+            f"this run's {len(settings)}"
         )
     out = copy.copy(saved)
     out["param_groups"] = [{**s, "params": g["params"]} for g, s in zip(groups, settings, strict=True)]
