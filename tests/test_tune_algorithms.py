@@ -377,6 +377,7 @@ def pbt_search(tmp_path_factory):
     return root / "p", result
 
 
+@pytest.mark.slow  # 2 trials x 2 segments, each a worker-group start: 216 s under load 8-10 (CI durations)
 def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt_search):
     """The exploited trial's history up to the exploit is the donor's, its next loss (taken before the
     step, on the weights it received) is the donor's too, and the settings it changed are PBT's
@@ -408,9 +409,27 @@ def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt
         assert lineage[-1]["exploited"] == donor and lineage[-1]["from_step"] == s
     record = json.loads((folder / "search.json").read_text())
     assert record["algorithms"]["search.perturbation_steps_used"] == 2
+    header = [ln for ln in (folder / "best_config.yaml").read_text().splitlines() if ln.startswith("#")]
+    best_trial = header[0].split()[3]
+    if best_trial in exploited:  # its schedule: the donor's settings until step 2, then its own
+        assert "PBT trained this model with a schedule" in header[2] and "from step 2 (took trial" in header[4]
     grid = tune.Tuner.restore(str(folder), trainable=run_trial).get_results()
     assert len(grid) == 2 and grid.num_errors == 0
     best = grid.get_best_result(metric="val_nll", mode="min")
     with best.checkpoint.as_directory() as d:
         assert (Path(d) / "adapter").is_dir() and (Path(d) / "state" / "meta.json").is_file()
         assert json.loads((Path(d) / "pbt.json").read_text())["step"] == 3
+
+
+def test_a_search_started_before_a_setting_existed_resumes_with_it_unset(tmp_path):
+    """A search.json written before ``perturbation_steps`` existed (its settings lack the key) is the same
+    search when the setting is left unset, and another one when it is set."""
+    cfg = driver._prepare_base(load_config(packaged_config("run", "tiny"), [f"output_dir={tmp_path}"]), announce=False)
+    space = driver.get_space("priors")
+    old = driver.search_provenance(cfg, driver.search_settings(space="priors"), space)
+    del old["search.perturbation_steps"]
+    (tmp_path / "search.json").write_text(json.dumps({"settings": old}, default=str))
+    driver.check_same_search(tmp_path, cfg, driver.search_settings(space="priors"), space)
+    pbt = driver.search_settings(space="priors", scheduler="pbt", perturbation_steps=2)
+    with pytest.raises(ConfigError, match="search.perturbation_steps"):
+        driver.check_same_search(tmp_path, cfg, pbt, space)

@@ -63,7 +63,7 @@ from polar_vbll.tracking import (
     strip_credentials,
 )
 from tune_spaces.algorithms import SCHEDULERS, SEARCHERS, check_searcher, make_scheduler, make_searcher
-from tune_spaces.pbt import PBT_CHECKPOINTS_KEPT, make_pbt, mutations
+from tune_spaces.pbt import PBT_CHECKPOINTS_KEPT, PBT_FILE, make_pbt, mutations
 from tune_spaces.space_files import SpaceSource
 from tune_spaces.spaces import ParamSpace, describe, get_space, resolve_space, searched_keys
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
@@ -310,6 +310,8 @@ def check_same_search(
         return
     old = read_json(record_path, "the search record", SEARCH_FIX).get("settings")
     new = search_provenance(cfg, settings, space, source)
+    if old is not None:  # a setting added since the search started, left unset, is the search's own
+        new = {k: v for k, v in new.items() if k in old or v is not None}
     if old is not None and old != json.loads(json.dumps(new, default=str)):
         raise ConfigError(
             f"the search in {folder} was started with other settings: {differences(old, new)}; rerun it with "
@@ -544,7 +546,7 @@ def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs, c
         header = (
             f"# Best trial {best['trial']} of search {cfg.name!r} ({OBJECTIVE} = {best[OBJECTIVE]:.4f}; "
             f"chosen on validation).\n# Train it: polar-vbll train --config {best_path}\n"
-        )
+        ) + pbt_schedule_note(folder / "trials" / best["trial"])
         best_path.write_text(header + yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False))
         logger.log_metrics({f"best_{k}": v for k, v in best.items() if k in TABLE_METRICS and v is not None})
         best_checkpoint = checkpoints.get(best["trial"])
@@ -554,6 +556,19 @@ def _finish(cfg: RunConfig, folder: Path, rows, errors, parent, base, configs, c
         logger.log_artifact(path)
     return SearchOutcome(folder, rows, best, best_path, parent["uri"], parent["parent_run_id"], errors,
                          best_checkpoint=best_checkpoint)  # fmt: skip
+
+
+def pbt_schedule_note(run_dir: Path) -> str:
+    """Under PBT, the best trial's schedule as comment lines (its lineage, ``tune_spaces.pbt.PBT_FILE``):
+    the settings below are the last ones only; empty for other schedulers."""
+    path = run_dir / PBT_FILE
+    if not path.is_file():
+        return ""
+    lines = ["# PBT trained this model with a schedule; the settings below are its last ones. The schedule:"]
+    for part in json.loads(path.read_text()):
+        took = f" (took trial {part['exploited']}'s model)" if part.get("exploited") else ""
+        lines.append(f"#   from step {part['from_step']}{took}: {json.dumps(part['params'], default=str)}")
+    return "\n".join(lines) + "\n"
 
 
 def format_trials(rows: list[dict[str, Any]]) -> str:
