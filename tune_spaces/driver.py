@@ -566,8 +566,9 @@ def pbt_schedule_note(run_dir: Path) -> str:
         return ""
     lines = ["# PBT trained this model with a schedule; the settings below are its last ones. The schedule:"]
     for part in json.loads(path.read_text()):
-        took = f" (took trial {part['exploited']}'s model)" if part.get("exploited") else ""
-        lines.append(f"#   from step {part['from_step']}{took}: {json.dumps(part['params'], default=str)}")
+        took = f", taking trial {part['exploited']}'s model" if part.get("exploited") else ""
+        lines.append(f"#   from step {part['from_step']}, trial {part['trial']}{took}: "
+                     f"{json.dumps(part['params'], default=str)}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

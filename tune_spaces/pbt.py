@@ -32,6 +32,7 @@ import json
 import random
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ WARM_START_DIR = "warm-start"
 PBT_CHECKPOINTS_KEPT = 4
 QUANTILE_FRACTION = 0.25
 RESAMPLE_PROBABILITY = 0.25
+#: Seconds a trial waits after a segment's report for synchronous PBT to pause it before it trains on.
+PAUSE_WAIT_S = 60.0
 
 
 def mutations(space: dict[str, Any], where: str) -> dict[str, Any]:
@@ -164,6 +167,9 @@ def run_pbt_trial(config: dict[str, Any], *, base: dict[str, Any], dist: dict[st
         report = {"step": step, **{k: v for k, v in metrics.items() if k.startswith("val_")}}
         with checkpoint.as_directory() as d:
             _report(report, {"state": Path(d) / "state"}, run_dir, trial_id, config, lineage)
+        # synchronous PBT pauses every trial at each perturbation step (Tune stops this actor and restarts it
+        # later from the checkpoint just reported): wait for that rather than start a segment it would cut off
+        time.sleep(PAUSE_WAIT_S)
     results, checkpoint = run_segment(cfg, dist_cfg, tracking=target, entry_point="tune", warm_start=warm)
     client.set_terminated(target.run_id, "FINISHED")
     with checkpoint.as_directory() as d:
