@@ -377,7 +377,7 @@ def pbt_search(tmp_path_factory):
     return root / "p", result
 
 
-@pytest.mark.slow  # 2 trials x 2 segments, each a worker-group start: 216 s under load 8-10 (CI durations)
+@pytest.mark.slow  # 2 trials x 2 segments, each a worker-group start: 116 s at load 4-6
 def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt_search):
     """The exploited trial's history up to the exploit is the donor's, its next loss (taken before the
     step, on the weights it received) is the donor's too, and the settings it changed are PBT's
