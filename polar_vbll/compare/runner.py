@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polar_vbll.compare.config import CompareConfig, method_config
+from polar_vbll.compare.config import CompareConfig
 from polar_vbll.compare.report import (
     aggregate,
     decision_table,
@@ -133,15 +133,8 @@ class CompareRunner:
 
     # ----------------------------------------------------------------- configs
     def run_config(self, method: str, task: str, seed: int) -> RunConfig:
-        c = self.ccfg
-        mapping = method_config(c.base_for(task), method, c.method_overrides.get(method), task, seed)
-        mapping["name"] = f"{c.name}/{task}/{method}/seed{seed}"
-        mapping["output_dir"] = c.output_dir
-        if c.ood is not None and task == c.ood.train_task:
-            mapping.setdefault("data", {})["ood_tasks"] = list(c.ood.eval_tasks)
-            mapping["data"]["ood_limit"] = c.ood.limit
         # model.dtype resolved for this process's device (a ConfigError for a device it lacks, before any work)
-        return resolved(parse_config(mapping, f"compare method {method} on {task} (seed {seed})"))
+        return resolved(self.ccfg.run_config(method, task, seed))
 
     # ----------------------------------------------------------------- one run
     def run_method(self, method: str, task: str, seed: int, ctx: TaskContext, parent=None) -> dict[str, Any]:
