@@ -205,6 +205,7 @@ def test_paper_tiny_subset_end_to_end_with_cost_columns(tiny_subset):
 
 @pytest.mark.slow
 def test_paper_tiny_whole_profile_end_to_end(tmp_path):
-    out, result = _run(tmp_path)  # 13 methods x 5 tasks, OOD on 4 sets: about 4-5 minutes on 2 cores
+    # 13 methods x 5 tasks, OOD on 4 sets: about 4 min of CPU on 2 cores, 5-7 min wall
+    out, result = _run(tmp_path)
     ccfg = load_compare_config(packaged_config("compare", "paper-tiny"))
     _check_costs(out, result, ccfg.tasks, ccfg.methods)

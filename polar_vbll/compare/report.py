@@ -81,7 +81,7 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{key}_mean"], row[f"{key}_std"] = m, s
         for key in ("passes_per_example", "train_s", "test_s", "temperature", "s_per_1k", "stable_rank_mean"):
             vals = [float(r[key]) for r in rs if r.get(key) is not None and math.isfinite(float(r[key]))]
-            if vals and len(vals) == len(rs):  # every seed has it (a stable rank of no update is left out)
+            if vals and len(vals) == len(rs):  # every seed has it (else the cell stays empty)
                 row[key] = statistics.fmean(vals)
         peaks = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes") is not None]
         if peaks:  # the largest over seeds: a peak
