@@ -84,7 +84,10 @@ class ModelConfig(_Strict):
     @model_validator(mode="after")
     def _path_needed(self) -> ModelConfig:
         if self.source == "path" and not self.path:
-            raise ValueError("model.source is 'path' but model.path is not set")
+            raise ValueError(
+                "model.source is 'path' but model.path is not set: name a model folder or hub id "
+                "(--set model.path=...; in a comparison --set base.model.path=...)"
+            )
         return self
 
 

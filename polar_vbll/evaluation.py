@@ -20,6 +20,7 @@ process and on workers (where every rank computes its shard and the rows are gat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from polar_vbll.features import EncodedSplit
 from polar_vbll.guards import at_chance, chance_reference
 from polar_vbll.methods import METHODS
 from polar_vbll.metrics import ood_auroc, ood_scores
+from polar_vbll.peak import PeakMemory
 from polar_vbll.predictives import Predictions
 from polar_vbll.protocols import FeatureProvider
 from polar_vbll.temperature import apply_temperature, fit_temperature
@@ -80,6 +82,9 @@ class Evaluation:
     n_choices: dict[str, torch.Tensor] | None = None
     posterior: dict[str, Any] | None = None  # the predictive's post-hoc step's report (TFB's search)
     jensen_gap: dict[str, Any] | None = None  # a VBLL head's bound vs its Monte Carlo data term (training split)
+    # per split, the predictive's seconds without the cheap path's frozen-prefix pass (``seconds``: with it)
+    predict_seconds: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, Any] | None = None  # while the evaluation split was predicted (polar_vbll.peak)
 
     def metrics(self) -> dict[str, Any]:
         """The metrics block of ``results.json`` (see ``polar_vbll.results.Metrics``)."""
@@ -227,6 +232,11 @@ def prepare_predictive(
     return fit(ctx, splits, report) if fit is not None else None
 
 
+def _device(provider: FeatureProvider) -> torch.device:
+    """Where the backbone runs (the device whose peak memory the evaluation reports)."""
+    return next(provider.model.parameters()).device
+
+
 def evaluate(
     cfg: RunConfig,
     provider: FeatureProvider,
@@ -252,10 +262,17 @@ def evaluate(
     names = [n for n in ("validation", "eval") if n in splits] + [n for n in splits if n.startswith("ood:")]
     preds: dict[str, Predictions] = {}
     seconds: dict[str, float] = {}
+    predict_seconds: dict[str, float] = {}
+    peak = None
     for name in names:
         t = time.perf_counter()
-        preds[name] = method.predictive_kind.predict(ctx, splits[name])
+        provider.prepare(splits[name], ctx.batch_size, progress=progress)  # the cheap path's frozen blocks
+        t_predict = time.perf_counter()
+        with PeakMemory(_device(provider)) if name == "eval" else contextlib.nullcontext() as measured:
+            preds[name] = method.predictive_kind.predict(ctx, splits[name])
         seconds[name] = time.perf_counter() - t
+        predict_seconds[name] = time.perf_counter() - t_predict
+        peak = measured.report() if measured is not None else peak
         if not torch.isfinite(preds[name].probs).all():
             raise RunFailure(
                 f"{method.label}'s predictions on the {name} split are not finite (a diverged or overflowing "
@@ -268,7 +285,7 @@ def evaluate(
     chance = chance_reference(train.labels, ev.labels, ev.n_choices, preds["eval"].probs.shape[1])
     out = Evaluation(preds, zero, method.predictive_kind.passes(cfg), seconds, chance=chance, cfg=cfg,
                      n_choices={n: splits[n].n_choices for n in preds}, posterior=report,
-                     jensen_gap=gap)  # fmt: skip
+                     jensen_gap=gap, predict_seconds=predict_seconds, peak_memory=peak)  # fmt: skip
     if cfg.eval.temperature_scaling:
         if "validation" in preds:
             out.temperature, out.scaled = temperature_scaled(preds)

@@ -165,6 +165,9 @@ class RunResults(_Model):
     # settings the run was given that its method does not read (polar_vbll.support.unused_settings)
     unused_settings: dict[str, Any] | None = None
     timings: dict[str, float]
+    # the process's (CPU: peak resident set) or device's (CUDA: max allocated) peak memory while the evaluation
+    # split was predicted: {"bytes", "kind", "device"} (polar_vbll.peak); None in results written before
+    peak_memory: dict[str, Any] | None = None
     machine: dict[str, Any]
     params: dict[str, Any]
 

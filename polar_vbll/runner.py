@@ -287,6 +287,7 @@ def build_results(
             "placement": placement.describe() if placement is not None else None,
             "unused_settings": unused_settings(cfg),
             "timings": timings,
+            "peak_memory": evaluation.peak_memory,
             "machine": machine_info(),
             "params": cfg.flat_params(),
         }
@@ -325,6 +326,7 @@ def finish_run(
     ev = evaluate(cfg, backend, session.adapter, members, session.splits, zero_shot, progress)
     timings["final_eval_s"] = time.perf_counter() - t
     timings["test_s"] = ev.seconds.get("eval", 0.0)
+    timings["test_predict_s"] = ev.predict_seconds.get("eval", 0.0)  # without the cheap path's frozen blocks
     if t0 is not None:
         timings["total_s"] = time.perf_counter() - t0
     results = build_results(cfg, entry_point, ev, session.splits, trainings, timings, distributed, session.placement)

@@ -194,7 +194,12 @@ CompareSetOpt = Annotated[
 @app.command()
 def compare(
     config: Annotated[
-        str, typer.Option("--config", "-c", help="compare YAML, or a packaged one: main, quick, full, tiny")
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            help="compare YAML, or a packaged one: main, quick, full, tiny, paper, paper-tiny, paper-cpu",
+        ),
     ],
     set_: CompareSetOpt = None,
     progress: ProgressOpt = True,

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polar_vbll.config import _apply_override, _format_validation_error, deep_merge, parse_config
+from polar_vbll.config import RunConfig, _apply_override, _format_validation_error, deep_merge, parse_config
 from polar_vbll.errors import ConfigError
 from polar_vbll.methods import ADAPTERS, METHODS
 
@@ -133,9 +133,19 @@ class CompareConfig(BaseModel):
         """The base config of one task: ``base`` with that task's overrides applied."""
         return deep_merge(self.base, self.task_overrides.get(task, {}))
 
+    def run_config(self, method: str, task: str, seed: int) -> RunConfig:
+        """The run config of one (method, task, seed), named and placed as the comparison writes it, with the
+        OOD sets on the OOD protocol's training task (``model.dtype`` as given: the runner resolves it)."""
+        mapping = method_config(self.base_for(task), method, self.method_overrides.get(method), task, seed)
+        mapping["name"] = f"{self.name}/{task}/{method}/seed{seed}"
+        mapping["output_dir"] = self.output_dir
+        if self.ood is not None and task == self.ood.train_task:
+            mapping.setdefault("data", {})["ood_tasks"] = list(self.ood.eval_tasks)
+            mapping["data"]["ood_limit"] = self.ood.limit
+        return parse_config(mapping, f"compare method {method} on {task} (seed {seed})")
 
-def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
-    p = Path(path)
+
+def _read_mapping(p: Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"compare config {p} does not exist")
     try:
@@ -144,6 +154,38 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
         raise ConfigError(f"compare config {p} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"compare config {p} must hold a mapping at the top level")
+    return data
+
+
+def read_profile(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A compare YAML as a mapping, ``extends:`` resolved: ``extends: paper`` (a packaged profile's name, or a
+    YAML path, relative to this file's folder) is read first and this file's keys are merged over it
+    (mappings merge key by key; lists and values replace; ``ood: null`` drops the parent's OOD section)."""
+    from polar_vbll.config import packaged_config, packaged_names
+
+    p = Path(path)
+    if p.resolve() in _seen:
+        chain = " -> ".join(str(s) for s in (*_seen, p.resolve()))
+        raise ConfigError(f"compare config {p}: `extends` loops ({chain})")
+    data = _read_mapping(p)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    names = ", ".join(packaged_names("compare"))
+    if not isinstance(parent, str) or not parent.strip():
+        raise ConfigError(f"compare config {p}: `extends` must name one profile ({names}) or a YAML file")
+    is_file = "/" in parent or parent.endswith((".yaml", ".yml"))
+    parent_path = (p.parent / parent) if is_file else packaged_config("compare", parent)
+    if not is_file and not parent_path.is_file():
+        raise ConfigError(
+            f"compare config {p}: `extends: {parent}` is neither a packaged profile ({names}) nor a file"
+        )
+    return deep_merge(read_profile(parent_path, (*_seen, p.resolve())), data)
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    p = Path(path)
+    data = read_profile(p)
     for item in overrides or []:
         _apply_override(data, item)
     run_sections = {"method", "model", "data", *(k.section for k in ADAPTERS.values()), "optim", "train", "head",

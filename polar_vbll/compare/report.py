@@ -22,6 +22,10 @@ PERCENT = ("acc", "ece", "answered", "selective_risk", "lac_coverage", "aps_cove
 KEYS = ("acc", "ece", "nll", "brier", "logit_var", "epistemic")
 OOD_KEYS = ("acc", "ece", "nll", "auroc_msp", "auroc_entropy", "auroc_epistemic")
 UNIFORM, MAJORITY = "uniform predictor", "majority-class predictor"
+GIB = 2**30
+#: the run keys the cost columns come from, also in the CSV (``s_per_1k``: seconds of the evaluation split's
+#: prediction per 1,000 questions; ``peak_memory_bytes``; ``stable_rank_mean``: the adapters' final mean)
+COST_KEYS = ("passes_per_example", "s_per_1k", "peak_memory_bytes", "peak_memory_kind", "stable_rank_mean")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -75,9 +79,14 @@ def aggregate(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             vals = [r["metrics"][key] for r in rs if r["metrics"].get(key) is not None]
             m, s = mean_std([v * _scale(key) for v in vals])
             row[f"{key}_mean"], row[f"{key}_std"] = m, s
-        for key in ("passes_per_example", "train_s", "test_s", "temperature"):
-            if rs[0].get(key) is not None:
-                row[key] = statistics.fmean(float(r[key]) for r in rs)
+        for key in ("passes_per_example", "train_s", "test_s", "temperature", "s_per_1k", "stable_rank_mean"):
+            vals = [float(r[key]) for r in rs if r.get(key) is not None and math.isfinite(float(r[key]))]
+            if vals and len(vals) == len(rs):  # every seed has it (else the cell stays empty)
+                row[key] = statistics.fmean(vals)
+        peaks = [r["peak_memory_bytes"] for r in rs if r.get("peak_memory_bytes") is not None]
+        if peaks:  # the largest over seeds: a peak
+            row["peak_memory_gib"] = max(peaks) / GIB
+            row["peak_memory_lifetime"] = any(r.get("peak_memory_kind") == "rss_process_peak" for r in rs)
         if "at_chance" in rs[0]:
             row["at_chance"] = sum(bool(r["at_chance"]) for r in rs)
         ood: dict[str, dict[str, tuple[float, float]]] = {}
@@ -118,17 +127,30 @@ def _chance_cell(row: dict[str, Any]) -> str:
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The main table: one block per task (guard predictors first), mean ± std over seeds."""
     header = ["Task", "Method", "ACC (%)", "ECE (%)", "NLL", "Brier", "AURC", "logit var", "at chance?",
-              "passes / example", "train s", "test s", "seeds"]  # fmt: skip
+              "passes / example", "s / 1k q.", "peak mem (GiB)", "stable rank", "train s", "test s",
+              "seeds"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["task"], row["method"], _pm(row, "acc", 1), _pm(row, "ece", 1), _pm(row, "nll", 3),
                  _pm(row, "brier", 3), _pm(row, "aurc", 3), _pm(row, "logit_var", 3), _chance_cell(row)]  # fmt: skip
         cells.append(f"{row['passes_per_example']:g}" if "passes_per_example" in row else "–")
+        cells += _cost_cells(row)
         cells.append(f"{row['train_s']:.{0 if row['train_s'] >= 10 else 1}f}" if "train_s" in row else "–")
         cells.append(f"{row['test_s']:.1f}" if "test_s" in row else "–")
         cells.append(str(row["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cost_cells(row: dict[str, Any]) -> list[str]:
+    """Seconds per 1,000 questions, peak memory (GiB; † a process-lifetime peak, polar_vbll.peak) and the
+    adapters' stable rank of one table row."""
+    per_1k = f"{row['s_per_1k']:.{1 if row['s_per_1k'] >= 10 else 2}f}" if "s_per_1k" in row else "–"
+    peak = "–"
+    if "peak_memory_gib" in row:
+        peak = f"{row['peak_memory_gib']:.2f}" + (" †" if row.get("peak_memory_lifetime") else "")
+    rank = f"{row['stable_rank_mean']:.2f}" if "stable_rank_mean" in row else "–"
+    return [per_1k, peak, rank]
 
 
 def decision_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -187,7 +209,7 @@ def _flat(r: dict[str, Any]) -> dict[str, Any]:
     out.update({f"ts_{k}": v for k, v in (r.get("ts_metrics") or {}).items() if v is not None})
     for name, block in r.get("ood", {}).items():
         out.update({f"ood_{name}_{k}": v for k, v in block.items() if v is not None})
-    for key in ("passes_per_example", "train_s", "test_s", "temperature", "at_chance"):
+    for key in ("train_s", "test_s", "temperature", "at_chance", *COST_KEYS):
         if r.get(key) is not None:
             out[key] = r[key]
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polar_vbll.compare.config import CompareConfig, method_config
+from polar_vbll.compare.config import CompareConfig
 from polar_vbll.compare.report import (
     aggregate,
     decision_table,
@@ -94,10 +94,26 @@ def compare_record(results: dict[str, Any], task: str, method: str, seed: int) -
         "passes_per_example": results["passes_per_example"],
         "train_s": results["timings"]["train_s"],
         "test_s": results["timings"]["test_s"],
+        **cost_columns(results),
         "orthogonality_error": training["orthogonality_error"],
         "stable_rank_mean": training["stable_rank_mean"],
         "head_fits": training.get("head_fits", []),
         "params": results["params"],
+    }
+
+
+def cost_columns(results: dict[str, Any]) -> dict[str, Any]:
+    """What a run cost at test time (the paper's Table 3 columns; ``passes_per_example`` is beside them):
+    seconds of the evaluation split's prediction per 1,000 questions (without the cheap path's frozen-prefix
+    pass, run once per task before), its peak memory in bytes and how that was read (``polar_vbll.peak``);
+    None for results written before they were recorded."""
+    predict_s = results["timings"].get("test_predict_s")
+    n = results["metrics"]["eval"].get("n") or results["split_sizes"].get("eval")
+    peak = results.get("peak_memory") or {}
+    return {
+        "s_per_1k": predict_s / n * 1000 if predict_s is not None and n else None,
+        "peak_memory_bytes": peak.get("bytes"),
+        "peak_memory_kind": peak.get("kind"),
     }
 
 
@@ -133,15 +149,8 @@ class CompareRunner:
 
     # ----------------------------------------------------------------- configs
     def run_config(self, method: str, task: str, seed: int) -> RunConfig:
-        c = self.ccfg
-        mapping = method_config(c.base_for(task), method, c.method_overrides.get(method), task, seed)
-        mapping["name"] = f"{c.name}/{task}/{method}/seed{seed}"
-        mapping["output_dir"] = c.output_dir
-        if c.ood is not None and task == c.ood.train_task:
-            mapping.setdefault("data", {})["ood_tasks"] = list(c.ood.eval_tasks)
-            mapping["data"]["ood_limit"] = c.ood.limit
         # model.dtype resolved for this process's device (a ConfigError for a device it lacks, before any work)
-        return resolved(parse_config(mapping, f"compare method {method} on {task} (seed {seed})"))
+        return resolved(self.ccfg.run_config(method, task, seed))
 
     # ----------------------------------------------------------------- one run
     def run_method(self, method: str, task: str, seed: int, ctx: TaskContext, parent=None) -> dict[str, Any]:
@@ -247,7 +256,13 @@ class CompareRunner:
             "of the logits (0 for a single deterministic model). Per task, the uniform and majority-class "
             "predictors come first; **at chance** marks a method whose accuracy is below chance + 2 standard "
             "errors: its ECE and NLL then measure abstention, not calibration. '+ TS': the same run's predictive "
-            "after temperature scaling fitted on the validation split.\n"
+            "after temperature scaling fitted on the validation split. Cost at test time (the paper's Table 3): "
+            "passes / example: backbone passes per question (the sampled predictives' configured samples, an "
+            "ensemble's members); s / 1k q.: wall seconds of the test split's prediction per 1,000 questions "
+            "(on the cheap path without the frozen blocks below the adapters, which run once per question before); "
+            "peak mem: the process's peak resident set while it predicted (on a GPU: the device's max allocated "
+            "memory; † a process-lifetime peak), the largest over seeds; stable rank: the adapters' final "
+            "||dW||_F^2 / ||dW||_2^2, averaged over the adapted layers (at most r).\n"
         )
         text = header + "\n" + table + "\n"
         if ood:

@@ -1,0 +1,78 @@
+"""Measured peak memory of one phase of a run (the test split's prediction: the paper's Table 3 column).
+
+:class:`PeakMemory` resets the peak at the start of the phase and reads it at the end:
+
+- on a CUDA device: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (``kind``
+  ``cuda_max_allocated``: the tensors torch allocated, not the allocator's reserved pool);
+- on the CPU: the process's peak resident set (``VmHWM`` in ``/proc/self/status``) after writing ``5`` to
+  ``/proc/self/clear_refs``, which resets it to the current resident set (Linux 4.0+; ``kind`` ``rss_peak``).
+  Where that reset is refused the reading is the process's lifetime peak (``getrusage``'s ``ru_maxrss``;
+  ``kind`` ``rss_process_peak``): in a comparison, the largest of every run so far, so not one method's.
+
+Either way it is the whole process's (or device's) memory at its peak in the phase: the backbone's weights,
+the cached features and the predictive's working set, not the predictive's increment alone.
+"""
+
+from __future__ import annotations
+
+import re
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _vm_hwm() -> int | None:
+    try:
+        found = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        _CLEAR.write_text("5")
+    except OSError:
+        return False
+    return _vm_hwm() is not None
+
+
+def _process_peak() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # bytes on macOS, KiB on Linux
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as peak: ...``, then ``peak.report()``: ``{"bytes": int, "kind": str,
+    "device": str}`` for the code inside the block (see the module docstring for the kinds)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.kind = ""
+        self.bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.kind = "cuda_max_allocated"
+        else:
+            self.kind = "rss_peak" if _reset_rss_peak() else "rss_process_peak"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            hwm = _vm_hwm() if self.kind == "rss_peak" else None
+            self.bytes = hwm if hwm is not None else _process_peak()
+
+    def report(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "kind": self.kind, "device": str(self.device)}
