@@ -385,7 +385,7 @@ def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt
     and its training state."""
     from ray import tune
 
-    from tune_spaces.trial import run_trial
+    from tune_spaces.pbt import run_pbt_trial
 
     folder, result = pbt_search
     assert result.exit_code == 0, result.output[-3000:]
@@ -414,7 +414,7 @@ def test_pbt_trials_continue_from_each_others_models_with_perturbed_settings(pbt
     if best_trial in exploited:  # its schedule: the donor's settings until step 2, then its own
         assert "PBT trained this model with a schedule" in header[2]
         assert header[4].startswith(f"#   from step 2, trial {best_trial}, taking trial ")
-    grid = tune.Tuner.restore(str(folder), trainable=run_trial).get_results()
+    grid = tune.Tuner.restore(str(folder), trainable=run_pbt_trial).get_results()
     assert len(grid) == 2 and grid.num_errors == 0
     best = grid.get_best_result(metric="val_nll", mode="min")
     with best.checkpoint.as_directory() as d:

@@ -63,7 +63,7 @@ from polar_vbll.tracking import (
     strip_credentials,
 )
 from tune_spaces.algorithms import SCHEDULERS, SEARCHERS, check_searcher, make_scheduler, make_searcher
-from tune_spaces.pbt import PBT_CHECKPOINTS_KEPT, PBT_FILE, make_pbt, mutations
+from tune_spaces.pbt import PBT_CHECKPOINTS_KEPT, PBT_FILE, make_pbt, mutations, run_pbt_trial
 from tune_spaces.space_files import SpaceSource
 from tune_spaces.spaces import ParamSpace, describe, get_space, resolve_space, searched_keys
 from tune_spaces.trial import TAG_PARENT, TAG_ROLE, TAG_SEARCH, run_trial, trial_config
@@ -410,9 +410,9 @@ def _tune(cfg, settings, space, dist, base, tracking, folder: Path, concurrency:
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     interval = (settings.perturbation_steps or cfg.train.eval_every) if settings.scheduler == "pbt" else None
+    trial, extra = (run_trial, {}) if interval is None else (run_pbt_trial, {"interval": interval})
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking,
-                             pbt=interval),  # fmt: skip
+        tune.with_parameters(trial, base=base, dist=dist.model_dump(mode="json"), tracking=tracking, **extra),
         {"cpu": 0, "memory": 64 * 1024 * 1024},  # the trial only drives; its Train workers hold the CPUs
     )
     if tune.Tuner.can_restore(str(folder)):

@@ -89,26 +89,15 @@ def open_child_run(
 
 
 def run_trial(
-    config: dict[str, Any],
-    *,
-    base: dict[str, Any],
-    dist: dict[str, Any],
-    tracking: dict[str, Any],
-    pbt: int | None = None,
+    config: dict[str, Any], *, base: dict[str, Any], dist: dict[str, Any], tracking: dict[str, Any]
 ) -> None:
-    """The Tune trainable: ``config`` is the sampled point of the search space (dotted keys); ``pbt``: the
-    perturbation interval in steps under ``--scheduler pbt`` (the trial trains in segments:
-    :func:`tune_spaces.pbt.run_pbt_trial`).
+    """The Tune trainable: ``config`` is the sampled point of the search space (dotted keys). Under
+    ``--scheduler pbt`` the trainable is :func:`tune_spaces.pbt.run_pbt_trial` (the trial trains in segments).
 
     A trial that fails, or that ASHA stops (Tune kills it mid-run), never gets here to close its MLflow
     run: the driver closes it afterwards from Tune's own record (FAILED with the error, or KILLED).
     """
     from ray import tune
-
-    if pbt is not None:
-        from tune_spaces.pbt import run_pbt_trial
-
-        return run_pbt_trial(config, base=base, dist=dist, tracking=tracking, interval=pbt)
 
     from distributed.launch import run_in_session
 
