@@ -25,7 +25,8 @@ refit. The backend (``polar_vbll.protocols.Backend``) is the only thing that dif
 and N workers (the shape of litgpt's ``fit`` over a Fabric); nothing here knows which it runs on.
 
 Resume is exact: the batch order and learning rate are pure functions of the step, and a checkpoint holds
-every optimizer moment, the coordinator's state and every rank's RNG state.
+every optimizer moment, the coordinator's state and every rank's RNG state. A run resumes on another number
+of workers, or in one process, under the rule of :func:`restore_rng` (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -80,6 +81,26 @@ def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunCon
     check_resumable(state.get("config", {}), cfg)
     adapter.load_adapter_state_dict(state["adapter"], where="the checkpoint")
     head.load_state_dict(state["head"] if state.get("head") is not None else state["coordinator"]["head"])
+
+
+def resumed_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of a rank the checkpoint holds no RNG state for (it was written by fewer ranks):
+    distinct per rank and per resume step, and never a fresh run's ``seed + rank``."""
+    return seed + rank + 1_000_003 * step
+
+
+def restore_rng(state: dict[str, Any], rank: int, seed: int) -> None:
+    """The RNG rule of a resume (docs/distributed.md, "Resuming on another number of workers"): rank ``r``
+    continues rank ``r``'s streams from the checkpoint (Python, numpy, torch; CUDA where as many devices are
+    visible) when the checkpoint has a rank ``r``; a rank beyond the checkpoint's world size seeds torch
+    with :func:`resumed_seed`; the checkpoint's ranks beyond this world size are dropped. What draws from
+    these streams in training: adapter dropout and BLoB's weight noise (the head's fit has its own
+    generator)."""
+    rngs = state.get("rng_per_rank") or [state["rng"]]
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
+    else:
+        torch.manual_seed(resumed_seed(seed, rank, int(state["step"])))
 
 
 @dataclass
@@ -223,11 +244,7 @@ class Trainer:
         if self.head_opt is not None and state.get("head_opt") is not None:
             self.head_opt.load_state_dict(state["head_opt"])
         self.backend.load_theta_state_dict(state["theta_opt"])
-        rngs = state.get("rng_per_rank") or [state["rng"]]
-        if len(rngs) == self.backend.world:
-            set_rng_state(rngs[self.backend.rank])
-        elif self.backend.world == 1:
-            set_rng_state(state["rng"])
+        restore_rng(state, self.backend.rank, self.tcfg.seed)
         self.refits = self.coordinator.refits
         self.state = TrainState(
             step=int(state["step"]),
