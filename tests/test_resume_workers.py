@@ -100,6 +100,24 @@ def test_rank_r_continues_rank_rs_stream_and_a_new_rank_is_seeded_by_rank_and_st
     assert len({resumed_seed(0, r, s) for r in range(8) for s in range(1, 50)} | set(range(8))) == 8 + 8 * 49
 
 
+def test_a_global_batch_that_another_layout_cuts_differently_is_refused(tmp_path):
+    """``train.batch_size`` above the training split is cut to a multiple of workers x grad_accum: a
+    checkpoint whose steps took another number of examples than this layout's is refused in one line."""
+    from polar_vbll.errors import CheckpointError
+    from tests.test_alternating import _vbll_setup
+
+    trainer = _vbll_setup(tmp_path / "a", steps=2, batch_size=30)
+    assert trainer.batch_size == 24  # one process: the whole split of 24
+    trainer.train_step()
+    state = trainer.state_dict()
+    _vbll_setup(tmp_path / "b", steps=2, batch_size=30).resume(state)  # the same layout resumes
+    state["batch_size"] = 20  # what 5 workers take: 30 cut to the largest multiple of 5 within 24
+    with pytest.raises(
+        CheckpointError, match="took 20 examples each, this run's would take 24 .* --no-resume"
+    ):
+        _vbll_setup(tmp_path / "c", steps=2, batch_size=30).resume(state)
+
+
 # ----------------------------------------------------------------------------- one process, no Ray
 def _one_process_stopped(cfg: RunConfig, stop: int) -> None:
     """One process trained to ``stop`` (its checkpoint written), then interrupted (a hook raising)."""

@@ -217,6 +217,7 @@ class Trainer:
             return None
         return {
             "step": self.state.step,
+            "batch_size": self.batch_size,  # examples per step, as this layout cut train.batch_size
             "history": self.state.history,
             "head_fits": self.state.head_fits,
             "adapter": adapter,
@@ -239,6 +240,7 @@ class Trainer:
         ``state["coordinator"]``): optimizer moments, RNG state, step and history."""
         check_resumable(state.get("config", {}), self.cfg)
         check_same_data(state, self.train_split)
+        self._check_same_batch(state)
         if self.stiefel_opt is not None:
             self.stiefel_opt.load_state_dict(state["stiefel_opt"])
         if self.head_opt is not None and state.get("head_opt") is not None:
@@ -253,6 +255,21 @@ class Trainer:
             resumed_from=int(state["step"]),
             zero_shot=state.get("zero_shot"),
             zero_shot_split=state.get("zero_shot_split"),
+        )
+
+    def _check_same_batch(self, state: dict[str, Any]) -> None:
+        """The global batch a step takes must be the checkpoint's: it differs only where ``train.batch_size``
+        exceeds the training split and is cut to a multiple of workers x gradient accumulation
+        (``effective_batch_size``), which another number of workers can change."""
+        saved = state.get("batch_size")
+        if saved is None or int(saved) == self.batch_size:
+            return
+        multiple = self.backend.world * getattr(self.backend, "grad_accum", 1)
+        raise CheckpointError(
+            f"the checkpoint's steps took {saved} examples each, this run's would take {self.batch_size} "
+            f"(train.batch_size={self.tcfg.batch_size} exceeds the {len(self.train_split)} training examples "
+            f"and is cut to a multiple of workers x grad_accum = {multiple}); resume with the checkpoint's "
+            "number of workers, or start fresh: --no-resume or another name"
         )
 
     def resume_latest(self) -> bool:
