@@ -1,6 +1,8 @@
-"""Checkpoints through Ray Train's storage: the latest one is what ``ray.train.get_checkpoint()`` hands a
-(re)started worker group; rank 0 writes, every rank reports (``ray.train.report``), so a search scheduler
-sees each rank-0 report and Ray Train keeps the newest ``num_to_keep`` checkpoints.
+"""Checkpoints through Ray Train's storage: rank 0 writes, every rank reports (``ray.train.report``), so a
+search scheduler sees each rank-0 report and Ray Train keeps the newest ``num_to_keep`` checkpoints. A
+(re)started worker group resumes from the newest checkpoint of the run folder, one process's
+``checkpoint-<step>`` included (:func:`polar_vbll.checkpoint.run_checkpoints`), or, in storage behind a
+URI, from what ``ray.train.get_checkpoint()`` hands it.
 
 A checkpoint directory holds ``state/`` (``polar_vbll.checkpoint``'s format: safetensors + JSON, never a
 pickle) and, for the final one, ``artifacts/`` (adapter, head, predictions, ``results.json``), which the
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from polar_vbll.checkpoint import load_checkpoint, newest_intact, save_checkpoint
+from polar_vbll.checkpoint import load_checkpoint, newest_intact, run_checkpoints, save_checkpoint
 
 
 def siblings(checkpoint) -> list[Any]:
@@ -41,17 +43,24 @@ def _load_state(checkpoint) -> dict[str, Any]:
 
 
 class RayCheckpoints:
-    """The :class:`~polar_vbll.protocols.CheckpointStore` of a Ray Train worker of rank ``rank``."""
+    """The :class:`~polar_vbll.protocols.CheckpointStore` of a Ray Train worker of rank ``rank``.
+    ``run_dir``: the run folder when the storage is a local (or mounted) path, None for a URI."""
 
-    def __init__(self, rank: int) -> None:
+    def __init__(self, rank: int, run_dir: str | Path | None = None) -> None:
         self.rank = rank
+        self.run_dir = Path(run_dir) if run_dir is not None else None
 
     def latest(self) -> dict[str, Any] | None:
-        """The state of the checkpoint Ray Train hands this group, or, when that one is damaged (truncated,
-        edited), of the newest intact older one in the same storage, with a warning: as in one process
-        (:func:`polar_vbll.checkpoint.newest_intact`). Every rank reads the same, in the same order."""
+        """The state to resume. In a run folder on a path: its newest intact checkpoint, whichever entry
+        point and number of workers wrote it (:func:`polar_vbll.checkpoint.run_checkpoints`, the rule one
+        process follows too). In storage behind a URI: the checkpoint Ray Train hands this group, or, when
+        that one is damaged (truncated, edited), the newest intact older one in the same storage. A damaged
+        newer one is skipped with a warning (:func:`polar_vbll.checkpoint.newest_intact`). Every rank reads
+        the same, in the same order."""
         import ray.train
 
+        if self.run_dir is not None:
+            return newest_intact(run_checkpoints(self.run_dir), load_checkpoint)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None

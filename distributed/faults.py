@@ -3,14 +3,16 @@
 A hook is any picklable callable ``hook(trainer, step) -> None`` (``trainer`` is the rank's
 ``polar_vbll.training.Trainer``) that the worker calls after every completed optimizer step, after
 that step's checkpoint if one was due. Three fault injectors ship, for checking that a cluster really
-recovers and that the replica check really fires:
+recovers and that the replica check really fires, and one interruption:
 
 - :class:`KillOnce` SIGKILLs one worker process, once per marker file: the run must resume from its last
   checkpoint and end exactly where an uninterrupted run ends;
 - :class:`KillCoordinatorOnce` kills the head-coordinator actor: Ray restarts it and the run must resume
   from its last checkpoint and end exactly where an uninterrupted run ends;
 - :class:`CorruptOnce` nudges one Stiefel factor on one rank: the next replica check must stop the run
-  with an error naming that parameter.
+  with an error naming that parameter;
+- :class:`StopAfter` ends the run after a step as an interrupted run ends (a :class:`Interrupted` raised
+  on every rank, no restart), leaving its checkpoints for a rerun to resume (in one process too).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from polar_vbll.errors import RunFailure
 
 
 def _first_time(marker: str, note: str) -> bool:
@@ -84,3 +88,20 @@ class CorruptOnce:
         if _first_time(self.marker, f"corrupted rank {self.rank} after step {step}\n"):
             with torch.no_grad():
                 trainer.adapter.stiefel_parameters()[0].view(-1)[0] += self.delta
+
+
+class Interrupted(RunFailure):
+    """Raised by :class:`StopAfter`: the run was stopped on purpose."""
+
+
+@dataclass(frozen=True)
+class StopAfter:
+    """Stop the run right after step ``step`` (after that step's checkpoint, if one was due) on every rank:
+    a run interrupted there, which a rerun of the same name resumes (on any number of workers or in one
+    process: docs/distributed.md, "Resuming on another number of workers")."""
+
+    step: int
+
+    def __call__(self, trainer: Any, step: int) -> None:
+        if step == self.step:
+            raise Interrupted(f"stopped after step {step} (distributed.faults.StopAfter)")

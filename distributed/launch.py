@@ -26,7 +26,7 @@ from typing import Any
 from distributed.config import DistConfig, check_adapter_stage, check_batch_layout, dist_config_from
 from distributed.devices import driver_config
 from distributed.worker import train_loop_per_worker
-from polar_vbll.checkpoint import load_checkpoint, newest_intact
+from polar_vbll.checkpoint import clear_run_checkpoints, load_checkpoint, newest_intact, run_checkpoints
 from polar_vbll.config import RunConfig, check_output_folder, check_plain_name
 from polar_vbll.errors import CheckpointError, RunFailure, UserInputError
 from polar_vbll.extras import require
@@ -160,37 +160,18 @@ def worker_env(dist: DistConfig) -> dict[str, str]:
     return env
 
 
-def _has_ray_state(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
-
-
-#: What Ray Train keeps of a run in its storage folder besides the checkpoints (its resume state).
-_RAY_STATE = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")
-
-
 def clear_ray_state(run_dir: Path) -> int:
-    """Remove a run folder's Ray Train checkpoints and resume state (``--no-resume``: a fresh start that
-    must not resume them); returns how many checkpoints there were. The run's other files are replaced
-    by the new run as it writes them."""
-    found = [p for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    for p in found:
-        shutil.rmtree(p, ignore_errors=True)
-    for name in _RAY_STATE:
-        (run_dir / name).unlink(missing_ok=True)
-    for p in run_dir.glob("*.json"):  # Ray Train's own state files (not ours: ours are named in ARTIFACTS)
-        if p.name.startswith(("experiment_state", "trainer_state", "run_state")):
-            p.unlink(missing_ok=True)
-    return len(found)
+    """Remove a run folder's checkpoints, Ray Train's and one process's, and Ray Train's resume state
+    (``--no-resume``: a fresh start that must not resume them); returns how many checkpoints there were.
+    The run's other files are replaced by the new run as it writes them."""
+    return clear_run_checkpoints(run_dir)
 
 
 def _check_resume(run_dir: Path, cfg: RunConfig) -> None:
-    """The latest Ray checkpoint of the run folder (the one the workers would resume) must have been
+    """The checkpoint the workers would resume (the run folder's newest intact one, whichever entry point
+    and number of workers wrote it: ``distributed.checkpoints.RayCheckpoints.latest``) must have been
     written with the same training settings; refused here, on the driver, before Ray starts."""
-    if not run_dir.is_dir():
-        return
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    # the newest intact one, as the workers will pick it (distributed.checkpoints.RayCheckpoints.latest)
-    state = newest_intact(found, lambda p: load_checkpoint(p / "state"))
+    state = newest_intact(run_checkpoints(run_dir), load_checkpoint)
     if state is not None:
         try:
             check_resumable(state.get("config", {}), cfg)
@@ -290,11 +271,10 @@ def run_segment(
     storage = cfg.output_dir
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     if run_dir is not None:
-        if not resume and _has_ray_state(run_dir):
-            n = clear_ray_state(run_dir)  # --no-resume starts over: the old checkpoints are replaced, as in one process
+        if not resume and (n := clear_ray_state(run_dir)):  # --no-resume starts over, as in one process
             print(f"starting over in {run_dir}: {n} old checkpoint(s) removed", flush=True)
         _check_resume(run_dir, cfg)  # before anything in the run folder is written
-        if warm_start is not None and not _has_ray_state(run_dir):
+        if warm_start is not None and not run_checkpoints(run_dir):  # the run's own checkpoint comes first
             _check_warm_start(Path(warm_start), cfg)
         write_run_params(cfg, run_dir)
         (run_dir / "distributed.json").write_text(json.dumps(dist.model_dump(mode="json"), indent=2))

@@ -187,6 +187,12 @@ def run_worker(
     return outcome.results
 
 
+def local_run_dir(cfg: RunConfig) -> Path | None:
+    """The run folder when Ray Train's storage is a path (where one process could have written too), else
+    None (a URI: only Ray Train's own checkpoints are there)."""
+    return None if "://" in cfg.output_dir else cfg.run_dir()
+
+
 class RunAborted(RunFailure):
     """A restarted worker group found an unrecoverable error recorded by the previous one."""
 
@@ -196,8 +202,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ``config``: ``cfg`` (a ``RunConfig`` dump), ``dist`` (a ``DistConfig`` dump), ``coordinator`` (the
     head-coordinator actor handle), optional ``hooks``, ``tracking`` (the MLflow run rank 0 writes to) and
-    ``entry_point``. Resumes from ``ray.train.get_checkpoint()``, the latest checkpoint of this run name
-    and storage path, which is what Ray Train hands a restarted worker group after a failure.
+    ``entry_point``. Resumes from the newest checkpoint of the run folder (``RayCheckpoints.latest``: what a
+    restarted worker group gets after a failure, or what an earlier run wrote on any number of workers or in
+    one process).
     """
     import ray.train
 
@@ -211,8 +218,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         cfg = parse_config(config["cfg"], "the distributed run's config")
         dist_cfg = DistConfig.model_validate(config["dist"])
+        store = RayCheckpoints(ctx.get_world_rank(), local_run_dir(cfg))
         run_worker(
-            cfg, dist_cfg, client, RayCheckpoints(ctx.get_world_rank()), config.get("hooks") or (),
+            cfg, dist_cfg, client, store, config.get("hooks") or (),
             TrackingTarget(**tracking) if tracking else None, config.get("entry_point", "train --workers"),
             config.get("segment"),
         )  # fmt: skip

@@ -182,7 +182,8 @@ def newest_intact(candidates: list[Any], load) -> dict[str, Any] | None:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints ``checkpoint-<step>`` of a run, oldest first."""
+    """Complete checkpoints ``checkpoint-<step>`` of a run written in one process, oldest first (what
+    :func:`prune_checkpoints` prunes; :func:`run_checkpoints` lists the workers' ones too)."""
     run = Path(run_dir)
     found = []
     for p in run.glob("checkpoint-*"):
@@ -195,3 +196,58 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     for p in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(p, ignore_errors=True)
+
+
+#: What Ray Train keeps of a run in its storage folder besides its ``checkpoint_<time>`` folders: its resume
+#: state (a fresh start removes it with the checkpoints, or Ray would hand the new run an old checkpoint).
+RAY_STATE_FILES = ("checkpoint_manager_snapshot.json", ".validate_storage_marker")
+_RAY_STATE_PREFIXES = ("experiment_state", "trainer_state", "run_state")
+
+
+def saved_step(directory: Path) -> float:
+    """The step recorded in a checkpoint's ``meta.json`` (JSON only, the tensors are not read); infinity
+    when it cannot be read, so that a damaged checkpoint is tried first and skipped with a warning."""
+    try:
+        skeleton = json.loads((directory / META_FILE).read_text())["state"]
+        return float(dict(skeleton["__dict__"])["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Every checkpoint of a run folder, whichever entry point wrote it, oldest first: one process's
+    ``checkpoint-<step>/`` and the workers' ``checkpoint_<time>/state/`` (Ray Train's folders), ordered by
+    the step they hold, then by when they were written. The last intact one is where a rerun resumes, in one
+    process or on any number of workers (docs/distributed.md, "Resuming on another number of workers")."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return []
+    found = list_checkpoints(run) + [p / "state" for p in run.glob("checkpoint_*") if (p / "state").is_dir()]
+
+    def order(p: Path) -> tuple[float, float]:
+        try:
+            written = (p / META_FILE).stat().st_mtime
+        except OSError:
+            written = float("inf")
+        return saved_step(p), written
+
+    return sorted(found, key=order)
+
+
+def clear_run_checkpoints(run_dir: str | Path) -> int:
+    """Remove every checkpoint of a run folder (both kinds, see :func:`run_checkpoints`) and Ray Train's
+    resume state: a fresh start (``--no-resume``), in one process or on workers. Returns how many there
+    were."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        return 0
+    found = [p for p in run.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    found += [p for p in run.glob("checkpoint_*") if p.is_dir()]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    for name in RAY_STATE_FILES:
+        (run / name).unlink(missing_ok=True)
+    for p in run.glob("*.json"):  # Ray Train's own state files (ours are named otherwise)
+        if p.name.startswith(_RAY_STATE_PREFIXES):
+            p.unlink(missing_ok=True)
+    return len(found)

@@ -29,6 +29,7 @@ reaches it, so exploits compare trials at the same step and a seeded search make
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from polar_vbll.checkpoint import META_FILE
+from polar_vbll.checkpoint import run_checkpoints, saved_step
 from polar_vbll.errors import ConfigError
 from polar_vbll.training.warm_start import WARM_START_KEYS, warm_startable
 
@@ -88,19 +89,10 @@ def make_pbt(space: dict[str, Any], where: str, *, interval: int, seed: int):
 
 
 # ---------------------------------------------------------------------------------------------- trial
-def checkpoint_step(state_dir: Path) -> int | None:
-    """The step of a checkpoint state folder, read from its ``meta.json`` alone (None when unreadable)."""
-    try:
-        meta = json.loads((state_dir / META_FILE).read_text())
-        return int(dict(meta["state"]["__dict__"])["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def own_step(run_dir: Path) -> int:
-    """The step of the newest readable Ray Train checkpoint of a run folder (0 without one)."""
-    steps = [checkpoint_step(p / "state") for p in run_dir.glob("checkpoint_*") if p.is_dir()]
-    return max((s for s in steps if s is not None), default=0)
+    """The step of the newest readable checkpoint of a run folder (0 without one)."""
+    steps = [saved_step(p) for p in run_checkpoints(run_dir)]
+    return int(max((s for s in steps if math.isfinite(s)), default=0))
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -3,7 +3,8 @@
 :class:`LocalBackend` runs the per-step math in this process (features through a ``FeatureSource``, a
 plain ``backward``, AdamW with optional clipping for the Euclidean parameters): every collective of the
 :class:`~polar_vbll.protocols.Backend` protocol is the identity over one rank. :class:`LocalCheckpoints`
-writes ``checkpoint-<step>`` folders into the run folder and prunes old ones.
+writes ``checkpoint-<step>`` folders into the run folder and prunes old ones; it resumes from the newest
+checkpoint of the run folder, whichever entry point wrote it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from torch import nn
 
 from polar_vbll.checkpoint import (
-    list_checkpoints,
+    clear_run_checkpoints,
     load_checkpoint,
     newest_intact,
     prune_checkpoints,
+    run_checkpoints,
     save_checkpoint,
 )
 from polar_vbll.config import OptimConfig
@@ -122,16 +124,16 @@ class LocalCheckpoints:
         self.keep = keep
 
     def latest(self) -> dict[str, Any] | None:
-        """The newest intact checkpoint; a damaged newer one is skipped with a warning naming it (an
-        interrupted copy or a full disk must not block a resume that an older checkpoint can serve)."""
-        return newest_intact(list_checkpoints(self.run_dir), load_checkpoint)
+        """The newest intact checkpoint of the run folder, this store's or the workers' (``checkpoint_*``:
+        a run resumes in one process where N workers stopped; :func:`polar_vbll.checkpoint.run_checkpoints`);
+        a damaged newer one is skipped with a warning naming it (an interrupted copy or a full disk must not
+        block a resume that an older checkpoint can serve)."""
+        return newest_intact(run_checkpoints(self.run_dir), load_checkpoint)
 
     def clear(self) -> int:
-        """Remove every checkpoint of the run folder (a fresh start); returns how many there were."""
-        found = list_checkpoints(self.run_dir)
-        for path in found:
-            shutil.rmtree(path, ignore_errors=True)
-        return len(found)
+        """Remove every checkpoint of the run folder, the workers' too (a fresh start); returns how many
+        there were."""
+        return clear_run_checkpoints(self.run_dir)
 
     def save(self, step: int, state: dict[str, Any] | None, metrics: dict[str, Any]) -> None:
         if state is not None:

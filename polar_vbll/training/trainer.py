@@ -25,7 +25,8 @@ refit. The backend (``polar_vbll.protocols.Backend``) is the only thing that dif
 and N workers (the shape of litgpt's ``fit`` over a Fabric); nothing here knows which it runs on.
 
 Resume is exact: the batch order and learning rate are pure functions of the step, and a checkpoint holds
-every optimizer moment, the coordinator's state and every rank's RNG state.
+every optimizer moment, the coordinator's state and every rank's RNG state. A run resumes on another number
+of workers, or in one process, under the rule of :func:`restore_rng` (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ def load_weights(adapter: AdapterModel, head, state: dict[str, Any], cfg: RunCon
         check_resumable(state.get("config", {}), cfg)
     adapter.load_adapter_state_dict(state["adapter"], where="the checkpoint")
     head.load_state_dict(state["head"] if state.get("head") is not None else state["coordinator"]["head"])
+
+
+def resumed_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of a rank the checkpoint holds no RNG state for (it was written by fewer ranks):
+    distinct per rank and per resume step, and never a fresh run's ``seed + rank``."""
+    return seed + rank + 1_000_003 * step
+
+
+def restore_rng(state: dict[str, Any], rank: int, seed: int) -> None:
+    """The RNG rule of a resume (docs/distributed.md, "Resuming on another number of workers"): rank ``r``
+    continues rank ``r``'s streams from the checkpoint (Python, numpy, torch; CUDA where as many devices are
+    visible) when the checkpoint has a rank ``r``; a rank beyond the checkpoint's world size seeds torch
+    with :func:`resumed_seed`; the checkpoint's ranks beyond this world size are dropped. What draws from
+    these streams in training: adapter dropout and BLoB's weight noise (the head's fit has its own
+    generator)."""
+    rngs = state.get("rng_per_rank") or [state["rng"]]
+    if rank < len(rngs):
+        set_rng_state(rngs[rank])
+    else:
+        torch.manual_seed(resumed_seed(seed, rank, int(state["step"])))
 
 
 @dataclass
@@ -202,6 +223,7 @@ class Trainer:
             return None
         return {
             "step": self.state.step,
+            "batch_size": self.batch_size,  # examples per step, as this layout cut train.batch_size
             "history": self.state.history,
             "head_fits": self.state.head_fits,
             "warm_starts": self.state.warm_starts,
@@ -231,6 +253,7 @@ class Trainer:
         else:
             check_resumable(state.get("config", {}), self.cfg)
         check_same_data(state, self.train_split)
+        self._check_same_batch(state)
 
         def moments(saved: dict[str, Any], optimizer_state: dict[str, Any]) -> dict[str, Any]:
             return with_settings(saved, optimizer_state) if warm else saved
@@ -241,11 +264,7 @@ class Trainer:
             self.head_opt.load_state_dict(moments(state["head_opt"], self.head_opt.state_dict()))
         theta = state["theta_opt"]
         self.backend.load_theta_state_dict(moments(theta, self.backend.theta_state_dict()) if warm else theta)
-        rngs = state.get("rng_per_rank") or [state["rng"]]
-        if len(rngs) == self.backend.world:
-            set_rng_state(rngs[self.backend.rank])
-        elif self.backend.world == 1:
-            set_rng_state(state["rng"])
+        restore_rng(state, self.backend.rank, self.tcfg.seed)
         self.refits = self.coordinator.refits
         self.state = TrainState(
             step=int(state["step"]),
@@ -255,6 +274,21 @@ class Trainer:
             warm_starts=[*state.get("warm_starts", []), *([{"step": int(state["step"]), "changed": changed}] * warm)],
             zero_shot=state.get("zero_shot"),
             zero_shot_split=state.get("zero_shot_split"),
+        )
+
+    def _check_same_batch(self, state: dict[str, Any]) -> None:
+        """The global batch a step takes must be the checkpoint's: it differs only where ``train.batch_size``
+        exceeds the training split and is cut to a multiple of workers x gradient accumulation
+        (``effective_batch_size``), which another number of workers can change."""
+        saved = state.get("batch_size")
+        if saved is None or int(saved) == self.batch_size:
+            return
+        multiple = self.backend.world * getattr(self.backend, "grad_accum", 1)
+        raise CheckpointError(
+            f"the checkpoint's steps took {saved} examples each, this run's would take {self.batch_size} "
+            f"(train.batch_size={self.tcfg.batch_size} exceeds the {len(self.train_split)} training examples "
+            f"and is cut to a multiple of workers x grad_accum = {multiple}); resume with the checkpoint's "
+            "number of workers, or start fresh: --no-resume or another name"
         )
 
     def resume_latest(self) -> bool:
