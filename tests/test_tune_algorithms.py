@@ -219,7 +219,16 @@ def test_the_schedulers_are_tunes_own_with_the_given_settings():
     hb = make_scheduler("hyperband", steps=8, grace_steps=1, reduction_factor=2)
     assert isinstance(hb, HyperBandScheduler) and hb._time_attr == "step" and hb._max_t_attr == 8 and hb._eta == 2
     assert isinstance(make_scheduler("none", steps=8, grace_steps=1, reduction_factor=2), FIFOScheduler)
-    with pytest.raises(ConfigError, match="--scheduler pbt is not supported"):
+    from ray import tune
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    from tune_spaces.pbt import make_pbt
+
+    space = {"optim.lr_theta": tune.loguniform(1e-4, 1e-2), "polar.r": tune.choice([2, 4])}
+    pbt = make_pbt(space, "s", interval=3, seed=1)
+    assert isinstance(pbt, PopulationBasedTraining) and pbt._time_attr == "step" and pbt._perturbation_interval == 3
+    assert pbt._synch and pbt._quantile_fraction == 0.25 and list(pbt._hyperparam_mutations) == ["optim.lr_theta"]
+    with pytest.raises(ConfigError, match="make_pbt"):
         make_scheduler("pbt", steps=8, grace_steps=1, reduction_factor=2)
 
 

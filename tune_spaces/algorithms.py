@@ -108,4 +108,6 @@ def make_scheduler(scheduler: str, *, steps: int, grace_steps: int, reduction_fa
         )
     if scheduler == "none":
         return FIFOScheduler()
+    if scheduler == "pbt":
+        raise ConfigError("PBT is built by tune_spaces.pbt.make_pbt (it mutates the search space's keys)")
     raise ConfigError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}")
