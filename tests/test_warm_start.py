@@ -155,3 +155,27 @@ def test_with_settings_keeps_the_moments_and_takes_the_new_settings():
     assert (g["lr"], g["betas"], g["weight_decay"], g["params"]) == (0.5, (0.5, 0.9), 0.2, [0])
     with pytest.raises(CheckpointError, match="parameter groups"):
         with_settings(old.state_dict(), {"param_groups": []})
+
+
+def test_the_head_coordinator_keeps_its_own_settings_on_a_warm_start():
+    """The eta-phase's Adam (head.fit.lr, betas): moments from the checkpoint, settings from the config
+    on a warm start; both from the checkpoint on an exact resume."""
+    from polar_vbll.config import HeadFitConfig
+    from polar_vbll.training.coordinator import HeadCoordinator
+
+    torch.manual_seed(0)
+    donor = HeadCoordinator(torch.nn.Linear(3, 2), HeadFitConfig(lr=0.1))
+    donor.head(torch.randn(4, 3)).sum().backward()
+    donor.optimizer.step()
+    sd = donor.state_dict()
+    new = HeadFitConfig(lr=0.5, betas=(0.5, 0.9))
+    warm = HeadCoordinator(torch.nn.Linear(3, 2), new)
+    warm.load_state_dict(sd, keep_settings=True)
+    group = warm.optimizer.param_groups[0]
+    assert group["lr"] == 0.5 and tuple(group["betas"]) == (0.5, 0.9)
+    for i, s in warm.optimizer.state_dict()["state"].items():
+        assert torch.equal(s["exp_avg"], sd["optimizer"]["state"][i]["exp_avg"])
+    exact = HeadCoordinator(torch.nn.Linear(3, 2), new)
+    exact.load_state_dict(sd)
+    assert exact.optimizer.param_groups[0]["lr"] == 0.1
+    assert torch.equal(warm.head.weight, donor.head.weight)
