@@ -1,13 +1,16 @@
 """``polar-vbll predict --workers N``: decisions on Ray Data, each actor holding the model.
 
-The questions (already read and checked on the driver) are cut into the same chunks as the one-process
-path (``--batch-size``); a Ray Data dataset of chunks goes through ``map_batches`` with an actor pool of
+The questions (checked on the driver) are cut into the same chunks as the one-process path
+(``--batch-size``). A JSONL file is never held by the driver: its chunks travel as where they lie in the file
+(``polar_vbll.predict_io.QuestionFile``) and each actor reads its own; other sources travel as the questions.
+A Ray Data dataset of chunks goes through ``map_batches`` with an actor pool of
 ``N`` :class:`ChunkPredictor` actors (``batch_size=1``: one chunk per call), each of which loads the run
 once (``polar_vbll.predictor.Predictor``) and refits the driver's decision rule from its calibration data.
 A question's record depends only on its chunk, and chunks come back in input order (Ray Data's
 ``preserve_order``, and a reorder buffer on the driver), so the output file equals the one-process one.
 
-The run folder must be readable at the same path on every node (one machine, or a shared filesystem).
+The run folder (and a JSONL input) must be readable at the same path on every node (one machine, or a shared
+filesystem).
 Nothing secret is put in the runtime environment: only the model-cache locations.
 """
 
@@ -24,6 +27,7 @@ from distributed.launch import check_reachable
 from polar_vbll.decisions.rule import CalibrationData, DecisionRule, RuleSettings
 from polar_vbll.errors import UserInputError
 from polar_vbll.extras import require
+from polar_vbll.predict_io import Chunk, QuestionFile
 from polar_vbll.predictor import Predictor, Question
 from polar_vbll.tasks.example import MCExample
 
@@ -64,7 +68,11 @@ class ChunkPredictor:
 
         out = []
         for payload in batch["payload"]:
-            questions = [_question(d) for d in json.loads(payload)]
+            spec = json.loads(payload)
+            if isinstance(spec, dict):  # a chunk of a JSONL file, read here (the driver never holds it)
+                questions = QuestionFile(spec["path"], (), 0).read(Chunk(**spec["chunk"]))
+            else:
+                questions = [_question(d) for d in spec]
             out.append(json.dumps(self.predictor.decide_chunk(questions)))
         return {"index": np.asarray(batch["index"]), "records": np.asarray(out, dtype=object)}
 
@@ -85,8 +93,8 @@ def actor_device(device: str | None, cluster_gpus: float, command: str = "predic
 
 
 def decide_on_ray(
-    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, *, workers: int, address: str | None = None,
-    device: str | None = None,
+    run: Path, chunks: Sequence[Sequence[Question]] | QuestionFile, rule: DecisionRule, *, workers: int,
+    address: str | None = None, device: str | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Every chunk's decision records, in order, computed by ``workers`` actors on ``address`` (or
     ``RAY_ADDRESS``, or a local Ray started here and stopped at the end); on GPUs (one per actor) where
@@ -100,9 +108,16 @@ def decide_on_ray(
     return _decide(run, chunks, rule, workers, address, device)
 
 
+def _payload(chunks: Sequence[Sequence[Question]] | QuestionFile, i: int) -> str:
+    """Chunk ``i`` as an actor gets it: the questions, or for a JSONL file where the chunk lies in it."""
+    if isinstance(chunks, QuestionFile):
+        return json.dumps({"path": os.path.abspath(chunks.path), "chunk": asdict(chunks.chunks[i])})
+    return json.dumps([_question_dict(q) for q in chunks[i]])
+
+
 def _decide(
-    run: Path, chunks: Sequence[Sequence[Question]], rule: DecisionRule, workers: int, address: str | None,
-    device: str | None,
+    run: Path, chunks: Sequence[Sequence[Question]] | QuestionFile, rule: DecisionRule, workers: int,
+    address: str | None, device: str | None,
 ) -> Iterator[list[dict[str, Any]]]:
     import ray
 
@@ -115,7 +130,7 @@ def _decide(
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
         where = actor_device(device, ray.cluster_resources().get("GPU", 0.0))
-        items = [{"index": i, "payload": json.dumps([_question_dict(q) for q in c])} for i, c in enumerate(chunks)]
+        items = [{"index": i, "payload": _payload(chunks, i)} for i in range(len(chunks))]
         ds = ray.data.from_items(items).map_batches(
             ChunkPredictor,
             fn_constructor_kwargs={"run": str(Path(run).resolve()), "settings": asdict(rule.settings),

@@ -17,19 +17,92 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from polar_vbll.config import check_outlives_the_job
-from polar_vbll.errors import UserInputError
-from polar_vbll.predictor import Question, check_width, summary
+from polar_vbll.errors import DataError, UserInputError
+from polar_vbll.predictor import Question, SummaryAccumulator, check_width
 from polar_vbll.saved import RunFolder
+from polar_vbll.tasks import hf_source
 from polar_vbll.tasks.inputs import read_items, source_path
+from polar_vbll.tasks.jsonl import iter_json_lines_at, parse_question_row
 
 #: ``decide(chunk) -> records``, or an iterator of every chunk's records in order (Ray Data).
 ChunkDecider = Callable[[Sequence[Question]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Where one chunk of a JSONL file of questions lies: the byte offset and line number of its first
+    question, and how many questions it holds (blank lines between them are skipped)."""
+
+    offset: int
+    line: int
+    count: int
+
+
+@dataclass(frozen=True)
+class QuestionFile:
+    """A plain JSONL file of questions checked in one streaming pass (:func:`scan_questions`) and read
+    again chunk by chunk (:meth:`read`), so that no more than a chunk of it is ever held in memory."""
+
+    path: str
+    chunks: tuple[Chunk, ...]
+    total: int
+
+    def read(self, chunk: Chunk) -> list[Question]:
+        """The questions of ``chunk`` (already checked by the scan)."""
+        out = []
+        for lineno, row, _ in iter_json_lines_at(self.path, chunk.offset, chunk.line):
+            example, has = parse_question_row(row, f"{self.path}, line {lineno}", lineno, f"jsonl:{self.path}")
+            out.append(Question(example, has, lineno))
+            if len(out) == chunk.count:
+                break
+        if len(out) != chunk.count:
+            raise DataError(f"{self.path} changed while it was being read (line {chunk.line} on); predict it again")
+        return out
+
+    def __iter__(self) -> Iterator[list[Question]]:
+        return (self.read(c) for c in self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+def streamed_path(source: str | Path, split: str | None = None) -> str | None:
+    """The file of ``source`` when it is read in a streaming pass (a plain, not gzipped, JSONL path or
+    ``jsonl:`` source), else None (gzipped JSONL, ``csv:``, ``parquet:``, ``json:``, ``hf:`` sources are read
+    whole, :func:`read_questions`)."""
+    name = os.fspath(source)
+    if hf_source.is_source(name) or split is not None:
+        return None
+    if ":" in name.split("/", 1)[0] and not name.startswith("jsonl:"):
+        return None  # csv:, parquet:, json: (a path's first component has no colon)
+    path = os.path.expanduser(name.removeprefix("jsonl:"))
+    return None if path.endswith(".gz") else path
+
+
+def scan_questions(path: str, folder: RunFolder, chunk_size: int) -> QuestionFile:
+    """Check every question of the JSONL file ``path`` (as :func:`read_questions` does: file, line, field;
+    no rows; too many choices) in one streaming pass, and note where each chunk of ``chunk_size`` starts."""
+    if chunk_size < 1:
+        raise UserInputError(f"--batch-size must be at least 1, got {chunk_size}")
+    starts: list[tuple[int, int]] = []
+    total = 0
+    for lineno, row, offset in iter_json_lines_at(path):
+        example, has = parse_question_row(row, f"{path}, line {lineno}", lineno, f"jsonl:{path}")
+        check_width(folder, [Question(example, has, lineno)], path)
+        if total % chunk_size == 0:
+            starts.append((offset, lineno))
+        total += 1
+    if not total:
+        raise UserInputError(f"{path}: no questions (the file is empty or holds only blank lines)")
+    counts = [chunk_size] * (len(starts) - 1) + [total - chunk_size * (len(starts) - 1)]
+    return QuestionFile(path, tuple(Chunk(o, ln, n) for (o, ln), n in zip(starts, counts, strict=True)), total)
 
 
 def read_questions(source: str | Path, folder: RunFolder, split: str | None = None) -> list[Question]:
@@ -82,23 +155,23 @@ def check_output(output: str | Path, inputs: Iterable[str | Path]) -> Path:
     return out
 
 
-def write_records(output: Path, records: Iterator[list[dict[str, Any]]], total: int, progress: bool) -> list[dict]:
-    """Write every chunk's records as JSON lines (a temporary file renamed at the end); returns them all
-    (for the summary)."""
+def write_records(output: Path, records: Iterator[list[dict[str, Any]]], total: int, progress: bool) -> dict:
+    """Write every chunk's records as JSON lines (a temporary file renamed at the end); returns their
+    summary (:class:`polar_vbll.predictor.SummaryAccumulator`: the records themselves are not kept)."""
     tmp = output.with_name(f".{output.name}.partial")
-    done: list[dict[str, Any]] = []
+    acc = SummaryAccumulator()
     try:
         with open(tmp, "w", encoding="utf-8") as fh, tqdm(total=total, desc="predict", unit="q",
                                                           disable=not progress) as bar:  # fmt: skip
             for chunk in records:
                 for r in chunk:
                     fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-                done.extend(chunk)
+                acc.update(chunk)
                 bar.update(len(chunk))
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
-    return done
+    return acc.result()
 
 
 def format_summary(s: dict[str, Any], rule=None) -> str:
@@ -154,8 +227,7 @@ def format_rule(rule) -> str:
 
 
 def predict_file(
-    questions: Sequence[Question], output: Path, chunks_records: Iterator[list[dict[str, Any]]], progress: bool
+    total: int, output: Path, chunks_records: Iterator[list[dict[str, Any]]], progress: bool
 ) -> dict[str, Any]:
-    """Write the records and return the summary."""
-    records = write_records(output, chunks_records, len(questions), progress)
-    return summary(records)
+    """Write the records of ``total`` questions and return the summary."""
+    return write_records(output, chunks_records, total, progress)

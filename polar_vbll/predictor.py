@@ -28,7 +28,6 @@ from polar_vbll.errors import CheckpointError, DataError, UserInputError
 from polar_vbll.evaluation import PredictContext, posthoc_members, prepare_predictive
 from polar_vbll.features import FeatureSource, encode_examples
 from polar_vbll.locking import FolderLock
-from polar_vbll.metrics import summarize
 from polar_vbll.placement import placement_for
 from polar_vbll.predictives import Predictions
 from polar_vbll.saved import LoadedRun, RunFolder, check_run_folder, load_run, run_posterior
@@ -316,27 +315,61 @@ def record(q: Question, i: int, probs: torch.Tensor, d: Decisions, rule: Decisio
 def summary(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The closing summary of a prediction: how many answered / abstained / escalated, the mean set sizes,
     and on rows with an answer: accuracy and ECE of every row, the risk of the answered (fractions) and the
-    empirical coverage of the sets."""
-    n = len(records)
-    out: dict[str, Any] = {"questions": n}
-    for name in ("answer", "abstain", "escalate"):
-        out[name] = sum(r["decision"] == name for r in records)
-    has = {s: bool(records) and records[0][f"set_{s}"] is not None for s in SCORES}
-    for s in SCORES:
-        out[f"mean_set_size_{s}"] = sum(len(r[f"set_{s}"]) for r in records) / n if has[s] else None
-    labelled = [r for r in records if "label" in r]
-    out["with_answer"] = len(labelled)
-    if labelled:
-        width = max(len(r["probs"]) for r in labelled)
-        probs = torch.tensor([r["probs"] + [0.0] * (width - len(r["probs"])) for r in labelled], dtype=torch.float64)
-        labels = torch.tensor([ord(r["label"]) - ord("A") for r in labelled])
-        m = summarize(probs / probs.sum(1, keepdim=True), labels)
-        out["accuracy"], out["ece"] = m["acc"], m["ece"]
-        answered = [r for r in labelled if r["decision"] == "answer"]
-        out["answered_with_answer"] = len(answered)
-        out["risk_of_answered"] = (1 - sum(r["correct"] for r in answered) / len(answered)) if answered else None
+    empirical coverage of the sets (:class:`SummaryAccumulator` over one batch)."""
+    acc = SummaryAccumulator()
+    acc.update(records)
+    return acc.result()
+
+
+class SummaryAccumulator:
+    """:func:`summary` over records that arrive chunk by chunk (``update``), without keeping them: counts,
+    and for accuracy and ECE the four numbers per answered row that ``polar_vbll.metrics`` keeps."""
+
+    def __init__(self) -> None:
+        from polar_vbll.metrics import CalibrationAccumulator
+
+        self.n = self.labelled = self.answered = self.answered_correct = 0
+        self.counts = {name: 0 for name in ("answer", "abstain", "escalate")}
+        self.has: dict[str, bool] | None = None  # whether the records carry each kind of set (the first's)
+        self.set_sizes = {s: 0 for s in SCORES}
+        self.covered = {s: 0 for s in SCORES}
+        self.calibration = CalibrationAccumulator()
+
+    def update(self, records: Sequence[dict[str, Any]]) -> None:
+        if not records:
+            return
+        if self.has is None:
+            self.has = {s: records[0][f"set_{s}"] is not None for s in SCORES}
+        self.n += len(records)
+        for name in self.counts:
+            self.counts[name] += sum(r["decision"] == name for r in records)
+        labelled = [r for r in records if "label" in r]
         for s in SCORES:
-            out[f"coverage_{s}"] = (
-                sum(r["label"] in r[f"set_{s}"] for r in labelled) / len(labelled) if has[s] else None
-            )
-    return out
+            if self.has[s]:
+                self.set_sizes[s] += sum(len(r[f"set_{s}"]) for r in records)
+                self.covered[s] += sum(r["label"] in r[f"set_{s}"] for r in labelled)
+        if labelled:
+            width = max(len(r["probs"]) for r in labelled)
+            probs = torch.tensor([r["probs"] + [0.0] * (width - len(r["probs"])) for r in labelled],
+                                 dtype=torch.float64)  # fmt: skip
+            labels = torch.tensor([ord(r["label"]) - ord("A") for r in labelled])
+            self.calibration.update(probs / probs.sum(1, keepdim=True), labels)
+            self.labelled += len(labelled)
+            answered = [r for r in labelled if r["decision"] == "answer"]
+            self.answered += len(answered)
+            self.answered_correct += sum(bool(r["correct"]) for r in answered)
+
+    def result(self) -> dict[str, Any]:
+        has = self.has or {s: False for s in SCORES}
+        out: dict[str, Any] = {"questions": self.n, **self.counts}
+        for s in SCORES:
+            out[f"mean_set_size_{s}"] = self.set_sizes[s] / self.n if has[s] else None
+        out["with_answer"] = self.labelled
+        if self.labelled:
+            m = self.calibration.compute()
+            out["accuracy"], out["ece"] = m["acc"], m["ece"]
+            out["answered_with_answer"] = self.answered
+            out["risk_of_answered"] = (1 - self.answered_correct / self.answered) if self.answered else None
+            for s in SCORES:
+                out[f"coverage_{s}"] = self.covered[s] / self.labelled if has[s] else None
+        return out

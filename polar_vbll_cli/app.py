@@ -508,7 +508,15 @@ def predict(
         from polar_vbll.decisions.rule import DecisionRule
         from polar_vbll.locking import FolderLock
         from polar_vbll.placement import placement_for
-        from polar_vbll.predict_io import check_output, chunked, format_summary, predict_file, read_questions
+        from polar_vbll.predict_io import (
+            check_output,
+            chunked,
+            format_summary,
+            predict_file,
+            read_questions,
+            scan_questions,
+            streamed_path,
+        )
         from polar_vbll.predictor import Predictor
         from polar_vbll.saved import check_run_folder
 
@@ -525,8 +533,12 @@ def predict(
             except ValueError as exc:
                 raise UserInputError(str(exc)) from None
         out = check_output(output, [input_])
-        questions = read_questions(input_, folder, split)
-        chunks = chunked(questions, batch_size)
+        if (path := streamed_path(input_, split)) is not None:  # checked in one pass, then read chunk by chunk
+            chunks = scan_questions(path, folder, batch_size)
+            total = chunks.total
+        else:
+            questions = read_questions(input_, folder, split)
+            chunks, total = chunked(questions, batch_size), len(questions)
         if not distributed:
             predictor = Predictor.from_run(run, need_rule=False, batch_size=batch_size, device=device)
             predictor.rule = rule
@@ -536,7 +548,7 @@ def predict(
 
             records = decide_on_ray(folder.path, chunks, rule, workers=workers or 2, address=address, device=device)
         with FolderLock(out, "polar-vbll predict", is_file=True):  # one writer of the output file
-            s = predict_file(questions, out, records, progress)
+            s = predict_file(total, out, records, progress)
     print(format_summary(s, rule))
     print(f"decisions: {out.resolve()}")
 

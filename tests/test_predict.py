@@ -425,3 +425,87 @@ def test_a_single_class_calibration_set_is_warned_about_and_calibrates(calibrate
         _warnings.simplefilter("error")
         p.calibrate(RuleSettings(coverage=0.5, alpha=0.2), mixed)
     assert _invoke("calibrate", run, "--no-progress", "--coverage", "0.5").exit_code == 0  # restore
+
+
+# ------------------------------------------------------------------------------ streamed JSONL inputs
+def _question_rows(n: int, text: str = "q") -> list[dict]:
+    return [{"id": f"r{i}", "question": f"{text} {i}?", "choices": ["yes", "no", "maybe"]} for i in range(n)]
+
+
+def test_a_jsonl_input_is_checked_in_one_pass_and_read_back_chunk_by_chunk(run, tmp_path):
+    """Chunk starts (byte offset, line) by hand for a file with a BOM and blank lines; each chunk read back
+    equals read_questions' slice of the whole file."""
+    from polar_vbll.predict_io import Chunk, chunked, read_questions, scan_questions, streamed_path
+    from polar_vbll.saved import check_run_folder
+
+    folder = check_run_folder(run)
+    lines = [json.dumps(r) for r in _question_rows(7)]
+    body = [lines[0], lines[1], "", lines[2], lines[3], "  ", lines[4], lines[5], lines[6]]  # 9 lines, 2 blank
+    path = tmp_path / "q.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "\n".join(body).encode() + b"\n")
+    offsets = [3]  # after the BOM
+    for ln in body[:-1]:
+        offsets.append(offsets[-1] + len(ln.encode()) + 1)
+    qf = scan_questions(str(path), folder, 3)
+    assert qf.total == 7
+    # chunk 1: file lines 1, 2, 4; chunk 2: lines 5, 7, 8; chunk 3: line 9
+    assert qf.chunks == (Chunk(0, 1, 3), Chunk(offsets[4], 5, 3), Chunk(offsets[8], 9, 1))
+    whole = chunked(read_questions(str(path), folder), 3)
+    assert [qf.read(c) for c in qf.chunks] == [list(c) for c in whole]
+    assert [q.line for q in qf.read(qf.chunks[1])] == [5, 7, 8]
+    assert streamed_path(str(path)) == str(path) and streamed_path(f"jsonl:{path}") == str(path)
+    assert streamed_path(f"csv:{path}") is None and streamed_path(f"{path}.gz") is None
+    path.write_text("\n".join(lines[:4]) + "\n")  # the file shrinks between the check and the prediction
+    with pytest.raises(Exception, match="changed while it was being read"):
+        qf.read(qf.chunks[2])
+
+
+def test_the_workers_get_where_a_chunk_lies_not_its_questions(run, tmp_path):
+    pytest.importorskip("ray")
+    from distributed.batch_predict import _payload
+    from polar_vbll.predict_io import scan_questions
+    from polar_vbll.saved import check_run_folder
+
+    path = _write(tmp_path / "q.jsonl", _question_rows(5))
+    qf = scan_questions(str(path), check_run_folder(run), 2)
+    assert json.loads(_payload(qf, 1)) == {"path": str(path.resolve()), "chunk": {"offset": path.read_text().index(
+        '{"id": "r2"'), "line": 3, "count": 2}}  # fmt: skip
+
+
+def test_the_summary_of_records_chunk_by_chunk_is_the_summary_of_all(calibrated, questions, tmp_path):
+    from polar_vbll.predictor import SummaryAccumulator, summary
+
+    run, _ = calibrated
+    out = tmp_path / "d.jsonl"
+    res = _invoke("predict", run, "-i", questions, "-o", out, "--no-progress", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    records = [json.loads(ln) for ln in out.read_text().splitlines()]
+    acc = SummaryAccumulator()
+    for i in range(0, len(records), 5):
+        acc.update(records[i : i + 5])
+    whole, chunked_ = summary(records), acc.result()
+    assert whole.keys() == chunked_.keys() and whole["with_answer"] == 16
+    for k, v in whole.items():
+        assert chunked_[k] == (pytest.approx(v, abs=1e-12) if isinstance(v, float) else v), k
+    labelled = [r for r in records if "label" in r]  # by hand: accuracy and coverage
+    assert whole["accuracy"] == pytest.approx(sum(r["probs"].index(max(r["probs"])) == ord(r["label"]) - 65
+                                                  for r in labelled) / 16)  # fmt: skip
+
+
+@pytest.mark.slow  # two predictions of 5,000 and 20,000 long questions on the tiny model, one process each
+def test_predict_holds_a_chunk_not_the_file(calibrated, tmp_path):
+    """The peak memory of ``polar-vbll predict`` (one process, its own VmHWM) hardly grows when the
+    input grows 4x (15,000 more rows of ~2 KB: 30 MB more file); holding the questions would add more than
+    that."""
+    from tests.child_peak import run_cli_measured
+
+    run, _ = calibrated
+    peaks = {}
+    for n in (5000, 20000):
+        path = _write(tmp_path / f"q{n}.jsonl", _question_rows(n, "why " * 500))
+        args = ["predict", str(run), "-i", str(path), "-o", str(tmp_path / f"d{n}.jsonl"), "--no-progress"]
+        res, peaks[n] = run_cli_measured(args)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert len((tmp_path / f"d{n}.jsonl").read_text().splitlines()) == n
+    grown = (tmp_path / "q20000.jsonl").stat().st_size - (tmp_path / "q5000.jsonl").stat().st_size
+    assert grown > 25e6 and peaks[20000] - peaks[5000] < grown / 3, (peaks, grown)

@@ -40,13 +40,26 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, parsed_value)`` for every non-blank line of a JSONL file (``.gz`` is
     decompressed). Lines are decoded one by one so that bad bytes or bad JSON are reported with their line
     number; a UTF-8 byte-order mark on the first line is tolerated."""
+    for lineno, value, _ in iter_json_lines_at(path):
+        yield lineno, value
+
+
+def iter_json_lines_at(path: str, offset: int = 0, first_line: int = 1) -> Iterator[tuple[int, Any, int]]:
+    """:func:`iter_json_lines` with each line's byte offset, ``(line_number, parsed_value, offset)``,
+    starting at byte ``offset`` of a plain (not gzipped) file, whose line number is ``first_line``: a
+    chunk of a large file is read again from where a first pass found it (``polar_vbll.predict_io``)."""
     _check_file(path)
-    opener = gzip.open if path.endswith(".gz") else open
+    gz = path.endswith(".gz")
+    if gz and offset:
+        raise ValueError("a gzipped file is read from its start")
+    opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as fh:
-            lineno = 0
+            fh.seek(offset)
+            lineno, at = first_line - 1, offset
             while raw := fh.readline(MAX_ROW_BYTES + 1):
                 lineno += 1
+                start, at = at, at + len(raw)
                 if len(raw) > MAX_ROW_BYTES:
                     raise DataError(
                         f"{path}, line {lineno}: longer than {MAX_ROW_BYTES:,} bytes, the limit of one row "
@@ -61,7 +74,7 @@ def iter_json_lines(path: str) -> Iterator[tuple[int, Any]]:
                 if not text.strip():
                     continue
                 try:
-                    yield lineno, json.loads(text)
+                    yield lineno, json.loads(text), start
                 except json.JSONDecodeError as err:
                     raise DataError(
                         f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
