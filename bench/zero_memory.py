@@ -39,11 +39,17 @@ RUN = [
     "train.round_steps=2", "train.checkpoint_every=2", "train.eval_batch_size=4", "model.max_length=96",
     "method=polar_vbll",
 ]  # fmt: skip
+#: issue #25 part 1: a Llama of 2.07B parameters (28 blocks of hidden 2560, MLP 6912, 20 heads of 128 with 4
+#: key-value heads; vocab 49152, tied), written in bfloat16 (4.1 GB) and run in bfloat16
+LLAMA2B = {"hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 28, "num_attention_heads": 20,
+           "num_key_value_heads": 4, "vocab_size": 49152, "tie_word_embeddings": True,
+           "max_position_embeddings": 2048, "torch_dtype": "bfloat16"}  # fmt: skip
 GRID = [(1, 0), (1, 3), (2, 0), (2, 3), (4, 0), (4, 3)]
 
 
-def write_random_llama(target: Path) -> Path:
-    """A random Llama of ``LLAMA``'s shape as a safetensors folder (written once; about 1.7 GB)."""
+def write_random_llama(target: Path, shape: dict | None = None, dtype: str = "float32") -> Path:
+    """A random Llama of ``shape`` (default ``LLAMA``) as a safetensors folder in ``dtype`` (written once,
+    tensor by tensor: about 1.7 GB for ``LLAMA`` in float32, 4.1 GB for ``LLAMA2B`` in bfloat16)."""
     if (target / "config.json").is_file():
         return target
     import torch
@@ -52,7 +58,8 @@ def write_random_llama(target: Path) -> Path:
 
     from polar_vbll.models import bundled_tokenizer_dir
 
-    config = LlamaConfig(**LLAMA)
+    config = LlamaConfig(**(shape or LLAMA))
+    torch_dtype = getattr(torch, dtype)
     with torch.device("meta"):
         meta = LlamaForCausalLM(config)
     shapes = {n: tuple(p.shape) for n, p in meta.named_parameters()}  # tied lm_head appears once
@@ -70,12 +77,12 @@ def write_random_llama(target: Path) -> Path:
 
     for name, shape in shapes.items():
         t = torch.ones(shape) if "norm" in name else torch.randn(shape, generator=g) * 0.02
-        shard[name] = t
-        size += t.numel() * 4
+        shard[name] = t = t.to(torch_dtype)
+        size += t.numel() * t.element_size()
         if size > 400 * 2**20:
             flush()
     flush()
-    total = sum(4 * torch.Size(s).numel() for s in shapes.values())
+    total = sum(torch.tensor([], dtype=torch_dtype).element_size() * torch.Size(s).numel() for s in shapes.values())
     (tmp / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
@@ -90,7 +97,8 @@ def load_average() -> str:
 
 
 def run_one(
-    model_args: list[str], workers: int, stage: int, sharded: bool, out: Path, name: str, ckpt: bool = False
+    model_args: list[str], workers: int, stage: int, sharded: bool, out: Path, name: str, ckpt: bool = False,
+    dist_sets: tuple[str, ...] = (),
 ) -> dict:
     cmd = [str(Path(sys.executable).parent / "polar-vbll"), "train", "--config", "cpu", "--workers", str(workers),
            "--zero-stage", str(stage), "--no-track", "--no-progress",
@@ -98,6 +106,8 @@ def run_one(
            "--set", f"output_dir={out}", "--set", f"name={name}"]  # fmt: skip
     for s in RUN + model_args + (["train.activation_checkpointing=true"] if ckpt else []):
         cmd += ["--set", s]
+    for s in dist_sets:
+        cmd += ["--dist-set", s]
     t = time.time()
     load = load_average()
     with tempfile.TemporaryDirectory(prefix="prefix-cache-") as cache:  # cold: every run computes its prefix
@@ -109,6 +119,7 @@ def run_one(
     mib = 2**20
     return {
         "name": name, "workers": workers, "zero_stage": stage, "sharded_load": sharded and stage == 3,
+        "dist_sets": list(dist_sets),
         "activation_checkpointing": ckpt,
         "wall_s": round(time.time() - t, 1), "load_average_start": load,
         "held_mib": max(m["local"] for m in mem) / mib, "full_mib": mem[0]["full"] / mib,
@@ -116,6 +127,10 @@ def run_one(
         "peak_after_init_mib": max(m["peak_rss"] for m in mem) / mib,
         "peak_mib": max(m["peak_rss_run"] for m in mem) / mib,
         "peak_by_rank_mib": [round(m["peak_rss_run"] / mib) for m in mem],
+        # the breakdown (issue #25 part 1): each phase's peak, max over ranks, and the prefix states held
+        "phases_mib": {k: max(m.get("phases", {}).get(k, 0) for m in mem) / mib
+                       for k in mem[0].get("phases", {})},
+        "prefix_states_mib": max(m.get("prefix_states", 0) for m in mem) / mib,
     }  # fmt: skip
 
 
@@ -148,7 +163,10 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "zero_memory")
-    ap.add_argument("--only", choices=["smollm2", "llama430m"])
+    ap.add_argument("--only", choices=["smollm2", "llama430m", "llama2b"])
+    ap.add_argument("--dist-set", action="append", default=[], help="extra DistConfig KEY=VALUE for every run")
+    ap.add_argument("--tag", default="", help="appended to each run's name")
+    ap.add_argument("--grid", default=None, help="workers:stage pairs to run, e.g. 1:0,2:3 (default: all six)")
     ap.add_argument("--only-checkpointing", action="store_true",
                     help="only the rows with train.activation_checkpointing (ZeRO-0 and ZeRO-3 at 2 workers)")
     ap.add_argument("--append", action="store_true", help="add the rows to an existing zero_memory.json")
@@ -160,17 +178,24 @@ def main() -> None:
         "smollm2": ["model.source=smollm2"],
         "llama430m": ["model.source=path", f"model.path={write_random_llama(cache_root() / 'bench-llama430m')}"],
     }
+    if args.only == "llama2b":  # only on request: 4.1 GB written once
+        path = write_random_llama(cache_root() / "bench-llama2b", LLAMA2B, "bfloat16")
+        models["llama2b"] = ["model.source=path", f"model.path={path}", "model.dtype=bfloat16"]
     rows = []
     runs = Path(tempfile.mkdtemp(prefix="zero-memory-"))
     for model, model_args in models.items():
         if args.only and model != args.only:
             continue
         grid = [(w, s, True, False) for w, s in GRID] + [(2, 3, False, False), (2, 0, True, True), (2, 3, True, True)]
+        if args.grid:
+            pairs = {tuple(int(x) for x in p.split(":")) for p in args.grid.split(",")}
+            grid = [g for g in grid if (g[0], g[1]) in pairs and g[2] and not g[3]]
         if args.only_checkpointing:
             grid = [g for g in grid if g[3]]
         for workers, stage, sharded, ckpt in grid:
-            name = f"{model}-w{workers}-z{stage}{'' if sharded else '-wholeload'}{'-ckpt' if ckpt else ''}"
-            row = {"model": model, **run_one(model_args, workers, stage, sharded, runs, name, ckpt)}
+            name = f"{model}-w{workers}-z{stage}{'' if sharded else '-wholeload'}{'-ckpt' if ckpt else ''}{args.tag}"
+            row = {"model": model, **run_one(model_args, workers, stage, sharded, runs, name, ckpt,
+                                             tuple(args.dist_set))}  # fmt: skip
             rows.append(row)
             print(json.dumps(row), flush=True)
             shutil.rmtree(runs / name, ignore_errors=True)

@@ -56,6 +56,23 @@ def worker_files(cfg: RunConfig) -> list[str]:
     return files
 
 
+def check_worker_memory(workers: int, budget_mb: int | None, nodes: list[dict] | None = None) -> None:
+    """Refuse, in one line, a per-worker memory budget (``dist.worker_memory_mb``) that the cluster's nodes
+    cannot give every worker: Ray would leave the run pending forever. A node holds as many workers as its
+    ``memory`` resource (bytes) has whole budgets. ``nodes``: the cluster's (default: Ray's)."""
+    if budget_mb is None:
+        return
+    nodes = worker_nodes() if nodes is None else nodes
+    room = [int(n["Resources"].get("memory", 0)) // (budget_mb * 2**20) for n in nodes]
+    if sum(room) < workers:
+        largest = max((int(n["Resources"].get("memory", 0)) for n in nodes), default=0) // 2**20
+        raise UserInputError(
+            f"dist.worker_memory_mb={budget_mb}: {workers} workers need {workers * budget_mb:,} MiB of Ray's memory "
+            f"resource, but the cluster's {len(nodes)} node(s) have room for {sum(room)} such worker(s) (the largest "
+            f"offers {largest:,} MiB); lower the budget, use fewer workers, or add nodes"
+        )
+
+
 def check_cluster(
     cfg: RunConfig, tracking_uri: str | None, nodes: list[dict] | None = None, probe: Probe | None = None
 ) -> None:

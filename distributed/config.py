@@ -35,6 +35,31 @@ class DistConfig(BaseModel):
         ge=0,
         description="ZeRO-3: parameters with fewer elements stay unpartitioned (None: DeepSpeed's 1e5)",
     )
+    reduce_bucket_size: int | None = Field(
+        None,
+        gt=0,
+        description="ZeRO 1-3: elements of the gradient-reduction bucket (DeepSpeed's reduce_bucket_size); None: the "
+        "trainable parameters' count, one bucket for all (DeepSpeed's own default, 5e8, allocates a 1-2 GB buffer "
+        "per worker for a few thousand trainable elements)",
+    )
+    max_live_parameters: int | None = Field(
+        None,
+        ge=0,
+        description="ZeRO-3: gathered parameters (elements) a worker may keep live at once "
+        "(stage3_max_live_parameters; None: 0 on CPU workers, each block released after use; DeepSpeed's 1e9 on GPUs)",
+    )
+    max_reuse_distance: int | None = Field(
+        None,
+        ge=0,
+        description="ZeRO-3: a gathered parameter needed again within this many elements is kept instead of "
+        "released (stage3_max_reuse_distance; None: 0 on CPU workers; DeepSpeed's 1e9 on GPUs)",
+    )
+    prefetch_bucket_size: int | None = Field(
+        None,
+        ge=0,
+        description="ZeRO-3: elements gathered ahead of the forward (stage3_prefetch_bucket_size; None: 0, no "
+        "prefetch, on CPU workers; DeepSpeed's 5e7 on GPUs)",
+    )
     sharded_load: bool = Field(
         True,
         description="ZeRO-3: build the backbone partitioned (zero.Init) and read each rank's partition straight "
@@ -48,6 +73,14 @@ class DistConfig(BaseModel):
         "go back to the OS when freed, so a worker's resident memory follows what it holds while gathered "
         "blocks come and go every forward; None: glibc's adaptive threshold, which keeps freed gathers resident "
         "(measured: bench/zero_memory.py)",
+    )
+    worker_memory_mb: int | None = Field(
+        None,
+        gt=0,
+        description="each worker's memory budget in MiB: Ray reserves it per worker (its memory resource; a cluster "
+        "whose nodes cannot hold the workers is refused before the run) and each worker enforces it on its own peak "
+        "resident memory, ending the run in one line (rank, phase, peak) when over (distributed.memory_guard); "
+        "None: no budget",
     )
     use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
     cpus_per_worker: float = Field(1.0, gt=0)

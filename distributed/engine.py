@@ -51,8 +51,22 @@ def import_deepspeed():
 def deepspeed_config(cfg: RunConfig, dist: DistConfig, micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed config for a run: ZeRO stage, micro-batch and accumulation, Theta clipping."""
     zero: dict[str, Any] = {"stage": dist.zero_stage}
-    if dist.zero_stage == 3 and dist.param_persistence_threshold is not None:
-        zero["stage3_param_persistence_threshold"] = dist.param_persistence_threshold
+    if dist.reduce_bucket_size is not None:
+        zero["reduce_bucket_size"] = dist.reduce_bucket_size
+    if dist.zero_stage == 3:
+        # CPU workers release every gathered block at once and gather nothing ahead (0: memory first; measured on
+        # a 2B model at 4 workers: a run peak of 2,514 -> 1,873 MB per worker, bench/RESULTS.md); GPU workers keep
+        # DeepSpeed's defaults, which overlap the gathers with compute
+        lean = None if dist.use_gpu else 0
+        for key, value in (("param_persistence_threshold", dist.param_persistence_threshold),
+                           ("max_live_parameters", dist.max_live_parameters if dist.max_live_parameters is not None
+                            else lean),
+                           ("max_reuse_distance", dist.max_reuse_distance if dist.max_reuse_distance is not None
+                            else lean),
+                           ("prefetch_bucket_size", dist.prefetch_bucket_size if dist.prefetch_bucket_size is not None
+                            else lean)):  # fmt: skip
+            if value is not None:
+                zero[f"stage3_{key}"] = value
     return {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": dist.grad_accum,
@@ -60,7 +74,11 @@ def deepspeed_config(cfg: RunConfig, dist: DistConfig, micro_batch: int) -> dict
         # the client optimizer is torch's AdamW (the one the single-process trainer uses), fine under ZeRO
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(cfg.optim.max_grad_norm or 0.0),
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        # DeepSpeed's bf16 mode only at ZeRO-3, where zero.Init partitions the frozen backbone in bfloat16. At
+        # stages 0-2 it would wrap the client AdamW in its bf16 optimizer (a state_dict of another form) and
+        # flatten the trainable Theta into bfloat16; the backbone is already loaded in model.dtype there, and
+        # Theta, U, V and the head stay float32, as in one process
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16" and dist.zero_stage == 3},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
@@ -106,6 +124,17 @@ class FeatureModel(nn.Module):
         return self.source.features(enc, list(idx))
 
 
+def with_bucket_size(config: dict[str, Any], trainable: int) -> dict[str, Any]:
+    """``config`` with ZeRO's gradient-reduction bucket sized to the ``trainable`` elements (Theta, or LoRA's
+    A and B: thousands to millions) unless ``dist.reduce_bucket_size`` set it. DeepSpeed's default, 5e8
+    elements, is a buffer of 1-2 GB per worker (allocated at stages 1-3 whatever the trainable size)."""
+    zero = dict(config.get("zero_optimization", {}))
+    if zero.get("stage", 0) == 0 or "reduce_bucket_size" in zero:
+        return config
+    zero["reduce_bucket_size"] = max(int(trainable), 1)
+    return {**config, "zero_optimization": zero}
+
+
 def build_engine(
     backbone: nn.Module,
     theta_optimizer: torch.optim.Optimizer,
@@ -126,6 +155,7 @@ def build_engine(
     if train_cfg.cache_frozen_prefix and lowest:
         fingerprint = prefix_fingerprint(decoder_of(backbone), lowest, fingerprint_chunks, blocks_path(backbone))
     params = [p for g in theta_optimizer.param_groups for p in g["params"]]
+    config = with_bucket_size(config, sum(p.numel() for p in params))
     module = FeatureModel(backbone)
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=theta_optimizer, model_parameters=params, config=config

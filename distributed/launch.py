@@ -264,10 +264,11 @@ def run_segment(
     ``stop_at``: pause at that step with a checkpoint (``Trainer.fit(stop_at=...)``). ``warm_start``: a
     checkpoint state folder to warm-start from when the run folder has no checkpoint of its own
     (``polar_vbll.training.warm_start``; checked here, before Ray Train starts)."""
-    from distributed.cluster import check_cluster
+    from distributed.cluster import check_cluster, check_worker_memory
 
     cfg = prepare_run(cfg, dist)
     check_cluster(cfg, tracking.uri if tracking is not None else None)  # multi-node: shared storage, files, server
+    check_worker_memory(dist.workers, dist.worker_memory_mb)  # a budget no node can give: refused, not pending
     storage = cfg.output_dir
     run_dir = Path(storage) / cfg.name if "://" not in storage else None
     if run_dir is not None:
@@ -341,7 +342,10 @@ def fit_run(
         scaling_config=ScalingConfig(
             num_workers=dist.workers,
             use_gpu=dist.use_gpu,
-            resources_per_worker={"CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {})},
+            resources_per_worker={
+                "CPU": dist.cpus_per_worker, **({"GPU": 1} if dist.use_gpu else {}),
+                **({"memory": dist.worker_memory_mb * 2**20} if dist.worker_memory_mb else {}),
+            },  # fmt: skip
         ),
         torch_config=TorchConfig(backend="nccl" if dist.use_gpu else "gloo"),
         run_config=RayRunConfig(

@@ -31,12 +31,15 @@ from distributed.devices import worker_placement
 from distributed.engine import deepspeed_config, local_parameter_bytes
 from distributed.head_actor import CoordinatorClient
 from distributed.loading import ShardedCheckpoint, load_backbone_zero3
+from distributed.memory_guard import MIB, MemoryGuard
 from polar_vbll.backbone import answer_head_weight
 from polar_vbll.checkpoint import load_checkpoint
 from polar_vbll.config import ModelConfig, RunConfig
 from polar_vbll.errors import RunFailure, UserInputError
 from polar_vbll.evaluation import Member
+from polar_vbll.features import prefix_state_bytes
 from polar_vbll.models import load_backbone, model_dir
+from polar_vbll.peak import PhasePeaks
 from polar_vbll.placement import Placement, resolved
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import finish_run, training_summary, zero_shot_for
@@ -126,6 +129,30 @@ def run_worker(
     segment = segment or {}
     t0 = time.perf_counter()
     before_load = _memory_status().get("rss", 0)
+    phases = PhasePeaks()  # the peak RSS of each phase below: load, DeepSpeed's init, zero-shot, training
+    rank = dist.get_rank()
+    guard = None  # dist.worker_memory_mb: this rank's budget, watched from here to the end
+    if dist_cfg.worker_memory_mb is not None:
+        guard = MemoryGuard(dist_cfg.worker_memory_mb * MIB, rank, coordinator.record_fatal).start()
+        guard.phase = "the backbone's load"
+    try:
+        return _run_worker(cfg, dist_cfg, coordinator, store, hooks, tracking, entry_point, segment, t0,
+                           before_load, phases, guard)  # fmt: skip
+    finally:
+        if guard is not None:
+            guard.stop()
+
+
+def _run_worker(cfg, dist_cfg, coordinator, store, hooks, tracking, entry_point, segment, t0, before_load,
+                phases: PhasePeaks, guard: MemoryGuard | None) -> dict[str, Any]:  # fmt: skip
+    """:func:`run_worker`'s body, every phase's peak checked against the budget (``guard``) at its end."""
+
+    def mark(name: str, following: str) -> None:
+        peak = phases.mark(name)
+        if guard is not None:
+            guard.check(peak)
+            guard.phase = following
+
     rank, world = dist.get_rank(), dist.get_world_size()
     placement = worker_placement(cfg, dist_cfg)  # this rank's GPU (made current) or the CPU
     cfg = resolved(cfg, placement)
@@ -138,17 +165,20 @@ def run_worker(
         state, warm = load_checkpoint(segment["warm_start"]), True
     if state is not None:
         load_weights(session.adapter, session.head, state, cfg, warm=warm)  # before DeepSpeed keeps master copies
+    mark("load", "DeepSpeed's init")
     adapter = session.adapter
     backend = DeepSpeedBackend(
         cfg, dist_cfg, adapter.base_model, adapter.theta_parameters(), session.tokenizer.pad_token_id, micro,
         loader.fingerprint_chunks,
     )  # fmt: skip
+    mark("deepspeed_init", "the zero-shot evaluation")
     # bytes: the parameters this rank holds (``local``, ``full``), RSS before the backbone loads, and RSS and
-    # its peak after DeepSpeed's init; ``peak_rss_run`` (below) is the peak over training too
+    # its peak after DeepSpeed's init; ``peak_rss_run`` (below) is the peak over training too, ``phases`` the
+    # peak of each phase
     threshold = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     memory = {"rank": rank, "node": _node_id(), "malloc_mmap_threshold": int(threshold) if threshold else None,
               **local_parameter_bytes(adapter.base_model),
-              "rss_before_load": before_load, **_memory_status()}  # fmt: skip
+              "rss_before_load": before_load, **_memory_status(), "peak_rss": phases.peak}  # fmt: skip
     coordinator.start(session.head if rank == 0 else None, cfg.head.fit, state["coordinator"] if state else None,
                       warm)  # fmt: skip
     logger = RunLogger(tracking) if tracking is not None and rank == 0 else None  # only rank 0 logs
@@ -163,6 +193,9 @@ def run_worker(
     trainer.state.zero_shot = zero_shot_for(session, backend, state, progress=False, one_process=False)
     trainer.state.zero_shot_split = session.splits["eval"].fingerprint()
     timings["zero_shot_eval_s"] = time.perf_counter() - t
+    mark("zero_shot", "the training split's prefix pass")
+    trainer.prepare_train_split()
+    mark("train_prefix", "training")
     t = time.perf_counter()
     trainer.fit(checkpoint_at_end=False, stop_at=segment.get("stop_at"))  # the final checkpoint: with the artifacts
     timings["train_s"] = time.perf_counter() - t
@@ -171,7 +204,9 @@ def run_worker(
         last = trainer.state.history[-1] if trainer.state.history else {}
         return {"step": trainer.state.step, **{k: v for k, v in last.items() if k.startswith("val_")}}
     digest = trainer.verify("at the end of training")
-    memory["peak_rss_run"] = _memory_status().get("peak_rss", 0)
+    mark("train", "the final evaluation")
+    memory.update(peak_rss_run=phases.peak, phases=phases.phases, phases_reset=phases.resettable,
+                  prefix_states=prefix_state_bytes(session.splits.values()))  # fmt: skip
     training = training_summary(trainer)
     distributed = {
         "world_size": world,

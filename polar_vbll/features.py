@@ -286,6 +286,12 @@ class FeatureSource:
         return out
 
 
+def prefix_state_bytes(splits) -> int:
+    """Bytes of the cached frozen-prefix states held in memory by ``splits`` (each an ``EncodedSplit``; 0 on the
+    full path)."""
+    return sum(s.numel() * s.element_size() for enc in splits for s in (enc.states or ()) if s is not None)
+
+
 @torch.no_grad()
 def split_features(
     source: FeatureSource, enc: EncodedSplit, batch_size: int, progress: bool = False

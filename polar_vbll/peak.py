@@ -76,3 +76,27 @@ class PeakMemory:
 
     def report(self) -> dict[str, Any]:
         return {"bytes": self.bytes, "kind": self.kind, "device": str(self.device)}
+
+
+class PhasePeaks:
+    """Peak resident memory (bytes) of successive phases of this process, for the breakdown of a worker's
+    peak (bench/zero_memory.py): ``mark(name)`` ends the phase that began at the previous mark (or at
+    construction), records its peak (``VmHWM``) and resets the peak for the next one (``/proc/self/clear_refs``).
+    Where the reset is refused each reading is the peak so far (phases then only grow), and ``resettable``
+    is False. ``peak`` is the largest reading: the process's peak over all phases marked so far."""
+
+    def __init__(self) -> None:
+        self.resettable = _reset_rss_peak()
+        self.phases: dict[str, int] = {}
+
+    def mark(self, name: str) -> int:
+        hwm = _vm_hwm()
+        value = hwm if hwm is not None else _process_peak()
+        self.phases[name] = value
+        if self.resettable:
+            _reset_rss_peak()
+        return value
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values(), default=0)

@@ -501,6 +501,13 @@ class Trainer:
         """Whether training reached ``train.steps`` (false after :meth:`fit` paused at ``stop_at``)."""
         return not self.method.trains or self.state.step >= self.tcfg.steps
 
+    def prepare_train_split(self) -> None:
+        """The cheap path's frozen-prefix pass over the training split, when training is left to do (a no-op
+        on the full path, or when the states are there already). :meth:`fit` calls it first; a caller that
+        measures the pass on its own (the distributed worker's memory phases) may call it before."""
+        if self.state.step < (self.tcfg.steps if self.method.trains else 0):
+            self.backend.prepare(self.train_split, self.tcfg.eval_batch_size, progress=self.progress)
+
     def fit(self, checkpoint_at_end: bool = True, stop_at: int | None = None) -> TrainState:
         """Train to ``train.steps`` (none for a method that does not train), checkpointing on schedule;
         then the final head refit and (``checkpoint_at_end``) a checkpoint. A run that writes its final
@@ -513,7 +520,7 @@ class Trainer:
         total = t.steps if self.method.trains else 0
         pause = stop_at if stop_at is not None and self.state.step < stop_at < total else None
         if self.state.step < total:
-            self.backend.prepare(self.train_split, t.eval_batch_size, progress=self.progress)
+            self.prepare_train_split()
             self.init_joint_head()
         bar = tqdm(total=total, initial=min(self.state.step, total), desc="training", disable=not self.progress)
         t0 = time.perf_counter()
