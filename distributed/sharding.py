@@ -58,6 +58,16 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def check_shards(n: int, world: int) -> None:
+    """``data_split: shard`` trains every rank on its own shard of the training split: refuses (``ConfigError``,
+    one line) a split of fewer examples than ranks, where a shard would be empty."""
+    if n < world:
+        raise ConfigError(
+            f"--dist-set data_split=shard needs at least one training example per worker: {n} examples for "
+            f"{world} workers; use fewer workers or data_split=replicate"
+        )
+
+
 def shard_step_micro_batches(
     step: int, n: int, batch_size: int, seed: int, rank: int, world: int, grad_accum: int
 ) -> list[list[int]]:
@@ -67,12 +77,8 @@ def shard_step_micro_batches(
     permutations of the shard, as one process permutes the split), cut into ``grad_accum`` equal parts.
     With ``world == 1`` this is :func:`step_micro_batches`. Raises ``ConfigError`` for an empty shard
     (fewer examples than ranks)."""
+    check_shards(n, world)
     start, stop = shard_bounds(n, rank, world)
-    if stop == start:
-        raise ConfigError(
-            f"data_split=shard gives rank {rank} of {world} no training example (the training split has {n}); "
-            "use fewer workers or --dist-set data_split=replicate"
-        )
     mine = [start + i for i in batch_indices(step, stop - start, batch_size // world, seed + rank)]
     return [rank_slice(mine, i, grad_accum) for i in range(grad_accum)]
 
