@@ -90,6 +90,52 @@ def test_data_split_is_a_dist_setting_with_replicate_by_default():
         dist_config_from(None, ["data_split=halves"])
 
 
+@WORKERS
+def test_the_command_line_passes_data_split_to_the_workers_and_refuses_a_bad_one(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import distributed.launch
+    from polar_vbll_cli.app import app
+
+    seen = {}
+
+    def fake(cfg, address=None, dist=None, resume=True, track=False):
+        seen["dist"] = dist
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(distributed.launch, "train_distributed", fake)
+    args = ["train", "--config", "tiny", "--workers", "2", "--no-track", "--set", f"output_dir={tmp_path}"]
+    result = CliRunner().invoke(app, [*args, "--dist-set", "data_split=shard"])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["dist"].data_split == "shard" and seen["dist"].workers == 2
+    result = CliRunner().invoke(app, [*args, "--dist-set", "data_split=rows"])
+    assert result.exit_code == 2 and "--dist-set data_split" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@WORKERS
+def test_a_tracked_run_logs_data_split_with_the_other_dist_settings(monkeypatch, tmp_path):
+    """The MLflow params a tracked ``train --workers`` opens its run with carry every DistConfig field as
+    ``dist.<field>`` (stopped before Ray starts)."""
+    import polar_vbll.tracking
+    from distributed.launch import train_distributed
+    from polar_vbll.config import load_config, packaged_config
+
+    seen = {}
+
+    def tracked(folder, experiment, name, params, *args, **kwargs):
+        seen.update(params)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(polar_vbll.tracking, "tracked", tracked)
+    cfg = load_config(packaged_config("run", "tiny"), [f"output_dir={tmp_path}", "name=t"])
+    with pytest.raises(ConfigError, match="stop here"):
+        train_distributed(cfg, dist=DistConfig(workers=2, data_split="shard"), track=True)
+    assert seen["dist.data_split"] == "shard" and seen["dist.workers"] == 2 and seen["dist.zero_stage"] == 3
+    assert set(DistConfig.model_fields) == {k.removeprefix("dist.") for k in seen if k.startswith("dist.")}
+    assert seen["train.steps"] == cfg.train.steps  # beside the run config's
+
+
 # --------------------------------------------------------------------------- lock-step prefix batches
 def test_every_rank_runs_as_many_prefix_batches_as_the_largest_shard():
     for n in range(0, 40):
