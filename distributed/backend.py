@@ -42,7 +42,6 @@ from distributed.engine import (
 )
 from distributed.sharding import (
     lockstep_batches,
-    micro_batches,
     prefix_batches,
     shard_bounds,
     shard_indices,
@@ -128,10 +127,6 @@ class DeepSpeedBackend:
         return gather_rows(self.shard_features(enc, batch_size))
 
     # ------------------------------------------------------------------------------------------ steps
-    def micro_batches(self, batch: Sequence[int]) -> list[list[int]]:
-        """This rank's slice of the global batch, cut into ``grad_accum`` equal micro-batches."""
-        return micro_batches(batch, self.rank, self.world, self.dist_cfg.grad_accum)
-
     def step_batches(self, step: int, n: int, batch_size: int, seed: int) -> list[list[int]]:
         """This rank's micro-batches of step ``step``: its slice of the one-process global batch
         (``replicate``), or ``batch_size / world`` examples drawn from its own shard (``shard``; the rule of
