@@ -89,7 +89,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ranks = r["prefix_by_rank"]
         examples = "/".join(str(p["examples"]) for p in ranks)
-        mb = "/".join(f"{p['bytes'] / 2**20:.0f}" for p in ranks)
+        mb = "/".join(f"{p['bytes'] / 2**20:.1f}" for p in ranks)
         load = f"{r['load_average_start'][0]:.2f} -> {r['load_average_end'][0]:.2f}"
         lines.append(
             f"| {r['workers']} | {r['data_split']} | {r['prefix_s']:.1f} | {examples} | {mb} | "
