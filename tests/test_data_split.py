@@ -317,6 +317,10 @@ def test_two_workers_at_zero3_train_on_their_own_shards_and_stay_bitwise_identic
     assert res["timings"]["prefix_s"] == max(p["train_seconds"] for p in d["prefix"])
     assert res["params"]["train.steps"] == 6 and (run_dir / "distributed.json").is_file()
     assert '"data_split": "shard"' in (run_dir / "distributed.json").read_text()
+    from polar_vbll.checkpoint import load_checkpoint
+
+    latest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]  # Ray names them by time
+    assert load_checkpoint(latest / "state")["backend"]["data_split"] == "shard"  # what a resume compares
 
 
 @WORKERS
