@@ -5,7 +5,9 @@ What it does differently from the one-process ``LocalBackend`` (docs/design.md, 
 
 - features go through the DeepSpeed engine's forward (ZeRO-3 gathers the partitioned backbone there);
   this rank computes its slice of each global batch (``distributed.sharding``), in ``grad_accum``
-  micro-batches;
+  micro-batches; with ``data_split: shard`` it prepares the cached frozen prefix of its own shard of each
+  split only (in as many batches as the largest shard's, for ZeRO-3's collective gathers) and draws its
+  slice of every step from that shard (``shard_step_micro_batches``);
 - ``backward`` is ``engine.backward``; the Euclidean step (Theta, or LoRA's A and B) is ``engine.step()``,
   which also reduces their gradients; the Stiefel factors stay *outside* the engine (fp32, never
   partitioned or cast), their gradients averaged with ONE flat all-reduce per step, and the trainer takes
@@ -20,6 +22,7 @@ What it does differently from the one-process ``LocalBackend`` (docs/design.md, 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,7 +40,14 @@ from distributed.engine import (
     set_theta_lr,
     theta_optimizer_state,
 )
-from distributed.sharding import lockstep_batches, micro_batches, shard_bounds
+from distributed.sharding import (
+    lockstep_batches,
+    prefix_batches,
+    shard_bounds,
+    shard_indices,
+    shard_step_micro_batches,
+    step_micro_batches,
+)
 from polar_vbll.config import RunConfig
 from polar_vbll.features import EncodedSplit
 from polar_vbll.training import build_theta_optimizer
@@ -63,6 +73,7 @@ class DeepSpeedBackend:
             torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         )
         self.theta = list(theta)
+        self.prefix_seconds: dict[str, float] = {}  # split name -> seconds in the frozen-prefix pass (this rank)
         ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.engine, self.source = build_engine(
             backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train, fingerprint_chunks
@@ -73,14 +84,26 @@ class DeepSpeedBackend:
         return self.source.model
 
     # -------------------------------------------------------------------------------------- features
+    def own_examples(self, n: int) -> list[int] | None:
+        """The examples of a split of ``n`` whose frozen-prefix states this rank keeps: None (all of them)
+        with ``data_split: replicate``, its shard (``shard_indices``) with ``shard``."""
+        return None if self.dist_cfg.data_split == "replicate" else shard_indices(n, self.rank, self.world)
+
     def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = False) -> None:
-        """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path). The
-        states are read from the disk cache only when every rank has them (under ZeRO-3 the prefix pass is
-        a collective: all ranks run it or none does)."""
-        hit = torch.tensor([int(self.source.on_disk(enc))], dtype=torch.int64).to(self.comm_device)
+        """The frozen-prefix pass of the cheap path, through the engine (a no-op on the full path), over the
+        whole split or this rank's shard (:meth:`own_examples`; then in ``prefix_batches`` batches on every
+        rank). The states are read from the disk cache only when every rank has them (under ZeRO-3 the
+        prefix pass is a collective: all ranks run it or none does). Its seconds add up in
+        :attr:`prefix_seconds`."""
+        t = time.perf_counter()
+        own = self.own_examples(len(enc))
+        hit = torch.tensor([int(self.source.on_disk(enc, own))], dtype=torch.int64).to(self.comm_device)
         dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+        pad = 0 if own is None else prefix_batches(len(enc), self.world, batch_size)
         with torch.no_grad():
-            self.engine(enc, None, prepare_batch_size=batch_size, use_disk=bool(hit.item()))
+            self.engine(enc, None, prepare_batch_size=batch_size, use_disk=bool(hit.item()), indices=own,
+                        min_batches=pad)  # fmt: skip
+        self.prefix_seconds[enc.name] = self.prefix_seconds.get(enc.name, 0.0) + time.perf_counter() - t
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         return self.engine(enc, list(idx))
@@ -104,9 +127,12 @@ class DeepSpeedBackend:
         return gather_rows(self.shard_features(enc, batch_size))
 
     # ------------------------------------------------------------------------------------------ steps
-    def micro_batches(self, batch: Sequence[int]) -> list[list[int]]:
-        """This rank's slice of the global batch, cut into ``grad_accum`` equal micro-batches."""
-        return micro_batches(batch, self.rank, self.world, self.dist_cfg.grad_accum)
+    def step_batches(self, step: int, n: int, batch_size: int, seed: int) -> list[list[int]]:
+        """This rank's micro-batches of step ``step``: its slice of the one-process global batch
+        (``replicate``), or ``batch_size / world`` examples drawn from its own shard (``shard``; the rule of
+        ``distributed.sharding.shard_step_micro_batches``)."""
+        rule = step_micro_batches if self.dist_cfg.data_split == "replicate" else shard_step_micro_batches
+        return rule(step, n, batch_size, seed, self.rank, self.world, self.grad_accum)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

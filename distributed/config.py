@@ -82,6 +82,15 @@ class DistConfig(BaseModel):
         "resident memory, ending the run in one line (rank, phase, peak) when over (distributed.memory_guard); "
         "None: no budget",
     )
+    data_split: Literal["replicate", "shard"] = Field(
+        "replicate",
+        description="[choice] which examples a rank holds and trains on. replicate: every rank prepares the "
+        "cached frozen prefix of the whole split and takes its slice of the one-process global batch (N "
+        "workers train exactly the one-process model); shard: rank r prepares and keeps the states of its own "
+        "contiguous shard of every split only and draws its slice of each step's batch from that shard "
+        "(distributed.sharding.shard_step_micro_batches; 1/N of the prefix pass and its memory per rank, "
+        "another batch order than one process beyond 1 worker; docs/distributed.md)",
+    )
     use_gpu: bool = Field(False, description="one GPU per worker (nccl); CPU workers use gloo")
     cpus_per_worker: float = Field(1.0, gt=0)
     health_check_interval_s: float | None = Field(

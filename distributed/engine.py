@@ -90,7 +90,8 @@ class FeatureModel(nn.Module):
     Every pass goes through the engine's forward (never around it), so DeepSpeed's start/end-of-forward
     hooks run; under ZeRO-3 they drive parameter gathering. ``forward(enc, idx)`` returns
     ``FeatureSource.features(enc, idx)``; ``forward(enc, None, prepare_batch_size=b)`` runs the frozen
-    prefix over the split once (the cheap path) and returns an empty tensor.
+    prefix over the split once (the cheap path; over its examples ``indices`` only, in at least
+    ``min_batches`` batches: ``FeatureSource.prepare``) and returns an empty tensor.
 
     The :class:`FeatureSource` is attached *after* ``deepspeed.initialize``: on the cheap path it holds
     shallow copies of the decoder (``SplitDecoder`` views), which must copy the ZeRO-3 attributes that
@@ -115,10 +116,11 @@ class FeatureModel(nn.Module):
 
     def forward(
         self, enc: EncodedSplit, idx: Sequence[int] | None, prepare_batch_size: int | None = None,
-        use_disk: bool = True,
+        use_disk: bool = True, indices: Sequence[int] | None = None, min_batches: int = 0,
     ) -> torch.Tensor:  # fmt: skip
         if prepare_batch_size is not None:
-            self.source.prepare(enc, prepare_batch_size, progress=False, use_disk=use_disk)
+            self.source.prepare(enc, prepare_batch_size, progress=False, use_disk=use_disk, indices=indices,
+                                min_batches=min_batches)  # fmt: skip
             return torch.zeros(0)
         assert idx is not None
         return self.source.features(enc, list(idx))

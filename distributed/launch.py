@@ -179,6 +179,11 @@ def _check_resume(run_dir: Path, cfg: RunConfig) -> None:
             raise CheckpointError(f"{run_dir}: {exc}") from None
 
 
+def dist_params(dist: DistConfig) -> dict[str, Any]:
+    """The ``DistConfig`` as MLflow params (``dist.<field>``, as a search logs its trials' settings)."""
+    return {f"dist.{k}": v for k, v in dist.model_dump(mode="json").items()}
+
+
 def train_distributed(
     cfg: RunConfig,
     workers: int | None = None,
@@ -220,8 +225,8 @@ def train_distributed(
     lock = FolderLock(folder, "polar-vbll train --workers") if "://" not in cfg.output_dir else nullcontext()
     with (
         lock,  # one writer per run folder, taken before anything is written
-        tracked(folder, "polar-vbll-runs", cfg.name, cfg.flat_params(), tags, enabled=track,
-                settings=training_key(cfg), fresh=not resume) as logger,
+        tracked(folder, "polar-vbll-runs", cfg.name, {**cfg.flat_params(), **dist_params(dist)}, tags,
+                enabled=track, settings=training_key(cfg), fresh=not resume) as logger,
         ray_session(address, num_cpus=num_cpus, object_store_mb=object_store_mb, env=env),
     ):
         target = logger.target if logger is not None else None

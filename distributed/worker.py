@@ -32,6 +32,7 @@ from distributed.engine import deepspeed_config, local_parameter_bytes
 from distributed.head_actor import CoordinatorClient
 from distributed.loading import ShardedCheckpoint, load_backbone_zero3
 from distributed.memory_guard import MIB, MemoryGuard
+from distributed.sharding import check_shards
 from polar_vbll.backbone import answer_head_weight
 from polar_vbll.checkpoint import load_checkpoint
 from polar_vbll.config import ModelConfig, RunConfig
@@ -160,6 +161,8 @@ def _run_worker(cfg, dist_cfg, coordinator, store, hooks, tracking, entry_point,
     loader = BackboneLoad(cfg, dist_cfg, micro)
     session = build_session(cfg, load=loader, rank=rank, head_rows=loader.head_rows, placement=placement,
                             memory_check=False)  # fmt: skip
+    if dist_cfg.data_split == "shard":
+        check_shards(len(session.splits["train"]), world)  # every rank, before any collective
     state, warm = store.latest(), False
     if state is None and segment.get("warm_start"):
         state, warm = load_checkpoint(segment["warm_start"]), True
@@ -189,6 +192,7 @@ def _run_worker(cfg, dist_cfg, coordinator, store, hooks, tracking, entry_point,
     timings = {"load_s": time.perf_counter() - t0}
     if state is not None:
         trainer.restore(state, warm=warm)
+        note_data_split(state, dist_cfg, rank)
     t = time.perf_counter()
     trainer.state.zero_shot = zero_shot_for(session, backend, state, progress=False, one_process=False)
     trainer.state.zero_shot_split = session.splits["eval"].fingerprint()
@@ -208,18 +212,45 @@ def _run_worker(cfg, dist_cfg, coordinator, store, hooks, tracking, entry_point,
     memory.update(peak_rss_run=phases.peak, phases=phases.phases, phases_reset=phases.resettable,
                   prefix_states=prefix_state_bytes(session.splits.values()))  # fmt: skip
     training = training_summary(trainer)
+    for enc in session.splits.values():  # the evaluation's prefix passes, done now to record what each rank holds
+        backend.prepare(enc, cfg.train.eval_batch_size)
+    prefix = prefix_record(backend, session.splits, rank)
     distributed = {
         "world_size": world,
         "zero_stage": dist_cfg.zero_stage,
         "sharded_load": loader.sharded,
+        "data_split": dist_cfg.data_split,
         "memory": backend.all_gather_object(memory),
         "replica_digests": backend.all_gather_object(digest),
+        "prefix": backend.all_gather_object(prefix),
     }
+    timings["prefix_s"] = max(p["train_seconds"] for p in distributed["prefix"])  # the slowest rank's
     outcome = finish_run(
         cfg, entry_point, session, backend, store, trainer, [Member(session.head)], [training],
         trainer.state.zero_shot, timings, tracker=logger, distributed=distributed, progress=False, t0=t0,
     )  # fmt: skip
     return outcome.results
+
+
+def prefix_record(backend: DeepSpeedBackend, splits: dict, rank: int) -> dict[str, Any]:
+    """This rank's cached frozen prefix after training: per split, the examples whose states it holds
+    (``data_split: shard``: its own shard) and their bytes, and the seconds its training split's prefix pass
+    took (a disk-cache hit: the read)."""
+    held = {name: enc.prepared() for name, enc in splits.items()}
+    nbytes = {name: sum(s.numel() * s.element_size() for s in enc.states if s is not None) if enc.states else 0
+              for name, enc in splits.items()}  # fmt: skip
+    return {"rank": rank, "examples": held, "bytes": nbytes,
+            "train_seconds": backend.prefix_seconds.get(splits["train"].name, 0.0)}  # fmt: skip
+
+
+def note_data_split(state: dict[str, Any], dist_cfg: DistConfig, rank: int) -> None:
+    """A resume under another ``data_split`` than the checkpoint's steps were taken with is allowed: the
+    steps from here on follow this run's rule (docs/distributed.md, "Resuming on another number of
+    workers"); rank 0 says so in one line. A one-process checkpoint counts as ``replicate``."""
+    before = (state.get("backend") or {}).get("data_split", "replicate")
+    if rank == 0 and before != dist_cfg.data_split:
+        print(f"note: the checkpoint's {state['step']} steps took their batches with data_split={before}; from "
+              f"step {state['step']} on they follow data_split={dist_cfg.data_split}", flush=True)  # fmt: skip
 
 
 def local_run_dir(cfg: RunConfig) -> Path | None:

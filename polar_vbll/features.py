@@ -26,25 +26,39 @@ from polar_vbll.tokens import pad_batch, tokenize_prompts
 
 @dataclass
 class EncodedSplit:
-    """A split ready for the model. ``states`` is filled by :meth:`FeatureSource.prepare` on the cheap path."""
+    """A split ready for the model. ``states`` is filled by :meth:`FeatureSource.prepare` on the cheap path:
+    one tensor per example, or, when only a subset was prepared (``prepare(..., indices=...)``: a worker's
+    shard), None outside it; ``states_digest`` is then the :meth:`ids_digest` of that subset."""
 
     name: str
     ids: list[list[int]]
     labels: torch.Tensor
     n_choices: torch.Tensor
-    states: list[torch.Tensor] | None = field(default=None, repr=False)
+    states: list[torch.Tensor | None] | None = field(default=None, repr=False)
     states_key: str | None = None  # the prefix-cache key the states were computed under (see prefix_cache)
+    states_digest: str | None = None  # ids digest of the prepared subset (None: the whole split)
     shortened: dict[str, int] = field(default_factory=dict)  # prompts shortened to fit, per part
     _ids_sha256: str | None = field(default=None, repr=False, compare=False)
+    _subset_sha256: dict[tuple[int, ...], str] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def ids_digest(self) -> str:
-        """sha256 of the token ids (computed once: the ids of a split never change)."""
+    def ids_digest(self, indices: Sequence[int] | None = None) -> str:
+        """sha256 of the token ids, of the whole split or of the examples ``indices`` in that order
+        (computed once each: the ids of a split never change)."""
+        if indices is not None:
+            subset = tuple(indices)
+            if subset not in self._subset_sha256:
+                self._subset_sha256[subset] = ids_digest([self.ids[i] for i in subset])
+            return self._subset_sha256[subset]
         if self._ids_sha256 is None:
             self._ids_sha256 = ids_digest(self.ids)
         return self._ids_sha256
+
+    def prepared(self) -> int:
+        """How many examples hold frozen-prefix states (0 before :meth:`FeatureSource.prepare`)."""
+        return 0 if self.states is None else sum(s is not None for s in self.states)
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the token ids, labels and choice counts: what a prediction on this
@@ -191,49 +205,91 @@ class FeatureSource:
             object.__setattr__(self.model, "_polar_vbll_prefix_fingerprint", memo)
         return memo[1]
 
-    def key(self, enc: EncodedSplit) -> str:
-        """The prefix-cache key of ``enc``'s states under this model, split block and storage dtype."""
+    def key(self, enc: EncodedSplit, indices: Sequence[int] | None = None) -> str:
+        """The prefix-cache key of the states of ``enc`` (or of its examples ``indices``, in that order) under
+        this model, split block and storage dtype."""
         assert self.split is not None
-        return prefix_key(self.fingerprint(), self.split.split, self.compute_dtype, self.store_dtype, enc.ids_digest())
+        digest = enc.ids_digest(indices)
+        return prefix_key(self.fingerprint(), self.split.split, self.compute_dtype, self.store_dtype, digest)
 
-    def on_disk(self, enc: EncodedSplit) -> bool:
-        """Whether ``prepare`` would find ``enc``'s states in memory or on disk (no prefix pass needed)."""
+    def _current(self, enc: EncodedSplit, key: str) -> bool:
+        """Whether ``enc`` holds the states of ``key`` in memory."""
+        return enc.states is not None and enc.states_key == key
+
+    def _prepared_key(self, enc: EncodedSplit) -> str:
+        """The key the states ``enc`` holds would have under this source (of the subset they cover)."""
+        assert self.split is not None
+        digest = enc.states_digest or enc.ids_digest()
+        return prefix_key(self.fingerprint(), self.split.split, self.compute_dtype, self.store_dtype, digest)
+
+    def on_disk(self, enc: EncodedSplit, indices: Sequence[int] | None = None) -> bool:
+        """Whether ``prepare`` (of ``indices``, by default the whole split) would find the states in memory or
+        on disk (no prefix pass needed)."""
         if self.split is None:
             return True
-        key = self.key(enc)
-        return (enc.states is not None and enc.states_key == key) or (
-            self.disk is not None and self.disk.path(key).is_file()
-        )
+        key = self.key(enc, indices)
+        return self._current(enc, key) or (self.disk is not None and self.disk.path(key).is_file())
 
-    def prepare(self, enc: EncodedSplit, batch_size: int, progress: bool = True, use_disk: bool = True) -> None:
+    def prepare(
+        self, enc: EncodedSplit, batch_size: int, progress: bool = True, use_disk: bool = True,
+        indices: Sequence[int] | None = None, min_batches: int = 0,
+    ) -> None:  # fmt: skip
         """Run the frozen prefix over a split once (no-op on the full path or if the states for this key are
         in memory already; read from disk on a key match). ``use_disk=False`` computes even when an entry
-        exists (ranks that must run the same collective passes)."""
+        exists (ranks that must run the same collective passes).
+
+        ``indices``: prepare these examples only (a worker's shard); the others' states are None, and
+        :meth:`features` refuses them. The disk entry is keyed by those examples' token ids.
+        ``min_batches``: run at least this many forward batches, the extra ones over one example (the first
+        of ``indices``) with their output dropped (processes whose passes are collectives run as many as the
+        one with the most examples)."""
         if self.split is None:
             return
-        key = self.key(enc)
-        if enc.states is not None and enc.states_key == key:
+        order = list(range(len(enc))) if indices is None else list(indices)
+        key = self.key(enc, indices)
+        if self._current(enc, key):
             return
+        digest = None if indices is None else enc.ids_digest(indices)
         if self.disk is not None and use_disk:
-            loaded = self.disk.load(key, len(enc))
+            loaded = self.disk.load(key, len(order))
             if loaded is not None:
-                enc.states, enc.states_key = loaded, key
+                self._keep(enc, order, loaded, key, digest)
                 return
-        states: list[torch.Tensor | None] = [None] * len(enc)
-        batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
-        for idx in tqdm(
-            batches, desc=f"frozen blocks 0-{self.split.split - 1} on {enc.name}", disable=not progress
-        ):
-            ids, mask = pad_batch([enc.ids[i] for i in idx], self.pad_id, side="left")
-            hidden = self.split.prefix_states(to_device(ids, self.device), to_device(mask, self.device))
-            self._check_range(hidden)
-            host = hidden.to("cpu", self.store_dtype)  # the cache lives in RAM (and on disk): one copy per batch
-            for row, i in enumerate(idx):
-                n = len(enc.ids[i])
-                states[i] = host[row, host.shape[1] - n :].clone()
-        enc.states, enc.states_key = states, key  # type: ignore[assignment]
-        if self.disk is not None:
-            self.disk.save(key, enc.states)  # type: ignore[arg-type]
+        computed: list[torch.Tensor | None] = [None] * len(order)
+        batches = list(length_sorted_batches([len(enc.ids[i]) for i in order], batch_size))
+        desc = f"frozen blocks 0-{self.split.split - 1} on {enc.name}"
+        for pos in tqdm(batches, desc=desc, disable=not progress):
+            host = self._prefix_states(enc, [order[p] for p in pos])
+            for row, p in enumerate(pos):
+                n = len(enc.ids[order[p]])
+                computed[p] = host[row, host.shape[1] - n :].clone()
+        for _ in range(min_batches - len(batches)):  # padding passes: one example, the output dropped
+            if len(enc):
+                self._prefix_states(enc, [order[0] if order else 0])
+        self._keep(enc, order, computed, key, digest)
+        if self.disk is not None and computed:
+            self.disk.save(key, computed)  # type: ignore[arg-type]
+
+    def _prefix_states(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
+        """The frozen prefix's output for the examples ``idx``, left-padded ``(B, T, h)``, on the host in the
+        storage dtype (the cache lives in RAM, and on disk: one copy per batch)."""
+        assert self.split is not None
+        ids, mask = pad_batch([enc.ids[i] for i in idx], self.pad_id, side="left")
+        hidden = self.split.prefix_states(to_device(ids, self.device), to_device(mask, self.device))
+        self._check_range(hidden)
+        return hidden.to("cpu", self.store_dtype)
+
+    @staticmethod
+    def _keep(enc: EncodedSplit, order: list[int], states: list, key: str, digest: str | None) -> None:
+        """Install the states of the examples ``order`` (in that order) into ``enc``; None elsewhere."""
+        if digest is None:
+            enc.states = list(states)
+        else:
+            full: list[torch.Tensor | None] = [None] * len(enc)
+            for i, s in zip(order, states, strict=True):
+                full[i] = s
+            enc.states = full
+        enc.states_key, enc.states_digest = key, digest
 
     def _check_range(self, hidden: torch.Tensor) -> None:
         """Refuse to store states the storage dtype cannot hold (float16 overflows above 65504 to inf,
@@ -257,13 +313,18 @@ class FeatureSource:
         ids, mask = to_device(ids, self.device), to_device(mask, self.device)
         if self.split is None:
             return last_token_features(self.model, ids, mask).to(torch.float32)
-        if enc.states is None or enc.states_key != self.key(enc):  # normally done up front by the caller
+        if enc.states is None or enc.states_key != self._prepared_key(enc):  # normally done up front
             self.prepare(enc, batch_size=32, progress=False)
+        rows = [enc.states[i] for i in idx]  # type: ignore[index]
+        if any(s is None for s in rows):
+            missing = [i for i, s in zip(idx, rows, strict=True) if s is None]
+            raise ValueError(
+                f"{enc.name}: example(s) {missing[:5]} have no frozen-prefix states in this process: it prepared "
+                f"{enc.prepared()} of {len(enc)} examples (its own shard, under data_split=shard)"
+            )
         width = ids.shape[1]
-        first = enc.states[idx[0]]
-        states = torch.zeros((len(idx), width, first.shape[-1]), dtype=self.compute_dtype)  # host, left-padded
-        for row, i in enumerate(idx):
-            s = enc.states[i]
+        states = torch.zeros((len(idx), width, rows[0].shape[-1]), dtype=self.compute_dtype)  # host, left-padded
+        for row, s in enumerate(rows):
             states[row, width - s.shape[0] :] = s
         return self.split.features(to_device(states, self.device), mask).to(torch.float32)
 

@@ -89,7 +89,7 @@ class FeatureProvider(Protocol):
 class Backend(FeatureProvider, Protocol):
     """Where the per-step math runs: one process, or one rank of N data-parallel workers.
 
-    The trainer calls, per optimizer step: :meth:`micro_batches` (this rank's share of the global batch),
+    The trainer calls, per optimizer step: :meth:`step_batches` (this rank's share of the step's examples),
     :meth:`features` and :meth:`backward` per micro-batch, :meth:`mean` of the loss across ranks,
     :meth:`reduce_gradients` of the Stiefel factors (one flat all-reduce), then :meth:`theta_step` (the
     Euclidean parameters, owned by the backend: a local AdamW, or a DeepSpeed engine). Collectives must be
@@ -103,7 +103,11 @@ class Backend(FeatureProvider, Protocol):
     # False: at logging, validation and checkpoint steps only, so a step never waits for the device
     sync_every_step: bool
 
-    def micro_batches(self, batch: Sequence[int]) -> list[list[int]]: ...
+    def step_batches(self, step: int, n: int, batch_size: int, seed: int) -> list[list[int]]:
+        """This rank's micro-batches (indices into the training split of ``n`` examples) of optimizer step
+        ``step``, whose examples over all ranks number ``batch_size``: a pure function of its arguments and
+        the rank (one process: ``[batch_indices(step, n, batch_size, seed)]``)."""
+        ...
 
     def features(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         """``phi`` ``(len(idx), d)`` float32, gradients flowing into the adapters."""

@@ -137,8 +137,12 @@ class Distributed(_Model):
     world_size: int
     zero_stage: int
     sharded_load: bool = False  # ZeRO-3 backbone built partitioned, each rank reading its partition
+    data_split: str = "replicate"  # DistConfig.data_split: every rank the whole split, or its own shard
     memory: list[dict[str, Any]]
     replica_digests: list[str | None]
+    # per rank: the examples whose cached frozen-prefix states it holds per split, their bytes, and the
+    # seconds of its training split's prefix pass (empty in results written before)
+    prefix: list[dict[str, Any]] = []
 
 
 class RunResults(_Model):

@@ -161,6 +161,10 @@ def _embedding_rows(rank: int, world: int) -> dict:
         out[str(dtype)] = bool(torch.equal(got.view(torch.int16 if bf16 else torch.int32),
                                            want.view(torch.int16 if bf16 else torch.int32)))  # fmt: skip
         out[f"{dtype} partitioned"] = emb.weight.data.numel() == 0  # never gathered by the lookup
+        uneven = (torch.arange(4 * rank + 2) * 7 % 37).reshape(-1, 2)  # each rank its own shape (a shard's batch)
+        got, want = PartitionedEmbedding(emb)(uneven), torch.nn.functional.embedding(uneven, values)
+        out[f"{dtype} uneven"] = got.shape == want.shape and bool(torch.equal(
+            got.view(torch.int16 if bf16 else torch.int32), want.view(torch.int16 if bf16 else torch.int32)))
     return out
 
 

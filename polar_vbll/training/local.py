@@ -31,6 +31,7 @@ from polar_vbll.checkpoint import (
 from polar_vbll.config import OptimConfig
 from polar_vbll.features import EncodedSplit, FeatureSource
 from polar_vbll.training.optimizers import build_theta_optimizer
+from polar_vbll.training.schedule import batch_indices
 
 
 class LocalBackend:
@@ -72,8 +73,8 @@ class LocalBackend:
         return self.source.split_features(enc, batch_size)
 
     # ------------------------------------------------------------------------------------------ steps
-    def micro_batches(self, batch: Sequence[int]) -> list[list[int]]:
-        return [list(batch)]
+    def step_batches(self, step: int, n: int, batch_size: int, seed: int) -> list[list[int]]:
+        return [batch_indices(step, n, batch_size, seed)]
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -5,11 +5,12 @@ One optimizer step (:meth:`Trainer.train_step`), the same in one process and on 
 1. at the start of a round (``train.alternation: per_round``), the eta-phase: every rank sends the
    features of its shard of the training split to the head coordinator, which refits the head and
    returns it (:meth:`Trainer.refit_head`);
-2. the theta-phase: this rank's share of the step's global batch (``batch_indices``, a pure function of
-   the step) through the backend with adapter dropout on, the head's loss, backward; the loss averaged over
-   ranks and checked finite before anything moves; the Stiefel gradients averaged over ranks in one flat
-   all-reduce and the same Riemannian (or landing) step taken on every rank; then the backend's Euclidean
-   step (Theta, or LoRA's A and B: a local AdamW, or the DeepSpeed engine);
+2. the theta-phase: this rank's share of the step's global batch (``Backend.step_batches``: one process's
+   ``batch_indices``, a pure function of the step) through the backend with adapter dropout on, the
+   head's loss, backward; the loss averaged over ranks and checked finite before anything moves; the
+   Stiefel gradients averaged over ranks in one flat all-reduce and the same Riemannian (or landing) step
+   taken on every rank; then the backend's Euclidean step (Theta, or LoRA's A and B: a local AdamW, or the
+   DeepSpeed engine);
 3. with ``per_step`` alternation, one head step on the same minibatch's features.
 
 A head the theta-phase trains (``HeadKind.training == "theta"``: the MLE/MAP ``linear`` head) is not
@@ -52,7 +53,6 @@ from polar_vbll.predictives import predict
 from polar_vbll.protocols import AdapterModel, Backend, CheckpointStore, Coordinator, StepHook
 from polar_vbll.training.optimizers import build_stiefel_optimizer
 from polar_vbll.training.schedule import (
-    batch_indices,
     check_resumable,
     effective_batch_size,
     final_refit_due,
@@ -414,7 +414,7 @@ class Trainer:
         if head_refit_due(step, self.refits, self.refitted, t):
             self.refit_head()
         lr_f = self._set_lr(step)
-        micro = self.backend.micro_batches(batch_indices(step, len(split), self.batch_size, t.seed))
+        micro = self.backend.step_batches(step, len(split), self.batch_size, t.seed)
         losses, phis = [], []
         for mb in micro:
             with adapter_dropout(self.backend.model, True):  # adapter dropout (if configured) while training
