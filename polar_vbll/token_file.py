@@ -84,7 +84,7 @@ def tokenizer_identity(tokenizer) -> str | None:
 
 def key_parts(scan: ScannedFile, tokenizer_id: str, max_length: int, add_bos: bool) -> dict[str, object]:
     """What an entry's key is made of (module docstring)."""
-    return {"file_sha256": scan.sha256(), "file_bytes": scan.stat[0], "source": scan.source, "tokenizer": tokenizer_id,
+    return {"file_sha256": scan.sha256, "file_bytes": scan.stat[0], "source": scan.source, "tokenizer": tokenizer_id,
             "max_length": max_length, "add_bos": add_bos, "template": TEMPLATE_VERSION}  # fmt: skip
 
 

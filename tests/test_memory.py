@@ -5,11 +5,13 @@ peak a real run reaches."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from polar_vbll.config import load_config, resolve_config
@@ -98,3 +100,42 @@ def test_the_estimate_follows_the_settings():
     assert every.activations == 2 * base.activations and every.prefix == 0
     bf16 = estimate(load_config(resolve_config("tiny"), ["model.dtype=bfloat16"]), folder, 100, 1000, 4)
     assert bf16.weights * 2 == base.weights and bf16.activations * 2 == base.activations
+
+
+def _sentiment_rows(path: Path, rows: int) -> Path:
+    """``rows`` seeded two-choice rows, about 200 bytes each (bench/train_stream.py writes the same kind)."""
+    import random
+
+    rng = random.Random(0)
+    words = ("the", "film", "was", "good", "bad", "dull", "bright", "warm", "cold", "slow", "quick", "plot", "score")
+    with path.open("w") as fh:
+        for _ in range(rows):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))
+            fh.write(json.dumps({"question": f"What is the sentiment of: {text}.", "choices": ["negative", "positive"],
+                                 "answer": rng.randint(0, 1)}) + "\n")  # fmt: skip
+    return path
+
+
+#: The peak of the command below on 100,000 rows before the training split was memory-mapped (commit b6af562,
+#: bench/results/train_stream): the examples of every split and their ids as Python lists.
+OLD_PEAK_100K = 560 * 2**20
+
+
+@pytest.mark.slow  # about 2 min on 2 shared cores: the file is checked, tokenised once and trained on
+def test_a_100k_row_training_file_trains_in_bounded_memory(tmp_path):
+    """Issue #25 part 4: 100,000 training rows (60,000 in the training split) are checked in one streaming
+    pass and tokenised once into a memory-mapped cache; the run's own peak stays far below what holding
+    them as examples and id lists cost, and a second run reads the cache instead of tokenising again."""
+    data = _sentiment_rows(tmp_path / "train.jsonl", 100_000)
+    args = ["train", "--config", "tiny", "--no-track", "--no-progress", "--set", f"data.task=jsonl:{data}",
+            "--set", "data.train_limit=null", "--set", "data.val_limit=16", "--set", "data.eval_limit=16",
+            "--set", "train.steps=2", "--set", "train.checkpoint_every=0", "--set", "train.cache_frozen_prefix=false",
+            "--set", "train.final_head_refit=false", "--set", f"output_dir={tmp_path / 'runs'}"]  # fmt: skip
+    env = {**os.environ, "POLAR_VBLL_TOKEN_CACHE": str(tmp_path / "tokens")}
+    proc, peak = run_cli_measured(args, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())
+    assert results["split_sizes"]["train"] == 60_000
+    (entry,) = [p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith(".")]
+    assert json.loads((entry / "meta.json").read_text())["rows"] == 100_000
+    assert 0 < peak < OLD_PEAK_100K - 150 * 2**20, peak / 2**20

@@ -33,7 +33,8 @@ class ScannedFile:
     """The checked columns of one JSONL file, row ``r`` being its ``r``-th non-blank line. ``uids``: the
     rows' ids (``line-<n>`` where a row has none); ``answers``, ``n_choices``: ``(N,)`` int64; ``lines``:
     ``(N,)`` int64 1-based line numbers; ``offsets``: ``(N,)`` int64 byte offsets of the lines; ``stat``:
-    (size, mtime_ns, inode) when scanned; ``source``: the task name the rows carry (``jsonl:<path>``)."""
+    (size, mtime_ns, inode) when scanned; ``sha256``: of the file's bytes (hex); ``source``: the task name
+    the rows carry (``jsonl:<path>``)."""
 
     path: str
     source: str
@@ -43,21 +44,10 @@ class ScannedFile:
     lines: np.ndarray
     offsets: np.ndarray
     stat: tuple[int, int, int]
+    sha256: str
 
     def __len__(self) -> int:
         return len(self.uids)
-
-    def sha256(self) -> str:
-        """sha256 (hex) of the file's bytes, read in 1 MiB blocks (computed once)."""
-        memo = self.__dict__.get("_sha256")
-        if memo is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as fh:
-                while block := fh.read(1 << 20):
-                    h.update(block)
-            memo = h.hexdigest()
-            object.__setattr__(self, "_sha256", memo)
-        return memo
 
     def read(self, rows: Sequence[int] | np.ndarray) -> Iterator[MCExample]:
         """The examples of rows ``rows`` (store positions), in that order, read back from the file (one
@@ -84,6 +74,14 @@ class ScannedFile:
             raise DataError(f"{self.path}: changed while the run read it; start the run again")
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _stat(path: str) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -96,11 +94,12 @@ _KEEP = 2  # scans kept per process: a run reads one file for three splits (and 
 def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> ScannedFile:
     """Check every row of a plain JSONL file in one streaming pass and keep its columns (module docstring).
     Raises ``DataError`` as ``load_jsonl`` does (file, line, field; duplicate ids; no rows). A process keeps
-    the last scans and reuses one while the file's size, modification time and inode are unchanged."""
+    the last scans and reuses one while the file's size, modification time, inode and sha256 are unchanged
+    (hashing 20 MB takes about 40 ms; a scan of 100,000 rows seconds)."""
     path = os.fspath(path)
     source = source or f"jsonl:{path}"
     memo = _SCANS.get((path, source))
-    if memo is not None and os.path.exists(path) and _stat(path) == memo.stat:
+    if memo is not None and os.path.isfile(path) and _stat(path) == memo.stat and _sha256(path) == memo.sha256:
         return memo
     uids: list[str] = []
     answers: list[int] = []
@@ -108,7 +107,7 @@ def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> Scann
     lines: list[int] = []
     offsets: list[int] = []
     first_line: dict[str, int] = {}
-    stat = _stat(path) if os.path.isfile(path) else (0, 0, 0)
+    stat, sha = (_stat(path), _sha256(path)) if os.path.isfile(path) else ((0, 0, 0), "")
     for lineno, row, at in iter_json_lines_at(path):
         where = f"{path}, line {lineno}"
         example = parse_row(row, where, lineno, source)
@@ -126,7 +125,7 @@ def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> Scann
     if not uids:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
     scan = ScannedFile(path, source, uids, np.array(answers, dtype=np.int64), np.array(n_choices, dtype=np.int64),
-                       np.array(lines, dtype=np.int64), np.array(offsets, dtype=np.int64), stat)  # fmt: skip
+                       np.array(lines, dtype=np.int64), np.array(offsets, dtype=np.int64), stat, sha)  # fmt: skip
     while len(_SCANS) >= _KEEP:
         _SCANS.pop(next(iter(_SCANS)))
     _SCANS[(path, source)] = scan
