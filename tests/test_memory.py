@@ -107,7 +107,8 @@ def _sentiment_rows(path: Path, rows: int) -> Path:
     import random
 
     rng = random.Random(0)
-    words = ("the", "film", "was", "good", "bad", "dull", "bright", "warm", "cold", "slow", "quick", "plot", "score")
+    words = ("the", "film", "was", "good", "bad", "dull", "bright", "warm", "cold", "slow", "quick", "plot", "acting",
+             "score")
     with path.open("w") as fh:
         for _ in range(rows):
             text = " ".join(rng.choice(words) for _ in range(rng.randint(8, 30)))
