@@ -133,7 +133,7 @@ def main() -> None:
     runs = {"train": [*base, "--set", "name=tiny"],  # the cheap path: the frozen block's states cached in RAM
             "train_full_path": [*base, *full, "--set", "name=tiny_full"],  # no per-example states: the data path
             "train_workers": [*base, *full, "--workers", "2", "--set", "name=tiny_workers"]}  # fmt: skip
-    for name in a.runs.split(","):
+    for name in filter(None, a.runs.split(",")):
         args = runs[name]
         proc, wall = _child(_CLI, args, a.repo, env)
         out, _, peak = proc.stdout.rpartition("\nPEAK_BYTES ")

@@ -88,7 +88,7 @@ def _stat(path: str) -> tuple[int, int, int]:
 
 
 _SCANS: dict[tuple[str, str], ScannedFile] = {}
-_KEEP = 2  # scans kept per process: a run reads one file for three splits (and the task's width)
+_KEEP = 4  # scans kept per process: a run reads one file for three splits (and the task's width), or a folder of three
 
 
 def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> ScannedFile:
