@@ -165,6 +165,8 @@ def tokenise_files(cfg: RunConfig) -> int:
     itself (a worker on a node without the entry writes it there). Raises ``DataError`` as the rows' check."""
     from polar_vbll.token_file import open_or_build
 
+    if not any(task.startswith("jsonl:") for task in [cfg.data.task, *cfg.data.ood_tasks]):
+        return 0  # no user file: nothing to read twice
     scans = {id(s.scan): s.scan for s in load_examples(cfg).values() if isinstance(s, FileSplit)}
     if scans:
         tokenizer = load_tokenizer(cfg.model)
