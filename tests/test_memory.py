@@ -120,7 +120,8 @@ def _sentiment_rows(path: Path, rows: int) -> Path:
 #: The cap on the command below (MiB). Measured on the 2-core VM (bench/RESULTS.md, issue #25 part 4): this
 #: commit 661 MiB at its peak (the end of the run: artifacts and plots), 320 MiB of it the process itself (torch,
 #: transformers, the tokenizer) before any data; checking and tokenising the 100,000 rows into the cache added
-#: 43 MiB (the commit before: 175 MiB for the same rows held as examples and id lists, ~1.8 KB a row).
+#: 43 MiB (the commit before: 175 MiB for the same rows held as examples and id lists, ~1.8 KB a row). On this
+#: very command the commit before peaked at 607 MiB: it tokenised only the 4,032 rows it used.
 #: The test guards that the file's rows are never all held in memory: that cost grows with the rows.
 CAP_MIB = 760
 
