@@ -34,7 +34,7 @@ from polar_vbll.locking import FolderLock
 from polar_vbll.methods import METHODS
 from polar_vbll.protocols import StepHook
 from polar_vbll.runner import training_key, write_run_params
-from polar_vbll.session import validate_inputs
+from polar_vbll.session import tokenise_files, validate_inputs
 from polar_vbll.support import EntryPoint, Refused, check_supported, unused_note
 from polar_vbll.tracking import TrackingTarget, credentials_note
 from polar_vbll.training import check_resumable
@@ -84,6 +84,7 @@ def prepare_run(cfg: RunConfig, dist: DistConfig, entry: EntryPoint = WORKERS, k
     check_output_folder(Path(cfg.output_dir) / cfg.name, "output_dir/name", kind)
     cfg = driver_config(cfg, dist)  # model.device checked for the workers, model.dtype as they will run it
     validate_inputs(cfg, device=False)  # a bad task name, data row or model path fails here, before Ray starts
+    tokenise_files(cfg)  # a large file's token ids written once, memory-mapped by every worker on this node
     storage = cfg.output_dir if "://" in cfg.output_dir else str(Path(cfg.output_dir).expanduser().resolve())
     return cfg.model_copy(update={"output_dir": storage})
 

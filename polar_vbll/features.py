@@ -18,9 +18,10 @@ from tqdm.auto import tqdm
 
 from polar_vbll.architecture import blocks_of, blocks_path
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
-from polar_vbll.errors import ConfigError
+from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.placement import to_device
 from polar_vbll.prefix_cache import DTYPES, PrefixCache, ids_digest, prefix_fingerprint, prefix_key
+from polar_vbll.token_rows import row_lengths
 from polar_vbll.tokens import pad_batch, tokenize_prompts
 
 
@@ -31,7 +32,7 @@ class EncodedSplit:
     shard), None outside it; ``states_digest`` is then the :meth:`ids_digest` of that subset."""
 
     name: str
-    ids: list[list[int]]
+    ids: Sequence[Sequence[int]]  # list[list[int]], or a memory-mapped token_rows.TokenRows (a large file)
     labels: torch.Tensor
     n_choices: torch.Tensor
     states: list[torch.Tensor | None] | None = field(default=None, repr=False)
@@ -78,7 +79,10 @@ def encode_examples(name: str, examples: Sequence, tokenizer, max_length: int, a
     shortened, every label and "Answer:" kept). ``EncodedSplit.shortened`` counts the shortened prompts per
     part; a warning names the examples whose question body had to be shortened."""
     from polar_vbll.tasks import SHORTENABLE, fit_prompt
+    from polar_vbll.tasks.file_rows import FileSplit
 
+    if isinstance(examples, FileSplit):
+        return _encode_file(name, examples, tokenizer, max_length, add_bos)
     budget = max_length - (1 if add_bos else 0)
 
     def count(text: str) -> int:
@@ -87,13 +91,7 @@ def encode_examples(name: str, examples: Sequence, tokenizer, max_length: int, a
     fitted = [fit_prompt(ex, count, budget) for ex in examples]
     tokens = tokenize_prompts(tokenizer, [f.text for f in fitted], max_length=max_length, add_bos=add_bos)
     cut_questions = [ex.uid for ex, f in zip(examples, fitted, strict=True) if "question" in f.shortened]
-    if cut_questions:
-        more = f" and {len(cut_questions) - 10} more" if len(cut_questions) > 10 else ""
-        warnings.warn(
-            f"{name}: the question of {len(cut_questions)} prompt(s) was shortened to fit model.max_length="
-            f"{max_length} (its start replaced by '...'): {cut_questions[:10]}{more}",
-            stacklevel=2,
-        )
+    _warn_cut(name, cut_questions, max_length, stacklevel=3)
     return EncodedSplit(
         name=name,
         ids=tokens.ids,
@@ -101,6 +99,32 @@ def encode_examples(name: str, examples: Sequence, tokenizer, max_length: int, a
         n_choices=torch.tensor([len(ex.choices) for ex in examples], dtype=torch.long),
         shortened={part: sum(part in f.shortened for f in fitted) for part in SHORTENABLE},
     )
+
+
+def _warn_cut(name: str, cut_questions: list[str], max_length: int, stacklevel: int) -> None:
+    """The one warning naming the examples whose question body was shortened to fit."""
+    if cut_questions:
+        more = f" and {len(cut_questions) - 10} more" if len(cut_questions) > 10 else ""
+        warnings.warn(
+            f"{name}: the question of {len(cut_questions)} prompt(s) was shortened to fit model.max_length="
+            f"{max_length} (its start replaced by '...'): {cut_questions[:10]}{more}",
+            stacklevel=stacklevel,
+        )
+
+
+def _encode_file(name: str, split, tokenizer, max_length: int, add_bos: bool) -> EncodedSplit:
+    """:func:`encode_examples` for the rows of a large file (``tasks.file_rows.FileSplit``): through the
+    file's memory-mapped token cache (``polar_vbll.token_file``); the same ids, labels, counts and warning."""
+    from polar_vbll.token_file import encode_file_split, open_or_build
+
+    if add_bos and tokenizer.bos_token_id is None:
+        raise UserInputError("model.add_bos is true but the tokenizer has no BOS token")
+    entry = open_or_build(split.scan, tokenizer, max_length, add_bos)
+    if entry is None:  # a tokenizer the cache cannot identify: in memory, from the rows
+        return encode_examples(name, list(split), tokenizer, max_length, add_bos)
+    enc = encode_file_split(split, entry)
+    _warn_cut(name, enc.cut_questions, max_length, stacklevel=4)
+    return EncodedSplit(name=name, ids=enc.ids, labels=enc.labels, n_choices=enc.n_choices, shortened=enc.shortened)
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -256,12 +280,13 @@ class FeatureSource:
                 self._keep(enc, order, loaded, key, digest)
                 return
         computed: list[torch.Tensor | None] = [None] * len(order)
-        batches = list(length_sorted_batches([len(enc.ids[i]) for i in order], batch_size))
+        lengths = row_lengths(enc.ids)  # a memory-mapped split's lengths come from its offsets
+        batches = list(length_sorted_batches([lengths[i] for i in order], batch_size))
         desc = f"frozen blocks 0-{self.split.split - 1} on {enc.name}"
         for pos in tqdm(batches, desc=desc, disable=not progress):
             host = self._prefix_states(enc, [order[p] for p in pos])
             for row, p in enumerate(pos):
-                n = len(enc.ids[order[p]])
+                n = lengths[order[p]]
                 computed[p] = host[row, host.shape[1] - n :].clone()
         for _ in range(min_batches - len(batches)):  # padding passes: one example, the output dropped
             if len(enc):
@@ -337,7 +362,7 @@ class FeatureSource:
         if not len(enc):
             raise ValueError(f"split {enc.name!r} is empty")
         out: torch.Tensor | None = None
-        batches = list(length_sorted_batches([len(s) for s in enc.ids], batch_size))
+        batches = list(length_sorted_batches(row_lengths(enc.ids), batch_size))
         for idx in tqdm(batches, desc=f"features of {enc.name}", disable=not progress):
             phi = self.features(enc, idx)
             if out is None:

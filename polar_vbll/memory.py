@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from polar_vbll.errors import ConfigError
+from polar_vbll.token_rows import row_lengths
 
 GIB = 2**30
 #: bytes per element of the backbone dtypes and the prefix-cache dtypes
@@ -131,8 +132,8 @@ def check_session_fits(cfg, splits: dict, placement, tokenizer) -> None:
     from polar_vbll.training.schedule import effective_batch_size
 
     train = splits["train"]
-    tokens = max((len(s) for s in train.ids), default=1)
-    total = sum(len(s) for enc in splits.values() for s in enc.ids)
+    tokens = max(row_lengths(train.ids), default=1)
+    total = sum(sum(row_lengths(enc.ids)) for enc in splits.values())
     batch = effective_batch_size(cfg.train.batch_size, len(train))
     est = estimate(cfg, model_dir(cfg.model, tokenizer), tokens, total, batch)
     check_fits(est, placement.device, batch, tokens)

@@ -41,6 +41,7 @@ from polar_vbll.heads.predictive import mutual_information
 from polar_vbll.metrics import CalibrationAccumulator
 from polar_vbll.placement import to_device
 from polar_vbll.protocols import FeatureProvider
+from polar_vbll.token_rows import row_lengths
 
 #: Samples (= backbone passes) per example in the BLoB protocol.
 DEFAULT_MC_SAMPLES = 10
@@ -94,7 +95,7 @@ def head_outputs(
     extras = {k: torch.zeros(len(enc), dtype=torch.float32, device=device) for k in ("logit_var", "epistemic")}
     scorer = getattr(head, "uncertainty", None) if uncertainty else None
     n_choices = to_device(enc.n_choices, device)
-    for batch in length_sorted_batches([len(s) for s in enc.ids], batch_size):
+    for batch in length_sorted_batches(row_lengths(enc.ids), batch_size):
         idx = to_device(torch.tensor(batch), device)
         c = n_choices[idx]
         probs[idx] = head.predict_proba(phi[idx], c).to(torch.float32)

@@ -25,6 +25,7 @@ from polar_vbll.models import check_model_source, load_backbone, load_tokenizer,
 from polar_vbll.placement import Placement, placement_for
 from polar_vbll.protocols import AdapterModel
 from polar_vbll.tasks import answer_letters, load_task, num_classes, task_num_classes
+from polar_vbll.tasks.file_rows import FileSplit
 from polar_vbll.tasks.registry import run_split, run_splits
 from polar_vbll.tokens import answer_token_ids
 
@@ -74,7 +75,7 @@ def check_training_classes(cfg: RunConfig, train: list) -> None:
     """Refuse (``DataError``, one line) a training split whose answers are all one class, for a method that
     learns from them: it can only learn to answer that class, and its calibration measures nothing.
     Checked by every entry point before any work (:func:`validate_inputs`, a comparison's data check)."""
-    classes = {e.answer for e in train}
+    classes = set(train.answers.tolist()) if isinstance(train, FileSplit) else {e.answer for e in train}
     if len(classes) != 1 or not learns_from_labels(cfg.method):
         return
     d, k = cfg.data, next(iter(classes))
@@ -155,6 +156,23 @@ def load_splits(
         counts = "; ".join(f"{n}: " + ", ".join(f"{part} {k}" for part, k in c.items() if k) for n, c in cut.items())
         print(f"prompts shortened to fit model.max_length={cfg.model.max_length} ({counts})", flush=True)
     return splits, answer_ids
+
+
+def tokenise_files(cfg: RunConfig) -> int:
+    """Write the token cache (``polar_vbll.token_file``) of every split a run reads from a plain JSONL file,
+    if it is not there yet, and return how many files that covered: the driver of a distributed run calls
+    it before the workers start, so each worker opens the memory-mapped ids instead of tokenising the file
+    itself (a worker on a node without the entry writes it there). Raises ``DataError`` as the rows' check."""
+    from polar_vbll.token_file import open_or_build
+
+    if not any(task.startswith("jsonl:") for task in [cfg.data.task, *cfg.data.ood_tasks]):
+        return 0  # no user file: nothing to read twice
+    scans = {id(s.scan): s.scan for s in load_examples(cfg).values() if isinstance(s, FileSplit)}
+    if scans:
+        tokenizer = load_tokenizer(cfg.model)
+        for scan in scans.values():
+            open_or_build(scan, tokenizer, cfg.model.max_length, cfg.model.add_bos)
+    return len(scans)
 
 
 def build_adapter(cfg: RunConfig, model: nn.Module) -> AdapterModel:

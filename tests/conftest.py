@@ -42,15 +42,19 @@ def tiny_llama():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _private_prefix_cache(tmp_path_factory):
-    """Every test session gets its own frozen-prefix disk cache (polar_vbll.prefix_cache), so tests never
-    read a developer's cache or each other's leftovers from an earlier session."""
+def _private_caches(tmp_path_factory):
+    """Every test session gets its own frozen-prefix disk cache (polar_vbll.prefix_cache) and token cache
+    (polar_vbll.token_cache), so tests never read a developer's cache or each other's leftovers from an
+    earlier session."""
     import os
 
-    old = os.environ.get("POLAR_VBLL_PREFIX_CACHE")
+    names = ("POLAR_VBLL_PREFIX_CACHE", "POLAR_VBLL_TOKEN_CACHE")
+    old = {name: os.environ.get(name) for name in names}
     os.environ["POLAR_VBLL_PREFIX_CACHE"] = str(tmp_path_factory.mktemp("prefix-cache"))
+    os.environ["POLAR_VBLL_TOKEN_CACHE"] = str(tmp_path_factory.mktemp("token-cache"))
     yield
-    if old is None:
-        os.environ.pop("POLAR_VBLL_PREFIX_CACHE", None)
-    else:
-        os.environ["POLAR_VBLL_PREFIX_CACHE"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -15,7 +15,7 @@ few such questions; they are built with ``shipped=True`` and warned about by the
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import InitVar, dataclass
 
 from polar_vbll.errors import DataError
@@ -193,9 +193,11 @@ def build_shipped_example(where: str, notes: list[str], **fields: object) -> MCE
     return example
 
 
-def num_classes(examples: list[MCExample] | tuple[MCExample, ...]) -> int:
+def num_classes(examples: Sequence[MCExample]) -> int:
     """The classifier width for a dataset: the largest number of choices of any example (questions with
     fewer choices are masked by the caller)."""
     if not examples:
         raise DataError("no examples: cannot determine the number of classes of an empty dataset")
+    if hasattr(examples, "max_choices"):  # a file's rows (tasks.file_rows.FileSplit): from its columns
+        return examples.max_choices()  # type: ignore[union-attr]
     return max(ex.num_choices for ex in examples)

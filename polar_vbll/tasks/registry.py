@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from polar_vbll.errors import UserInputError
 from polar_vbll.tasks import builtin, hf_source
 from polar_vbll.tasks.example import MCExample, num_classes
+from polar_vbll.tasks.file_rows import FileSplit, scan_jsonl
 from polar_vbll.tasks.jsonl import load_jsonl
 from polar_vbll.tasks.splits import DEFAULT_SEED, apply_limit, seeded_order, split_counts, split_examples
 
@@ -129,8 +130,12 @@ def _jsonl_spec(name: str, raw_path: str, fractions: Sequence[tuple[str, float]]
 
 
 def _user_reader(path: str, source: str) -> Reader:
-    """A reader for a user file (it ignores the data root: user data needs no data package)."""
-    return lambda _root: load_jsonl(path, source=source)
+    """A reader for a user file (it ignores the data root: user data needs no data package): a plain file is
+    checked in one streaming pass and kept as columns (``file_rows.FileSplit``, read back row by row); a
+    gzipped one is loaded whole (``load_jsonl``)."""
+    if path.endswith(".gz"):
+        return lambda _root: load_jsonl(path, source=source)
+    return lambda _root: FileSplit(scan_jsonl(path, source))
 
 
 #: The split names a run asks for when the caller does not say (``train``, ``validation``, ``test``).
@@ -257,8 +262,10 @@ def load_task(
     fractions: Mapping[str, float] | Sequence[tuple[str, float]] | None = None,
     columns: Mapping[str, object] | None = None,
     wanted: Sequence[str] | None = None,
-) -> list[MCExample]:
-    """The examples of one split of a task, in a seeded order; ``limit`` keeps the first ``limit``.
+) -> Sequence[MCExample]:
+    """The examples of one split of a task, in a seeded order; ``limit`` keeps the first ``limit``. A list;
+    for a plain ``jsonl:`` file, a :class:`~polar_vbll.tasks.file_rows.FileSplit` (the same rows, read back
+    from the file when asked for; ``features.encode_examples`` tokenises it through a memory-mapped cache).
 
     ``seed`` fixes both the train/validation(/test) cut and the order; ``data_dir`` replaces the
     installed data package by a directory of the same layout; ``fractions`` (``jsonl:<file>`` and
@@ -311,7 +318,7 @@ def task_num_classes(
     return max(num_classes(load_task(name, split, 0, None, data_dir, **kw)) for split in spec.splits)
 
 
-def run_split(data: object, split: str, limit: int | None = None) -> list[MCExample]:
+def run_split(data: object, split: str, limit: int | None = None) -> Sequence[MCExample]:
     """One split of a run's task as the run reads it: ``data`` is its ``DataConfig`` (``task``,
     ``split_seed``, ``columns`` and the three split names, which the split rule of a ``datasets`` source
     reads)."""

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 from polar_vbll.errors import ConfigError, DataError, UserInputError
 from polar_vbll.tasks.example import MCExample
+from polar_vbll.tasks.file_rows import FileSplit
 
 DEFAULT_SEED = 0
 
@@ -31,18 +32,27 @@ def _check_seed(seed: int) -> None:
         raise UserInputError(f"the split seed must be an integer, got {seed!r}")
 
 
-def seeded_order(examples: Sequence[MCExample], seed: int = DEFAULT_SEED, where: str = "") -> list[MCExample]:
-    """The examples in a seeded random order that depends only on their uids and ``seed``.
+def seeded_order(examples: Sequence[MCExample], seed: int = DEFAULT_SEED, where: str = "") -> Sequence[MCExample]:
+    """The examples in a seeded random order that depends only on their uids and ``seed`` (a list; for a
+    :class:`~polar_vbll.tasks.file_rows.FileSplit`, a view of it in that order).
 
     ``where`` names the source in the error raised for duplicate uids (which would make the order, and so
     the split, ambiguous)."""
+    if isinstance(examples, FileSplit):  # a large file's rows: ordered by their ids, never read
+        return examples.select(seeded_permutation(examples.uids, seed, where))
+    return [examples[i] for i in seeded_permutation([ex.uid for ex in examples], seed, where)]
+
+
+def seeded_permutation(uids: Sequence[str], seed: int = DEFAULT_SEED, where: str = "") -> list[int]:
+    """The positions of ``uids`` in the order of :func:`seeded_order` (sorted by uid, then a Fisher-Yates
+    shuffle driven by ``random.Random(seed).random()``). Raises ``DataError`` for a repeated uid."""
     _check_seed(seed)
-    ordered = sorted(examples, key=lambda ex: ex.uid)
+    ordered = sorted(range(len(uids)), key=uids.__getitem__)
     for a, b in zip(ordered, ordered[1:], strict=False):
-        if a.uid == b.uid:
+        if uids[a] == uids[b]:
             prefix = f"{where}: " if where else ""
             raise DataError(
-                f"{prefix}field 'id': the id {a.uid!r} appears more than once; ids must be unique"
+                f"{prefix}field 'id': the id {uids[a]!r} appears more than once; ids must be unique"
             )
     rng = random.Random(seed)
     for i in range(len(ordered) - 1, 0, -1):
@@ -85,7 +95,7 @@ def split_examples(
     fractions: Mapping[str, float] | Sequence[tuple[str, float]],
     seed: int = DEFAULT_SEED,
     where: str = "",
-) -> dict[str, list[MCExample]]:
+) -> dict[str, Sequence[MCExample]]:
     """Cut ``examples`` into disjoint, covering splits by ``fractions`` (e.g. ``{"train": 0.8,
     "validation": 0.2}``), in the seeded order of :func:`seeded_order`. Every split must get at least one
     example; ``where`` names the source in errors."""
@@ -98,7 +108,7 @@ def split_examples(
             f"{dict(_normalize_fractions(fractions))}: split(s) {empty} would be empty"
         )
     ordered = seeded_order(examples, seed, where)
-    out: dict[str, list[MCExample]] = {}
+    out: dict[str, Sequence[MCExample]] = {}
     start = 0
     for name, size in sizes.items():
         out[name] = ordered[start : start + size]
@@ -106,7 +116,7 @@ def split_examples(
     return out
 
 
-def apply_limit(examples: list[MCExample], limit: int | None) -> list[MCExample]:
+def apply_limit(examples: Sequence[MCExample], limit: int | None) -> Sequence[MCExample]:
     """The first ``limit`` examples (all when ``limit`` is None). Applied after the seeded shuffle, so it
     is a deterministic random subsample and a subset of the unlimited split."""
     if limit is None:
