@@ -16,23 +16,13 @@ budget that fits from one that does not.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
+
+from polar_vbll.peak import resident_peak
 
 MIB = 2**20
-_STATUS = Path("/proc/self/status")
-
-
-def resident_peak() -> int | None:
-    """This process's peak resident set in bytes (``VmHWM``), None where /proc is not readable."""
-    try:
-        found = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(found.group(1)) * 1024 if found else None
 
 
 def over_budget_message(rank: int, peak: int, budget: int, phase: str) -> str:

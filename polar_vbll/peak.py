@@ -26,7 +26,8 @@ import torch
 _STATUS, _CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
-def _vm_hwm() -> int | None:
+def resident_peak() -> int | None:
+    """This process's peak resident set in bytes (``VmHWM``), None where /proc is not readable."""
     try:
         found = re.search(r"^VmHWM:\s+(\d+)\s+kB", _STATUS.read_text(), re.MULTILINE)
     except OSError:
@@ -39,7 +40,7 @@ def _reset_rss_peak() -> bool:
         _CLEAR.write_text("5")
     except OSError:
         return False
-    return _vm_hwm() is not None
+    return resident_peak() is not None
 
 
 def _process_peak() -> int:
@@ -71,7 +72,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.bytes = int(torch.cuda.max_memory_allocated(self.device))
         else:
-            hwm = _vm_hwm() if self.kind == "rss_peak" else None
+            hwm = resident_peak() if self.kind == "rss_peak" else None
             self.bytes = hwm if hwm is not None else _process_peak()
 
     def report(self) -> dict[str, Any]:
@@ -90,7 +91,7 @@ class PhasePeaks:
         self.phases: dict[str, int] = {}
 
     def mark(self, name: str) -> int:
-        hwm = _vm_hwm()
+        hwm = resident_peak()
         value = hwm if hwm is not None else _process_peak()
         self.phases[name] = value
         if self.resettable:

@@ -25,7 +25,7 @@ import numpy as np
 
 from polar_vbll.errors import DataError
 from polar_vbll.tasks.example import MCExample
-from polar_vbll.tasks.jsonl import iter_json_lines_at, parse_row
+from polar_vbll.tasks.jsonl import iter_json_lines_at, note_unique_id, parse_row
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,12 +111,7 @@ def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> Scann
     for lineno, row, at in iter_json_lines_at(path):
         where = f"{path}, line {lineno}"
         example = parse_row(row, where, lineno, source)
-        if example.uid in first_line:
-            raise DataError(
-                f"{where}, field 'id': {example.uid!r} is already used on line {first_line[example.uid]}; "
-                "ids must be unique"
-            )
-        first_line[example.uid] = lineno
+        note_unique_id(example.uid, lineno, where, first_line)
         uids.append(example.uid)
         answers.append(example.answer)
         n_choices.append(example.num_choices)

@@ -218,6 +218,14 @@ def parse_row(
     )
 
 
+def note_unique_id(uid: str, lineno: int, where: str, first_line: dict[str, int]) -> None:
+    """Record that ``uid`` is on line ``lineno`` in ``first_line``; raises ``DataError`` (``where``, field
+    'id', the line it was first used on) for an id already used."""
+    if uid in first_line:
+        raise DataError(f"{where}, field 'id': {uid!r} is already used on line {first_line[uid]}; ids must be unique")
+    first_line[uid] = lineno
+
+
 def load_jsonl(path: str | os.PathLike[str], source: str | None = None) -> list[MCExample]:
     """Load a user's JSONL file into ``MCExample`` rows in file order. ``source`` defaults to
     ``jsonl:<path>``. Raises ``DataError`` (file, line, field) for any bad row, duplicate ids, or a file
@@ -229,12 +237,7 @@ def load_jsonl(path: str | os.PathLike[str], source: str | None = None) -> list[
     for lineno, row in iter_json_lines(path):
         where = f"{path}, line {lineno}"
         example = parse_row(row, where, lineno, source)
-        if example.uid in first_line:
-            raise DataError(
-                f"{where}, field 'id': {example.uid!r} is already used on line {first_line[example.uid]}; "
-                "ids must be unique"
-            )
-        first_line[example.uid] = lineno
+        note_unique_id(example.uid, lineno, where, first_line)
         examples.append(example)
     if not examples:
         raise DataError(f"{path}: no rows (the file is empty or holds only blank lines)")
