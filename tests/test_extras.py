@@ -331,8 +331,17 @@ def test_without_ray_deepspeed_and_mlflow_the_suite_collects_and_skips_the_optio
 SIGNALS = {"--workers", "--address", "--track"}  # command-line flags that reach an optional package
 
 
-def _marked(node: ast.FunctionDef) -> bool:
-    return any(re.search(r"extras|for_entry|marks=", ast.unparse(d)) for d in node.decorator_list)
+_MARK = r"extras|for_entry|marks="
+
+
+def _mark_aliases(tree: ast.Module) -> set[str]:
+    """Module-level names bound to a mark (``WORKERS = for_entry("polar-vbll train --workers")``)."""
+    return {t.id for n in tree.body if isinstance(n, ast.Assign) and re.search(_MARK, ast.unparse(n.value))
+            for t in n.targets if isinstance(t, ast.Name)}  # fmt: skip
+
+
+def _marked(node: ast.FunctionDef, aliases: set[str] = frozenset()) -> bool:
+    return any(re.search(_MARK, ast.unparse(d)) or ast.unparse(d) in aliases for d in node.decorator_list)
 
 
 def test_tests_that_reach_an_optional_package_are_marked():
@@ -344,6 +353,7 @@ def test_tests_that_reach_an_optional_package_are_marked():
         if path.name == Path(__file__).name:  # hides the packages itself
             continue
         tree = ast.parse(path.read_text())
+        aliases = _mark_aliases(tree)
         module_level = [ast.unparse(n) for n in tree.body if isinstance(n, ast.Expr | ast.Assign)]
         if any("skip_module_unless" in s or s.startswith("pytestmark") for s in module_level):
             continue
@@ -360,6 +370,6 @@ def test_tests_that_reach_an_optional_package_are_marked():
                     [n.module] if isinstance(n, ast.ImportFrom) and n.module else [])  # fmt: skip
                 if any(x.split(".")[0] in ("ray", "deepspeed", "mlflow", "tune_spaces") for x in names):
                     reaches = True
-            if reaches and not _marked(node):
+            if reaches and not _marked(node, aliases):
                 unmarked.append(f"{path.name}:{node.lineno} {node.name}")
     assert not unmarked, "mark these @pytest.mark.extras(...) (tests/optional.py): " + ", ".join(unmarked)
