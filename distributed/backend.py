@@ -76,7 +76,8 @@ class DeepSpeedBackend:
         self.prefix_seconds: dict[str, float] = {}  # split name -> seconds in the frozen-prefix pass (this rank)
         ds_config = deepspeed_config(cfg, dist_cfg, micro_batch)
         self.engine, self.source = build_engine(
-            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train, fingerprint_chunks
+            backbone, build_theta_optimizer(self.theta, cfg.optim), ds_config, pad_id, cfg.train, fingerprint_chunks,
+            same_ids=dist_cfg.data_split == "replicate",
         )
 
     @property

@@ -31,11 +31,12 @@ class PartitionedEmbedding(nn.Module):
     rows of every rank's ids are looked up together when they differ). The weight is held as a plain
     attribute (not a parameter), so no engine hook fetches it."""
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, embedding: nn.Embedding, same_ids: bool = False) -> None:
         super().__init__()
         if not hasattr(embedding.weight, "ds_tensor"):
             raise ValueError("PartitionedEmbedding needs a ZeRO-3 partitioned embedding weight")
         object.__setattr__(self, "_weight", embedding.weight)
+        self.same_ids = same_ids  # every rank looks up the same ids (data_split replicate): no id all-gathers
         self.num_embeddings, self.embedding_dim = embedding.weight.ds_shape
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ class PartitionedEmbedding(nn.Module):
         if flat.numel() and (flat.min() < 0 or flat.max() >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         flat = flat.to(part.device)
-        wanted, offset = all_ids(flat, group)
+        wanted, offset = (flat, 0) if self.same_ids else all_ids(flat, group)
         element = wanted[:, None] * d + torch.arange(d, device=part.device)[None, :]  # (m, d) flat index of each
         mine = (element >= start) & (element < stop)
         size = part.element_size()
@@ -82,15 +83,16 @@ def all_ids(flat: torch.Tensor, group) -> tuple[torch.Tensor, int]:
     return torch.cat([e[:k] for e, k in zip(every, sizes, strict=True)]), sum(sizes[:rank])
 
 
-def install(prefix_view: nn.Module, attr: str | None = "embed_tokens") -> bool:
+def install(prefix_view: nn.Module, attr: str | None = "embed_tokens", same_ids: bool = False) -> bool:
     """Give the frozen-prefix view (``SplitDecoder.prefix``, a shallow copy of the decoder with its own
     module dict) a :class:`PartitionedEmbedding` in place of its token embedding at ``attr``
     (``SplitDecoder.embedding_attr``: ``embed_tokens``, ``wte``...); returns whether it did: only for a
     partitioned plain ``nn.Embedding`` (a subclass such as Gemma's scaled embedding computes more than a
-    lookup, and keeps its own forward). The decoder's own embedding stays as it is."""
+    lookup, and keeps its own forward). The decoder's own embedding stays as it is. ``same_ids``: every rank
+    passes the same ids (``data_split: replicate``), so the ids are not all-gathered first."""
     embedding = prefix_view._modules.get(attr) if attr else None
     if type(embedding) is not nn.Embedding or not hasattr(embedding.weight, "ds_tensor"):
         return False
     prefix_view._modules = dict(prefix_view._modules)  # the view's own dict: never the decoder's
-    prefix_view._modules[attr] = PartitionedEmbedding(embedding)
+    prefix_view._modules[attr] = PartitionedEmbedding(embedding, same_ids)
     return True

@@ -144,13 +144,16 @@ def build_engine(
     pad_id: int,
     train_cfg: TrainConfig,
     fingerprint_chunks: Callable[[torch.Tensor], Iterable[torch.Tensor]] | None = None,
+    same_ids: bool = False,
 ):
     """``deepspeed.initialize`` over :class:`FeatureModel` with the Theta optimizer (a collective), then
     the feature source; returns ``(engine, source)``. The frozen prefix's weight hash (the disk cache's
     key) is taken before ``initialize``, while every rank still holds the whole weights (ZeRO-3
     partitions them), or, for a backbone loaded partitioned, from its checkpoint file through
     ``fingerprint_chunks`` (``ShardedCheckpoint.chunks``). Under ZeRO-3 the cheap path's prefix view looks
-    token rows up from the embedding's partitions (``distributed.embedding``) instead of gathering it."""
+    token rows up from the embedding's partitions (``distributed.embedding``) instead of gathering it;
+    ``same_ids``: every rank prepares the same examples (``data_split: replicate``), so the lookup skips
+    all-gathering the ids."""
     deepspeed = import_deepspeed()
     fingerprint = None
     lowest = lowest_adapted_block(backbone)
@@ -166,7 +169,7 @@ def build_engine(
     if source.split is not None:  # ZeRO-3: the prefix pass looks up rows, never gathers the embedding
         from distributed.embedding import install
 
-        install(source.split.prefix, source.split.embedding_attr)
+        install(source.split.prefix, source.split.embedding_attr, same_ids)
     module.attach(source)
     return engine, source
 

@@ -237,8 +237,7 @@ def prefix_record(backend: DeepSpeedBackend, splits: dict, rank: int) -> dict[st
     (``data_split: shard``: its own shard) and their bytes, and the seconds its training split's prefix pass
     took (a disk-cache hit: the read)."""
     held = {name: enc.prepared() for name, enc in splits.items()}
-    nbytes = {name: sum(s.numel() * s.element_size() for s in enc.states if s is not None) if enc.states else 0
-              for name, enc in splits.items()}  # fmt: skip
+    nbytes = {name: prefix_state_bytes([enc]) for name, enc in splits.items()}
     return {"rank": rank, "examples": held, "bytes": nbytes,
             "train_seconds": backend.prefix_seconds.get(splits["train"].name, 0.0)}  # fmt: skip
 

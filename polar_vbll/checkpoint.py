@@ -9,7 +9,6 @@ last complete checkpoint intact.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -24,19 +23,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from polar_vbll.errors import CheckpointError
+from polar_vbll.files import sha256_file
 
 FORMAT_VERSION = 1
 STATE_FILE = "state.safetensors"
 META_FILE = "meta.json"
 _TENSOR_TAG = "__tensor__"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def split_tensors(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

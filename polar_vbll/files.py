@@ -9,6 +9,7 @@ with content hashes: ``polar_vbll.checkpoint``, ``polar_vbll.adapters.state``, `
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -59,3 +60,12 @@ def read_records(path: str | Path, what: str) -> list[dict[str, Any]]:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in out))
         os.replace(tmp, path)
     return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

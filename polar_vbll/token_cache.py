@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from polar_vbll.files import sha256_file
+
 FORMAT_VERSION = 1
 ARRAYS = {"ids": np.dtype("<u4"), "offsets": np.dtype("<i8"), "flags": np.dtype("u1")}
 #: Per-row flag bits: the prompt parts ``fit_prompt`` shortened (``tasks.SHORTENABLE``), and a row whose
@@ -68,14 +70,6 @@ class Entry:
         return int(self.meta["rows"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=dtype)
@@ -100,7 +94,7 @@ def open_entry(folder: Path, verify: bool = True) -> Entry:
         size = path.stat().st_size if path.is_file() else None
         if size != want:
             raise ValueError(f"{path.name} is {size} bytes, not {want}")
-        if verify and _sha256(path) != meta["sha256"][name]:
+        if verify and sha256_file(path) != meta["sha256"][name]:
             raise ValueError(f"{path.name} does not match its sha256")
         arrays[name] = _map(path, dtype, counts[name])
     off = arrays["offsets"]

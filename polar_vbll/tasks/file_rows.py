@@ -15,7 +15,6 @@ took several hundred MB.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from polar_vbll.errors import DataError
+from polar_vbll.files import sha256_file
 from polar_vbll.tasks.example import MCExample
 from polar_vbll.tasks.jsonl import iter_json_lines_at, note_unique_id, parse_row
 
@@ -74,14 +74,6 @@ class ScannedFile:
             raise DataError(f"{self.path}: changed while the run read it; start the run again")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stat(path: str) -> tuple[int, int, int]:
     st = os.stat(path)
     return (st.st_size, st.st_mtime_ns, st.st_ino)
@@ -99,7 +91,7 @@ def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> Scann
     path = os.fspath(path)
     source = source or f"jsonl:{path}"
     memo = _SCANS.get((path, source))
-    if memo is not None and os.path.isfile(path) and _stat(path) == memo.stat and _sha256(path) == memo.sha256:
+    if memo is not None and os.path.isfile(path) and _stat(path) == memo.stat and sha256_file(path) == memo.sha256:
         return memo
     uids: list[str] = []
     answers: list[int] = []
@@ -107,7 +99,7 @@ def scan_jsonl(path: str | os.PathLike[str], source: str | None = None) -> Scann
     lines: list[int] = []
     offsets: list[int] = []
     first_line: dict[str, int] = {}
-    stat, sha = (_stat(path), _sha256(path)) if os.path.isfile(path) else ((0, 0, 0), "")
+    stat, sha = (_stat(path), sha256_file(path)) if os.path.isfile(path) else ((0, 0, 0), "")
     for lineno, row, at in iter_json_lines_at(path):
         where = f"{path}, line {lineno}"
         example = parse_row(row, where, lineno, source)
