@@ -189,3 +189,50 @@ def test_decision_table_shows_the_decision_rule_per_method():
     row = "| sst2 | PoLAR-VBLL | 75.0 ± 0.0 | 0.120 ± 0.000 | 50.0 ± 14.1 | 5.0 ± 0.0 | 91.0 ± 0.0 | 1.30 ± 0.14 |"
     assert row in table
     assert decision_table(aggregate(table_rows([{**recs[0], "metrics": split}], {}))) == ""
+
+
+def test_a_task_named_by_a_path_keeps_its_runs_inside_the_comparison(tmp_path, monkeypatch):
+    """A user's file named relative to the working folder (``jsonl:../data/x.jsonl``) gets a plain folder of
+    its own (``task_folder``): run folders and the reliability diagram inside the comparison's folder, never a
+    ``jsonl:..`` folder chain or a file name with a separator (which stopped the comparison at its diagram)."""
+    import random
+
+    from polar_vbll.config import check_name
+    from polar_vbll.tasks import task_folder
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = random.Random(0)
+    with (data / "x.jsonl").open("w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"question": f"Is {i} even?", "choices": ["yes", "no"], "answer": rng.randint(0, 1)})
+                     + "\n")  # fmt: skip
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    task = "jsonl:../data/x.jsonl"
+    cfg = deep_merge(TINY, {"tasks": [task], "seeds": [0], "methods": ["zero_shot", "polar_mle"]})
+    cfg.pop("ood")
+    result = runner.invoke(app, ["compare", "--config", _write(tmp_path, cfg), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "runs" / "t"
+    folder = task_folder(task)
+    assert folder.startswith("jsonl-x-") and check_name(folder) == folder
+    assert {p.name for p in out.iterdir() if p.is_dir()} - {"mlflow"} == {folder}
+    assert (out / folder / "polar_mle" / "seed0" / "results.json").is_file()
+    assert (out / f"reliability_{folder}.png").stat().st_size > 0
+    assert f"| {task} | PoLAR-MLE |" in result.output  # the table names the task as the user wrote it
+
+
+def test_task_folders_are_plain_names_one_per_task():
+    from polar_vbll.config import check_name
+    from polar_vbll.tasks import task_folder
+
+    assert [task_folder(t) for t in ("sst2", "mmlu:anatomy")] == ["sst2", "mmlu:anatomy"]  # unchanged
+    paths = ["jsonl:../a/x.jsonl", "jsonl:../b/x.jsonl", "jsonl:/abs/x.jsonl", "hf:/data/sets/sst5/", "hf:org/x",
+             "jsonl:../../../../etc", "csv:C:\\data\\x.csv", ".."]  # fmt: skip
+    folders = [task_folder(t) for t in paths]
+    assert len(set(folders)) == len(paths)  # the same file name in two folders: two folders
+    for f in folders:
+        assert check_name(f) == f and f not in (".", "..")
+    assert folders[3].startswith("hf-sst5-") and folders[5].startswith("jsonl-etc-")

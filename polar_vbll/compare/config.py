@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from polar_vbll.config import RunConfig, _apply_override, _format_validation_error, deep_merge, parse_config
 from polar_vbll.errors import ConfigError
 from polar_vbll.methods import ADAPTERS, METHODS
+from polar_vbll.tasks.registry import task_folder
 
 #: Run-config fields a comparison sets for every run itself; given in ``base`` (or in a method's or a
 #: task's overrides) they would be silently replaced, so they are refused there, naming the key to use.
@@ -21,7 +22,7 @@ PER_RUN_FIELDS: dict[str, str] = {
     **{f"{kind.section}.init_seed": "adapter init seeds follow `seeds:`" for kind in ADAPTERS.values()},
     "head.vbll.init_seed": "head init seeds follow `seeds:`",
     "head.fit.seed": "head fit seeds follow `seeds:`",
-    "name": "runs are named <comparison name>/<task>/<method>/seed<seed>",
+    "name": "runs are named <comparison name>/<task folder>/<method>/seed<seed>",
     "output_dir": "runs are written under the comparison's own `output_dir`",
 }
 #: Set for the OOD protocol's training task when the comparison has an ``ood:`` section.
@@ -137,7 +138,7 @@ class CompareConfig(BaseModel):
         """The run config of one (method, task, seed), named and placed as the comparison writes it, with the
         OOD sets on the OOD protocol's training task (``model.dtype`` as given: the runner resolves it)."""
         mapping = method_config(self.base_for(task), method, self.method_overrides.get(method), task, seed)
-        mapping["name"] = f"{self.name}/{task}/{method}/seed{seed}"
+        mapping["name"] = f"{self.name}/{task_folder(task)}/{method}/seed{seed}"
         mapping["output_dir"] = self.output_dir
         if self.ood is not None and task == self.ood.train_task:
             mapping.setdefault("data", {})["ood_tasks"] = list(self.ood.eval_tasks)

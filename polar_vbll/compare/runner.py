@@ -43,6 +43,7 @@ from polar_vbll.provenance import differences, digest
 from polar_vbll.results import settings_digest
 from polar_vbll.runner import TrainedMember, run_method
 from polar_vbll.session import check_architecture, learns_from_labels, load_examples, load_splits
+from polar_vbll.tasks.registry import task_folder
 
 
 @dataclass
@@ -158,7 +159,7 @@ class CompareRunner:
 
         cfg = self.run_config(method, task, seed)
         tags = {"polar_vbll.role": "compare-run", "polar_vbll.method": method, "polar_vbll.task": task}
-        name = f"{task}/{method}/seed{seed}"
+        name = f"{task_folder(task)}/{method}/seed{seed}"
         experiment = f"polar-vbll-compare-{self.ccfg.name}"
         enabled = parent is not None
         with tracked(cfg.run_dir(), experiment, name, cfg.flat_params(), tags, parent, enabled,
@@ -236,7 +237,7 @@ class CompareRunner:
             if ctx.predictions:
                 reliability_diagrams(
                     {METHODS[m].label: p.accumulator() for m, p in ctx.predictions.items()},
-                    self.out / f"reliability_{task}.png",
+                    self.out / f"reliability_{task_folder(task)}.png",
                     title=f"{task} {first.data.eval_split}, seed {c.seeds[0]}",
                 )
         return records

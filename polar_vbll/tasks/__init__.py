@@ -22,7 +22,14 @@ from polar_vbll.tasks.prompts import (
     render_prompt,
     truncate_context,
 )
-from polar_vbll.tasks.registry import available_tasks, load_task, split_sizes, task_num_classes, task_splits
+from polar_vbll.tasks.registry import (
+    available_tasks,
+    load_task,
+    split_sizes,
+    task_folder,
+    task_num_classes,
+    task_splits,
+)
 from polar_vbll.tasks.splits import DEFAULT_SEED, seeded_order, split_counts, split_examples
 
 __all__ = [
@@ -37,6 +44,7 @@ __all__ = [
     "answer_letters",
     "answer_token_strings",
     "available_tasks",
+    "task_folder",
     "format_prompt",
     "load_jsonl",
     "load_task",

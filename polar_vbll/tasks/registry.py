@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import difflib
 import glob
+import hashlib
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -233,6 +235,20 @@ def get_spec(
     if name.startswith(MMLU_PREFIX):
         return _mmlu_spec(name, name[len(MMLU_PREFIX) :])
     raise _unknown_task(name)
+
+
+def task_folder(name: str) -> str:
+    """The folder (and file-name part) a comparison files task ``name``'s runs under: the name itself when it
+    is one plain folder name (``sst2``, ``mmlu:anatomy``), else, for a task named by a path
+    (``jsonl:../data/x.jsonl``, ``hf:/data/sets/sst5``), ``<family>-<file or folder stem>-<8 hex of the name>``:
+    never a separator or ``..`` (the runs stay inside the comparison's folder) and one folder per name."""
+    if name not in (".", "..") and re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", name) and name.strip():
+        return name
+    family, _, arg = name.rpartition(":") if ":" in name else ("task", "", name)
+    stem = os.path.splitext(os.path.basename(os.path.normpath(arg.rstrip("/\\"))))[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "data"
+    family = re.sub(r"[^A-Za-z0-9_-]+", "_", family.split(":")[0]) or "task"
+    return f"{family}-{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
 def available_tasks() -> list[str]:
