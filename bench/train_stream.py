@@ -11,6 +11,8 @@ number is the child's, not this script's):
   block's states cached per example in RAM (the default cheap path);
 - ``train_full_path``: the same with ``train.cache_frozen_prefix=false`` (no per-example states: what is left
   per example is the data path's);
+- ``train_stream_states``: ``train`` with ``train.prefix_cache=stream`` (the states written to the disk cache
+  as the prefix pass goes and read back per batch, never all in memory);
 - ``train_workers`` (``--workers 2``, Ray): ``train_full_path`` on two Ray Train workers; the driver's peak,
   and each worker's (``results.json``'s ``distributed.memory``) where recorded.
 
@@ -107,8 +109,8 @@ def main() -> None:
     p.add_argument("--label", required=True, help="before / after: the name of the result files")
     p.add_argument("--repo", type=Path, default=HERE.parent, help="the checkout whose code runs")
     p.add_argument("--rows", type=int, default=100_000)
-    p.add_argument("--runs", default="train,train_full_path", help="of train, train_full_path, train_workers "
-                   "(--workers 2, on the full path; needs Ray)")
+    p.add_argument("--runs", default="train,train_full_path", help="of train, train_full_path, "
+                   "train_stream_states, train_workers (--workers 2, on the full path; needs Ray)")
     p.add_argument("--extra", action="append", default=[], help="more --set overrides for every run")
     p.add_argument("--out", type=Path, default=HERE / "results" / "train_stream")
     a = p.parse_args()
@@ -132,6 +134,8 @@ def main() -> None:
     full = ["--set", "train.cache_frozen_prefix=false"]
     runs = {"train": [*base, "--set", "name=tiny"],  # the cheap path: the frozen block's states cached in RAM
             "train_full_path": [*base, *full, "--set", "name=tiny_full"],  # no per-example states: the data path
+            # the cheap path with the states on disk only, each batch's read back (train.prefix_cache=stream)
+            "train_stream_states": [*base, "--set", "train.prefix_cache=stream", "--set", "name=tiny_stream"],
             "train_workers": [*base, *full, "--workers", "2", "--set", "name=tiny_workers"]}  # fmt: skip
     for name in filter(None, a.runs.split(",")):
         args = runs[name]

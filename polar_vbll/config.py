@@ -210,11 +210,12 @@ class TrainConfig(_Strict):
         description="[choice] cheap path: when only the top blocks are adapted, compute the frozen blocks "
         "below them once per example and train the top blocks on the cached states",
     )
-    prefix_cache: Literal["disk", "memory"] = Field(
+    prefix_cache: Literal["disk", "memory", "stream"] = Field(
         "disk",
         description="where the cached frozen-prefix states live: 'disk' (also in memory; shared by every run, "
-        "seed, method, trial and eval on the same token ids and frozen weights, polar_vbll.prefix_cache) or "
-        "'memory' (this process only)",
+        "seed, method, trial and eval on the same token ids and frozen weights, polar_vbll.prefix_cache), "
+        "'stream' (on disk only, each batch's states read back from the file: memory that does not grow "
+        "with the split, for large training files) or 'memory' (this process only)",
     )
     prefix_cache_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16",

@@ -20,7 +20,15 @@ from polar_vbll.architecture import blocks_of, blocks_path
 from polar_vbll.backbone import SplitDecoder, decoder_of, last_token_features
 from polar_vbll.errors import ConfigError, UserInputError
 from polar_vbll.placement import to_device
-from polar_vbll.prefix_cache import DTYPES, PrefixCache, ids_digest, prefix_fingerprint, prefix_key
+from polar_vbll.prefix_cache import (
+    DTYPES,
+    EntryWriter,
+    PrefixCache,
+    StoredStates,
+    ids_digest,
+    prefix_fingerprint,
+    prefix_key,
+)
 from polar_vbll.token_rows import row_lengths
 from polar_vbll.tokens import pad_batch, tokenize_prompts
 
@@ -29,13 +37,15 @@ from polar_vbll.tokens import pad_batch, tokenize_prompts
 class EncodedSplit:
     """A split ready for the model. ``states`` is filled by :meth:`FeatureSource.prepare` on the cheap path:
     one tensor per example, or, when only a subset was prepared (``prepare(..., indices=...)``: a worker's
-    shard), None outside it; ``states_digest`` is then the :meth:`ids_digest` of that subset."""
+    shard), None outside it; ``states_digest`` is then the :meth:`ids_digest` of that subset. Under
+    ``train.prefix_cache=stream`` ``states`` reads each example's tensor from the disk cache when indexed
+    (:class:`~polar_vbll.prefix_cache.StoredStates`, or :class:`ShardStates` over one)."""
 
     name: str
     ids: Sequence[Sequence[int]]  # list[list[int]], or a memory-mapped token_rows.TokenRows (a large file)
     labels: torch.Tensor
     n_choices: torch.Tensor
-    states: list[torch.Tensor | None] | None = field(default=None, repr=False)
+    states: Sequence[torch.Tensor | None] | None = field(default=None, repr=False)
     states_key: str | None = None  # the prefix-cache key the states were computed under (see prefix_cache)
     states_digest: str | None = None  # ids digest of the prepared subset (None: the whole split)
     shortened: dict[str, int] = field(default_factory=dict)  # prompts shortened to fit, per part
@@ -59,7 +69,13 @@ class EncodedSplit:
 
     def prepared(self) -> int:
         """How many examples hold frozen-prefix states (0 before :meth:`FeatureSource.prepare`)."""
-        return 0 if self.states is None else sum(s is not None for s in self.states)
+        if self.states is None:
+            return 0
+        if isinstance(self.states, StoredStates):
+            return len(self.states)
+        if isinstance(self.states, ShardStates):
+            return self.states.prepared
+        return sum(s is not None for s in self.states)
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the token ids, labels and choice counts: what a prediction on this
@@ -71,6 +87,30 @@ class EncodedSplit:
         h.update(self.labels.numpy().tobytes())
         h.update(self.n_choices.numpy().tobytes())
         return h.hexdigest()[:16]
+
+
+class ShardStates(Sequence):
+    """The states of a split of ``n`` examples of which only ``order`` (a worker's shard) were prepared:
+    ``self[order[k]]`` is ``stored[k]`` (read from disk when indexed), every other example None."""
+
+    def __init__(self, n: int, order: Sequence[int], stored: StoredStates) -> None:
+        self.n, self.stored = n, stored
+        self.pos = {i: k for k, i in enumerate(order)}
+
+    @property
+    def prepared(self) -> int:
+        return len(self.pos)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        k = self.pos.get(i % self.n)
+        return None if k is None else self.stored[k]
 
 
 def encode_examples(name: str, examples: Sequence, tokenizer, max_length: int, add_bos: bool) -> EncodedSplit:
@@ -170,7 +210,9 @@ class FeatureSource:
     :class:`~polar_vbll.prefix_cache.PrefixCache`) the states are also read from and written to disk under
     a key of everything they depend on, so another run on the same examples skips the prefix pass.
     ``fingerprint``: the frozen prefix's weight hash when it must be computed before the weights are
-    partitioned (ZeRO-3); by default computed on first use.
+    partitioned (ZeRO-3); by default computed on first use. ``stream`` (with ``disk``): the states are
+    written to disk as the prefix pass goes and read back per batch, never all held in memory (a large
+    training split); without a writable ``disk`` they stay in memory.
     """
 
     def __init__(
@@ -182,11 +224,13 @@ class FeatureSource:
         store_dtype: torch.dtype = torch.float32,
         disk: PrefixCache | None = None,
         fingerprint: str | None = None,
+        stream: bool = False,
     ):
         self.model = model
         self.pad_id = pad_id
         self.store_dtype = store_dtype
         self.disk = disk
+        self.stream = stream
         self._fingerprint = fingerprint
         self.split: SplitDecoder | None = None
         if cache_prefix:
@@ -197,10 +241,11 @@ class FeatureSource:
     @classmethod
     def for_config(cls, model: nn.Module, pad_id: int, train_cfg, *, fingerprint: str | None = None) -> FeatureSource:
         """The source a run's ``train`` settings ask for: the cheap path (``cache_frozen_prefix``) with its
-        states kept in ``prefix_cache_dtype`` and, unless ``prefix_cache`` is ``memory``, on disk."""
-        disk = PrefixCache() if train_cfg.prefix_cache == "disk" else None
+        states kept in ``prefix_cache_dtype`` and, unless ``prefix_cache`` is ``memory``, on disk (only there,
+        read per batch, with ``stream``)."""
+        disk = PrefixCache() if train_cfg.prefix_cache != "memory" else None
         return cls(model, pad_id, train_cfg.cache_frozen_prefix, store_dtype=DTYPES[train_cfg.prefix_cache_dtype],
-                   disk=disk, fingerprint=fingerprint)  # fmt: skip
+                   disk=disk, fingerprint=fingerprint, stream=train_cfg.prefix_cache == "stream")  # fmt: skip
 
     @property
     def device(self) -> torch.device:
@@ -274,26 +319,89 @@ class FeatureSource:
         if self._current(enc, key):
             return
         digest = None if indices is None else enc.ids_digest(indices)
+        stream = self.stream and self.disk is not None
         if self.disk is not None and use_disk:
-            loaded = self.disk.load(key, len(order))
+            loaded = self.disk.open(key, len(order)) if stream else self.disk.load(key, len(order))
             if loaded is not None:
                 self._keep(enc, order, loaded, key, digest)
                 return
-        computed: list[torch.Tensor | None] = [None] * len(order)
         lengths = row_lengths(enc.ids)  # a memory-mapped split's lengths come from its offsets
-        batches = list(length_sorted_batches([lengths[i] for i in order], batch_size))
-        desc = f"frozen blocks 0-{self.split.split - 1} on {enc.name}"
-        for pos in tqdm(batches, desc=desc, disable=not progress):
-            host = self._prefix_states(enc, [order[p] for p in pos])
-            for row, p in enumerate(pos):
-                n = lengths[order[p]]
-                computed[p] = host[row, host.shape[1] - n :].clone()
-        for _ in range(min_batches - len(batches)):  # padding passes: one example, the output dropped
-            if len(enc):
-                self._prefix_states(enc, [order[0] if order else 0])
-        self._keep(enc, order, computed, key, digest)
-        if self.disk is not None and computed:
-            self.disk.save(key, computed)  # type: ignore[arg-type]
+        kept = self._pass(enc, order, [lengths[i] for i in order], batch_size, key, progress, stream, min_batches)
+        self._keep(enc, order, kept, key, digest)
+
+    def _pass(
+        self, enc: EncodedSplit, order: list[int], lengths: list[int], batch_size: int, key: str, progress: bool,
+        stream: bool, min_batches: int,
+    ) -> Sequence[torch.Tensor]:  # fmt: skip
+        """The prefix pass over the examples ``order`` (``lengths`` theirs), each batch's states written to the
+        disk entry as it comes (with a disk); returns the states in memory, or, with ``stream``, the entry
+        read per example (:class:`StoredStates`). When the entry cannot be written (folder not writable,
+        disk full) the states stay in memory with one line saying so; with ``stream`` that is a
+        ``ConfigError`` instead (the split was meant not to be held in memory)."""
+        assert self.split is not None
+        computed: list[torch.Tensor | None] = [None] * len(order)
+        writer = None  # the entry's EntryWriter once the width is known; False: no entry
+        try:
+            batches = list(length_sorted_batches(lengths, batch_size))
+            desc = f"frozen blocks 0-{self.split.split - 1} on {enc.name}"
+            for pos in tqdm(batches, desc=desc, disable=not progress):
+                host = self._prefix_states(enc, [order[p] for p in pos])
+                if writer is None:
+                    writer = self._writer(key, lengths, host.shape[-1], stream)
+                for row, p in enumerate(pos):
+                    s = host[row, host.shape[1] - lengths[p] :]
+                    if writer:
+                        writer = self._write(writer, p, s, stream)
+                    if not stream:
+                        computed[p] = s.clone()
+            for _ in range(min_batches - len(batches)):  # padding passes: one example, the output dropped
+                if len(enc):
+                    self._prefix_states(enc, [order[0] if order else 0])
+            if writer:
+                writer = self._write(writer, None, None, stream)
+        except BaseException:
+            if writer:
+                writer.abort()
+            raise
+        if stream:
+            stored = self.disk.open(key, len(order)) if order else None  # type: ignore[union-attr]
+            if stored is None:
+                raise ConfigError(f"the frozen-prefix cache entry {self.disk.path(key)} could not be read back "  # type: ignore[union-attr]
+                                  "(replaced or removed during the pass); run again")  # fmt: skip
+            return stored
+        return computed  # type: ignore[return-value]
+
+    def _writer(self, key: str, lengths: list[int], width: int, stream: bool) -> EntryWriter | bool:
+        """The entry's writer, or False (no disk, or a folder not writable: ``ConfigError`` with ``stream``)."""
+        if self.disk is None:
+            return False
+        try:
+            return self.disk.writer(key, lengths, width, self.store_dtype)
+        except OSError as exc:
+            return self._unwritable(exc, stream)
+
+    def _write(self, writer: EntryWriter, p: int | None, s: torch.Tensor | None, stream: bool) -> EntryWriter | bool:
+        """Write example ``p``'s states ``s`` (``p`` None: commit the entry); False once a write failed."""
+        try:
+            if p is None:
+                writer.commit()
+            else:
+                writer.put(p, s)  # type: ignore[arg-type]
+            return writer
+        except OSError as exc:
+            writer.abort()
+            return self._unwritable(exc, stream)
+
+    def _unwritable(self, exc: OSError, stream: bool) -> bool:
+        assert self.disk is not None
+        if stream:
+            raise ConfigError(
+                f"train.prefix_cache=stream: the frozen-prefix cache {self.disk.root} cannot be written "
+                f"({exc.strerror or exc}); free space or point POLAR_VBLL_PREFIX_CACHE at a writable folder, or "
+                "set train.prefix_cache=disk to keep the states in memory"
+            ) from exc
+        self.disk.unwritable(exc)
+        return False
 
     def _prefix_states(self, enc: EncodedSplit, idx: Sequence[int]) -> torch.Tensor:
         """The frozen prefix's output for the examples ``idx``, left-padded ``(B, T, h)``, on the host in the
@@ -305,9 +413,11 @@ class FeatureSource:
         return hidden.to("cpu", self.store_dtype)
 
     @staticmethod
-    def _keep(enc: EncodedSplit, order: list[int], states: list, key: str, digest: str | None) -> None:
+    def _keep(enc: EncodedSplit, order: list[int], states: Sequence, key: str, digest: str | None) -> None:
         """Install the states of the examples ``order`` (in that order) into ``enc``; None elsewhere."""
-        if digest is None:
+        if isinstance(states, StoredStates):
+            enc.states = states if digest is None else ShardStates(len(enc), order, states)
+        elif digest is None:
             enc.states = list(states)
         else:
             full: list[torch.Tensor | None] = [None] * len(enc)
@@ -374,8 +484,9 @@ class FeatureSource:
 
 def prefix_state_bytes(splits) -> int:
     """Bytes of the cached frozen-prefix states held in memory by ``splits`` (each an ``EncodedSplit``; 0 on the
-    full path)."""
-    return sum(s.numel() * s.element_size() for enc in splits for s in (enc.states or ()) if s is not None)
+    full path, and for states read from disk per batch, ``train.prefix_cache=stream``)."""
+    held = [enc.states for enc in splits if isinstance(enc.states, list)]
+    return sum(s.numel() * s.element_size() for states in held for s in states if s is not None)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ to change. The estimate is deliberately simple and on the high side:
   ``batch x tokens x (34 h / 2 + 4 i / 2) x bytes`` per block that gradients flow through (the adapted
   blocks and every block above the lowest one), ``h`` the hidden size, ``i`` the MLP's; ``tokens`` is the
   longest prompt of the training split when it is tokenized, else ``model.max_length``;
-- the cached frozen prefix (the cheap path): every example's states, ``tokens x h x`` the storage dtype;
+- the cached frozen prefix (the cheap path): every example's states, ``tokens x h x`` the storage dtype
+  (none with ``train.prefix_cache=stream``: they stay on disk, one batch read at a time);
 - a fixed process floor (the CPU: torch, transformers, the tokenizer; about 1 GiB).
 
 Against: on a CUDA device the free memory (``torch.cuda.mem_get_info``); on the CPU ``MemAvailable``
@@ -106,7 +107,7 @@ def estimate(cfg, model_dir: Path, tokens: int, total_tokens: int, batch: int) -
     per_token_block = (34 * h + 4 * inter) * b // 2
     activations = batch * tokens * per_token_block * grad_blocks
     prefix = 0
-    if cfg.train.cache_frozen_prefix and adapted and min(adapted) > 0:
+    if cfg.train.cache_frozen_prefix and cfg.train.prefix_cache != "stream" and adapted and min(adapted) > 0:
         prefix = total_tokens * h * _BYTES[cfg.train.prefix_cache_dtype]
     floor = _FLOOR if cfg.model.device in ("auto", "cpu") and not torch.cuda.is_available() else 0
     return Estimate(weights, activations, prefix, floor)
@@ -144,9 +145,10 @@ def check_fits(est: Estimate, device: torch.device, batch: int, tokens: int, whe
     free = available(device)
     if free is None or est.total <= free:
         return
+    stream = ", train.prefix_cache: stream (the cached prefix on disk only)" if est.prefix > est.total / 4 else ""
     raise ConfigError(
         f"this run needs about {est.total / GIB:.1f} GiB ({est.describe()} GiB: {batch} prompts per step of up "
         f"to {tokens} tokens), {where} has {free / GIB:.1f} GiB free on {device}: lower train.batch_size or "
         "model.max_length, adapt fewer blocks (polar.layers / lora.layers), use model.dtype: bfloat16, "
-        "train.activation_checkpointing: true, or --workers to shard the model"
+        f"train.activation_checkpointing: true{stream}, or --workers to shard the model"
     )

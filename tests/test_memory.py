@@ -98,6 +98,8 @@ def test_the_estimate_follows_the_settings():
     assert base.prefix == 1000 * h * 2  # float16 states of the frozen block below
     every = estimate(load_config(resolve_config("tiny"), ["polar.layers=null"]), folder, 100, 1000, 4)
     assert every.activations == 2 * base.activations and every.prefix == 0
+    streamed = estimate(load_config(resolve_config("tiny"), ["train.prefix_cache=stream"]), folder, 100, 1000, 4)
+    assert streamed.prefix == 0 and streamed.activations == base.activations  # the states stay on disk
     bf16 = estimate(load_config(resolve_config("tiny"), ["model.dtype=bfloat16"]), folder, 100, 1000, 4)
     assert bf16.weights * 2 == base.weights and bf16.activations * 2 == base.activations
 
