@@ -209,15 +209,17 @@ def settings_digest(results: dict[str, Any]) -> str:
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     """``val_*``, ``test_*`` (the evaluation split; ``test_aurc``, the decision rule's ``test_answered``,
     ``test_selective_risk``, ``test_{lac,aps}_{coverage,set_size}``), ``zero_shot_*``, ``ood_auroc_<task>``,
-    ``ood_auroc_entropy_<task>`` and ``ood_acc_<task>`` as flat scalars (``:`` in a task name becomes
-    ``_``)."""
+    ``ood_auroc_entropy_<task>`` and ``ood_acc_<task>`` as flat scalars (``<task>``: the task's
+    ``tasks.task_folder`` name, ``:`` replaced by ``_``)."""
+    from polar_vbll.tasks.registry import task_folder
+
     m = results["metrics"]
     out: dict[str, float] = {}
     for prefix, block in (("val_", m["validation"]), ("test_", m["eval"]), ("zero_shot_", m.get("zero_shot"))):
         if block:
             out.update({prefix + k: float(block[k]) for k in ("acc", "ece", "nll", "brier")})
     for task, block in m["ood"].items():
-        t = task.replace(":", "_")
+        t = task_folder(task).replace(":", "_")  # a task named by a path: its plain folder name
         out[f"ood_auroc_{t}"] = float(block["auroc_msp"])
         out[f"ood_auroc_entropy_{t}"] = float(block["auroc_entropy"])
         if block.get("auroc_epistemic") is not None:

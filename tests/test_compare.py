@@ -236,3 +236,21 @@ def test_task_folders_are_plain_names_one_per_task():
     for f in folders:
         assert check_name(f) == f and f not in (".", "..")
     assert folders[3].startswith("hf-sst5-") and folders[5].startswith("jsonl-etc-")
+
+
+def test_ood_metric_names_of_a_task_named_by_a_path_are_valid_mlflow_keys():
+    """MLflow refuses a metric key that a path normalisation would change (``x/../y``): an OOD task named by
+    a path is keyed by its plain folder name (mlflow's own validator is the oracle)."""
+    pytest.importorskip("mlflow")
+    from mlflow.utils.validation import _validate_metric_name
+
+    from polar_vbll.results import flat_metrics
+
+    split = {"acc": 0.5, "ece": 0.1, "nll": 0.7, "brier": 0.5}
+    ood = {"acc": 0.4, "auroc_msp": 0.6, "auroc_entropy": 0.6}
+    tasks = ["arc_challenge", "mmlu:anatomy", "jsonl:data/../ood/x.jsonl", "jsonl:../ood//y.jsonl"]
+    out = flat_metrics({"metrics": {"validation": split, "eval": split, "ood": dict.fromkeys(tasks, ood)}})
+    assert "ood_auroc_arc_challenge" in out and "ood_acc_mmlu_anatomy" in out  # built-in names unchanged
+    assert sum(k.startswith("ood_acc_jsonl-x-") or k.startswith("ood_acc_jsonl-y-") for k in out) == 2
+    for key in out:
+        _validate_metric_name(key)
