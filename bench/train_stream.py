@@ -2,7 +2,8 @@
 
 Generates a seeded training file of ``--rows`` two-choice rows (sentiment-like sentences), then, each in a
 child process that prints its own peak resident set (``VmHWM``: ``exec`` replaces the address space, so the
-number is the child's, not this script's):
+number is the child's, not this script's; with the peaks before the run's own ``VmHWM`` resets folded in,
+``polar_vbll.peak.lifetime_resident_peak``: before 2026-12-08 this read the peak since the last reset only):
 
 - ``stages``: the data path alone, as a run builds it: ``session.load_examples`` (read, check, split), then
   ``session.load_splits`` (prompts fitted and tokenised), the peak read after each;
@@ -55,8 +56,15 @@ def generate(path: Path, rows: int, seed: int = 0) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
-_PEAK = ("print('\\nPEAK_BYTES', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
-         " * 1024)\n")
+# the whole run's peak: VmHWM with the peaks before the run's own resets (PeakMemory) folded in
+_PEAK = (
+    "try:\n"
+    "    from polar_vbll.peak import lifetime_resident_peak\n"
+    "except ImportError:  # an older checkout (--repo): the bare VmHWM\n"
+    "    def lifetime_resident_peak():\n"
+    "        return int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024\n"
+    "print('\\nPEAK_BYTES', lifetime_resident_peak())\n"
+)
 
 _STAGES = (
     "import re, sys, time, json\n"

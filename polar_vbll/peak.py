@@ -35,7 +35,24 @@ def resident_peak() -> int | None:
     return int(found.group(1)) * 1024 if found else None
 
 
+#: The largest ``VmHWM`` this process had before any reset made here (``_reset_rss_peak``), in bytes.
+_BEFORE_RESETS = 0
+
+
+def lifetime_resident_peak() -> int | None:
+    """This process's peak resident set since it started, in bytes: ``VmHWM`` with the peaks before each of
+    this module's resets folded in (a run resets ``VmHWM`` to measure a phase, :class:`PeakMemory`,
+    :class:`PhasePeaks`; read alone at the end, ``VmHWM`` would be the peak since the last reset only). None
+    where /proc is not readable. What a command's whole-run peak is read from (``tests/child_peak.py``)."""
+    now = resident_peak()
+    return None if now is None else max(now, _BEFORE_RESETS)
+
+
 def _reset_rss_peak() -> bool:
+    global _BEFORE_RESETS
+    before = resident_peak()
+    if before is not None:
+        _BEFORE_RESETS = max(_BEFORE_RESETS, before)
     try:
         _CLEAR.write_text("5")
     except OSError:

@@ -3,7 +3,9 @@
 ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` (and the child's own ``RUSAGE_SELF``) is no measure of a
 command's memory under pytest: Linux keeps a process's high-water mark across ``exec``, so a child forked
 from a large pytest process starts with the parent's resident size as its maximum. The child here prints
-its ``VmHWM`` (the peak of its own address space, which ``exec`` replaces) when the command ends.
+its ``VmHWM`` (the peak of its own address space, which ``exec`` replaces) when the command ends, with the
+peaks before the command's own resets folded in (``polar_vbll.peak.lifetime_resident_peak``: a run resets
+``VmHWM`` to measure its test prediction's peak, so the bare ``VmHWM`` at the end missed all before it).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import subprocess
 import sys
 
 _CODE = (
-    "import re, sys\n"
+    "import sys\n"
     "from polar_vbll_cli.app import app\n"
     "try:\n"
     "    app(sys.argv[1:])\n"
@@ -20,7 +22,8 @@ _CODE = (
     "    code = e.code or 0\n"
     "else:\n"
     "    code = 0\n"
-    "print('\\nPEAK_BYTES', int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)\n"
+    "from polar_vbll.peak import lifetime_resident_peak\n"
+    "print('\\nPEAK_BYTES', lifetime_resident_peak())\n"
     "sys.exit(code)\n"
 )
 

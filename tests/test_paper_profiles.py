@@ -148,6 +148,24 @@ def test_peak_memory_sees_an_allocation_inside_the_block():
         assert peak.bytes - before.bytes > 48 * 2**20
 
 
+def test_the_lifetime_peak_keeps_what_a_phase_reset_hides():
+    """A phase's measurement resets ``VmHWM``; the process's whole-run peak (what a command's memory is
+    checked by, tests/child_peak.py) must still hold an allocation made and freed before that reset."""
+    from polar_vbll.peak import lifetime_resident_peak, resident_peak
+
+    if resident_peak() is None:
+        pytest.skip("no /proc/self/status")
+    block = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    high = resident_peak()
+    del block
+    with PeakMemory("cpu") as phase:
+        pass
+    if phase.kind != "rss_peak":
+        pytest.skip("VmHWM cannot be reset here")
+    assert resident_peak() < high - 128 * 2**20  # the reset hid the block from VmHWM
+    assert lifetime_resident_peak() > high - 8 * 2**20  # not from the lifetime peak (RSS counters lag by pages)
+
+
 # ------------------------------------------------------------------------ paper-tiny, end to end
 #: a subset of paper-tiny's methods run by default: every kind of predictive (one pass, MC dropout, ensemble,
 #: BLoB sampling, TFB) and both LoRA's and PoLAR's stable ranks, on the OOD protocol's training task
