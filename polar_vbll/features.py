@@ -363,8 +363,8 @@ class FeatureSource:
             if writer:
                 writer.abort()
             raise
-        if stream:
-            stored = self.disk.open(key, len(order)) if order else None  # type: ignore[union-attr]
+        if stream and order:  # (an empty shard has no entry: nothing to read)
+            stored = self.disk.open(key, len(order))  # type: ignore[union-attr]
             if stored is None:
                 raise ConfigError(f"the frozen-prefix cache entry {self.disk.path(key)} could not be read back "  # type: ignore[union-attr]
                                   "(replaced or removed during the pass); run again")  # fmt: skip

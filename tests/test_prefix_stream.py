@@ -202,3 +202,9 @@ def test_a_run_streaming_its_states_trains_the_same_run(tmp_path, monkeypatch):
     assert (runs["disk"] / "head.safetensors").read_bytes() == (runs["stream"] / "head.safetensors").read_bytes()
     params = json.loads((runs["stream"] / "params.json").read_text())
     assert params["train.prefix_cache"] == "stream"
+
+
+def test_an_empty_shard_streams_nothing_and_refuses_nothing(tmp_path):
+    split = _split(n=4)
+    _stream(_adapter(), tmp_path).prepare(split, batch_size=2, progress=False, indices=[])
+    assert split.prepared() == 0 and all(s is None for s in split.states)
