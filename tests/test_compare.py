@@ -238,10 +238,10 @@ def test_task_folders_are_plain_names_one_per_task():
     assert folders[3].startswith("hf-sst5-") and folders[5].startswith("jsonl-etc-")
 
 
+@pytest.mark.extras("mlflow")
 def test_ood_metric_names_of_a_task_named_by_a_path_are_valid_mlflow_keys():
     """MLflow refuses a metric key that a path normalisation would change (``x/../y``): an OOD task named by
     a path is keyed by its plain folder name (mlflow's own validator is the oracle)."""
-    pytest.importorskip("mlflow")
     from mlflow.utils.validation import _validate_metric_name
 
     from polar_vbll.results import flat_metrics
