@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -351,14 +351,14 @@ class FeatureSource:
                 for row, p in enumerate(pos):
                     s = host[row, host.shape[1] - lengths[p] :]
                     if writer:
-                        writer = self._write(writer, p, s, stream)
+                        writer = self._write(writer, stream, lambda w, p=p, s=s: w.put(p, s))
                     if not stream:
                         computed[p] = s.clone()
             for _ in range(min_batches - len(batches)):  # padding passes: one example, the output dropped
                 if len(enc):
                     self._prefix_states(enc, [order[0] if order else 0])
             if writer:
-                writer = self._write(writer, None, None, stream)
+                writer = self._write(writer, stream, EntryWriter.commit)
         except BaseException:
             if writer:
                 writer.abort()
@@ -380,13 +380,10 @@ class FeatureSource:
         except OSError as exc:
             return self._unwritable(exc, stream)
 
-    def _write(self, writer: EntryWriter, p: int | None, s: torch.Tensor | None, stream: bool) -> EntryWriter | bool:
-        """Write example ``p``'s states ``s`` (``p`` None: commit the entry); False once a write failed."""
+    def _write(self, writer: EntryWriter, stream: bool, action: Callable[[EntryWriter], object]) -> EntryWriter | bool:
+        """``action(writer)`` (a ``put`` or the ``commit``); False once a write failed (the entry removed)."""
         try:
-            if p is None:
-                writer.commit()
-            else:
-                writer.put(p, s)  # type: ignore[arg-type]
+            action(writer)
             return writer
         except OSError as exc:
             writer.abort()

@@ -163,21 +163,13 @@ class PrefixCache:
         print(f"note: the frozen-prefix cache {self.root} is not writable ({exc.strerror or exc}); states kept "
               "in memory only", flush=True)  # fmt: skip
 
-    def save(self, key: str, states: Sequence[torch.Tensor]) -> Path:
-        """Write entry ``key`` (the states of a split in example order, at least one) at once; returns its
-        path. Raises ``OSError`` when the folder is not writable."""
-        with self.writer(key, [s.shape[0] for s in states], states[0].shape[-1], states[0].dtype) as writer:
-            for i, s in enumerate(states):
-                writer.put(i, s)
-        return self.path(key)
-
 
 def _header(lengths: Sequence[int], width: int, dtype: torch.dtype) -> bytes:
     """The safetensors header of an entry: ``lengths`` (int64, first: 8-byte aligned) then ``states``
     ``(sum(lengths), width)``, padded with spaces so the data starts on an 8-byte boundary (as safetensors'
     own writer does)."""
     n, rows = len(lengths), int(sum(lengths))
-    size = rows * width * torch.tensor([], dtype=dtype).element_size()
+    size = rows * width * dtype.itemsize
     header = {
         "lengths": {"dtype": "I64", "shape": [n], "data_offsets": [0, 8 * n]},
         "states": {"dtype": _ST_DTYPES[dtype], "shape": [rows, width], "data_offsets": [8 * n, 8 * n + size]},
@@ -199,12 +191,8 @@ class EntryWriter:
         self.path, self.width, self.dtype = path, width, dtype
         self.lengths = [int(k) for k in lengths]
         header = _header(self.lengths, width, dtype)
-        self._row_bytes = width * torch.tensor([], dtype=dtype).element_size()
-        self._starts = [0] * len(self.lengths)
-        total = 0
-        for i, k in enumerate(self.lengths):
-            self._starts[i] = total
-            total += k
+        self._row_bytes = width * dtype.itemsize
+        *self._starts, total = itertools.accumulate(self.lengths, initial=0)  # each example's first row
         self._data = len(header) + 8 * len(self.lengths)
         fd, self._tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=root)
         self._fd: int | None = fd
@@ -284,7 +272,7 @@ class StoredStates(Sequence[torch.Tensor]):
             if len(raw) != 8 * n:
                 raise ValueError(f"{self.path}: truncated")
             self.lengths = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-        self._row_bytes = self.width * torch.tensor([], dtype=self.dtype).element_size()
+        self._row_bytes = self.width * self.dtype.itemsize
         s_begin, s_end = states_meta["data_offsets"]
         if int(self.lengths.sum()) != rows or s_end - s_begin != rows * self._row_bytes:
             raise ValueError(f"{self.path}: the lengths do not add up to the states")

@@ -17,14 +17,12 @@ from polar_vbll.errors import ConfigError
 from polar_vbll.features import FeatureSource, ShardStates, prefix_state_bytes
 from polar_vbll.prefix_cache import EntryWriter, PrefixCache, StoredStates
 from tests.test_prefix_cache import PrefixPasses, _adapter, _split
+from tests.test_prefix_cache import _source as _disk
 
 
 def _stream(adapter, root, dtype=torch.float16) -> FeatureSource:
     return FeatureSource(adapter.base_model, 0, True, store_dtype=dtype, disk=PrefixCache(root), stream=True)
 
-
-def _disk(adapter, root, dtype=torch.float16) -> FeatureSource:
-    return FeatureSource(adapter.base_model, 0, True, store_dtype=dtype, disk=PrefixCache(root))
 
 
 def _leftovers(root) -> list:

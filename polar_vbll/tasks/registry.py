@@ -242,8 +242,12 @@ def task_folder(name: str) -> str:
     is one plain folder name (``sst2``, ``mmlu:anatomy``), else, for a task named by a path
     (``jsonl:../data/x.jsonl``, ``hf:/data/sets/sst5``), ``<family>-<file or folder stem>-<8 hex of the name>``:
     never a separator or ``..`` (the runs stay inside the comparison's folder) and one folder per name."""
-    if name not in (".", "..") and re.fullmatch(r"[^/\\\x00-\x1f\x7f]+", name) and name.strip():
-        return name
+    from polar_vbll.config import check_name
+
+    try:
+        return check_name(name)
+    except ValueError:
+        pass
     family, _, arg = name.rpartition(":") if ":" in name else ("task", "", name)
     stem = os.path.splitext(os.path.basename(os.path.normpath(arg.rstrip("/\\"))))[0]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "data"
