@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from polar_vbll.adapters.config import BlobConfig, LoraConfig, PolarBlobConfig, PolarConfig
 from polar_vbll.errors import ConfigError, UserInputError
+from polar_vbll.files import check_name
 from polar_vbll.heads.config import VBLLConfig
 from polar_vbll.heads.features import FeatureMapConfig
 from polar_vbll.methods import METHODS
@@ -369,26 +369,6 @@ class DecisionConfig(_Strict):
                          "(sets hold the answer with probability >= 1 - alpha)")
     ood_pass: float = Field(0.95, gt=0, lt=1, description="[choice] fraction of in-distribution calibration "
                             "questions the OOD flag lets pass (its threshold's quantile)")
-
-
-#: One folder name: no separator, no control character, not only whitespace.
-_NAME_PART = re.compile(r"^(?=.*\S)[^/\\\x00-\x1f\x7f]+$")
-
-
-def check_name(name: str, what: str | None = None, nested: bool = False) -> str:
-    """A run, comparison or search name is a folder name under ``output_dir``: no ``/`` or ``\\``, no control
-    character, never ``.`` or ``..``, never empty or absolute, so that nothing is written outside
-    ``output_dir``. ``nested``: ``/``-separated parts are allowed (the names a comparison or an ensemble
-    composes, ``<comparison>/<task>/<method>/seed0``); a name a user gives is one plain part. Raises
-    ``ValueError`` saying what is wrong."""
-    parts = name.split("/") if nested else [name]
-    if any(not _NAME_PART.match(p) or p in (".", "..") for p in parts):
-        subject = f"{what} {name!r} " if what else ""  # a config field's error names the field and value itself
-        raise ValueError(
-            f"{subject}must be a plain folder name under output_dir (no '/', '\\', '..', control characters or "
-            "absolute path)"
-        )
-    return name
 
 
 def check_plain_name(name: str, what: str = "the name") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -69,3 +70,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+#: One folder name: no separator, no control character, not only whitespace.
+_NAME_PART = re.compile(r"^(?=.*\S)[^/\\\x00-\x1f\x7f]+$")
+
+
+def check_name(name: str, what: str | None = None, nested: bool = False) -> str:
+    """A run, comparison or search name is a folder name under ``output_dir``: no ``/`` or ``\\``, no control
+    character, never ``.`` or ``..``, never empty or absolute, so that nothing is written outside
+    ``output_dir``. ``nested``: ``/``-separated parts are allowed (the names a comparison or an ensemble
+    composes, ``<comparison>/<task>/<method>/seed0``); a name a user gives is one plain part. Raises
+    ``ValueError`` saying what is wrong."""
+    parts = name.split("/") if nested else [name]
+    if any(not _NAME_PART.match(p) or p in (".", "..") for p in parts):
+        subject = f"{what} {name!r} " if what else ""  # a config field's error names the field and value itself
+        raise ValueError(
+            f"{subject}must be a plain folder name under output_dir (no '/', '\\', '..', control characters or "
+            "absolute path)"
+        )
+    return name

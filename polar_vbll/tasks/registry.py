@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from polar_vbll.errors import UserInputError
+from polar_vbll.files import check_name
 from polar_vbll.tasks import builtin, hf_source
 from polar_vbll.tasks.example import MCExample, num_classes
 from polar_vbll.tasks.file_rows import FileSplit, scan_jsonl
@@ -242,8 +243,6 @@ def task_folder(name: str) -> str:
     is one plain folder name (``sst2``, ``mmlu:anatomy``), else, for a task named by a path
     (``jsonl:../data/x.jsonl``, ``hf:/data/sets/sst5``), ``<family>-<file or folder stem>-<8 hex of the name>``:
     never a separator or ``..`` (the runs stay inside the comparison's folder) and one folder per name."""
-    from polar_vbll.config import check_name
-
     try:
         return check_name(name)
     except ValueError:
